@@ -1,0 +1,41 @@
+"""IDDPM Gaussian diffusion shared by M2Diff and MFdiff (one implementation; see docs/diffusion.md).
+
+Public API:
+- ``get_named_beta_schedule(name, T)``: β schedules ("linear", "cosine"), float64.
+- ``normal_kl``, ``approx_standard_normal_cdf``, ``discretized_gaussian_log_likelihood``: differentiable VLB pieces.
+- ``GaussianDiffusion``: q_sample, posteriors, p_mean_variance, training_losses / loss_terms, vb_terms_bpd.
+- ``space_timesteps``, ``SpacedDiffusion``, ``build_diffusion(config)``: respacing and the config factory.
+- ``sample(diffusion, model_fn, shape, ...)``: ancestral / DDIM sampling with the network called at original t.
+"""
+
+from .gaussian_diffusion import GaussianDiffusion, mean_flat, normalize_clip_range
+from .losses import approx_standard_normal_cdf, discretized_gaussian_log_likelihood, normal_kl
+from .respace import (
+    DIFFUSION_CONFIG_DEFAULTS,
+    SpacedDiffusion,
+    build_diffusion,
+    normalize_diffusion_config,
+    space_timesteps,
+)
+from .samplers import SAMPLERS, ancestral_step, ddim_step, sample
+from .schedules import betas_for_alpha_bar, get_named_beta_schedule
+
+__all__ = [
+    "DIFFUSION_CONFIG_DEFAULTS",
+    "SAMPLERS",
+    "GaussianDiffusion",
+    "SpacedDiffusion",
+    "ancestral_step",
+    "approx_standard_normal_cdf",
+    "betas_for_alpha_bar",
+    "build_diffusion",
+    "ddim_step",
+    "discretized_gaussian_log_likelihood",
+    "get_named_beta_schedule",
+    "mean_flat",
+    "normal_kl",
+    "normalize_clip_range",
+    "normalize_diffusion_config",
+    "sample",
+    "space_timesteps",
+]
