@@ -1,0 +1,89 @@
+"""Stage 5: crop or zero-pad a canonical volume to a ``size``³ cube centred on the brain's bounding box.
+
+The cube's affine is the source affine shifted by a whole number of voxels (``affine @ T(start)``), so every
+cube voxel sits exactly on a source voxel centre: ``nibabel.processing.resample_from_to`` back to the source grid
+reproduces the source values inside the cube exactly, and :func:`uncrop` does the same without interpolation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from m2diff_monai.errors import InputError
+
+SIZE_MULTIPLE = 16  # the networks downsample 4 times (2**4); every supported size must divide by it
+
+
+def validate_size(size: int) -> int:
+    size = int(size)
+    if size <= 0 or size % SIZE_MULTIPLE:
+        raise ValueError(f"--size must be a positive multiple of {SIZE_MULTIPLE} (the networks halve it 4 times), got {size}")
+    return size
+
+
+@dataclass(frozen=True)
+class CropBox:
+    """Cube ``[start, start + size)`` along each axis, in source voxel indices (start may be negative: padding)."""
+
+    start: tuple[int, int, int]
+    size: int
+
+    def as_dict(self) -> dict:
+        return {"start": [int(s) for s in self.start], "size": int(self.size)}
+
+
+def crop_box(mask: np.ndarray, size: int, subject: str | None = None, path: str | None = None) -> CropBox:
+    """The cube centred on ``mask``'s bounding box; InputError when the brain is larger than the cube."""
+    size = validate_size(size)
+    if not mask.any():
+        raise InputError("no brain found in the PET (empty brain mask); is this a brain PET?", subject=subject, path=path)
+    start = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        idx = np.flatnonzero(mask.any(axis=other))
+        first, last = int(idx[0]), int(idx[-1])
+        extent = last - first + 1
+        if extent > size:
+            raise InputError(
+                f"the brain spans {extent} voxels along axis {axis}, more than --size {size}; "
+                f"use a larger --size (e.g. {(extent + SIZE_MULTIPLE - 1) // SIZE_MULTIPLE * SIZE_MULTIPLE})",
+                subject=subject,
+                path=path,
+            )
+        centre2 = first + last  # twice the centre, kept integral
+        s = (centre2 - size + 1) // 2
+        s = min(max(s, last - size + 1), first)  # rounding never pushes the brain out of the cube
+        start.append(int(s))
+    return CropBox(start=tuple(start), size=size)
+
+
+def _overlap(start: int, size: int, length: int) -> tuple[slice, slice]:
+    lo, hi = max(start, 0), min(start + size, length)
+    if hi <= lo:
+        return slice(0, 0), slice(0, 0)
+    return slice(lo, hi), slice(lo - start, hi - start)
+
+
+def crop_or_pad(volume: np.ndarray, box: CropBox, fill: float = 0.0) -> np.ndarray:
+    """The ``size``³ cube; voxels outside the source are ``fill``."""
+    out = np.full((box.size,) * 3, fill, dtype=volume.dtype)
+    src, dst = zip(*(_overlap(box.start[a], box.size, volume.shape[a]) for a in range(3)))
+    out[dst] = volume[src]
+    return out
+
+
+def uncrop(cube: np.ndarray, box: CropBox, source_shape: tuple[int, ...], fill: float = 0.0) -> np.ndarray:
+    """Exact inverse placement: the cube back on the source grid (outside the cube: ``fill``)."""
+    out = np.full(tuple(source_shape[:3]), fill, dtype=cube.dtype)
+    src, dst = zip(*(_overlap(box.start[a], box.size, source_shape[a]) for a in range(3)))
+    out[src] = cube[dst]
+    return out
+
+
+def cropped_affine(affine: np.ndarray, box: CropBox) -> np.ndarray:
+    """Affine of the cube: voxel (0,0,0) of the cube is voxel ``start`` of the source."""
+    shift = np.eye(4)
+    shift[:3, 3] = box.start
+    return np.asarray(affine, dtype=np.float64) @ shift
