@@ -54,3 +54,14 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     save_json(target, {"a": np.float32(1.5)})
     assert target.read_text().strip().startswith("{")
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_atomic_write_uses_the_usual_file_mode(tmp_path):
+    import os
+    import stat
+
+    target = tmp_path / "x.json"
+    save_json(target, {"a": 1})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask

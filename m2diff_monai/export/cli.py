@@ -1,0 +1,76 @@
+"""``m2diff-export``: a training checkpoint → a standard, deployable MONAI bundle folder.
+
+    m2diff-export --bundle bundles/m2diff --checkpoint runs/m2diff/checkpoints/best.pt --out exported/m2diff
+
+Exit codes: 0 success, 2 bad input or options (one line on stderr naming the file; nothing written), 1 an
+unexpected internal error (one line; nothing written either: the folder is built under a temporary name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from m2diff_monai.errors import InputError
+
+PROG = "m2diff-export"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Export a trained M2Diff/MFdiff checkpoint as a standard MONAI bundle: configs/ (metadata, "
+        "inference, training), models/model.pt, models/model.ts (TorchScript denoiser), optional "
+        "models/model.onnx, docs/README.md (model card) and LICENSE. See docs/export.md.",
+    )
+    p.add_argument("--bundle", required=True, type=Path,
+                   help="source bundle folder with inference.json and metadata.json (e.g. bundles/m2diff)")
+    p.add_argument("--checkpoint", required=True, type=Path, help="training checkpoint (.pt) with its config")
+    p.add_argument("--out", required=True, type=Path, help="folder to write the exported bundle to")
+    p.add_argument("--weights", choices=("ema", "raw"), default=None,
+                   help="weights to export (default: the EMA weights when the checkpoint has them, else raw)")
+    p.add_argument("--name", default=None, help="model name in metadata.json (default: the source bundle's)")
+    p.add_argument("--version", default=None,
+                   help="bundle version X.Y.Z recorded with a changelog entry (default: the source bundle's)")
+    p.add_argument("--metrics", type=Path, default=None,
+                   help="evaluation summary (.csv or .json, e.g. from m2diff-evaluate) for the model card and "
+                   "metadata eval_metrics")
+    p.add_argument("--onnx", action="store_true", help="also write models/model.onnx (needs the onnx package)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from m2diff_monai.export.bundle import export_bundle
+
+        result = export_bundle(
+            args.bundle, args.checkpoint, args.out, weights=args.weights, name=args.name, version=args.version,
+            onnx=args.onnx, metrics=args.metrics, force=args.force, check=True, progress=not args.no_progress,
+        )
+    except InputError as err:
+        print(f"{PROG}: {err.line()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
+        return 130
+    except Exception as err:  # internal error: one line; the partial folder was removed
+        if os.environ.get("M2DIFF_DEBUG"):
+            raise
+        text = " ".join(str(err).split())
+        print(f"{PROG}: internal error: {type(err).__name__}: {text}", file=sys.stderr)
+        return 1
+    for note in result.warnings:
+        print(f"{PROG}: warning: {note}", file=sys.stderr)
+    print(f"exported {result.weights} weights as bundle version {result.version} to {result.out} "
+          f"({len(result.files)} files)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
