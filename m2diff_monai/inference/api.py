@@ -1,0 +1,531 @@
+"""What ``m2diff-infer`` and the bundles' ``inference.json`` call: one raw subject, or a manifest's cohort.
+
+``infer_subject``: raw LD PET (+ T1) NIfTI → intake, registration, mask, normalization, crop exactly as for the
+training data (:mod:`.preprocess`) → three-orientation sampling and fusion (:mod:`.volume`) → uncrop, undo the
+normalization and the canonical reorientation → float32 NIfTI on the LD PET's own grid, in its original units.
+``infer_manifest``: the same from a manifest's already-preprocessed cubes (``volumes`` items), one model load for
+the whole cohort, written as ``OUT_DIR/<subject>.nii.gz`` plus ``OUT_DIR/predictions.json``.
+
+Every output file is written to a temporary name and renamed only when all of a subject's files are complete.
+Sampler defaults come from the bundle's ``inference.json`` (literal values only), then from :data:`DEFAULTS`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import m2diff_monai
+from m2diff_monai.data.orientation import ORIENTATION_AXIS, parse_orientations
+from m2diff_monai.errors import InputError
+from m2diff_monai.inference.checkpoint import LoadedModel, load_model
+from m2diff_monai.inference.fusion import FUSION_METHODS
+from m2diff_monai.inference.inferer import AMP_CHOICES, DiffusionSamplerInferer, resolve_amp
+from m2diff_monai.inference.preprocess import (
+    PreparedSubject,
+    TrainingPreprocessing,
+    prepare_from_manifest_item,
+    prepare_subject,
+    resolve_preprocessing,
+)
+from m2diff_monai.inference.volume import VolumePrediction, predict_volume
+from m2diff_monai.io.atomic import atomic_path, save_json
+from preprocessing.intake import IntakeOptions
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+SPLIT_ALIASES = {"test": "test", "val": "val", "validation": "val", "train": "train", "training": "train", "all": None}
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """Sampling and output options (CLI flags and bundle keys share these names)."""
+
+    # Default: DDIM, 50 steps, η = 0 (deterministic) — see docs/inference.md for the benchmark behind it.
+    sampler: str = "ddim"
+    steps: int | None = 50  # None: all T steps (the papers' 1000-step ancestral sampler with sampler="ancestral")
+    eta: float = 0.0
+    orientations: tuple[str, ...] = ("axial", "coronal", "sagittal")
+    fusion: str = "wavelet-stripe"
+    samples: int = 1
+    shared_noise: bool = False
+    seed: int | None = 0
+    batch_size: int = 16
+    device: str = "auto"
+    amp: str = "auto"
+    save_orientations: bool = False
+    no_mri: bool = False
+    png: bool = True
+    use_ema: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        if self.sampler not in ("ancestral", "ddim"):
+            raise ValueError(f"sampler must be ancestral or ddim, got {self.sampler!r}")
+        steps = self.steps
+        if isinstance(steps, str):
+            steps = None if steps.strip().lower() in ("", "all", "none", "full") else int(steps)
+        if steps is not None and int(steps) < 1:
+            raise ValueError(f"steps must be >= 1 or 'all', got {steps}")
+        set_(self, "steps", None if steps is None else int(steps))
+        set_(self, "orientations", parse_orientations(self.orientations))
+        if self.fusion not in FUSION_METHODS:
+            raise ValueError(f"fusion must be one of {', '.join(FUSION_METHODS)}, got {self.fusion!r}")
+        if int(self.samples) < 1:
+            raise ValueError(f"samples must be >= 1, got {self.samples}")
+        set_(self, "samples", int(self.samples))
+        if int(self.batch_size) < 1:
+            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+        set_(self, "batch_size", int(self.batch_size))
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if str(self.amp).lower() not in AMP_CHOICES:
+            raise ValueError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
+        set_(self, "eta", float(self.eta))
+        set_(self, "seed", None if self.seed is None else int(self.seed))
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["orientations"] = list(self.orientations)
+        return out
+
+
+SETTING_KEYS = tuple(InferenceSettings.__dataclass_fields__)
+
+
+def bundle_defaults(bundle: str | Path | None) -> dict[str, Any]:
+    """Literal values of the settings keys in ``BUNDLE/inference.json`` (``$``/``@`` expressions are skipped)."""
+    if bundle is None:
+        return {}
+    folder = Path(bundle)
+    path = folder / "inference.json" if folder.is_dir() else folder
+    if not path.is_file():
+        raise InputError("bundle has no inference.json", path=path)
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"inference.json is not valid JSON ({err})", path=path) from None
+    out = {}
+    for key in SETTING_KEYS:
+        value = config.get(key)
+        if isinstance(value, str) and value.startswith(("$", "@", "%")):
+            continue
+        if key in config and value is not None:
+            out[key] = value
+    if "steps" in config and config["steps"] is None:
+        out["steps"] = None
+    return out
+
+
+def resolve_settings(bundle: str | Path | None = None, **overrides: Any) -> InferenceSettings:
+    """:data:`InferenceSettings` defaults ← the bundle's ``inference.json`` ← ``overrides`` (None = not given;
+    pass ``steps="all"`` for the full chain)."""
+    unknown = set(overrides) - set(SETTING_KEYS)
+    if unknown:
+        raise ValueError(f"unknown inference settings {sorted(unknown)}; allowed: {list(SETTING_KEYS)}")
+    values = {**bundle_defaults(bundle), **{k: v for k, v in overrides.items() if v is not None}}
+    try:
+        return InferenceSettings(**values)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"inference settings: {err}") from None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for, but no CUDA device is available")
+    return device
+
+
+def output_paths(output: str | Path, settings: InferenceSettings) -> dict[str, Path]:
+    """``PRED.nii.gz`` → the prediction, ``PRED_std.nii.gz`` (K > 1), ``PRED_<orientation>.nii.gz``, ``PRED.png``."""
+    output = Path(output)
+    name = output.name
+    suffix = next((s for s in NIFTI_SUFFIXES if name.lower().endswith(s)), None)
+    if suffix is None:
+        raise InputError("output must be a NIfTI file name ending in .nii.gz or .nii", path=output)
+    stem = output.with_name(name[: -len(suffix)])
+    paths = {"prediction": output}
+    if settings.samples > 1:
+        paths["std"] = Path(f"{stem}_std{suffix}")
+    if settings.save_orientations:
+        for o in settings.orientations:
+            paths[o] = Path(f"{stem}_{o}{suffix}")
+    if settings.png:
+        paths["png"] = Path(f"{stem}.png")
+    return paths
+
+
+@dataclass
+class SubjectResult:
+    subject: str
+    files: dict[str, str]
+    seconds: dict[str, float]
+    warnings: list[str] = field(default_factory=list)
+    sampled_slices: dict[str, int] = field(default_factory=dict)
+
+
+def _check_model_inputs(model: LoadedModel, has_mri: bool, subject: str, path: str | Path | None) -> None:
+    if model.requires_mri and not has_mri:
+        raise InputError(
+            f"this {model.network_config.get('name', 'model')} {model.network_config.get('variant', '')} checkpoint "
+            "needs an MRI (it was built with allow_missing_mri=false); give --mri, or use an MRI-free model",
+            subject=subject, path=path,
+        )
+
+
+def _build_inferer(model: LoadedModel, settings: InferenceSettings, device: torch.device) -> DiffusionSamplerInferer:
+    try:
+        return DiffusionSamplerInferer(
+            model.diffusion_config,
+            sampler=settings.sampler,
+            steps=settings.steps,
+            eta=settings.eta,
+            shared_noise=settings.shared_noise,
+            amp_dtype=resolve_amp(settings.amp, device),
+            seed=settings.seed,
+        )
+    except ValueError as err:
+        raise InputError(f"sampler settings: {err}", path=model.path or None) from None
+
+
+def _run(
+    prepared: PreparedSubject,
+    model: LoadedModel,
+    settings: InferenceSettings,
+    preprocessing: TrainingPreprocessing,
+    paths: dict[str, Path],
+    device: torch.device,
+    inferer: DiffusionSamplerInferer,
+    use_mri: bool,
+) -> SubjectResult:
+    """Sample, map back, write every file of one subject atomically (all or nothing)."""
+    t0 = time.perf_counter()
+    mri = prepared.mri if use_mri else None
+    _check_model_inputs(model, mri is not None, prepared.subject, prepared.source.path)
+    try:
+        prediction = predict_volume(
+            model.network,
+            inferer,
+            prepared.ld,
+            mri,
+            brain_mask=prepared.mask,
+            orientations=settings.orientations,
+            fusion=settings.fusion,
+            samples=settings.samples,
+            batch_size=settings.batch_size,
+            device=device,
+            progress=settings.progress,
+            spatial_size=preprocessing.spatial_size,
+        )
+    except ValueError as err:  # e.g. a cube size the network's downsampling cannot take
+        raise InputError(f"the model cannot run on this input ({err})", subject=prepared.subject,
+                         path=prepared.source.path) from None
+    t1 = time.perf_counter()
+    images = _output_images(prepared, prediction, paths)
+    with ExitStack() as stack:  # every file lands together, or none does
+        import nibabel as nib
+
+        for key, image in images.items():
+            tmp = stack.enter_context(atomic_path(paths[key]))
+            nib.save(image, str(tmp))
+        if "png" in paths:
+            tmp = stack.enter_context(atomic_path(paths["png"]))
+            save_views_png(tmp, prepared, prediction, use_mri=mri is not None, settings=settings)
+    t2 = time.perf_counter()
+    return SubjectResult(
+        subject=prepared.subject,
+        files={k: str(v) for k, v in paths.items()},
+        seconds={"sampling": round(t1 - t0, 3), "writing": round(t2 - t1, 3)},
+        warnings=list(prepared.warnings),
+        sampled_slices=dict(prediction.sampled_slices),
+    )
+
+
+def _output_images(prepared: PreparedSubject, prediction: VolumePrediction, paths: dict[str, Path]) -> dict:
+    """Normalized cubes → original units on the source grid (``original = normalized * scale + offset``; the
+    std scales by ``scale`` only). Voxels outside the cube are normalized 0 (background), like unsampled ones."""
+
+    def original(cube: np.ndarray) -> np.ndarray:
+        return prepared.denormalize(prepared.to_source(cube, fill=0.0))
+
+    images = {"prediction": prepared.source.image(original(prediction.fused))}
+    if "std" in paths and prediction.std is not None:
+        std = prepared.to_source(prediction.std, fill=0.0) * np.float32(prepared.scaling.scale)
+        images["std"] = prepared.source.image(np.maximum(std, 0.0))
+    for o in ORIENTATION_AXIS:
+        if o in paths and o in prediction.per_orientation:
+            images[o] = prepared.source.image(original(prediction.per_orientation[o]))
+    return images
+
+
+def save_views_png(path: str | Path, prepared: PreparedSubject, prediction: VolumePrediction, use_mri: bool,
+                   settings: InferenceSettings) -> None:
+    """Rows axial / coronal / sagittal through the brain's centre; columns LD PET | prediction (| std for K > 1),
+    normalized units, one window for LD and prediction. Neurological display (subject's right on the right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mask = prepared.mask
+    centre = [int(round(c)) for c in np.argwhere(mask).mean(axis=0)] if mask.any() else [s // 2 for s in mask.shape]
+    columns = [("LD PET", prepared.ld, "hot"), ("prediction", prediction.fused, "hot")]
+    if prediction.std is not None:
+        columns.append(("std (uncertainty)", prediction.std, "viridis"))
+    inside = prepared.ld[mask] if mask.any() else prepared.ld.ravel()
+    vmax = float(np.percentile(inside, 99.5)) if inside.size else 1.0
+    vmax = vmax if vmax > 0 else 1.0
+    fig, axes = plt.subplots(3, len(columns), figsize=(2.8 * len(columns), 8.0), squeeze=False)
+    for row, orientation in enumerate(("axial", "coronal", "sagittal")):
+        axis = ORIENTATION_AXIS[orientation]
+        for col, (title, volume, cmap) in enumerate(columns):
+            ax = axes[row, col]
+            plane = np.take(volume, centre[axis], axis=axis).T
+            top = vmax if cmap == "hot" else max(float(plane.max()), 1e-6)
+            ax.imshow(plane, cmap=cmap, vmin=0.0, vmax=top, origin="lower", interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(title, fontsize=9)
+        axes[row, 0].set_ylabel(f"{orientation} {centre[axis]}")
+    steps = "all" if settings.steps is None else settings.steps
+    fig.suptitle(f"{prepared.subject}: {settings.sampler} {steps} steps, {settings.fusion}, K={settings.samples}"
+                 f"{'' if use_mri else ', MRI-free'}", fontsize=9)
+    fig.tight_layout()
+    try:
+        fig.savefig(str(path), format="png", dpi=80)
+    finally:
+        plt.close(fig)
+
+
+def _preprocessing_overrides(size=None, normalization=None, transform=None, space=None, spatial_size=None) -> dict:
+    return {"size": size, "normalization": normalization, "transform": transform, "space": space,
+            "spatial_size": spatial_size}
+
+
+def _load(checkpoint: str | Path | LoadedModel, device: torch.device, use_ema: bool) -> LoadedModel:
+    if isinstance(checkpoint, LoadedModel):
+        checkpoint.network.to(device).eval()
+        return checkpoint
+    return load_model(checkpoint, device=device, use_ema=use_ema)
+
+
+def infer_subject(
+    checkpoint: str | Path | LoadedModel,
+    ld_pet: str | Path,
+    output: str | Path,
+    mri: str | Path | None = None,
+    *,
+    bundle: str | Path | None = None,
+    subject: str | None = None,
+    size: int | None = None,
+    normalization: str | None = None,
+    transform: str | None = None,
+    space: str | None = None,
+    frame: int | None = None,
+    sum_frames: bool = False,
+    qform_policy: str = "warn",
+    **settings: Any,
+) -> dict[str, Any]:
+    """Enhance one raw LD PET (optionally with its T1) and write the prediction on the LD PET's own grid.
+
+    ``settings``: any :class:`InferenceSettings` field (``steps``, ``sampler``, ``samples``, ...); missing ones
+    come from the bundle's ``inference.json``, then from the defaults. The preprocessing parameters come from the
+    checkpoint's data config unless given (``size``, ``normalization``, ``transform``, ``space``).
+    Returns a summary (files, seconds, settings, preprocessing and where each parameter came from).
+    Raises :class:`InputError` (one line naming the subject and file) on bad input; nothing is written then.
+    """
+    if not ld_pet:
+        raise InputError("no low-dose PET given (--ld-pet)")
+    cfg = resolve_settings(bundle, **settings)
+    sid = subject or _subject_name(ld_pet)
+    paths = output_paths(output, cfg)
+    _check_distinct(paths, [ld_pet, mri])
+    device = resolve_device(cfg.device)
+    start = time.perf_counter()
+    model = _load(checkpoint, device, cfg.use_ema)
+    prep = resolve_preprocessing(model.data_config, _preprocessing_overrides(size, normalization, transform, space),
+                                 model.image_size)
+    use_mri = mri is not None and not cfg.no_mri
+    _check_model_inputs(model, use_mri or (prep.space == "mri" and mri is not None), sid, ld_pet)
+    try:
+        intake = IntakeOptions(frame=frame, sum_frames=sum_frames, qform_policy=qform_policy)
+    except ValueError as err:
+        raise InputError(str(err), subject=sid, path=ld_pet) from None
+    t_load = time.perf_counter()
+    # space=mri needs the T1 to define the grid even for MRI-free sampling
+    prepared = prepare_subject(ld_pet, mri if (use_mri or prep.space == "mri") else None, prep, sid, intake)
+    try:
+        t_prep = time.perf_counter()
+        result = _run(prepared, model, cfg, prep, paths, device, _build_inferer(model, cfg, device), use_mri)
+    finally:
+        prepared.cleanup()
+    result.seconds = {"load_model": round(t_load - start, 3), "preprocess": round(t_prep - t_load, 3),
+                      **result.seconds, "total": round(time.perf_counter() - start, 3)}
+    return _summary(result, model, cfg, prep, device, mri_used=use_mri, extra=prepared.info)
+
+
+def infer_manifest(
+    checkpoint: str | Path | LoadedModel,
+    manifest: str | Path,
+    out_dir: str | Path,
+    split: str = "test",
+    subjects: Sequence[str] | None = None,
+    *,
+    bundle: str | Path | None = None,
+    **settings: Any,
+) -> dict[str, Any]:
+    """Enhance every ``volumes`` item of ``split`` (``test``/``val``/``train``/``all``) of a manifest.
+
+    The items' preprocessed cubes are used as they are; each prediction goes back onto its ``source_ld_pet``'s
+    grid as ``OUT_DIR/<subject>.nii.gz`` (+ ``_std``, ``_<orientation>``, ``.png``). ``OUT_DIR/predictions.json``
+    lists them with the settings. Stops at the first bad subject (its files are not written; earlier subjects
+    stay complete).
+    """
+    cfg = resolve_settings(bundle, **settings)
+    manifest = Path(manifest)
+    if split not in SPLIT_ALIASES:
+        raise InputError(f"unknown split {split!r}; choose from test, val, train, all", path=manifest)
+    content = _read_manifest(manifest)
+    wanted = SPLIT_ALIASES[split]
+    items = [it for it in content.get("volumes", []) if wanted is None or it.get("split") == wanted]
+    if subjects:
+        missing = sorted(set(subjects) - {it.get("subject") for it in items})
+        if missing:
+            raise InputError(f"subject(s) {', '.join(missing)} not in the manifest's {split} volumes", path=manifest)
+        items = [it for it in items if it.get("subject") in set(subjects)]
+    if not items:
+        raise InputError(f"manifest has no '{split}' volumes to infer", path=manifest)
+    out_dir = Path(out_dir)
+    device = resolve_device(cfg.device)
+    start = time.perf_counter()
+    model = _load(checkpoint, device, cfg.use_ema)
+    prep = resolve_preprocessing(model.data_config, {}, model.image_size)
+    _check_manifest_matches(content, prep, manifest)
+    inferer = _build_inferer(model, cfg, device)
+    results = []
+    for item in items:
+        sid = str(item.get("subject"))
+        prepared = prepare_from_manifest_item(item, manifest.resolve().parent)
+        paths = output_paths(out_dir / f"{sid}.nii.gz", cfg)
+        use_mri = prepared.mri is not None and not cfg.no_mri
+        result = _run(prepared, model, cfg, prep, paths, device, inferer, use_mri)
+        results.append({**asdict(result), "mri_used": use_mri, "split": item.get("split"),
+                        "source_ld_pet": prepared.source.path})
+    summary = {
+        "tool": "m2diff-infer",
+        "version": m2diff_monai.__version__,
+        "manifest": str(manifest),
+        "split": split,
+        "checkpoint": model.path,
+        "weights": model.weights,
+        "settings": {**cfg.as_dict(), "device": str(device)},
+        "preprocessing": prep.as_dict(),
+        "subjects": results,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    save_json(out_dir / "predictions.json", summary)
+    return summary
+
+
+def _check_manifest_matches(content: dict, prep: TrainingPreprocessing, manifest: Path) -> None:
+    """The cubes must have been made like the training data; only parameters the checkpoint states are checked."""
+    params = dict((content.get("provenance") or {}).get("parameters") or {})
+    params.setdefault("size", content.get("size"))
+    for key in ("size", "normalization", "space"):
+        known = prep.sources.get(key) in ("checkpoint", "option")
+        if known and params.get(key) is not None and str(params[key]) != str(getattr(prep, key)):
+            raise InputError(f"manifest was preprocessed with {key}={params[key]} but the model was trained with "
+                             f"{key}={getattr(prep, key)}; preprocess the cohort again with the training settings",
+                             path=manifest)
+
+
+def _read_manifest(path: Path) -> dict:
+    if not path.is_file():
+        raise InputError("manifest does not exist", path=path)
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"manifest is not valid JSON ({err})", path=path) from None
+    if not isinstance(content, dict) or not isinstance(content.get("volumes"), list):
+        raise InputError("manifest has no 'volumes' list", path=path)
+    return content
+
+
+def _subject_name(path: str | Path) -> str:
+    name = Path(path).name
+    for suffix in NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _check_distinct(paths: dict[str, Path], inputs: Sequence[str | Path | None]) -> None:
+    resolved = {Path(p).resolve() for p in inputs if p}
+    for p in paths.values():
+        if Path(p).resolve() in resolved:
+            raise InputError("output would overwrite an input file", path=p)
+
+
+def _summary(result: SubjectResult, model: LoadedModel, cfg: InferenceSettings, prep: TrainingPreprocessing,
+             device: torch.device, mri_used: bool, extra: dict) -> dict[str, Any]:
+    return {
+        "subject": result.subject,
+        "files": result.files,
+        "seconds": result.seconds,
+        "sampled_slices": result.sampled_slices,
+        "warnings": result.warnings,
+        "mri_used": mri_used,
+        "checkpoint": model.path,
+        "weights": model.weights,
+        "settings": {**cfg.as_dict(), "device": str(device)},
+        "preprocessing": prep.as_dict(),
+        **({"registration": extra["registration"]} if "registration" in extra else {}),
+    }
+
+
+def run_bundle_inference(
+    checkpoint: str | Path,
+    output: str | Path | None = None,
+    ld_pet: str | Path | None = None,
+    mri: str | Path | None = None,
+    manifest: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    split: str = "test",
+    **settings: Any,
+) -> dict[str, Any]:
+    """Entry point of the bundles' ``inference`` key: one subject (``ld_pet`` + ``output``) or a manifest cohort
+    (``manifest`` + ``out_dir``). Settings given as null in the bundle fall back to the defaults."""
+    if not checkpoint:
+        raise InputError("inference needs a checkpoint: add --checkpoint PATH")
+    settings = {k: v for k, v in settings.items() if v is not None and v != ""}
+    mri = mri or None
+    if manifest:
+        if not out_dir:
+            raise InputError("cohort inference needs out_dir", path=manifest)
+        return infer_manifest(checkpoint, manifest, out_dir, split=split, **settings)
+    if not ld_pet or not output:
+        raise InputError("bundle inference needs ld_pet and output (or manifest and out_dir)")
+    return infer_subject(checkpoint, ld_pet, output, mri, **settings)
+
+
+__all__ = [
+    "InferenceSettings",
+    "bundle_defaults",
+    "infer_manifest",
+    "infer_subject",
+    "output_paths",
+    "resolve_settings",
+    "run_bundle_inference",
+]

@@ -1,0 +1,175 @@
+"""``m2diff-infer``: raw LD PET (+ T1) NIfTI in, enhanced NIfTI out on the LD PET's own grid, original units.
+
+Single subject::
+
+    m2diff-infer --bundle bundles/m2diff --checkpoint CKPT --ld-pet LD.nii.gz [--mri T1.nii.gz] --out PRED.nii.gz
+
+Cohort (a preprocessed manifest's ``volumes``)::
+
+    m2diff-infer --bundle bundles/m2diff --checkpoint CKPT --manifest data_manifests/NAME.json --split test --out-dir DIR
+
+Exit codes: 0 success, 2 bad input or options (one line on stderr naming the file or subject; nothing written
+for that subject), 1 an unexpected internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from m2diff_monai.errors import InputError
+
+PROG = "m2diff-infer"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Enhance low-dose brain PET with a trained M2Diff/MFdiff checkpoint: three-orientation 2D "
+        "sampling fused into one 3D volume, written on the input's own grid in its original units.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    io = p.add_argument_group("inputs and outputs")
+    io.add_argument("--bundle", type=Path, default=None,
+                    help="bundle folder (bundles/m2diff or bundles/mfdiff): default sampler settings from its "
+                         "inference.json; the network itself comes from the checkpoint")
+    io.add_argument("--checkpoint", required=True, type=Path, help="training checkpoint (.pt)")
+    io.add_argument("--ld-pet", type=Path, default=None, help="raw low-dose PET NIfTI (single-subject mode)")
+    io.add_argument("--mri", type=Path, default=None, help="raw T1-weighted MRI NIfTI (optional)")
+    io.add_argument("--out", type=Path, default=None, help="prediction NIfTI to write (.nii.gz or .nii)")
+    io.add_argument("--subject", default=None, help="subject name in messages and the PNG (default: file name)")
+    io.add_argument("--manifest", type=Path, default=None,
+                    help="cohort mode: a preprocessed manifest; its 'volumes' of --split are enhanced")
+    io.add_argument("--split", default="test", help="cohort mode: test | val | train | all")
+    io.add_argument("--subjects", default=None, help="cohort mode: comma list of subject ids (default: all)")
+    io.add_argument("--out-dir", type=Path, default=None, help="cohort mode: folder for <subject>.nii.gz files")
+
+    s = p.add_argument_group("sampling (defaults: the bundle's inference.json, else the values shown)")
+    s.add_argument("--steps", default=None,
+                   help="sampling steps (respaced chain), or 'all' for the full T-step chain [default: 50]")
+    s.add_argument("--sampler", choices=("ancestral", "ddim"), default=None, help="reverse sampler [default: ddim]")
+    s.add_argument("--eta", type=float, default=None, help="DDIM noise scale, 0 = deterministic [default: 0]")
+    s.add_argument("--orientations", default=None,
+                   help="comma list of axial,coronal,sagittal [default: all three]")
+    s.add_argument("--fusion", choices=("wavelet-stripe", "mean", "wavelet3d"), default=None,
+                   help="how the orientation volumes are fused [default: wavelet-stripe]")
+    s.add_argument("--samples", type=int, default=None,
+                   help="K draws; K > 1 writes their mean and a *_std per-voxel uncertainty map [default: 1]")
+    s.add_argument("--shared-noise", action="store_true", default=None,
+                   help="one noise path for every slice (less inter-slice flicker)")
+    s.add_argument("--seed", type=int, default=None, help="random seed [default: 0]")
+    s.add_argument("--batch-size", type=int, default=None, help="slices per network batch [default: 16]")
+    s.add_argument("--device", default=None, help="auto | cpu | cuda [default: auto]")
+    s.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default=None,
+                   help="autocast precision; auto = bf16 on CUDA, fp32 on CPU [default: auto]")
+    s.add_argument("--no-mri", action="store_true", default=None,
+                   help="MRI-free inference even when an MRI is given and the model was trained with MRI")
+    s.add_argument("--raw-weights", action="store_true", help="sample with the raw weights instead of the EMA")
+    s.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy machine)")
+
+    o = p.add_argument_group("outputs")
+    o.add_argument("--save-orientations", action="store_true", default=None,
+                   help="also write the axial/coronal/sagittal volumes before fusion (*_<orientation>.nii.gz)")
+    o.add_argument("--no-png", action="store_true", help="do not write the PNG of the three views")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    o.add_argument("--summary", type=Path, default=None, help="also write the run summary as JSON here")
+
+    pre = p.add_argument_group("preprocessing (default: what the checkpoint records for its training data)")
+    pre.add_argument("--size", type=int, default=None, help="cube size of the training data")
+    pre.add_argument("--normalization", choices=("shared", "paper"), default=None)
+    pre.add_argument("--transform", default=None, help="MRI-PET registration: SyN | affine | rigid")
+    pre.add_argument("--space", choices=("pet", "mri"), default=None)
+    pre.add_argument("--frame", type=int, default=None, help="0-based frame of a 4D PET to use")
+    pre.add_argument("--sum-frames", action="store_true", help="sum the frames of a 4D PET")
+    pre.add_argument("--qform-policy", choices=("warn", "reject"), default="warn")
+    return p
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    return {
+        "steps": args.steps,
+        "sampler": args.sampler,
+        "eta": args.eta,
+        "orientations": args.orientations,
+        "fusion": args.fusion,
+        "samples": args.samples,
+        "shared_noise": args.shared_noise,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "amp": args.amp,
+        "no_mri": args.no_mri,
+        "save_orientations": args.save_orientations,
+        "png": False if args.no_png else None,
+        "use_ema": False if args.raw_weights else None,
+        "progress": False if args.no_progress else None,
+    }
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+    from m2diff_monai.inference import api
+
+    settings = _settings(args)
+    if args.manifest is not None:
+        if args.ld_pet is not None or args.out is not None:
+            parser.error("use either --manifest/--out-dir (cohort) or --ld-pet/--out (one subject), not both")
+        if args.out_dir is None:
+            parser.error("--manifest needs --out-dir")
+        subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
+        return api.infer_manifest(args.checkpoint, args.manifest, args.out_dir, split=args.split,
+                                  subjects=subjects, bundle=args.bundle, **settings)
+    if args.ld_pet is None or args.out is None:
+        parser.error("give --ld-pet and --out (or --manifest and --out-dir)")
+    return api.infer_subject(
+        args.checkpoint, args.ld_pet, args.out, args.mri, bundle=args.bundle, subject=args.subject,
+        size=args.size, normalization=args.normalization, transform=args.transform, space=args.space,
+        frame=args.frame, sum_frames=args.sum_frames, qform_policy=args.qform_policy, **settings,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        summary = _run(args, parser)
+        if args.summary is not None:
+            from m2diff_monai.io.atomic import save_json
+
+            save_json(args.summary, summary)
+    except InputError as err:
+        print(f"{PROG}: {err.line()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing written for the subject in progress", file=sys.stderr)
+        return 130
+    except Exception as err:  # an internal error: still one line, and no half-written file (atomic writes)
+        if os.environ.get("M2DIFF_DEBUG"):
+            raise
+        text = " ".join(str(err).split())
+        print(f"{PROG}: internal error: {type(err).__name__}: {text}", file=sys.stderr)
+        return 1
+    if "subjects" in summary:
+        for entry in summary["subjects"]:
+            print(f"{entry['subject']}: {entry['files']['prediction']} ({entry['seconds']['sampling']:.1f} s sampling)")
+        print(f"{len(summary['subjects'])} subject(s) in {summary['seconds']:.1f} s; list: "
+              f"{Path(args.out_dir) / 'predictions.json'}")
+    else:
+        for warning in summary.get("warnings", []):
+            print(f"warning: {warning}", file=sys.stderr)
+        print(json.dumps({"subject": summary["subject"], "files": summary["files"], "seconds": summary["seconds"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

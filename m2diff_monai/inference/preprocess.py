@@ -1,0 +1,403 @@
+"""One subject in memory, prepared exactly as the training data were, and the way back to its own grid.
+
+Why a module here: ``preprocessing.pipeline.process_subject`` writes a whole subject folder (slices, QC, ANTs
+transforms) and needs an SD PET for its mask; inference needs the normalized cube, the brain mask, the LD scaling
+and the crop geometry in memory, for a subject with only an LD PET (and maybe a T1). This module composes the
+pipeline's stage functions (intake, registration, mask, normalization, crop) in the pipeline's order; it does not
+reimplement any of them, so a change to a stage changes training and inference alike.
+
+Differences from the training pipeline, by necessity:
+- the brain mask comes from the LD PET (the pipeline prefers the SD PET when it has one; inference has none);
+  with ``shared`` normalization the scale is the LD PET's 99.5th percentile inside that mask either way.
+- ``space="mri"``: the PET → T1 registration result is kept (in a temporary folder) so the prediction can go back
+  through the inverse transform; that step interpolates (linear), unlike ``space="pet"``, which is exact.
+
+The way back (:meth:`PreparedSubject.to_source`): uncrop the cube onto the canonical grid (exact placement), then
+undo the canonical reorientation (a flip/permutation of axes: exact) and save with the input file's own affine and
+header, so LPS-stored and oblique inputs get a prediction of the same shape, affine and voxel order.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from m2diff_monai.errors import InputError
+from preprocessing import crop as crop_stage
+from preprocessing.intake import IntakeOptions, load_subject
+from preprocessing.mask import brain_mask
+from preprocessing.normalization import METHODS, Scaling, mri_scaling, normalize_mri, pet_scalings
+from preprocessing.registration import SPACES, normalize_transform_name, register
+from preprocessing.subjects import SubjectRow
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PIPELINE_DEFAULTS: dict[str, Any] = {"normalization": "shared", "transform": "SyN", "space": "pet"}
+_RAS = nib.orientations.axcodes2ornt("RAS")
+
+
+# ------------------------------------------------------------------------------------------- training settings
+@dataclass(frozen=True)
+class TrainingPreprocessing:
+    """The preprocessing parameters a model was trained with, and where each came from (for the log/report)."""
+
+    size: int
+    normalization: str = "shared"
+    transform: str = "SyN"
+    space: str = "pet"
+    spatial_size: int | None = None  # per-slice centred pad/crop of the training transforms (None: none)
+    seed: int = 0
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size", crop_stage.validate_size(self.size))
+        if self.normalization not in METHODS:
+            raise ValueError(f"normalization must be one of {', '.join(METHODS)}, got {self.normalization!r}")
+        object.__setattr__(self, "transform", normalize_transform_name(self.transform))
+        if self.space not in SPACES:
+            raise ValueError(f"space must be one of {', '.join(SPACES)}, got {self.space!r}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "size": self.size,
+            "normalization": self.normalization,
+            "transform": self.transform,
+            "space": self.space,
+            "spatial_size": self.spatial_size,
+            "sources": dict(self.sources),
+        }
+
+
+def _manifest_parameters(data_config: dict[str, Any]) -> dict[str, Any]:
+    """``provenance.parameters`` of the training manifest named in the checkpoint, when it can still be read."""
+    name = data_config.get("manifest")
+    if not name:
+        return {}
+    candidates = [Path(str(name))]
+    if not candidates[0].is_absolute():
+        candidates.append(REPO_ROOT / str(name))
+    for path in candidates:
+        if path.is_file():
+            try:
+                content = json.loads(path.read_text())
+            except (OSError, ValueError):
+                return {}
+            params = dict((content.get("provenance") or {}).get("parameters") or {})
+            for key in ("size", "space"):
+                if key not in params and key in content:
+                    params[key] = content[key]
+            return params
+    return {}
+
+
+def resolve_preprocessing(
+    data_config: dict[str, Any] | None,
+    overrides: dict[str, Any] | None = None,
+    network_image_size: int | None = None,
+) -> TrainingPreprocessing:
+    """Per parameter: explicit ``overrides`` → the checkpoint's ``config["data"]`` (flat keys or a nested
+    ``"preprocessing"`` dict) → the training manifest's provenance → defaults (cube size = the network's
+    ``image_size``; the pipeline's defaults otherwise)."""
+    data_config = dict(data_config or {})
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    nested = dict(data_config.get("preprocessing") or {})
+    manifest = _manifest_parameters(data_config)
+    defaults = {**PIPELINE_DEFAULTS, "size": network_image_size or 256, "seed": 0}
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for key in ("size", "normalization", "transform", "space", "seed"):
+        for source, table in (("option", overrides), ("checkpoint", nested), ("checkpoint", data_config),
+                              ("manifest provenance", manifest), ("default", defaults)):
+            if table.get(key) is not None:
+                values[key], sources[key] = table[key], source
+                break
+    spatial = overrides.get("spatial_size", data_config.get("spatial_size"))
+    if isinstance(spatial, (list, tuple)):
+        spatial = int(spatial[0]) if spatial else None
+    values["spatial_size"] = None if spatial in (None, "", 0) else int(spatial)
+    try:
+        return TrainingPreprocessing(**values, sources=sources)
+    except ValueError as err:
+        raise InputError(f"preprocessing settings: {err}") from None
+
+
+# ------------------------------------------------------------------------------------------- the way back
+@dataclass
+class SourceGrid:
+    """The input LD PET file's own grid: the prediction is written on it, voxel for voxel."""
+
+    path: str
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+    header: nib.Nifti1Header
+
+    @classmethod
+    def from_file(cls, path: str | Path, subject: str | None = None) -> "SourceGrid":
+        """Header only (the data were read and checked by the intake when the subject was prepared)."""
+        try:
+            img = nib.load(str(path))
+        except FileNotFoundError:
+            raise InputError("low-dose PET (output grid) does not exist", subject=subject, path=path) from None
+        except Exception as err:  # nibabel raises many types for bad headers
+            raise InputError(f"cannot read the low-dose PET header ({type(err).__name__}: {err})",
+                             subject=subject, path=path) from None
+        header = nib.Nifti1Header.from_header(img.header)
+        return cls(str(path), tuple(int(s) for s in img.shape[:3]), np.asarray(img.affine, dtype=np.float64), header)
+
+    @property
+    def ornt(self) -> np.ndarray:
+        return nib.io_orientation(self.affine)
+
+    @property
+    def canonical_shape(self) -> tuple[int, int, int]:
+        ornt = self.ornt
+        return tuple(int(self.shape[int(a)]) for a in np.argsort(ornt[:, 0]))
+
+    @property
+    def canonical_affine(self) -> np.ndarray:
+        """The affine of the intake's RAS+ image (``nib.as_closest_canonical``) of this file."""
+        return self.affine @ nib.orientations.inv_ornt_aff(self.ornt, self.shape)
+
+    def from_canonical(self, volume: np.ndarray) -> np.ndarray:
+        """Exact inverse of the intake's canonical reorientation (axis flips and permutations only)."""
+        transform = nib.orientations.ornt_transform(_RAS, self.ornt)
+        return np.ascontiguousarray(nib.orientations.apply_orientation(volume, transform))
+
+    def image(self, data: np.ndarray) -> nib.Nifti1Image:
+        """A float32 image with this file's affine, qform/sform codes and units (no intensity scaling)."""
+        data = np.asarray(data, dtype=np.float32)
+        if data.shape != self.shape:
+            raise ValueError(f"data shape {data.shape} != source shape {self.shape}")
+        header = self.header.copy()
+        header.set_data_shape(data.shape)
+        header.set_data_dtype(np.float32)
+        header.set_slope_inter(1.0, 0.0)
+        header["cal_min"] = header["cal_max"] = 0
+        img = nib.Nifti1Image(data, self.affine, header=header)
+        return img
+
+
+@dataclass
+class PreparedSubject:
+    """A subject on the training grid: normalized cubes, mask, and everything needed to go back."""
+
+    subject: str
+    ld: np.ndarray  # normalized LD PET cube (size³, canonical)
+    mri: np.ndarray | None  # normalized, registered T1 cube, or None
+    mask: np.ndarray  # bool cube
+    scaling: Scaling  # original = normalized * scale + offset (the LD PET's)
+    box: crop_stage.CropBox
+    cube_affine: np.ndarray
+    grid_shape: tuple[int, int, int]  # canonical grid the cube was cut from (PET grid, or T1 grid for space=mri)
+    grid_affine: np.ndarray
+    source: SourceGrid
+    space: str = "pet"
+    inverse_transforms: list[tuple[str, bool]] = field(default_factory=list)  # space=mri: (file, invert)
+    warnings: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    _workdir: str = ""
+
+    def to_source(self, cube: np.ndarray, fill: float = 0.0) -> np.ndarray:
+        """A cube on the training grid (normalized or not) → an array on the input LD PET's own grid."""
+        canonical = crop_stage.uncrop(np.asarray(cube, dtype=np.float32), self.box, self.grid_shape, fill=fill)
+        if self.space == "mri":
+            canonical = _back_to_pet(canonical, self.grid_affine, self.source, self.inverse_transforms)
+        if canonical.shape != self.source.canonical_shape:
+            raise ValueError(f"internal: canonical shape {canonical.shape} != {self.source.canonical_shape}")
+        return self.source.from_canonical(canonical)
+
+    def denormalize(self, normalized: np.ndarray) -> np.ndarray:
+        return self.scaling.invert(normalized)
+
+    def cleanup(self) -> None:
+        if self._workdir:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = ""
+
+
+def _back_to_pet(volume: np.ndarray, grid_affine: np.ndarray, source: SourceGrid,
+                 transforms: list[tuple[str, bool]]) -> np.ndarray:
+    """``space="mri"``: a volume on the (canonical) T1 grid → the canonical LD PET grid through the inverse of
+    the PET→T1 registration (ANTs, linear interpolation)."""
+    import ants
+
+    from preprocessing.registration import ants_to_nib, nib_to_ants
+
+    if not transforms:
+        raise InputError("space=mri needs the PET->MRI registration transforms to map the prediction back",
+                         path=source.path)
+    fixed = nib.Nifti1Image(np.zeros(source.canonical_shape, dtype=np.float32), source.canonical_affine)
+    moving = nib.Nifti1Image(np.asarray(volume, dtype=np.float32), grid_affine)
+    out = ants.apply_transforms(
+        nib_to_ants(fixed), nib_to_ants(moving), transformlist=[t for t, _ in transforms],
+        whichtoinvert=[inv for _, inv in transforms], interpolator="linear",
+    )
+    return np.asarray(ants_to_nib(out).dataobj, dtype=np.float32)
+
+
+def _inverse_list(files: list[str]) -> list[tuple[str, bool]]:
+    """ANTs' inverse transform list: affine ``.mat`` files are inverted, inverse warp fields are used as they are."""
+    return [(str(f), str(f).endswith(".mat")) for f in files]
+
+
+def _spacing(affine: np.ndarray) -> list[float]:
+    return [float(v) for v in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)]
+
+
+def _data(img: nib.Nifti1Image) -> np.ndarray:
+    return np.asarray(img.dataobj, dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------------------- raw input
+def prepare_subject(
+    ld_pet: str | Path,
+    mri: str | Path | None,
+    settings: TrainingPreprocessing,
+    subject: str = "subject",
+    intake: IntakeOptions = IntakeOptions(),
+) -> PreparedSubject:
+    """Validate and preprocess raw NIfTI files the way ``m2diff-preprocess run`` prepared the training data.
+
+    Stages, in the pipeline's order: intake (nibabel, full read, canonical RAS+; PET–MRI overlap check) →
+    registration with ``settings.transform`` (T1 → PET for ``space="pet"``) → brain mask → normalization →
+    crop/pad to the ``settings.size`` cube. Raises :class:`InputError` naming the subject and file.
+    """
+    row = SubjectRow(subject_id=subject, ld_pet=Path(ld_pet), sd_pet=None, mri=None if mri is None else Path(mri))
+    loaded = load_subject(row, intake)
+    source = SourceGrid.from_file(ld_pet, subject)
+    ld_img = loaded.ld_pet
+    if ld_img.shape[:3] != source.canonical_shape or not np.allclose(ld_img.affine, source.canonical_affine, atol=1e-4):
+        raise InputError("internal: the intake's canonical grid does not match the file's header", subject=subject,
+                         path=ld_pet)
+    info: dict[str, Any] = {}
+    workdir = ""
+    inverse: list[tuple[str, bool]] = []
+    mri_data = None
+    try:
+        if settings.space == "pet":
+            ld = _data(ld_img)
+            affine = ld_img.affine
+            if loaded.mri is not None:
+                reg = register(ld_img, loaded.mri, settings.transform, seed=settings.seed)
+                try:
+                    mri_data = _data(reg.warped)
+                finally:
+                    reg.cleanup()
+                info["registration"] = {"transform": reg.transform, "similarity": reg.similarity,
+                                        "seconds": round(reg.seconds, 3)}
+        else:
+            if loaded.mri is None:
+                raise InputError("this model was trained in MRI space (space=mri) and needs an MRI (--mri)",
+                                 subject=subject, path=ld_pet)
+            reg = register(loaded.mri, ld_img, settings.transform, seed=settings.seed)
+            workdir = reg.workdir
+            ld = _data(reg.warped)
+            affine = loaded.mri.affine
+            mri_data = _data(loaded.mri)
+            inverse = _inverse_list(reg.inv_transforms)
+            info["registration"] = {"transform": reg.transform, "similarity": reg.similarity,
+                                    "seconds": round(reg.seconds, 3)}
+        mask = brain_mask(ld, _spacing(affine))
+        ld_scaling, _ = pet_scalings(settings.normalization, ld, None, mask)
+        box = crop_stage.crop_box(mask, settings.size, subject=subject, path=str(ld_pet))
+        ld_cube = ld_scaling.apply(crop_stage.crop_or_pad(ld, box))
+        mri_cube = None
+        if mri_data is not None:
+            mri_cube = normalize_mri(crop_stage.crop_or_pad(mri_data, box), mri_scaling(mri_data, mask))
+        return PreparedSubject(
+            subject=subject,
+            ld=ld_cube,
+            mri=mri_cube,
+            mask=crop_stage.crop_or_pad(mask, box),
+            scaling=ld_scaling,
+            box=box,
+            cube_affine=crop_stage.cropped_affine(affine, box),
+            grid_shape=tuple(int(s) for s in mask.shape),
+            grid_affine=np.asarray(affine, dtype=np.float64),
+            source=source,
+            space=settings.space,
+            inverse_transforms=inverse,
+            warnings=list(loaded.warnings),
+            info=info,
+            _workdir=workdir,
+        )
+    except BaseException:
+        if workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
+
+
+# ------------------------------------------------------------------------------------------- manifest items
+def prepare_from_manifest_item(item: dict[str, Any], manifest_dir: str | Path) -> PreparedSubject:
+    """A manifest ``volumes`` item: its preprocessed cubes (already normalized and cropped) and the geometry in
+    its ``subject.json`` that maps the cube back onto ``source_ld_pet``'s grid."""
+    base = Path(manifest_dir)
+    sid = str(item.get("subject", "?"))
+
+    def path_of(key: str) -> Path | None:
+        value = item.get(key) or ""
+        return base / value if value else None
+
+    record_path = path_of("subject_json") or (path_of("preprocessed_dir") or base) / "subject.json"
+    try:
+        record = json.loads(Path(record_path).read_text())
+    except FileNotFoundError:
+        raise InputError("subject.json of the preprocessed subject does not exist", subject=sid,
+                         path=record_path) from None
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot read subject.json ({err})", subject=sid, path=record_path) from None
+
+    def cube(key: str, dtype=np.float32) -> np.ndarray:
+        path = path_of(key)
+        if path is None:
+            raise InputError(f"manifest volume item has no '{key}'", subject=sid)
+        try:
+            return np.asarray(nib.load(str(path)).dataobj, dtype=dtype)
+        except FileNotFoundError:
+            raise InputError(f"preprocessed {key} does not exist", subject=sid, path=path) from None
+        except Exception as err:
+            raise InputError(f"cannot read preprocessed {key} ({type(err).__name__}: {err})", subject=sid,
+                             path=path) from None
+
+    ld = cube("ld_pet")
+    mri = cube("mri") if int(item.get("mri_available", 0)) and item.get("mri") else None
+    mask = cube("brain_mask") > 0.5
+    source_path = path_of("source_ld_pet")
+    if source_path is None:
+        raise InputError("manifest volume item has no 'source_ld_pet' (the grid to write the prediction on)",
+                         subject=sid)
+    source = SourceGrid.from_file(source_path, sid)
+    crop = record.get("crop") or {}
+    box = crop_stage.CropBox(start=tuple(int(s) for s in crop["start"]), size=int(crop["size"]))
+    space = str(record.get("space", item.get("space", "pet")))
+    inverse: list[tuple[str, bool]] = []
+    if space == "mri":
+        reg = record.get("registration") or {}
+        names = (reg.get("transforms") or {}).get("inverse") or []
+        folder = path_of("preprocessed_dir") or Path(record_path).parent
+        inverse = _inverse_list([str(folder / n) for n in names])
+    grid_shape = tuple(int(s) for s in record.get("grid_shape", source.canonical_shape))
+    grid_affine = np.asarray(record.get("grid_affine", source.canonical_affine), dtype=np.float64)
+    if ld.shape != (box.size,) * 3:
+        raise InputError(f"preprocessed LD PET has shape {ld.shape}, expected the {box.size}^3 cube of subject.json",
+                         subject=sid, path=path_of("ld_pet"))
+    return PreparedSubject(
+        subject=sid,
+        ld=ld,
+        mri=mri,
+        mask=mask,
+        scaling=Scaling(scale=float(item["scale"]), offset=float(item.get("offset", 0.0))),
+        box=box,
+        cube_affine=np.asarray(record.get("affine", crop_stage.cropped_affine(grid_affine, box)), dtype=np.float64),
+        grid_shape=grid_shape,
+        grid_affine=grid_affine,
+        source=source,
+        space=space,
+        inverse_transforms=inverse,
+        info={"preprocessed_dir": str(path_of("preprocessed_dir") or "")},
+    )
