@@ -1,0 +1,119 @@
+"""``m2diff-evaluate``: metrics, tables, statistics and figures for a cohort's predictions against the references.
+
+    m2diff-evaluate --manifest data_manifests/NAME.json --split test --pred M2Diff=preds/m2diff \\
+        [--pred IDDPM=preds/iddpm ...] --out reports/NAME [--space native|preprocessed] [--per-slice] \\
+        [--lpips-weights alexnet-owt-7be5be79.pth] [--checkpoint M2Diff=CKPT] [--timings M2Diff=FILE] [--cka CKPT]
+
+Predictions are ``DIR/<subject>.nii.gz`` as ``m2diff-infer --manifest ... --out-dir DIR`` writes them.
+Exit codes: 0 success; 1 some subjects failed under ``--keep-going`` (the report covers the others) or an
+internal error; 2 bad input or options (one line on stderr naming the subject or file; no report written);
+130 interrupted (no report written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from m2diff_monai.errors import InputError
+
+PROG = "m2diff-evaluate"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Score enhanced PET predictions of a manifest's cohort against the standard-dose reference "
+        "(PSNR, SSIM, NMSE, LPIPS, regional bias; LD input as the first row), with mean ± std tables, paired "
+        "t-tests, figure panels, a complexity table, optional CKA heatmaps and a report.md linking them.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    io = p.add_argument_group("inputs and outputs")
+    io.add_argument("--manifest", required=True, type=Path, help="data_manifests/NAME.json from m2diff-preprocess")
+    io.add_argument("--split", default="test", help="test | val | train | all")
+    io.add_argument("--subjects", default=None, help="comma list of subject ids (default: the whole split)")
+    io.add_argument("--pred", action="append", default=[], metavar="METHOD=DIR", required=True,
+                    help="a method's prediction folder holding <subject>.nii.gz (repeat for more methods; "
+                         "the order is the table order, after LD)")
+    io.add_argument("--out", required=True, type=Path, help="report folder (replaced atomically if it is a report)")
+    m = p.add_argument_group("metrics")
+    m.add_argument("--space", choices=("native", "preprocessed"), default="native",
+                   help="native: the LD PET's own grid, original units; preprocessed: the preprocessed cube")
+    m.add_argument("--per-slice", action="store_true", help="also write per_slice.csv (2D metrics of every slice)")
+    m.add_argument("--orientations", default="axial,coronal,sagittal", help="orientations of the 2D metrics")
+    m.add_argument("--min-slice-voxels", type=int, default=16,
+                   help="a slice is scored in 2D when it holds at least this many brain-mask voxels")
+    m.add_argument("--lpips-weights", default=None, metavar="PATH",
+                   help="torchvision AlexNet ImageNet weights (alexnet-owt-7be5be79.pth); default: "
+                        "$M2DIFF_LPIPS_ALEXNET_WEIGHTS, then torch's hub cache. Missing: LPIPS reported unavailable")
+    m.add_argument("--no-lpips", action="store_true", help="skip LPIPS (the slowest metric on CPU)")
+    x = p.add_argument_group("extras")
+    x.add_argument("--checkpoint", action="append", default=[], metavar="METHOD=CKPT",
+                   help="a method's training checkpoint for the complexity table (parameters; training s/epoch "
+                        "from the logs of its run folder). Default: the checkpoint in DIR/predictions.json")
+    x.add_argument("--timings", action="append", default=[], metavar="METHOD=FILE",
+                   help="JSON with parameters / train_seconds_per_epoch / inference_seconds_per_subject, or an "
+                        "m2diff-infer summary (default: DIR/predictions.json)")
+    x.add_argument("--cka", type=Path, default=None, metavar="CKPT",
+                   help="an M2Diff checkpoint (V3/V5/V6): linear CKA heatmaps of its PET vs MRI branches")
+    x.add_argument("--cka-slices", type=int, default=48, help="slices fed to the network for CKA")
+    x.add_argument("--cka-pool", type=int, default=16, help="activations average-pooled to at most N×N (0: none)")
+    x.add_argument("--device", default="cpu", help="device for CKA (cpu | cuda)")
+    r = p.add_argument_group("run")
+    r.add_argument("--no-figures", action="store_true", help="no figure panels")
+    r.add_argument("--keep-going", action="store_true",
+                   help="skip subjects with a missing or bad prediction (listed in the report, exit code 1) "
+                        "instead of stopping at the first")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--workers", type=int, default=2, help="threads scoring the rows (LD, methods) of a subject")
+    return p
+
+
+def _run(args: argparse.Namespace) -> dict:
+    from m2diff_monai.evaluation.run import evaluate_cohort
+
+    subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
+    cka_options = {"n_slices": args.cka_slices, "pool": args.cka_pool or None, "device": args.device}
+    return evaluate_cohort(
+        args.manifest, args.pred, args.out, split=args.split, space=args.space, subjects=subjects,
+        per_slice=args.per_slice, lpips=not args.no_lpips, lpips_weights=args.lpips_weights,
+        figures=not args.no_figures, orientations=args.orientations, min_slice_voxels=args.min_slice_voxels,
+        keep_going=args.keep_going, progress=not args.no_progress, workers=args.workers,
+        checkpoints=args.checkpoint,
+        timings=args.timings, cka_checkpoint=args.cka, cka_options=cka_options,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        summary = _run(args)
+    except InputError as err:
+        print(f"{PROG}: {err.line()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; no report written", file=sys.stderr)
+        return 130
+    except Exception as err:  # an internal error: still one line; the report folder is untouched
+        if os.environ.get("M2DIFF_DEBUG"):
+            raise
+        print(f"{PROG}: internal error: {type(err).__name__}: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
+    lpips = summary["lpips"]
+    if not lpips["available"] and not args.no_lpips:
+        print(f"{PROG}: warning: {lpips['reason']}", file=sys.stderr)
+    for sid, why in summary["skipped"].items():
+        print(f"{PROG}: skipped {sid}: {why}", file=sys.stderr)
+    for why in summary["failed"].values():
+        print(f"{PROG}: failed: {why}", file=sys.stderr)
+    out = Path(summary["out_dir"])
+    print(f"{len(summary['subjects'])} subject(s), methods {', '.join(summary['methods'])}: report {out / 'report.md'}")
+    return 1 if summary["failed"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
