@@ -1,0 +1,104 @@
+"""MONAI dict transforms that load manifest slice items for training and validation.
+
+Why not ``LoadImaged(reader="NumpyReader")``: it wraps every array in a ``MetaTensor`` with per-file metadata
+(3 files per item, thousands of items per second), and it cannot express "MRI is unavailable: use zeros" for the
+``""`` path the manifest uses for MRI-free slices. ``LoadSliced`` does just ``np.load`` → ``torch.from_numpy``
+and checks the shape; ``benchmarks/bench_datapath.py`` measures the difference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.transforms import Compose, EnsureTyped, MapTransform, ResizeWithPadOrCropd
+
+from m2diff_monai.errors import InputError
+
+PET_KEYS: tuple[str, str] = ("ld_pet", "sd_pet")
+MRI_KEY = "mri"
+AVAILABLE_KEY = "mri_available"
+IMAGE_KEYS: tuple[str, str, str] = ("ld_pet", "sd_pet", "mri")
+
+
+class LoadSliced(MapTransform):
+    """Load the npy slices of one manifest item as float32 tensors of shape (1, H, W).
+
+    ``mri`` becomes zeros (same shape as ``ld_pet``) when ``mri_available`` is 0 or its path is empty, and
+    ``mri_available`` becomes a float32 scalar tensor, so a batch carries a (B,) availability vector.
+    """
+
+    def __init__(
+        self,
+        pet_keys: Sequence[str] = PET_KEYS,
+        mri_key: str = MRI_KEY,
+        available_key: str = AVAILABLE_KEY,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys=[*pet_keys, mri_key], allow_missing_keys=allow_missing_keys)
+        self.pet_keys = tuple(pet_keys)
+        self.mri_key = mri_key
+        self.available_key = available_key
+
+    @staticmethod
+    def _load(path: str, subject: str | None) -> torch.Tensor:
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise InputError(f"cannot read slice ({err})", subject=subject, path=path) from err
+        if array.ndim == 2:
+            array = array[None]
+        if array.ndim != 3 or array.shape[0] != 1:
+            raise InputError(f"slice must have shape (1, H, W), found {array.shape}", subject=subject, path=path)
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        subject = d.get("subject")
+        reference: torch.Tensor | None = None
+        for key in self.pet_keys:
+            if key not in d:
+                if self.allow_missing_keys:
+                    continue
+                raise InputError(f"slice item has no '{key}'", subject=subject)
+            d[key] = self._load(str(d[key]), subject)
+            if reference is not None and d[key].shape != reference.shape:
+                raise InputError(
+                    f"'{key}' has shape {tuple(d[key].shape)}, expected {tuple(reference.shape)}",
+                    subject=subject,
+                    path=data[key],
+                )
+            reference = d[key] if reference is None else reference
+        available = float(d.get(self.available_key, 0) or 0) > 0 and bool(d.get(self.mri_key))
+        if available:
+            d[self.mri_key] = self._load(str(d[self.mri_key]), subject)
+            if reference is not None and d[self.mri_key].shape != reference.shape:
+                raise InputError(
+                    f"MRI slice has shape {tuple(d[self.mri_key].shape)}, expected {tuple(reference.shape)}",
+                    subject=subject,
+                    path=data[self.mri_key],
+                )
+        else:
+            if reference is None:
+                raise InputError("cannot infer the MRI placeholder shape without a PET slice", subject=subject)
+            d[self.mri_key] = torch.zeros_like(reference)
+        d[self.available_key] = torch.tensor(1.0 if available else 0.0, dtype=torch.float32)
+        return d
+
+
+def slice_transforms(spatial_size: int | Sequence[int] | None = None) -> Compose:
+    """The training/validation preprocessing: load the slices, optionally zero-pad/crop them to ``spatial_size``.
+
+    ``spatial_size=None`` keeps the manifest's size. The official M2Diff code zero-pads 2D slices to 256²;
+    ``spatial_size=256`` does the same (centred, MONAI ``ResizeWithPadOrCropd``).
+    """
+    transforms: list = [LoadSliced()]
+    if spatial_size is not None:
+        size = (int(spatial_size),) * 2 if isinstance(spatial_size, int) else tuple(int(s) for s in spatial_size)
+        transforms += [
+            ResizeWithPadOrCropd(keys=list(IMAGE_KEYS), spatial_size=size, mode="constant"),
+            EnsureTyped(keys=list(IMAGE_KEYS), data_type="tensor", track_meta=False),
+        ]
+    return Compose(transforms)
