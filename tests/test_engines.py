@@ -299,3 +299,17 @@ def test_autocast_inferer_runs_bf16_on_cpu_and_scaler_only_for_fp16():
     assert needs_grad_scaler("float16") and not needs_grad_scaler("bfloat16") and not needs_grad_scaler(None)
     with pytest.raises(ValueError, match="amp dtype"):
         AutocastInferer("float8")
+
+
+def test_checkpoint_config_records_the_manifest_preprocessing(tmp_path):
+    import json
+
+    from m2diff_monai.networks.factory import build_network
+
+    manifest = tmp_path / "m.json"
+    params = {"size": 64, "normalization": "shared", "transform": "SyN", "space": "pet"}
+    manifest.write_text(json.dumps({"provenance": {"parameters": params}, "training": []}))
+    net = build_network({"name": "m2diff", "variant": "V1", "image_size": 32, "model_channels": 32,
+                         "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": []})
+    config = checkpoint_config(net, {"timesteps": 50}, {"manifest": str(manifest)})
+    assert config["data"]["preprocessing"] == params

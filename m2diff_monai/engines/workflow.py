@@ -6,6 +6,8 @@ Device/seed set-up, the checkpoint configuration, channels-last, and torchrun/DD
 
 from __future__ import annotations
 
+import json
+
 import os
 import random
 from collections.abc import Sequence
@@ -88,7 +90,20 @@ def checkpoint_config(
         data["orientations"] = list(data["orientations"])
     if data.get("manifest") is not None:
         data["manifest"] = str(data["manifest"])
+        if "preprocessing" not in data:
+            data["preprocessing"] = manifest_preprocessing(data["manifest"])
     return {"network": dict(net_config), "diffusion": normalize_diffusion_config(diffusion_config), "data": data}
+
+
+def manifest_preprocessing(manifest: str | Path) -> dict[str, Any]:
+    """The preprocessing parameters recorded in a manifest's provenance, so a checkpoint is self-contained:
+    inference must register, normalize and crop new scans exactly as the training data were."""
+    try:
+        provenance = json.loads(Path(manifest).read_text()).get("provenance", {})
+    except (OSError, ValueError):
+        return {}
+    parameters = provenance.get("parameters", {}) if isinstance(provenance, dict) else {}
+    return json.loads(json.dumps(parameters)) if isinstance(parameters, dict) else {}
 
 
 def resolve_manifest(manifest: str | Path, bundle_root: str | Path | None = None) -> str:
