@@ -138,7 +138,8 @@ def test_model_card_quotes_data_metrics_and_intended_use(exported):
     assert "31.25" in card and "0.912" in card
     assert "Not for clinical use" in card
     assert "python -m monai.bundle run inference --config_file configs/inference.json" in card
-    assert "| normalization | paper | manifest provenance |" in card
+    # the checkpoint records the training manifest's preprocessing itself (engines.workflow.checkpoint_config)
+    assert "| normalization | paper | checkpoint |" in card
 
 
 def test_model_pt_loads_with_weights_only_and_rebuilds_the_network(exported, source):

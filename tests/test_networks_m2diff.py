@@ -305,7 +305,7 @@ def test_factory_presets_defaults_and_errors():
     with torch.device("meta"):
         demo = build_network({"preset": "demo", "variant": "v6"})
     assert demo.config["model_channels"] == 32 and demo.config["variant"] == "V6"
-    assert demo.config["channel_mult"] == [1, 2, 2, 4] and demo.config["image_size"] == 128
+    assert demo.config["channel_mult"] == [1, 2, 2] and demo.config["image_size"] == 64
     with torch.device("meta"):
         default = build_network({"name": "m2diff"})
     assert default.config["channel_mult"] == [1, 1, 2, 2, 4, 4] and default.config["dropout"] == 0.2

@@ -92,7 +92,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "demo": {
         "name": "mfdiff",
         "variant": "MFdiff",
-        "image_size": 128,
+        "image_size": 64,
         "allow_missing_mri": False,
         "fusion": {
             **_PAPER_FUSION,
