@@ -25,15 +25,19 @@ PATH_KEYS = ("ld_pet", "sd_pet", "mri")
 MANIFEST_HINT = "create it with: m2diff-preprocess demo --out work/demo (or m2diff-preprocess run ... --manifest PATH)"
 
 
-def read_manifest(manifest: str | Path) -> dict[str, Any]:
-    """The manifest JSON; a missing or unreadable file is an ``InputError`` naming the command that makes one."""
+def read_manifest(manifest: str | Path, require: str | None = None) -> dict[str, Any]:
+    """The manifest JSON (the one reader training, inference and evaluation share); a missing or unreadable file,
+    or one without the ``require``d item list, is an ``InputError`` naming the command that makes one."""
     path = Path(manifest)
     if not path.is_file():
         raise InputError(f"manifest not found; {MANIFEST_HINT}", path=path)
     try:
-        return json.loads(path.read_text())
+        content = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise InputError(f"manifest is not valid JSON ({err})", path=path) from err
+    if not isinstance(content, dict) or (require is not None and not isinstance(content.get(require), list)):
+        raise InputError(f"manifest has no {require!r} list (was it written by m2diff-preprocess?)", path=path)
+    return content
 
 
 def select_evenly(items: list[dict], limit: int | None) -> list[dict]:

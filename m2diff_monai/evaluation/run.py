@@ -40,6 +40,7 @@ import numpy as np
 
 import m2diff_monai
 from m2diff_monai.data.orientation import ORIENTATION_AXIS, ORIENTATIONS, parse_orientations
+from m2diff_monai.data.datasets import read_manifest as read_manifest_file
 from m2diff_monai.errors import InputError
 from m2diff_monai.io.atomic import save_json, save_text
 
@@ -131,16 +132,7 @@ def parse_method_map(values: Mapping[str, Any] | Sequence[str] | str | None, wha
 
 
 def read_manifest(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("manifest does not exist", path=path)
-    try:
-        content = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise InputError(f"manifest is not valid JSON ({err})", path=path) from None
-    if not isinstance(content, dict) or not isinstance(content.get("volumes"), list):
-        raise InputError("manifest has no 'volumes' list (was it written by m2diff-preprocess?)", path=path)
-    return content
+    return read_manifest_file(path, require="volumes")
 
 
 def select_items(content: dict, split: str, subjects: Sequence[str] | None, manifest: Path) -> list[dict]:

@@ -452,15 +452,9 @@ def _check_manifest_matches(content: dict, prep: TrainingPreprocessing, manifest
 
 
 def _read_manifest(path: Path) -> dict:
-    if not path.is_file():
-        raise InputError("manifest does not exist", path=path)
-    try:
-        content = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise InputError(f"manifest is not valid JSON ({err})", path=path) from None
-    if not isinstance(content, dict) or not isinstance(content.get("volumes"), list):
-        raise InputError("manifest has no 'volumes' list", path=path)
-    return content
+    from m2diff_monai.data.datasets import read_manifest
+
+    return read_manifest(path, require="volumes")
 
 
 def _subject_name(path: str | Path) -> str:
