@@ -94,7 +94,7 @@ def test_train_config_has_paper_defaults():
     demo.read_config([str(BUNDLE / "train.json"), str(BUNDLE / "demo.json")])
     assert demo["network_config"]["preset"] == "demo" and demo["max_epochs"] < 100
     net = build_network(demo["network_config"])
-    assert net.config["image_size"] == 128
+    assert net.config["image_size"] == 64  # the 4 mm / 64³ demo cohort of the main job
 
 
 def test_training_run_writes_checkpoints_with_config_and_resume_continues(manifest, tmp_path):

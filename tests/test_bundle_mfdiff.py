@@ -115,7 +115,7 @@ def test_configs_have_paper_defaults():
         assert demo.get_parsed_content("max_iterations") == 20
         assert demo.get_parsed_content("stage1_checkpoint") == "runs/mfdiff-demo/external/checkpoints/last.pt"
         assert demo.get_parsed_content("manifest_file") == "data_manifests/demo.json"
-    assert build_network(demo["network_config"]).config["image_size"] == 128
+    assert build_network(demo["network_config"]).config["image_size"] == 64
 
     mixed = ConfigParser()
     mixed.read_config([TRAIN, MIXED])
