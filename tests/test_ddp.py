@@ -69,8 +69,17 @@ def test_torchrun_two_process_gloo_training(tmp_path):
         str(BUNDLE / "logging.conf"),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=150)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # One retry: torchrun's standalone rendezvous picks free ports at start-up, and on a 2-core machine running the
+    # suite in parallel a start-up race failed this test once in ~10 full runs; a real training failure fails twice.
+    first = None
+    for _attempt in range(2):
+        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=150)
+        if result.returncode == 0:
+            break
+        first = first or result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.returncode == 0, f"first attempt:\n{first}\nsecond attempt:\n" + result.stdout[-3000:] + result.stderr[-3000:]
+    if first is not None:
+        print(f"torchrun failed once, passed on retry; first attempt:\n{first}")
     ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     # 12 training slices split over 2 ranks (DistributedSampler): 6 per rank, batch 2 → 3 iterations per epoch
     assert ckpt["epoch"] == 1 and ckpt["iteration"] == 3
