@@ -18,25 +18,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 from typing import Any
 
 import torch
+from _timing import peak_memory_mb, step_summary, sync, time_trainer
 
 CONFIGS = {
     "plain fp32 eager": {"mode": "plain", "amp": False},
     "engine fp32": {"mode": "engine", "amp": False},
     "engine amp bf16": {"mode": "engine", "amp": True},
 }
-SIZES = {"demo": 128, "paper-192": 192}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+SIZES = {"demo": 64, "paper-192": 192}
 
 
 def run_one(name: str, preset: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -62,7 +57,7 @@ def run_one(name: str, preset: str, batch: int, args: argparse.Namespace) -> dic
     if cfg["mode"] == "plain":
         ld, sd, mri = data["ld_pet"], data["sd_pet"], data["mri"]
         for step in range(total):
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             optimizer.zero_grad()
             if net.is_diffusion:
@@ -74,11 +69,10 @@ def run_one(name: str, preset: str, batch: int, args: argparse.Namespace) -> dic
                 loss = torch.nn.functional.mse_loss(net(ld=ld, mri=mri)["out"], sd)
             loss.backward()
             optimizer.step()
-            _sync(device)
+            sync(device)
             if step >= args.warmup:
                 times.append(time.perf_counter() - start)
     else:
-        from ignite.engine import Events
         from monai.engines import SupervisedTrainer
 
         from m2diff_monai.engines.amp import AutocastInferer
@@ -100,28 +94,10 @@ def run_one(name: str, preset: str, batch: int, args: argparse.Namespace) -> dic
             inferer=AutocastInferer("bfloat16" if cfg["amp"] else None),
             decollate=False,
         )
-        marks: dict[str, float] = {}
+        times = time_trainer(trainer, device, args.warmup)
 
-        @trainer.on(Events.ITERATION_STARTED)
-        def _start(engine):
-            _sync(device)
-            marks["t"] = time.perf_counter()
-
-        @trainer.on(Events.ITERATION_COMPLETED)
-        def _stop(engine):
-            _sync(device)
-            if engine.state.iteration > args.warmup:
-                times.append(time.perf_counter() - marks["t"])
-
-        trainer.run()
-
-    if device.type == "cuda":
-        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    times.sort()
-    return {"params_m": count_parameters(net) / 1e6, "size": size, "step_s_median": times[len(times) // 2],
-            "step_s_min": times[0], "peak_mb": peak_mb}
+    peak_mb = peak_memory_mb(device)
+    return {"params_m": count_parameters(net) / 1e6, "size": size, **step_summary(times), "peak_mb": peak_mb}
 
 
 def main() -> None:

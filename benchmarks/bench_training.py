@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 from typing import Any
 
 import torch
+from _timing import peak_memory_mb, step_summary, sync, time_trainer
 
 CONFIGS = {
     "plain fp32 eager": {"mode": "plain", "amp": False, "channels_last": False},
@@ -46,11 +46,6 @@ def synthetic_batch(batch: int, size: int, device: torch.device) -> dict[str, to
         "mri": torch.rand(batch, 1, size, size, generator=g).to(device),
         "mri_available": torch.ones(batch, device=device),
     }
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run_one(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -75,7 +70,7 @@ def run_one(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         ld, sd, mri = (batch[k].contiguous(memory_format=cl) for k in ("ld_pet", "sd_pet", "mri"))
         flag = batch["mri_available"]
         for step in range(args.warmup + args.steps):
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             t = torch.randint(0, 1000, (args.batch,), device=device)
             x_t = diffusion.q_sample(sd, t, torch.randn_like(sd))
@@ -89,11 +84,10 @@ def run_one(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             loss = 0.4 * mse(pet, sd) + 0.4 * mse(mr, sd) + 0.2 * mse(pet, mr)
             loss.backward()
             optimizer.step()
-            _sync(device)
+            sync(device)
             if step >= args.warmup:
                 times.append(time.perf_counter() - start)
     else:
-        from ignite.engine import Events
         from monai.engines import SupervisedTrainer
 
         from m2diff_monai.engines.amp import AutocastInferer
@@ -116,30 +110,12 @@ def run_one(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             decollate=False,
             compile=cfg.get("compile", False),
         )
-        marks: dict[str, float] = {}
+        times = time_trainer(trainer, device, args.warmup)
 
-        @trainer.on(Events.ITERATION_STARTED)
-        def _start(engine):
-            _sync(device)
-            marks["t"] = time.perf_counter()
-
-        @trainer.on(Events.ITERATION_COMPLETED)
-        def _stop(engine):
-            _sync(device)
-            if engine.state.iteration > args.warmup:
-                times.append(time.perf_counter() - marks["t"])
-
-        trainer.run()
-
-    if device.type == "cuda":
-        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    times.sort()
+    peak_mb = peak_memory_mb(device)
     return {
         "params_m": count_parameters(net) / 1e6,
-        "step_s_median": times[len(times) // 2],
-        "step_s_min": times[0],
+        **step_summary(times),
         "peak_mb": peak_mb,
     }
 
