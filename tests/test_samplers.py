@@ -69,10 +69,14 @@ def oracle(mean_type: str, dtype=torch.float32, learned_var_for_steps: int | Non
     return model_fn
 
 
-def analytic_std(steps: int | None, kind: str, eta: float = 0.0) -> float:
-    """Exact std of the sampler output for the oracle denoiser (linear chain of Gaussians)."""
-    keep = kept_steps(steps)
-    variance = 1.0
+def analytic_std(steps: int | None, kind: str, eta: float = 0.0, keep: list[int] | None = None) -> float:
+    """Exact std of the sampler output for the oracle denoiser (linear chain of Gaussians). ``keep``: the kept
+    steps of a truncated chain, which starts from the exact marginal variance ᾱS² + 1 − ᾱ of its first step."""
+    if keep is None:
+        keep = kept_steps(steps)
+        variance = 1.0
+    else:
+        variance = ALPHAS_CUMPROD[keep[-1]] * S**2 + 1 - ALPHAS_CUMPROD[keep[-1]]
     for i in range(len(keep) - 1, -1, -1):
         a = ALPHAS_CUMPROD[keep[i]]
         a_prev = ALPHAS_CUMPROD[keep[i - 1]] if i > 0 else 1.0
@@ -192,3 +196,61 @@ def test_output_is_clamped_and_dtype_respected():
         sample(diffusion, lambda x, t: x, (1, 1, 2, 2), sampler="euler")
     with pytest.raises(ValueError, match="noise shape"):
         sample(diffusion, lambda x, t: x, (1, 1, 2, 2), noise=torch.zeros(2, 1, 2, 2))
+
+
+@pytest.mark.parametrize("sampler,var_type", [("ancestral", "fixed_large"), ("ddim", "fixed_small")])
+@pytest.mark.parametrize("start_step,steps", [(300, None), (300, 30), (600, 10)])
+def test_truncated_start_from_a_data_sample_keeps_the_data_distribution(sampler, var_type, start_step, steps):
+    """x_{t0} = q_sample(start, t0) with start ~ N(0, S²) has the true marginal at t0, so the chain over [0, t0]
+    behaves exactly like the analytic recursion started there (and gives std S on the full sub-chain)."""
+    diffusion = GaussianDiffusion(BETAS, model_mean_type="eps", model_var_type=var_type, clip_denoised=False)
+    generator = torch.Generator().manual_seed(3)
+    start = S * torch.randn(SHAPE, generator=generator)
+    x = sample(diffusion, oracle("eps"), SHAPE, sampler=sampler, steps=steps, generator=generator,
+               start=start, start_step=start_step)
+    keep = list(range(start_step + 1)) if steps is None else space_timesteps(start_step + 1, steps)
+    kind = "ddim" if sampler == "ddim" else var_type
+    assert x.std().item() == pytest.approx(analytic_std(None, kind, keep=keep), rel=0.02)
+    if steps is None:
+        assert x.std().item() == pytest.approx(S, rel=0.02)
+
+
+def test_truncated_start_is_q_sample_at_t0_and_calls_only_timesteps_up_to_t0():
+    target = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    start = target + 0.3 * torch.randn(target.shape, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(target.shape, generator=torch.Generator().manual_seed(2))
+    ab = torch.tensor(ALPHAS_CUMPROD, dtype=torch.float32)
+    seen: list[int] = []
+    first_x: list[torch.Tensor] = []
+
+    def eps_oracle(x, t):  # knows the target: ε = (x_t − √ᾱ·x0)/√(1−ᾱ)
+        seen.append(int(t[0]))
+        if not first_x:
+            first_x.append(x.clone())
+        a = ab[t].view(-1, 1, 1, 1)
+        return (x - a.sqrt() * target) / (1 - a).sqrt()
+
+    diffusion = GaussianDiffusion(BETAS, model_mean_type="eps")
+    out = sample(diffusion, eps_oracle, target.shape, sampler="ddim", steps=10, noise=noise,
+                 start=start, start_step=400)
+    torch.testing.assert_close(out, target, atol=1e-4, rtol=0)
+    assert seen == space_timesteps(401, 10)[::-1] and seen[0] == 400 and seen[-1] == 0
+    expected_first = ab[400].sqrt() * start + (1 - ab[400]).sqrt() * noise
+    torch.testing.assert_close(first_x[0], expected_first, atol=1e-6, rtol=0)
+    assert diffusion.respaced(10, start_step=400) is diffusion.respaced(10, start_step=400)
+    assert diffusion.respaced(10, start_step=400) is not diffusion.respaced(10)
+
+
+def test_truncated_start_rejects_incomplete_or_impossible_requests():
+    diffusion = GaussianDiffusion(BETAS)
+    x = torch.zeros(1, 1, 2, 2)
+    with pytest.raises(ValueError, match="both start"):
+        sample(diffusion, lambda x, t: x, x.shape, start=x)
+    with pytest.raises(ValueError, match="both start"):
+        sample(diffusion, lambda x, t: x, x.shape, start_step=10)
+    with pytest.raises(ValueError, match="start_step"):
+        diffusion.respaced(10, start_step=T)
+    with pytest.raises(ValueError, match="cannot divide"):
+        sample(diffusion, lambda x, t: x, x.shape, steps=50, start=x, start_step=20)
+    with pytest.raises(ValueError, match="start shape"):
+        sample(diffusion, lambda x, t: x, x.shape, steps=5, start=torch.zeros(2, 1, 2, 2), start_step=20)

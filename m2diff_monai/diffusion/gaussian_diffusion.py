@@ -191,15 +191,26 @@ class GaussianDiffusion:
         mean_part, v = torch.split(model_output, model_output.shape[1] // 2, dim=1)
         return mean_part, v
 
-    def respaced(self, steps: int | str) -> "GaussianDiffusion":
+    def respaced(self, steps: int | str | None, start_step: int | None = None) -> "GaussianDiffusion":
         """This diffusion's unspaced chain respaced to ``steps`` (int N, or an IDDPM string such as "ddim50");
-        cached. ``steps`` equal to the unspaced T returns the unspaced chain itself when this one is unspaced."""
+        cached. ``steps`` equal to the unspaced T returns the unspaced chain itself when this one is unspaced.
+
+        ``start_step`` t₀ (an original timestep) truncates the chain to [0, t₀]: the ``steps`` (None = every step)
+        are spread over 0..t₀ with both ends kept, so the chain starts at exactly t₀ (see ``sample``'s ``start``).
+        """
         from .respace import SpacedDiffusion, space_timesteps
 
-        key = str(steps)
+        total = len(self.base_betas)
+        if start_step is not None:
+            start_step = int(start_step)
+            if not 0 <= start_step < total:
+                raise ValueError(f"start_step must be an original timestep in 0..{total - 1}, got {start_step}")
+        span = total if start_step is None else start_step + 1
+        if steps is None:
+            steps = span
+        key = str(steps) if start_step is None else f"{steps}@{start_step}"
         if key not in self._respaced_cache:
-            total = len(self.base_betas)
-            use = space_timesteps(total, key)
+            use = space_timesteps(span, str(steps))
             if len(use) == total and self.num_timesteps == total:
                 self._respaced_cache[key] = self
             else:

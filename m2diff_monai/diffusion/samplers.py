@@ -87,8 +87,10 @@ def sample(
     progress: bool = False,
     shared_noise: bool = False,
     callback: StepCallback | None = None,
+    start: torch.Tensor | None = None,
+    start_step: int | None = None,
 ) -> torch.Tensor:
-    """Draw x_0 by running the reverse chain from x_T ~ N(0, I).
+    """Draw x_0 by running the reverse chain from x_T ~ N(0, I), or from a noised ``start`` image at ``start_step``.
 
     Args:
         diffusion: the (training) diffusion; its variance type, parameterisation and clip range are used.
@@ -108,12 +110,22 @@ def sample(
             volume so they follow the same noise path (inter-slice consistency); with ``noise`` given, its first
             element is used for every batch element.
         callback: ``callback(step_index, t_original, x, pred_xstart)`` after each step.
+        start, start_step: truncated start for conditional restoration ("come-closer-diffuse-faster", Chung et al.
+            CVPR 2022; SDEdit): x_{t₀} = q_sample(``start``, t₀) with t₀ = ``start_step`` (an original timestep)
+            and ``noise`` (or a fresh draw) as its ε, then the reverse chain over [0, t₀] with ``steps`` steps.
+            ``start`` is an estimate of x_0 (the LD PET for a denoiser). Not in either paper: their samplers start
+            from pure noise (``start_step=None``, the default).
     Returns:
         x_0 (shape ``shape``, dtype ``dtype``), clamped to the diffusion's clip range when it has one.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    chain = diffusion if steps is None else diffusion.respaced(steps)
+    if (start is None) != (start_step is None):
+        raise ValueError("a truncated start needs both start (the x_0 estimate) and start_step (t0)")
+    if start_step is None:
+        chain = diffusion if steps is None else diffusion.respaced(steps)
+    else:
+        chain = diffusion.respaced(steps, start_step=start_step)
     shape = tuple(int(s) for s in shape)
     if device is None:
         device = noise.device if noise is not None else torch.device("cpu")
@@ -128,6 +140,11 @@ def sample(
             x = noise.to(device=device, dtype=dtype)
         if shared_noise:
             x = x[:1].expand(shape)
+        if start is not None:
+            if tuple(start.shape) != shape:
+                raise ValueError(f"start shape {tuple(start.shape)} != requested shape {shape}")
+            first = torch.full((shape[0],), chain.num_timesteps - 1, dtype=torch.long, device=device)
+            x = chain.q_sample(start.to(device=device, dtype=dtype), first, x)
         x = x.contiguous()
 
         indices = range(chain.num_timesteps - 1, -1, -1)
