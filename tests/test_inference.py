@@ -304,6 +304,39 @@ def test_inferer_shared_noise_and_seeds():
     torch.testing.assert_close(independent(ld, net), first)  # reproducible per draw
 
 
+def test_inferer_truncated_start_begins_at_t0_from_the_noised_ld():
+    class Recorder(nn.Module):
+        is_diffusion = True
+
+        def __init__(self):
+            super().__init__()
+            self.calls: list[tuple[int, torch.Tensor]] = []
+
+        def forward(self, x_t, t, ld=None, mri=None, mri_available=None):
+            self.calls.append((int(t[0]), x_t.clone()))
+            return {"out": torch.zeros_like(x_t)}
+
+    ld = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(123))  # not the sampler's seed 0
+    net = Recorder()
+    DiffusionSamplerInferer({"model_mean_type": "eps"}, steps=5, start_step=200)(ld, net)
+    assert [t for t, _ in net.calls] == [200, 150, 100, 50, 0]
+    first = net.calls[0][1]
+    correlation = torch.corrcoef(torch.stack([first.flatten(), ld.flatten()]))[0, 1]
+    assert correlation > 0.25  # √ᾱ_200·σ_LD ≈ 0.23 against √(1−ᾱ_200) ≈ 0.59 of noise: ≈ 0.37; pure noise: ≈ 0
+    pure = Recorder()
+    DiffusionSamplerInferer({"model_mean_type": "eps"}, steps=5)(ld, pure)
+    assert pure.calls[0][0] == 999
+    assert abs(torch.corrcoef(torch.stack([pure.calls[0][1].flatten(), ld.flatten()]))[0, 1]) < 0.2
+    with pytest.raises(ValueError, match="start_step"):
+        DiffusionSamplerInferer({"timesteps": 50}, steps=5, start_step=50)
+    with pytest.raises(ValueError, match="exceeds"):
+        DiffusionSamplerInferer({"timesteps": 50}, steps=30, start_step=20)
+    assert api.InferenceSettings(start_step="none").start_step is None
+    assert api.InferenceSettings(start_step="400").start_step == 400
+    with pytest.raises(ValueError, match="start step"):
+        api.InferenceSettings(start_step=0)
+
+
 # ------------------------------------------------------------------------------------------- cohort mode
 def test_manifest_cohort_maps_preprocessed_cubes_back_to_the_sources(tmp_path):
     from preprocessing.pipeline import PipelineOptions, run_pipeline

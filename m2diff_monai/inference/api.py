@@ -52,6 +52,8 @@ class InferenceSettings:
     sampler: str = "ddim"
     steps: int | None = 50  # None: all T steps (the papers' 1000-step ancestral sampler with sampler="ancestral")
     eta: float = 0.0
+    # None: start from pure noise (both papers). t0: start from the LD PET noised to t0 (truncated start).
+    start_step: int | None = None
     orientations: tuple[str, ...] = ("axial", "coronal", "sagittal")
     fusion: str = "wavelet-stripe"
     samples: int = 1
@@ -76,6 +78,12 @@ class InferenceSettings:
         if steps is not None and int(steps) < 1:
             raise ValueError(f"steps must be >= 1 or 'all', got {steps}")
         set_(self, "steps", None if steps is None else int(steps))
+        start_step = self.start_step
+        if isinstance(start_step, str):
+            start_step = None if start_step.strip().lower() in ("", "none", "noise") else int(start_step)
+        if start_step is not None and int(start_step) < 1:
+            raise ValueError(f"start step must be >= 1 (or none: start from noise), got {start_step}")
+        set_(self, "start_step", None if start_step is None else int(start_step))
         set_(self, "orientations", parse_orientations(self.orientations))
         if self.fusion not in FUSION_METHODS:
             raise ValueError(f"fusion must be one of {', '.join(FUSION_METHODS)}, got {self.fusion!r}")
@@ -191,6 +199,7 @@ def _build_inferer(model: LoadedModel, settings: InferenceSettings, device: torc
             sampler=settings.sampler,
             steps=settings.steps,
             eta=settings.eta,
+            start_step=settings.start_step,
             shared_noise=settings.shared_noise,
             amp_dtype=resolve_amp(settings.amp, device),
             seed=settings.seed,
@@ -300,6 +309,8 @@ def save_views_png(path: str | Path, prepared: PreparedSubject, prediction: Volu
                 ax.set_title(title, fontsize=9)
         axes[row, 0].set_ylabel(f"{orientation} {centre[axis]}")
     steps = "all" if settings.steps is None else settings.steps
+    if settings.start_step is not None:
+        steps = f"{steps} (from LD at t={settings.start_step})"
     fig.suptitle(f"{prepared.subject}: {settings.sampler} {steps} steps, {settings.fusion}, K={settings.samples}"
                  f"{'' if use_mri else ', MRI-free'}", fontsize=9)
     fig.tight_layout()

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampling steps (respaced chain), or 'all' for the full T-step chain [default: 50]")
     s.add_argument("--sampler", choices=("ancestral", "ddim"), default=None, help="reverse sampler [default: ddim]")
     s.add_argument("--eta", type=float, default=None, help="DDIM noise scale, 0 = deterministic [default: 0]")
+    s.add_argument("--start-step", default=None,
+                   help="start from the LD PET noised to this timestep (truncated start, not in the papers; "
+                        "MFdiff demo: 400) instead of pure noise; 'none' = pure noise [default: none]")
     s.add_argument("--orientations", default=None,
                    help="comma list of axial,coronal,sagittal [default: all three]")
     s.add_argument("--fusion", choices=("wavelet-stripe", "mean", "wavelet3d"), default=None,
@@ -95,6 +98,7 @@ def _settings(args: argparse.Namespace) -> dict:
         "steps": args.steps,
         "sampler": args.sampler,
         "eta": args.eta,
+        "start_step": args.start_step,
         "orientations": args.orientations,
         "fusion": args.fusion,
         "samples": args.samples,

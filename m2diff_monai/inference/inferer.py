@@ -63,6 +63,10 @@ class DiffusionSamplerInferer(Inferer):
         amp_dtype: autocast dtype for the network (``torch.bfloat16`` on recent GPUs), or None for fp32.
         seed: base seed; the i-th call after construction (or :meth:`reseed`) samples with ``seed + i``
             (``seed`` for every call with ``shared_noise``). None: torch's global generator.
+        start_step: None (the papers: start from pure noise at T−1) or t₀: start from the LD PET noised to t₀ and
+            run ``steps`` steps over [0, t₀] (truncated start, see ``diffusion.samplers.sample``). An ε-predicting
+            model (MFdiff) trained briefly is unreliable at high t, where its x̂_0 = (x_t − √(1−ᾱ)ε̂)/√ᾱ multiplies
+            ε̂'s error by up to ~160; a truncated start never asks it there (docs/inference.md).
 
     Networks with ``is_diffusion = False`` (regression baselines) are called once with ``x_t = t = None``.
     Without MRI (``mri=None``) the network gets ``mri=None``: M2Diff then skips its MRI path altogether (same PET
@@ -79,6 +83,7 @@ class DiffusionSamplerInferer(Inferer):
         amp_dtype: torch.dtype | None = None,
         seed: int | None = 0,
         progress: bool = False,
+        start_step: int | None = None,
     ) -> None:
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
@@ -88,8 +93,15 @@ class DiffusionSamplerInferer(Inferer):
         self.diffusion = build_diffusion({**self.diffusion_config, "respacing": None})
         if steps is not None and int(steps) > self.diffusion.num_timesteps:
             raise ValueError(f"steps {steps} exceeds the model's T = {self.diffusion.num_timesteps}")
+        if start_step is not None:
+            start_step = int(start_step)
+            if not 0 < start_step < self.diffusion.num_timesteps:
+                raise ValueError(f"start_step must be in 1..{self.diffusion.num_timesteps - 1}, got {start_step}")
+            if steps is not None and int(steps) > start_step + 1:
+                raise ValueError(f"steps {steps} exceeds the {start_step + 1} timesteps of a start at {start_step}")
         self.sampler = sampler
         self.steps = None if steps is None else int(steps)
+        self.start_step = start_step
         self.eta = float(eta)
         self.shared_noise = shared_noise
         self.amp_dtype = amp_dtype
@@ -147,4 +159,6 @@ class DiffusionSamplerInferer(Inferer):
             device=device,
             progress=self.progress,
             shared_noise=self.shared_noise,
+            start=None if self.start_step is None else ld,
+            start_step=self.start_step,
         )
