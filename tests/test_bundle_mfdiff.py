@@ -112,10 +112,14 @@ def test_configs_have_paper_defaults():
     for files in ([TRAIN, DEMO, FINETUNE], [TRAIN, FINETUNE, DEMO]):
         demo = ConfigParser()
         demo.read_config(files)
-        assert demo.get_parsed_content("max_iterations") == 20
+        assert demo.get_parsed_content("max_iterations") == 200
         assert demo.get_parsed_content("stage1_checkpoint") == "runs/mfdiff-demo/external/checkpoints/last.pt"
         assert demo.get_parsed_content("manifest_file") == "data_manifests/demo.json"
     assert build_network(demo["network_config"]).config["image_size"] == 64
+    stage1_demo = ConfigParser()
+    stage1_demo.read_config([TRAIN, DEMO])
+    assert stage1_demo.get_parsed_content("max_iterations") == 2000
+    assert stage1_demo.get_parsed_content("validate#inferer").start_step == 200  # truncated start (docs/inference.md)
 
     mixed = ConfigParser()
     mixed.read_config([TRAIN, MIXED])
