@@ -42,8 +42,8 @@ from . import crop as crop_stage
 from . import manifest as manifest_stage
 from . import qc as qc_stage
 from .intake import IntakeOptions, LoadedSubject, load_subject
-from .mask import brain_mask
-from .normalization import METHODS, mri_scaling, normalize_mri, pet_scalings
+from .cubes import prepare_cubes, voxel_spacing
+from .normalization import METHODS
 from .registration import SPACES, apply_transforms, keep_transforms, normalize_transform_name, register
 from .slices import parse_slices_per_subject, select_slices, write_slices
 from .split import assign_splits, parse_ratios
@@ -149,10 +149,6 @@ def _inputs_fingerprint(row: SubjectRow) -> dict:
             p = Path(path)
             out[role] = {"path": str(p), "size": p.stat().st_size if p.exists() else -1}
     return out
-
-
-def _spacing(affine: np.ndarray) -> list[float]:
-    return [float(v) for v in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)]
 
 
 def _image(data: np.ndarray, affine: np.ndarray, dtype=np.float32) -> nib.Nifti1Image:
@@ -265,24 +261,22 @@ def _build_subject(loaded: LoadedSubject, work: Path, options: PipelineOptions) 
             )
         t = done("registration", t)
 
-        spacing = _spacing(affine)
-        mask = brain_mask(sd if sd is not None else ld, spacing)
-        t = done("mask", t)
+        def stage_done(stage: str) -> None:
+            nonlocal t
+            t = done(stage, t)
 
-        ld_scaling, sd_scaling = pet_scalings(options.normalization, ld, sd, mask)
-        mri_scale = mri_scaling(mri, mask) if mri is not None else None
-        t = done("normalization", t)
-
-        box = crop_stage.crop_box(mask, options.size, subject=sid, path=row.ld_pet)
-        cube_affine = crop_stage.cropped_affine(affine, box)
-        cubes = {"ld_pet": ld_scaling.apply(crop_stage.crop_or_pad(ld, box))}
-        if sd is not None:
-            cubes["sd_pet"] = sd_scaling.apply(crop_stage.crop_or_pad(sd, box))
-        if mri is not None:
-            cubes["mri"] = normalize_mri(crop_stage.crop_or_pad(mri, box), mri_scale)
-        mask_cube = crop_stage.crop_or_pad(mask, box)
+        prepared = prepare_cubes(ld, affine, sd=sd, mri=mri, normalization=options.normalization, size=options.size,
+                                 subject=sid, path=row.ld_pet, on_stage=stage_done)
+        spacing = voxel_spacing(affine)
+        mask, box, cube_affine = prepared.grid_mask, prepared.box, prepared.cube_affine
+        ld_scaling, sd_scaling, mri_scale = prepared.ld_scaling, prepared.sd_scaling, prepared.mri_scaling
+        cubes = {"ld_pet": prepared.ld}
+        if prepared.sd is not None:
+            cubes["sd_pet"] = prepared.sd
+        if prepared.mri is not None:
+            cubes["mri"] = prepared.mri
+        mask_cube = prepared.mask
         region_cubes = {name: crop_stage.crop_or_pad(m, box) for name, m in masks_src.items()}
-        t = done("crop", t)
 
         files: dict = {}
         for modality, cube in cubes.items():
@@ -326,7 +320,7 @@ def _build_subject(loaded: LoadedSubject, work: Path, options: PipelineOptions) 
         "drf": row.drf,
         "space": options.space,
         "source_shape": [int(v) for v in ld_img.shape[:3]],
-        "source_spacing": _spacing(ld_img.affine),
+        "source_spacing": voxel_spacing(ld_img.affine),
         "source_affine": np.asarray(ld_img.affine).tolist(),
         "grid_shape": [int(v) for v in mask.shape],
         "grid_affine": np.asarray(affine).tolist(),

@@ -24,7 +24,13 @@ from m2diff_monai.errors import InputError
 from m2diff_monai.inference import api
 from m2diff_monai.inference.checkpoint import load_model, read_checkpoint
 from m2diff_monai.inference.inferer import DiffusionSamplerInferer
-from m2diff_monai.inference.preprocess import SourceGrid, TrainingPreprocessing, prepare_subject, resolve_preprocessing
+from m2diff_monai.inference.preprocess import (
+    SourceGrid,
+    TrainingPreprocessing,
+    prepare_from_manifest_item,
+    prepare_subject,
+    resolve_preprocessing,
+)
 from m2diff_monai.inference.volume import SliceGeometry, _coverage_count, fuse_with_coverage
 from m2diff_monai.networks.factory import build_network, register_network
 
@@ -369,6 +375,27 @@ def test_manifest_cohort_maps_preprocessed_cubes_back_to_the_sources(tmp_path):
         np.testing.assert_allclose(values[defined], ld[defined], rtol=1e-5, atol=1e-3)
     with pytest.raises(InputError, match="no 'val' volumes"):
         api.infer_manifest(identity_checkpoint(tmp_path / "id.pt"), manifest, out_dir, split="val", **FAST)
+
+
+def test_raw_input_is_prepared_exactly_as_the_training_pipeline_prepared_it(tmp_path):
+    """One implementation of mask → normalization → crop (preprocessing.cubes): an LD-only subject run through
+    m2diff-preprocess and through inference's prepare_subject gives the same cube, mask, crop box and scaling."""
+    from preprocessing.pipeline import PipelineOptions, run_pipeline
+
+    raw = tmp_path / "raw"
+    row = write_subject(raw, "e01", seed=4, flip_lps=True, with_mri=False)
+    row.update(sd_pet="", split="test")
+    manifest = tmp_path / "manifests" / "ld_only.json"
+    run_pipeline(write_table(raw / "subjects.csv", [row]), tmp_path / "prep", manifest,
+                 PipelineOptions(transform="rigid", size=CUBE, split=(0.0, 0.0, 1.0)))
+    content = json.loads(manifest.read_text())
+    trained = prepare_from_manifest_item(content["volumes"][0], manifest.parent)
+    raw_input = prepare_subject(raw / row["ld_pet"], None, TrainingPreprocessing(size=CUBE, transform="rigid"), "e01")
+    assert raw_input.box == trained.box
+    np.testing.assert_array_equal(raw_input.mask, trained.mask)
+    assert raw_input.scaling.scale == pytest.approx(trained.scaling.scale, rel=1e-6)
+    np.testing.assert_allclose(raw_input.ld, trained.ld, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(raw_input.cube_affine, trained.cube_affine, atol=1e-6)
 
 
 def test_bundle_defaults_are_literal_settings():

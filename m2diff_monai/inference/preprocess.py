@@ -31,8 +31,8 @@ import numpy as np
 from m2diff_monai.errors import InputError
 from preprocessing import crop as crop_stage
 from preprocessing.intake import IntakeOptions, load_subject
-from preprocessing.mask import brain_mask
-from preprocessing.normalization import METHODS, Scaling, mri_scaling, normalize_mri, pet_scalings
+from preprocessing.cubes import prepare_cubes
+from preprocessing.normalization import METHODS, Scaling
 from preprocessing.registration import SPACES, normalize_transform_name, register
 from preprocessing.subjects import SubjectRow
 
@@ -245,10 +245,6 @@ def _inverse_list(files: list[str]) -> list[tuple[str, bool]]:
     return [(str(f), str(f).endswith(".mat")) for f in files]
 
 
-def _spacing(affine: np.ndarray) -> list[float]:
-    return [float(v) for v in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)]
-
-
 def _data(img: nib.Nifti1Image) -> np.ndarray:
     return np.asarray(img.dataobj, dtype=np.float32)
 
@@ -302,22 +298,17 @@ def prepare_subject(
             inverse = _inverse_list(reg.inv_transforms)
             info["registration"] = {"transform": reg.transform, "similarity": reg.similarity,
                                     "seconds": round(reg.seconds, 3)}
-        mask = brain_mask(ld, _spacing(affine))
-        ld_scaling, _ = pet_scalings(settings.normalization, ld, None, mask)
-        box = crop_stage.crop_box(mask, settings.size, subject=subject, path=str(ld_pet))
-        ld_cube = ld_scaling.apply(crop_stage.crop_or_pad(ld, box))
-        mri_cube = None
-        if mri_data is not None:
-            mri_cube = normalize_mri(crop_stage.crop_or_pad(mri_data, box), mri_scaling(mri_data, mask))
+        cubes = prepare_cubes(ld, affine, mri=mri_data, normalization=settings.normalization, size=settings.size,
+                              subject=subject, path=str(ld_pet))
         return PreparedSubject(
             subject=subject,
-            ld=ld_cube,
-            mri=mri_cube,
-            mask=crop_stage.crop_or_pad(mask, box),
-            scaling=ld_scaling,
-            box=box,
-            cube_affine=crop_stage.cropped_affine(affine, box),
-            grid_shape=tuple(int(s) for s in mask.shape),
+            ld=cubes.ld,
+            mri=cubes.mri,
+            mask=cubes.mask,
+            scaling=cubes.ld_scaling,
+            box=cubes.box,
+            cube_affine=cubes.cube_affine,
+            grid_shape=tuple(int(s) for s in cubes.grid_mask.shape),
             grid_affine=np.asarray(affine, dtype=np.float64),
             source=source,
             space=settings.space,
