@@ -104,7 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", default="demo,paper-192")
     parser.add_argument("--variant", default="MFdiff")
-    parser.add_argument("--size", type=int, default=None, help="default: the preset's size (128 demo, 192 paper)")
+    parser.add_argument("--size", type=int, default=None, help="default: the preset's size (64 demo, 192 paper)")
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
