@@ -25,6 +25,7 @@ from m2diff_monai.export.torchscript import (
     ONNX_MISSING,
     DenoiserForExport,
     ExportError,
+    accepts_missing_mri,
     example_inputs,
     onnx_available,
     trace_denoiser,
@@ -183,6 +184,18 @@ def test_mfdiff_traces_to_the_eager_result_at_other_sizes(variant):
         for batch, h, w, flags in [(3, 24, 16, [1.0, 0.0, 1.0]), (1, 16, 32, [0.0])]:
             args = example_inputs(batch, h, w, flags, seed=batch)
             torch.testing.assert_close(ts(*args), eager(*args), atol=1e-5, rtol=1e-4)
+
+
+def test_mri_required_mfdiff_traces_with_every_flag_set():
+    """MFdiff built with allow_missing_mri=False (the bundle default) refuses flags of 0: the export's example and
+    check inputs must all carry the MRI, and the checked trace must equal the eager network."""
+    net = randomized(build_network({**TINY_MFDIFF, "allow_missing_mri": False}))
+    assert not accepts_missing_mri(net) and accepts_missing_mri(build_network(TINY_MFDIFF))
+    ts = trace_denoiser(net, check=True)
+    eager = DenoiserForExport(net).eval()
+    with torch.no_grad():
+        args = example_inputs(3, 24, 16, [1.0, 1.0, 1.0], seed=5)
+        torch.testing.assert_close(ts(*args), eager(*args), atol=1e-5, rtol=1e-4)
 
 
 class _BakedWidth(torch.nn.Module):

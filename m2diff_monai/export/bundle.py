@@ -44,6 +44,7 @@ from m2diff_monai.export import model_card
 from m2diff_monai.export.torchscript import (
     INPUT_NAMES,
     ONNX_MISSING,
+    accepts_missing_mri,
     export_onnx,
     onnx_available,
     save_torchscript,
@@ -247,7 +248,9 @@ def network_data_format(network: torch.nn.Module, diffusion: Mapping[str, Any],
             "mri_available": {"type": "tensor", "format": "flag", "modality": "n/a", "num_channels": 1,
                               "spatial_shape": [], "dtype": "float32", "value_range": [0, 1],
                               "is_patch_data": False,
-                              "channel_def": {"0": "1 where the sample's MRI is given, 0 where it is not"}},
+                              "channel_def": {"0": "1 where the sample's MRI is given, 0 where it is not"
+                                              if accepts_missing_mri(network) else
+                                              "must be 1: this model needs every sample's MRI"}},
         },
         "outputs": {
             "out": {"type": "image", "format": "magnitude", "modality": "PT", "num_channels": out_channels,

@@ -68,6 +68,16 @@ class DenoiserForExport(nn.Module):
         return self.network(None, None, ld, mri=mri, mri_available=mri_available)["out"]
 
 
+def accepts_missing_mri(network: nn.Module) -> bool:
+    """False for networks that refuse a sample without MRI (MFdiff built with ``allow_missing_mri=False``): their
+    example and check inputs must flag every sample's MRI as given."""
+    return not (getattr(network, "uses_mri", False) and getattr(network, "allow_missing_mri", True) is False)
+
+
+def _flags_for(network: nn.Module, flags: list[float]) -> list[float]:
+    return list(flags) if accepts_missing_mri(network) else [1.0] * len(flags)
+
+
 def spatial_multiple(network: nn.Module) -> int:
     """The factor every image side must be a multiple of (``2 ** (levels - 1)`` of the UNet inside)."""
     for module in (network, getattr(network, "unet", None)):
@@ -131,9 +141,9 @@ def trace_denoiser(
     if size % multiple:
         raise ValueError(f"trace size {size} must be a multiple of {multiple}")
     device = next(network.parameters()).device
-    trace_inputs = example_inputs(batch, size, size, [1.0, 0.0] * (batch // 2) + [1.0] * (batch % 2),
-                                  num_timesteps, seed=0, device=device)
-    check_inputs = [example_inputs(b, h, w, flags, num_timesteps, seed=1, device=device)
+    trace_flags = _flags_for(network, [1.0, 0.0] * (batch // 2) + [1.0] * (batch % 2))
+    trace_inputs = example_inputs(batch, size, size, trace_flags, num_timesteps, seed=0, device=device)
+    check_inputs = [example_inputs(b, h, w, _flags_for(network, flags), num_timesteps, seed=1, device=device)
                     for b, h, w, flags in _check_shapes(multiple)]
     with warnings.catch_warnings(), torch.no_grad():
         # The tracer warns about every Python-side input check (they run at trace time only, by design) and that
@@ -235,7 +245,7 @@ def export_onnx(network: nn.Module, path: str | Path, num_timesteps: int = 1000,
     wrapper = DenoiserForExport(network).eval()
     multiple = spatial_multiple(network)
     device = next(network.parameters()).device
-    args = example_inputs(2, 2 * multiple, 2 * multiple, [1.0, 0.0], num_timesteps, device=device)
+    args = example_inputs(2, 2 * multiple, 2 * multiple, _flags_for(network, [1.0, 0.0]), num_timesteps, device=device)
     image_axes = {0: "batch", 2: "height", 3: "width"}
     dynamic_axes = {"x_t": image_axes, "t": {0: "batch"}, "ld": image_axes, "mri": image_axes,
                     "mri_available": {0: "batch"}, OUTPUT_NAME: image_axes}
