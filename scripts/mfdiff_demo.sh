@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # MFdiff on the demo cohort: train the demo preset (stage 1, external) → three-orientation inference of the test
-# subjects with a truncated start → evaluation report (beside M2Diff's predictions when the main job made them).
+# subjects with a truncated start → evaluation report (beside M2Diff's predictions when the main job made them)
+# → export as a MONAI bundle whose inference defaults are the demo's sampler.
 # About 25 min on 2 CPU cores; reuses the main job's cohort (data_manifests/demo.json) when it exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,26 +14,30 @@ START_STEP="${START_STEP:-200}"
 
 cohort_size() { python -c "import json,sys; print(json.load(open(sys.argv[1])).get('size'))" "$1" 2>/dev/null || true; }
 if [[ -f data_manifests/demo.json && -d "$WORK/preprocessed" && "$(cohort_size data_manifests/demo.json)" == 64 ]]; then
-  echo "== 1/4 demo cohort: reusing data_manifests/demo.json =="
+  echo "== 1/5 demo cohort: reusing data_manifests/demo.json =="
 else
-  echo "== 1/4 demo cohort (4 mm grid, 64³ cubes) and preprocessing =="
+  echo "== 1/5 demo cohort (4 mm grid, 64³ cubes) and preprocessing =="
   m2diff-preprocess demo --out "$WORK" --downsample 2 --size 64 --manifest data_manifests/demo.json
 fi
 
-echo "== 2/4 training MFdiff (demo preset, stage 1) =="
+echo "== 2/5 training MFdiff (demo preset, stage 1) =="
 python -m monai.bundle run training \
   --config_file "['bundles/mfdiff/train.json','bundles/mfdiff/demo.json']" --output_root "$RUN"
 
-echo "== 3/4 three-orientation inference on the test subjects (start at t=$START_STEP, $STEPS DDIM steps) =="
+echo "== 3/5 three-orientation inference on the test subjects (start at t=$START_STEP, $STEPS DDIM steps) =="
 m2diff-infer --bundle bundles/mfdiff --checkpoint "$RUN/external/checkpoints/best.pt" \
   --manifest data_manifests/demo.json --split test --out-dir "$WORK/predictions-mfdiff" \
   --steps "$STEPS" --start-step "$START_STEP"
 
-echo "== 4/4 evaluation =="
+echo "== 4/5 evaluation =="
 methods=(--pred "MFdiff=$WORK/predictions-mfdiff")
 if [[ -f "$WORK/predictions/predictions.json" ]]; then
   methods=(--pred "M2Diff=$WORK/predictions" "${methods[@]}")
 fi
 m2diff-evaluate --manifest data_manifests/demo.json --split test "${methods[@]}" --out "$WORK/report-mfdiff"
 
-echo "Done. Report: $WORK/report-mfdiff/report.md  Predictions: $WORK/predictions-mfdiff"
+echo "== 5/5 export =="
+m2diff-export --bundle bundles/mfdiff --checkpoint "$RUN/external/checkpoints/best.pt" \
+  --out "$WORK/exported_bundle_mfdiff" --force --set start_step="$START_STEP" --set steps="$STEPS"
+
+echo "Done. Report: $WORK/report-mfdiff/report.md  Predictions: $WORK/predictions-mfdiff  Bundle: $WORK/exported_bundle_mfdiff"

@@ -30,6 +30,7 @@ from m2diff_monai.export.torchscript import (
     onnx_available,
     trace_denoiser,
 )
+from m2diff_monai.inference import api
 from m2diff_monai.inference.checkpoint import LoadedModel, load_model
 from m2diff_monai.networks.factory import build_network
 
@@ -268,6 +269,17 @@ def test_options_version_name_raw_weights_and_force(source, exported, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]
 
 
+def test_set_writes_sampler_defaults_into_the_exported_inference_config(source, tmp_path, capsys):
+    out = tmp_path / "with_defaults"
+    rc = main(["--bundle", str(BUNDLE), "--checkpoint", str(source["checkpoint"]), "--out", str(out), "--no-progress",
+               "--set", "start_step=200", "--set", "steps=10", "--set", "sampler=ddim"])
+    assert rc == 0, capsys.readouterr().err
+    config = json.loads((out / "configs/inference.json").read_text())
+    assert (config["start_step"], config["steps"], config["sampler"]) == (200, 10, "ddim")
+    assert config["inference"]["start_step"] == "@start_step"  # the entry point still reads the top-level key
+    assert api.bundle_defaults(out / "configs/inference.json")["start_step"] == 200
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 def run_bad(args: list[str], out: Path, capsys) -> str:
     rc = main([*args, "--out", str(out), "--no-progress"])
@@ -311,6 +323,14 @@ def test_ema_asked_for_but_absent_and_bad_version(tmp_path, capsys):
     assert "no EMA" in line
     line = run_bad(["--bundle", str(BUNDLE), "--checkpoint", str(ckpt), "--version", "one"], tmp_path / "out", capsys)
     assert "X.Y.Z" in line
+
+
+@pytest.mark.parametrize("setting,expected", [("stpes=10", "unknown inference settings"),
+                                              ("start_step=0", "start step"), ("start_step", "KEY=VALUE")])
+def test_bad_set_is_one_line_and_writes_nothing(source, tmp_path, capsys, setting, expected):
+    line = run_bad(["--bundle", str(BUNDLE), "--checkpoint", str(source["checkpoint"]), "--set", setting],
+                   tmp_path / "out", capsys)
+    assert expected in line
 
 
 def test_existing_output_is_kept_without_force(source, tmp_path, capsys):

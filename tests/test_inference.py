@@ -341,6 +341,10 @@ def test_inferer_truncated_start_begins_at_t0_from_the_noised_ld():
     assert api.InferenceSettings(start_step="400").start_step == 400
     with pytest.raises(ValueError, match="start step"):
         api.InferenceSettings(start_step=0)
+    flags = api.InferenceSettings(progress="false", png="True", no_mri="0", use_ema=1)  # as the bundle CLI passes them
+    assert (flags.progress, flags.png, flags.no_mri, flags.use_ema) == (False, True, False, True)
+    with pytest.raises(ValueError, match="progress must be true or false"):
+        api.InferenceSettings(progress="maybe")
 
 
 # ------------------------------------------------------------------------------------------- cohort mode

@@ -351,11 +351,31 @@ def _rewrite_common(config: dict[str, Any], loaded: Mapping[str, Any]) -> dict[s
     return out
 
 
-def rewrite_inference_config(config: Mapping[str, Any], loaded: Mapping[str, Any]) -> dict[str, Any]:
+def check_sampler_defaults(defaults: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Validated inference-setting overrides for the exported ``inference.json`` (e.g. ``{"start_step": 200}``):
+    keys must be ``InferenceSettings`` fields and the values must pass its checks; ``InputError`` otherwise."""
+    from m2diff_monai.inference.api import SETTING_KEYS, InferenceSettings
+
+    defaults = dict(defaults or {})
+    unknown = sorted(set(defaults) - set(SETTING_KEYS))
+    if unknown:
+        raise InputError(f"--set: unknown inference settings {unknown}; allowed: {', '.join(SETTING_KEYS)}")
+    try:
+        InferenceSettings(**{k: v for k, v in defaults.items() if v is not None})
+    except (TypeError, ValueError) as err:
+        raise InputError(f"--set: {err}") from None
+    return defaults
+
+
+def rewrite_inference_config(
+    config: Mapping[str, Any], loaded: Mapping[str, Any], sampler_defaults: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """The source ``inference.json`` made self-contained: checkpoint ``$@bundle_root + '/models/model.pt'``,
     the network built from the embedded ``network_config`` (``network_def``) and loaded by
-    :func:`load_exported_model`, whose result replaces the checkpoint path given to the inference entry point."""
+    :func:`load_exported_model`, whose result replaces the checkpoint path given to the inference entry point.
+    ``sampler_defaults`` replace the literal settings keys (``steps``, ``start_step``, ...)."""
     out = _rewrite_common(dict(config), loaded)
+    out.update(copy.deepcopy(dict(sampler_defaults or {})))
     imports = list(out.get("imports") or [])
     for module in ("$import m2diff_monai.networks.factory", "$import m2diff_monai.export.bundle"):
         if module not in imports:
@@ -501,13 +521,17 @@ def export_bundle(
     force: bool = False,
     check: bool = True,
     progress: bool = False,
+    sampler_defaults: Mapping[str, Any] | None = None,
 ) -> ExportResult:
     """Write the exported bundle to ``out`` (see the module docstring). ``weights``: "ema", "raw" or None (EMA
     when the checkpoint has one). ``check``: verify the traced module against the network on other batch and
-    image sizes (always on in the CLI). Raises InputError for bad input; nothing is left behind on failure."""
+    image sizes (always on in the CLI). ``sampler_defaults``: inference settings written into the exported
+    ``inference.json`` (e.g. ``{"start_step": 200, "steps": 10}`` for the MFdiff demo). Raises InputError for bad
+    input; nothing is left behind on failure."""
     from tqdm.auto import tqdm
 
     bundle, out = Path(bundle), Path(out)
+    sampler_defaults = check_sampler_defaults(sampler_defaults)
     if onnx and not onnx_available():
         raise InputError(ONNX_MISSING)
     configs = read_source_bundle(bundle)
@@ -537,7 +561,8 @@ def export_bundle(
     metadata = build_metadata(configs["metadata.json"], loaded, version, name, created, eval_metrics, onnx)
     validate_metadata(metadata, _find_schema(bundle))
     written: dict[str, Any] = {"configs/metadata.json": metadata,
-                               "configs/inference.json": rewrite_inference_config(configs["inference.json"], loaded)}
+                               "configs/inference.json": rewrite_inference_config(configs["inference.json"], loaded,
+                                                                                 sampler_defaults)}
     for fname in OPTIONAL_CONFIGS:
         if fname in configs:
             content = configs[fname]
@@ -587,6 +612,9 @@ def export_bundle(
             "output_description": "; ".join(
                 f"channel {k}: {v}" for k, v in metadata["network_data_format"]["outputs"]["out"]["channel_def"].items()),
             "files": {f: FILE_DESCRIPTIONS.get(f, "") for f in sorted(files)},
+            "sampler_defaults": {k: written["configs/inference.json"].get(k)
+                                 for k in ("sampler", "steps", "eta", "start_step")
+                                 if k in written["configs/inference.json"]},
         }
         manifest_info = model_card.read_manifest_provenance(data.get("manifest"), [Path.cwd(), REPO_ROOT])
         card = model_card.render_model_card(

@@ -1,6 +1,8 @@
 """``m2diff-export``: a training checkpoint → a standard, deployable MONAI bundle folder.
 
     m2diff-export --bundle bundles/m2diff --checkpoint runs/m2diff/checkpoints/best.pt --out exported/m2diff
+    m2diff-export --bundle bundles/mfdiff --checkpoint runs/mfdiff-demo/external/checkpoints/best.pt \
+        --out exported/mfdiff --set start_step=200 --set steps=10
 
 Exit codes: 0 success, 2 bad input or options (one line on stderr naming the file; nothing written), 1 an
 unexpected internal error (one line; nothing written either: the folder is built under a temporary name).
@@ -9,10 +11,12 @@ unexpected internal error (one line; nothing written either: the folder is built
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from m2diff_monai.errors import InputError
 
@@ -38,10 +42,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", type=Path, default=None,
                    help="evaluation summary (.csv or .json, e.g. from m2diff-evaluate) for the model card and "
                    "metadata eval_metrics")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="inference default to write into configs/inference.json, e.g. --set start_step=200 "
+                        "--set steps=10 (repeatable; keys as in m2diff-infer's settings; VALUE is JSON or text)")
     p.add_argument("--onnx", action="store_true", help="also write models/model.onnx (needs the onnx package)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def parse_settings(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["start_step=200", "sampler=ddim"]`` → ``{"start_step": 200, "sampler": "ddim"}`` (JSON values where
+    they parse, text otherwise; ``null`` is None)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--set expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key.strip()] = json.loads(text)
+        except ValueError:
+            out[key.strip()] = text
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -52,6 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = export_bundle(
             args.bundle, args.checkpoint, args.out, weights=args.weights, name=args.name, version=args.version,
             onnx=args.onnx, metrics=args.metrics, force=args.force, check=True, progress=not args.no_progress,
+            sampler_defaults=parse_settings(args.settings),
         )
     except InputError as err:
         print(f"{PROG}: {err.line()}", file=sys.stderr)

@@ -164,6 +164,20 @@ def describe_training_data(data_config: Mapping[str, Any], manifest_info: Mappin
 
 
 # ----------------------------------------------------------------------------------------------- the card
+def sampler_sentence(defaults: Mapping[str, Any]) -> str:
+    """The sampler the exported ``inference.json`` runs by default, in words."""
+    if not defaults:
+        return "Sampler defaults: see `configs/inference.json`."
+    steps = "all" if defaults.get("steps") is None else defaults.get("steps")
+    text = f"Sampler defaults (`configs/inference.json`): {defaults.get('sampler', 'ddim')}, {steps} steps"
+    if defaults.get("start_step") is not None:
+        text += (f", starting from the LD PET noised to t = {defaults['start_step']} (truncated start; "
+                 "`--start_step none` samples from pure noise as the papers do)")
+    else:
+        text += ", starting from pure noise"
+    return text + ". Any of them can be overridden on the command line."
+
+
 def render_model_card(
     metadata: Mapping[str, Any],
     export_info: Mapping[str, Any],
@@ -252,6 +266,8 @@ def render_model_card(
         "python -m monai.bundle run inference --config_file configs/inference.json \\",
         "    --ld_pet LD.nii.gz --output PRED.nii.gz [--mri T1.nii.gz] [--steps 50] [--device cuda]",
         "```",
+        "",
+        sampler_sentence(export_info.get("sampler_defaults") or {}),
         "",
         "From elsewhere add `--bundle_root /path/to/this/folder`. The prediction is a float32 NIfTI on the LD "
         "PET's own grid, in its original units. A cohort preprocessed with `m2diff-preprocess` runs with "

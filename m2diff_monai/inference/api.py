@@ -44,6 +44,20 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 SPLIT_ALIASES = {"test": "test", "val": "val", "validation": "val", "train": "train", "training": "train", "all": None}
 
 
+BOOL_SETTINGS = ("shared_noise", "save_orientations", "no_mri", "png", "use_ema", "progress")
+
+
+def _as_bool(value: Any, name: str) -> bool:
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return bool(value)
+
+
 @dataclass(frozen=True)
 class InferenceSettings:
     """Sampling and output options (CLI flags and bundle keys share these names)."""
@@ -80,7 +94,7 @@ class InferenceSettings:
         set_(self, "steps", None if steps is None else int(steps))
         start_step = self.start_step
         if isinstance(start_step, str):
-            start_step = None if start_step.strip().lower() in ("", "none", "noise") else int(start_step)
+            start_step = None if start_step.strip().lower() in ("", "none", "null", "noise") else int(start_step)
         if start_step is not None and int(start_step) < 1:
             raise ValueError(f"start step must be >= 1 (or none: start from noise), got {start_step}")
         set_(self, "start_step", None if start_step is None else int(start_step))
@@ -98,6 +112,8 @@ class InferenceSettings:
         if str(self.amp).lower() not in AMP_CHOICES:
             raise ValueError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
         set_(self, "eta", float(self.eta))
+        for name in BOOL_SETTINGS:  # `--progress false` on the MONAI bundle CLI arrives as the string "false"
+            set_(self, name, _as_bool(getattr(self, name), name))
         set_(self, "seed", None if self.seed is None else int(self.seed))
 
     def as_dict(self) -> dict[str, Any]:
