@@ -278,6 +278,13 @@ def test_set_writes_sampler_defaults_into_the_exported_inference_config(source, 
     assert (config["start_step"], config["steps"], config["sampler"]) == (200, 10, "ddim")
     assert config["inference"]["start_step"] == "@start_step"  # the entry point still reads the top-level key
     assert api.bundle_defaults(out / "configs/inference.json")["start_step"] == 200
+    # a source inference.json written before the setting existed still hands it to the entry point
+    older = json.loads((BUNDLE / "inference.json").read_text())
+    older.pop("start_step")
+    older["inference"].pop("start_step")
+    loaded = {"config": json.loads(json.dumps(torch.load(source["checkpoint"], weights_only=True)["config"]))}
+    rewritten = export_mod.rewrite_inference_config(older, loaded, {"start_step": 200})
+    assert rewritten["start_step"] == 200 and rewritten["inference"]["start_step"] == "@start_step"
 
 
 # ------------------------------------------------------------------------------------------------ bad input

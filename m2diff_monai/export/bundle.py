@@ -397,8 +397,11 @@ def rewrite_inference_config(
     }
     out.setdefault("use_ema", True)
     entry = out.get("inference")
-    if isinstance(entry, dict) and "checkpoint" in entry:
-        entry["checkpoint"] = "@model"
+    if isinstance(entry, dict):
+        if "checkpoint" in entry:
+            entry["checkpoint"] = "@model"
+        for key in sampler_defaults or {}:  # a source bundle that predates a setting still passes it on
+            entry.setdefault(key, f"@{key}")
     return out
 
 

@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eta", type=float, default=None, help="DDIM noise scale, 0 = deterministic [default: 0]")
     s.add_argument("--start-step", default=None,
                    help="start from the LD PET noised to this timestep (truncated start, not in the papers; "
-                        "MFdiff demo: 400) instead of pure noise; 'none' = pure noise [default: none]")
+                        "MFdiff demo: 200) instead of pure noise; 'none' = pure noise [default: none]")
     s.add_argument("--orientations", default=None,
                    help="comma list of axial,coronal,sagittal [default: all three]")
     s.add_argument("--fusion", choices=("wavelet-stripe", "mean", "wavelet3d"), default=None,
