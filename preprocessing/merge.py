@@ -5,17 +5,59 @@ manifests (different preprocessing must not be mixed), a subject present in two 
 or shards of different N. Missing shards are only warned about (a partial merge can be useful). Paths are
 rewritten relative to the merged manifest's folder; items are sorted like a single run's, so merging all shards
 gives the same lists as an unsharded run.
+
+The shards' QC tables (``qc/summary_shard-I-of-N.csv``, failed subjects included) are joined into one: the
+preprocessed folder's ``qc/summary.csv``/``.md`` when all shards wrote to one folder (what an unsharded run writes),
+else ``<merged manifest stem>_qc_summary.csv``/``.md`` beside the merged manifest.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
 from pathlib import Path
 
 from m2diff_monai.errors import InputError
 
 from . import manifest as manifest_stage
+from . import qc as qc_stage
+
+
+def _warn(message: str) -> None:
+    print(f"m2diff-preprocess merge: warning: {message}", file=sys.stderr)
+
+
+def _qc_summary_path(path: Path, manifest: dict) -> Path | None:
+    """The QC table the run that wrote ``manifest`` left in its preprocessed folder (None: no subject to find it)."""
+    if not manifest["volumes"]:
+        return None
+    first = (path.resolve().parent / manifest["volumes"][0]["ld_pet"]).resolve()  # <out>/subjects/<sid>/ld_pet...
+    shard = manifest["provenance"].get("shard")
+    name = f"summary_shard-{shard[0]}-of-{shard[1]}.csv" if shard else "summary.csv"
+    return first.parents[2] / "qc" / name
+
+
+def merge_qc_summaries(loaded: list[tuple[Path, dict]], out: Path) -> Path | None:
+    """Join the shards' QC tables into one (see the module docstring); returns the CSV written, or None."""
+    sources = [(path, _qc_summary_path(path, manifest)) for path, manifest in loaded]
+    rows: list[dict] = []
+    for path, summary in sources:
+        if summary is None or not summary.is_file():
+            _warn(f"no QC summary found for {path} ({summary or 'no subjects'}); the merged summary lacks its rows")
+            continue
+        with open(summary, newline="") as fh:
+            rows.extend(csv.DictReader(fh))
+    if not rows:
+        return None
+    folders = {summary.parent for _, summary in sources if summary is not None}
+    if len(folders) == 1:
+        target = folders.pop() / "summary.csv"
+    else:
+        target = out.resolve().parent / f"{out.stem}_qc_summary.csv"
+    rows.sort(key=lambda row: row.get("subject", ""))
+    qc_stage.write_summary(target, target.with_suffix(".md"), rows)
+    return target
 
 
 def merge_manifests(paths: list[Path], out: Path, notes: str | None = None) -> dict:
@@ -67,8 +109,8 @@ def merge_manifests(paths: list[Path], out: Path, notes: str | None = None) -> d
     if shard_n is not None:
         missing = sorted(set(range(1, shard_n + 1)) - set(shards))
         if missing:
-            print(f"m2diff-preprocess merge: warning: shard(s) {', '.join(f'{i}/{shard_n}' for i in missing)} "
-                  "not given; the merged manifest lacks their subjects", file=sys.stderr)
+            _warn(f"shard(s) {', '.join(f'{i}/{shard_n}' for i in missing)} not given; the merged manifest lacks "
+                  "their subjects")
 
     out_dir = out.resolve().parent
     lists: dict[str, list[dict]] = {k: [] for k in manifest_stage.LIST_KEYS}
@@ -96,6 +138,7 @@ def merge_manifests(paths: list[Path], out: Path, notes: str | None = None) -> d
         "provenance": prov,
     }
     manifest_stage.write_manifest(out, merged)
+    merge_qc_summaries(loaded, out)
     return merged
 
 

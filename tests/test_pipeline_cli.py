@@ -116,6 +116,21 @@ def test_workers_shards_and_merge_match_a_full_run(cohort, tmp_path):
     for key in ("training", "volumes"):
         for item in load_decathlon_datalist(str(merged), is_segmentation=False, data_list_key=key):
             assert Path(item["ld_pet"]).is_file()
+    # the shards' QC tables are joined in their shared folder, as one unsharded run would have written it
+    with open(shard_out / "qc" / "summary.csv") as fh:
+        joined = list(csv.DictReader(fh))
+    with open(tmp_path / "full" / "qc" / "summary.csv") as fh:
+        reference = list(csv.DictReader(fh))
+    assert [r["subject"] for r in joined] == [r["subject"] for r in reference] == ["s01", "s02", "s03"]
+    assert [r["scale"] for r in joined] == [r["scale"] for r in reference]
+    assert (shard_out / "qc" / "summary.md").read_text().count("| s0") == 3
+    # shards in different folders: the joined table goes beside the merged manifest
+    cli("run", "--subjects", cohort, "--out", tmp_path / "elsewhere", "--manifest", tmp_path / "m" / "s2c.json",
+        *FAST, "--shard", "2/2")
+    apart = tmp_path / "apart" / "cohort.json"
+    cli("merge", "--manifests", tmp_path / "m" / "s1.json", tmp_path / "m" / "s2c.json", "--out", apart)
+    with open(tmp_path / "apart" / "cohort_qc_summary.csv") as fh:
+        assert [r["subject"] for r in csv.DictReader(fh)] == ["s01", "s02", "s03"]
 
     dup = cli("merge", "--manifests", tmp_path / "m" / "s1.json", tmp_path / "m" / "s1.json", "--out", tmp_path / "d.json", check_rc=2)
     assert "already given" in dup.stderr or "duplicate subject" in dup.stderr
