@@ -121,7 +121,8 @@ def _batch(b=6, size=8, available=None):
 def test_prepare_batch_shapes_and_forward_process():
     diffusion = build_diffusion({"timesteps": 100})
     batch = _batch(available=torch.tensor([1.0, 1, 1, 0, 0, 1]))
-    x_t, targets, args, kwargs = DiffusionPrepareBatch(diffusion, mri_drop_prob=0.5)(batch, "cpu")
+    prep = DiffusionPrepareBatch(diffusion, mri_drop_prob=0.5, mri_dropout="zero_and_mask", bias_loss="x0_mse")
+    x_t, targets, args, kwargs = prep(batch, "cpu")
     assert args == () and set(kwargs) == {"t", "ld", "mri", "mri_available"}
     assert x_t.shape == (6, 1, 8, 8) and kwargs["t"].shape == (6,) and kwargs["t"].dtype == torch.long
     assert int(kwargs["t"].min()) >= 0 and int(kwargs["t"].max()) < 100
@@ -135,6 +136,32 @@ def test_prepare_batch_shapes_and_forward_process():
     for i in range(6):
         assert (kwargs["mri"][i].abs().sum() > 0) == bool(flag[i])
     torch.testing.assert_close(targets["mri_available"], flag)
+    torch.testing.assert_close(targets["mri_supervised"], flag)  # zero_and_mask: dropped samples lose L_mri
+
+
+def test_prepare_batch_official_dropout_and_second_pass():
+    """Official mode: the real T1 is passed, the flag only goes to the network, L_mri is masked by the DATA's
+    availability; the official L_bias's second pass is the batch's second half, at the same t and a fresh ε'."""
+    diffusion = build_diffusion({"timesteps": 100})
+    batch = _batch(available=torch.tensor([1.0, 1, 1, 0, 0, 1]))
+    prep = DiffusionPrepareBatch(diffusion, mri_drop_prob=1.0, generator=torch.Generator().manual_seed(3))
+    inputs, targets, _, kwargs = prep(batch, "cpu")
+    assert inputs.shape == (12, 1, 8, 8) and kwargs["t"].shape == (12,)
+    torch.testing.assert_close(inputs[:6], targets["x_t"])
+    torch.testing.assert_close(inputs[6:], targets["bias_x_t"])
+    torch.testing.assert_close(kwargs["t"], torch.cat([targets["t"], targets["t"]]))
+    t = targets["t"]
+    ab = torch.as_tensor(diffusion.alphas_cumprod, dtype=torch.float32)[t].view(-1, 1, 1, 1)
+    second_noise = (targets["bias_x_t"] - ab.sqrt() * batch["sd_pet"]) / (1 - ab).sqrt()
+    assert float((second_noise - targets["noise"]).abs().max()) > 0.5  # a separately drawn x_t
+    assert float((targets["bias_step_noise"] - second_noise).abs().max()) > 0.5
+    torch.testing.assert_close(kwargs["mri"], torch.cat([batch["mri"], batch["mri"]]))  # T1 never zeroed
+    assert float(kwargs["mri_available"].sum()) == 0.0  # drop 1.0: every PET decoder runs MRI-free
+    torch.testing.assert_close(targets["mri_supervised"], batch["mri_available"])
+    single = DiffusionPrepareBatch(diffusion, network=build_network({**TINY_NET, "variant": "V1"}))
+    assert single(_batch(size=16), "cpu")[0].shape[0] == 6  # no MRI decoder: no second pass
+    with pytest.raises(ValueError, match="mri_dropout"):
+        DiffusionPrepareBatch(diffusion, mri_dropout="paper")
 
 
 def test_mri_dropout_statistics():
@@ -185,7 +212,7 @@ def test_multitask_loss_hand_computed():
     pet = torch.tensor([[[[0.5, 1.0], [0.5, 0.5]]], [[[1.0, 0.0], [0.0, 0.0]]]])
     mri = torch.tensor([[[[0.0, 0.0], [0.5, 0.5]]], [[[0.0, 1.0], [0.0, 1.0]]]])
     flag = torch.tensor([1.0, 0.0])
-    loss_fn = DiffusionLoss(diffusion, lambda_task=0.4, lambda_bias=0.2)
+    loss_fn = DiffusionLoss(diffusion, lambda_task=0.4, lambda_bias=0.2, bias_loss="x0_mse")
     loss = loss_fn({"pet": pet, "mri": mri, "out": pet}, _targets(x0, flag))
     # sample 0 (MRI): L_pet = 0.25/4, L_mri = 1/4, L_bias = (0.25 + 1)/4
     # sample 1 (no MRI): L_pet = 1/4; L_mri and L_bias excluded
@@ -217,7 +244,8 @@ def test_eps_and_learned_variance_losses_use_diffusion_terms():
     pet, mri = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
     flag = torch.tensor([1.0, 0.0, 1.0])
     targets = {"x_start": x0, "x_t": x_t, "t": t, "noise": noise, "mri_available": flag}
-    loss = DiffusionLoss(diffusion, vlb_weight=0.001)({"pet": pet, "mri": mri, "out": pet}, targets)
+    loss_fn = DiffusionLoss(diffusion, vlb_weight=0.001, bias_loss="x0_mse")
+    loss = loss_fn({"pet": pet, "mri": mri, "out": pet}, targets)
     lp = diffusion.training_losses(pet, x0, x_t, t, noise, vlb_weight=0.001)
     lm = diffusion.training_losses(mri, x0, x_t, t, noise, vlb_weight=0.001)
     assert float(lp["vlb"].abs().sum()) > 0 and torch.all(lp["loss"] > lp["mse"])  # VLB term is added
@@ -233,6 +261,87 @@ def test_loss_backpropagates_through_tiny_m2diff():
     loss.backward()
     assert all(p.grad is not None for p in net.pet_encoder.parameters())
     assert loss_output({"loss": loss}) is loss and loss_output([{"loss": loss}]) is loss
+
+
+def _official_bias_by_hand(pet2, mri2, diffusion, t):
+    """coef1(t)²·MSE(clamp(x̂0_pet) − clamp(x̂0_mri)), float64, from the schedule's own numpy arrays."""
+    coef1 = torch.as_tensor(diffusion.posterior_mean_coef1, dtype=torch.float64)[t].view(-1, 1, 1, 1)
+    diff = pet2.double().clamp(-1, 1) - mri2.double().clamp(-1, 1)
+    return ((coef1 * diff) ** 2).flatten(1).mean(1)
+
+
+def test_official_bias_loss_equals_coef1_squared_clamped_x0_mse():
+    """The official L_bias (one-step samples of both branches on a second pass, shared noise) on a fixed batch
+    equals coef1(t)²·MSE of the clamped x̂0 difference, computed here independently."""
+    diffusion = build_diffusion({"timesteps": 50, "model_mean_type": "x0", "model_var_type": "fixed_large"})
+    g = torch.Generator().manual_seed(7)
+    b = 4
+    x0 = torch.rand(b, 1, 4, 4, generator=g)
+    t = torch.tensor([0, 1, 4, 30])
+    noise, noise2, z = (torch.randn(b, 1, 4, 4, generator=g) for _ in range(3))
+    x_t, x_t2 = diffusion.q_sample(x0, t, noise), diffusion.q_sample(x0, t, noise2)
+    pet = 1.5 * torch.randn(2 * b, 1, 4, 4, generator=g)  # beyond ±1: the clamp matters
+    mri = 1.5 * torch.randn(2 * b, 1, 4, 4, generator=g)
+    supervised = torch.tensor([1.0, 1.0, 0.0, 1.0])
+    targets = {
+        "x_start": x0, "x_t": x_t, "t": t, "noise": noise, "mri_available": torch.zeros(b),
+        "mri_supervised": supervised, "bias_x_t": x_t2, "bias_step_noise": z,
+    }
+    loss_fn = DiffusionLoss(diffusion, lambda_task=0.4, lambda_bias=0.2)
+    loss = loss_fn({"pet": pet, "mri": mri, "out": pet}, targets)
+    bias = _official_bias_by_hand(pet[b:], mri[b:], diffusion, t)
+    assert float(bias.min()) > 0 and bias[0] > 10 * bias[3]  # coef1(0) = 1; coef1(30) is small
+    l_pet = ((pet[:b].double() - x0.double()) ** 2).flatten(1).mean(1)
+    l_mri = ((mri[:b].double() - x0.double()) ** 2).flatten(1).mean(1)
+    expected = 0.4 * (l_pet + supervised.double() * l_mri) + 0.2 * supervised.double() * bias
+    torch.testing.assert_close(loss.double(), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(loss_fn.last_terms["bias"].double(), (supervised * bias).mean(), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="second forward pass"):
+        loss_fn({"pet": pet[:b], "mri": mri[:b], "out": pet[:b]}, {k: v for k, v in targets.items() if "bias" not in k})
+
+
+def test_official_bias_backpropagates_through_the_second_pass():
+    """Only L_bias reads the batch's second half: its gradient there is nonzero (and zero with x0_mse)."""
+    diffusion = build_diffusion({"timesteps": 50})
+    net = build_network(TINY_NET)
+    prep = DiffusionPrepareBatch(diffusion, generator=torch.Generator().manual_seed(0))
+    batch = _batch(b=2, size=16)
+    for bias_loss, expect_grad in (("official_xprev", True), ("x0_mse", False)):
+        inputs, targets, _, kwargs = prep(batch, "cpu")
+        inputs = inputs.clone().requires_grad_(True)
+        targets["t"] = torch.tensor([0, 3])  # small t: coef1 near 1, the term is not negligible
+        kwargs["t"] = torch.cat([targets["t"], targets["t"]])
+        DiffusionLoss(diffusion, bias_loss=bias_loss)(net(inputs, **kwargs), targets).sum().backward()
+        second_half = float(inputs.grad[2:].abs().sum())
+        assert (second_half > 0) == expect_grad
+
+
+def test_official_dropout_keeps_the_mri_path_and_its_losses():
+    """Official MRI dropout: the MRI encoder's input is the same with and without the drop (hooked on the
+    encoder); on dropped samples L_mri and L_bias keep their weight, the PET decoder alone goes MRI-free.
+    zero_and_mask: the MRI encoder sees zeros and both terms are masked out."""
+    diffusion = build_diffusion({"timesteps": 50})
+    net = build_network(TINY_NET).eval()
+    seen: list[torch.Tensor] = []
+    net.mri_encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    batch = _batch(b=3, size=16)
+    results = {}
+    for mode, drop in (("official", 0.0), ("official", 1.0), ("zero_and_mask", 1.0)):
+        prep = DiffusionPrepareBatch(
+            diffusion, mri_drop_prob=drop, network=net, mri_dropout=mode, generator=torch.Generator().manual_seed(0)
+        )
+        inputs, targets, _, kwargs = prep(batch, "cpu")
+        loss_fn = DiffusionLoss(diffusion)
+        with torch.no_grad():
+            loss_fn(net(inputs, **kwargs), targets)
+        results[(mode, drop)] = (seen[-1], {k: float(v) for k, v in loss_fn.last_terms.items()})
+    kept, dropped, zeroed = results[("official", 0.0)], results[("official", 1.0)], results[("zero_and_mask", 1.0)]
+    torch.testing.assert_close(dropped[0], kept[0])  # same seed: same x_t; T1 channel identical
+    torch.testing.assert_close(dropped[0][:, :1], torch.cat([batch["mri"], batch["mri"]]))
+    assert dropped[1]["mri_rate"] == 0.0 and dropped[1]["mri_supervised_rate"] == 1.0
+    assert dropped[1]["mri"] > 0 and dropped[1]["bias"] > 0
+    assert float(zeroed[0][:, :1].abs().sum()) == 0.0
+    assert zeroed[1]["mri"] == 0.0 and zeroed[1]["bias"] == 0.0
 
 
 # ----------------------------------------------------------------------------------------------- EMA

@@ -211,8 +211,10 @@ class M2DiffUNet(nn.Module):
     ``mri_dropout`` (MRI decoder's dropout, None = ``dropout``; differing = V5).
 
     MRI-free samples (``mri_available`` 0): the PET decoder's MRI skips are replaced by its own PET skips, per
-    sample (the official code's rule), so the PET output does not depend on the MRI input; the MRI branch still
-    runs and its output for those samples must be excluded from the loss (``resolve_mri_available``). With
+    sample (the official code's ``mri_flag``), so the PET output does not depend on the MRI input; the MRI
+    encoder and decoder still run on whatever ``mri`` holds. With the official training dropout that is the real
+    T1 and the MRI branch stays supervised; for samples with no T1 at all its output must be excluded from the
+    loss (``DiffusionPrepareBatch``'s ``mri_supervised``). With
     ``output_mode="mean"`` such samples take the PET branch alone. ``mri=None`` skips the MRI path altogether
     (inference without MRI, same PET output as all flags 0); training should always pass ``mri`` (zeros where
     missing) so that every parameter stays in the graph (DDP).
