@@ -2,10 +2,13 @@
 
 Same network (``--preset``/``--variant``), same batch, same synthetic data, same diffusion (T=1000, x0, linear):
 
-- ``plain fp32 eager``: the official code's way: q_sample, forward, 0.4·L_pet + 0.4·L_mri + 0.2·L_bias, Adam step.
+- ``plain fp32 eager``: a plain loop: q_sample, forward, 0.4·L_pet + 0.4·L_mri + 0.2·MSE(x̂0_pet, x̂0_mri), Adam
+  step (one forward pass; the official loop's L_bias adds a second pass, as the ``engine`` rows do).
 - ``plain bf16 autocast``: the same loop under ``torch.autocast(device, bfloat16)`` (works on CPU too).
 - ``engine ...``: ``SupervisedTrainer`` + ``DiffusionPrepareBatch`` + ``DiffusionLoss`` + EMA handler, as the
-  bundle runs it, with bf16 autocast (the bundle's ``AutocastInferer``: CPU or CUDA) and/or ``channels_last``.
+  bundle runs it, with bf16 autocast (the bundle's ``AutocastInferer``: CPU or CUDA) and/or ``channels_last``;
+  the official L_bias (``bias_loss="official_xprev"``: a second forward pass on a batch of 2B) unless the name
+  ends in ``x0_mse`` (the one-pass x̂0-MSE option): the pair gives the second pass's cost.
 - ``--compile`` adds ``engine compile`` (``SupervisedTrainer(compile=True)``), for GPU runs.
 
 Each configuration runs in its own subprocess so peak memory is its own (CPU: peak RSS; CUDA:
@@ -33,6 +36,8 @@ CONFIGS = {
     "plain fp32 channels_last": {"mode": "plain", "amp": False, "channels_last": True},
     "engine fp32": {"mode": "engine", "amp": False, "channels_last": False},
     "engine amp bf16": {"mode": "engine", "amp": True, "channels_last": False},
+    "engine fp32 x0_mse": {"mode": "engine", "amp": False, "channels_last": False, "bias_loss": "x0_mse"},
+    "engine amp bf16 x0_mse": {"mode": "engine", "amp": True, "channels_last": False, "bias_loss": "x0_mse"},
     "engine amp bf16 channels_last": {"mode": "engine", "amp": True, "channels_last": True},
     "engine compile": {"mode": "engine", "amp": True, "channels_last": False, "compile": True},
 }
@@ -97,14 +102,15 @@ def run_one(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         from m2diff_monai.engines.prepare_batch import DiffusionPrepareBatch
 
         ema = build_ema(net, 0.9999)
+        bias_loss = cfg.get("bias_loss", "official_xprev")
         trainer = SupervisedTrainer(
             device=device,
             max_epochs=1,
             train_data_loader=[batch] * (args.warmup + args.steps),
             network=net,
             optimizer=optimizer,
-            loss_function=DiffusionLoss(diffusion),
-            prepare_batch=DiffusionPrepareBatch(diffusion, 0.3, net, cfg["channels_last"]),
+            loss_function=DiffusionLoss(diffusion, bias_loss=bias_loss),
+            prepare_batch=DiffusionPrepareBatch(diffusion, 0.3, net, cfg["channels_last"], bias_loss=bias_loss),
             train_handlers=[EMAUpdateHandler(ema, net)],
             inferer=AutocastInferer("bfloat16" if cfg["amp"] else None),
             decollate=False,
