@@ -89,6 +89,10 @@ def test_train_config_has_paper_defaults():
     assert parser["diffusion_config"]["model_var_type"] == "fixed_large"
     assert parser["max_epochs"] == 100 and parser["learning_rate"] == 1e-4 and parser["optimizer"]["_target_"] == "torch.optim.Adam"
     assert (parser["lambda_task"], parser["lambda_bias"], parser["mri_drop_prob"]) == (0.4, 0.2, 0.3)
+    # the official training loop's L_bias and MRI dropout, wired to both the loss and the batch preparation
+    assert (parser["bias_loss"], parser["mri_dropout"]) == ("official_xprev", "official")
+    assert parser["loss"]["bias_loss"] == "@bias_loss" and parser["train"]["prepare_batch"]["bias_loss"] == "@bias_loss"
+    assert parser["train"]["prepare_batch"]["mri_dropout"] == "@mri_dropout"
     assert parser.get_parsed_content("manifest_file") == "data_manifests/demo.json"
     demo = ConfigParser()
     demo.read_config([str(BUNDLE / "train.json"), str(BUNDLE / "demo.json")])
