@@ -11,8 +11,8 @@ stay distinguishable instead of being flattened to 1; about 0.5 % of brain voxel
 
 ``volume``: each PET volume min–max on its own (LD and SD each with their own min and max). The LD PET's min/max
 are recorded as the subject's ``scale``/``offset`` (what inference uses to map predictions back). Not the
-official code's normalization (that is ``slice``); until 0.x this method was called ``paper``, and recorded
-``paper`` values in old manifests and checkpoints still load as ``volume`` (:func:`recorded_method`).
+official code's normalization (that is ``slice``); earlier versions called this method ``paper``, and
+manifests and checkpoints that record ``paper`` still load as ``volume`` (:func:`recorded_method`).
 
 ``slice``: the official M2Diff data loader (``helping/dataloaders.py``): every 2D slice of LD, SD and T1 min–max
 normalized on its own to [0, 1] (:func:`minmax_slices`), separately for each orientation. The cubes keep the
