@@ -68,7 +68,8 @@ def prepare_cubes(
     cubes = Cubes(
         ld=ld_scaling.apply(crop_stage.crop_or_pad(ld, box)),
         sd=None if sd is None else sd_scaling.apply(crop_stage.crop_or_pad(sd, box)),
-        mri=None if mri is None else normalize_mri(crop_stage.crop_or_pad(mri, box), mri_scale),
+        mri=None if mri is None else normalize_mri(crop_stage.crop_or_pad(mri, box), mri_scale,
+                                                   clip=normalization != "slice"),
         mask=crop_stage.crop_or_pad(mask, box),
         grid_mask=mask,
         box=box,

@@ -29,6 +29,7 @@ import numpy as np
 from m2diff_monai.errors import InputError
 from m2diff_monai.io.atomic import save_json, save_nifti, save_text
 
+from .normalization import METHODS, cli_method
 from .simulate import add_scanner_arguments, scanner_params, subject_seed
 from .simulation import ScannerParams
 
@@ -51,6 +52,7 @@ class DemoOptions:
     downsample: int = 1  # block-average the template (e.g. 2 → 4 mm) for quick tests
     transform: str = "SyN"
     backend: str = "numpy"
+    normalization: str = "shared"  # preprocessing only: not part of the raw cohort's fingerprint
     scanner: ScannerParams = field(default_factory=ScannerParams)
 
     def grid_size(self) -> int:
@@ -212,7 +214,8 @@ def build_demo(out_dir: Path, manifest_path: Path, options: DemoOptions, progres
     notes = (f"{DEMO_NOTES} Grid {voxel} mm, DRF {options.drf:g}, seed {options.seed}, "
              f"{options.subjects} subjects.")
     pipeline_options = PipelineOptions(transform=options.transform, size=options.grid_size(), seed=options.seed,
-                                       workers=max(1, options.workers), notes=notes)
+                                       workers=max(1, options.workers), normalization=options.normalization,
+                                       notes=notes)
     summary = run_pipeline(table, out_dir / "preprocessed", Path(manifest_path), pipeline_options)
     return summary, records
 
@@ -234,6 +237,8 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--downsample", type=int, default=1,
                         help="coarsen the template grid by this factor (2: 4 mm; for quick tests)")
     parser.add_argument("--transform", default="SyN", help="T1→PET registration: SyN (default) | affine | rigid")
+    parser.add_argument("--normalization", default="shared", type=cli_method, metavar="|".join(METHODS),
+                        help="preprocessing normalization (default %(default)s; see m2diff-preprocess run --help)")
     parser.add_argument("--raw-only", action="store_true", help="only generate the raw cohort (no preprocessing)")
     add_scanner_arguments(parser)
     parser.set_defaults(func=main)
@@ -252,7 +257,8 @@ def main(args: argparse.Namespace) -> int:
         params.check()
         options = DemoOptions(subjects=args.subjects, resolution=args.resolution, size=args.size, drf=args.drf,
                               seed=args.seed, workers=args.workers, downsample=args.downsample,
-                              transform=args.transform, backend=args.backend, scanner=params)
+                              transform=args.transform, backend=args.backend, normalization=args.normalization,
+                              scanner=params)
         t0 = time.perf_counter()
         if args.raw_only:
             table, records = generate_raw_cohort(args.out / "raw", options)

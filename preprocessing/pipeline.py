@@ -43,7 +43,7 @@ from . import manifest as manifest_stage
 from . import qc as qc_stage
 from .intake import IntakeOptions, LoadedSubject, load_subject
 from .cubes import prepare_cubes, voxel_spacing
-from .normalization import METHODS
+from .normalization import METHODS, cli_method
 from .registration import SPACES, apply_transforms, keep_transforms, normalize_transform_name, register
 from .slices import parse_slices_per_subject, select_slices, write_slices
 from .split import assign_splits, parse_ratios
@@ -95,8 +95,10 @@ class PipelineOptions:
         set_(self, "orientations", parse_orientations(self.orientations))
         set_(self, "slices_per_subject", parse_slices_per_subject(self.slices_per_subject))
         set_(self, "split", parse_ratios(self.split))
-        if self.normalization not in METHODS:
-            raise ValueError(f"--normalization must be one of {', '.join(METHODS)}, got {self.normalization!r}")
+        try:
+            set_(self, "normalization", cli_method(self.normalization))
+        except argparse.ArgumentTypeError as err:
+            raise ValueError(f"--normalization: {err}") from None
         if int(self.workers) < 1:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
         set_(self, "shard", parse_shard(self.shard))
@@ -291,7 +293,7 @@ def _build_subject(loaded: LoadedSubject, work: Path, options: PipelineOptions) 
         t = done("write_volumes", t)
 
         selection = {o: select_slices(mask_cube, o, options.slices_per_subject) for o in options.orientations}
-        written = write_slices(work, cubes, selection)
+        written = write_slices(work, cubes, selection, per_slice_minmax=options.normalization == "slice")
         t = done("slices", t)
 
         files["qc"] = "qc.png"
@@ -306,9 +308,12 @@ def _build_subject(loaded: LoadedSubject, work: Path, options: PipelineOptions) 
         "per_volume": {
             "ld_pet": ld_scaling.as_dict(),
             "sd_pet": sd_scaling.as_dict() if sd_scaling else None,
-            "mri": {**mri_scale.as_dict(), "clipped": [0.0, 1.0]} if mri_scale else None,
+            "mri": {**mri_scale.as_dict(), "clipped": [0.0, 1.0] if options.normalization != "slice" else None}
+            if mri_scale else None,
         },
         "pet_clipped": False,
+        # slice: the cubes hold the scaling above; the written slices are min-max normalized one by one
+        "slices": "per-slice min-max" if options.normalization == "slice" else "cube units",
     }
     return {
         "subject": sid,
@@ -524,8 +529,9 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--split", default=",".join(str(r) for r in d.split),
                         help="train,val,test ratios for subjects without a split column (default 0.8,0.1,0.1)")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of the split shuffle and of ANTs sampling")
-    parser.add_argument("--normalization", default=d.normalization, choices=METHODS,
-                        help="shared: one LD-derived scale for LD and SD (default); paper: per-volume min-max")
+    parser.add_argument("--normalization", default=d.normalization, type=cli_method, metavar="|".join(METHODS),
+                        help="shared: one LD-derived scale for LD and SD (default); volume: per-volume min-max; "
+                             "slice: every 2D slice min-max on its own (the official M2Diff loader)")
     parser.add_argument("--workers", type=int, default=d.workers, help="subjects processed in parallel processes")
     parser.add_argument("--shard", default=None, help="I/N (1-based): process only the id-sorted subjects with index %% N == I-1")
     parser.add_argument("--keep-going", action="store_true", help="report bad subjects and finish the others (exit 1)")

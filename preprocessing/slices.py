@@ -4,6 +4,10 @@
 extent along the stacking axis (first to last brain slice, both included) — the paper's "uniformly sampled across
 the entire axial range", so high-uptake regions are not over-represented. With fewer brain slices than N, every
 brain slice is kept. Slicing itself is :mod:`m2diff_monai.data.orientation` (one owner of the axis bookkeeping).
+
+``per_slice_minmax`` (the ``slice`` normalization): each written plane is min–max normalized on its own
+(:func:`preprocessing.normalization.minmax_slices`, the official loader's per-slice normalization), so the training
+slices of every orientation are exactly what the official data loader feeds the network.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import numpy as np
 
 from m2diff_monai.data.orientation import axis_of, extract_slice
 from m2diff_monai.io.atomic import save_npy
+
+from .normalization import minmax_slices
 
 
 def parse_slices_per_subject(value: str | int | None) -> int | None:
@@ -64,8 +70,11 @@ def write_slices(
     folder: Path,
     volumes: Mapping[str, np.ndarray],
     selection: Mapping[str, Sequence[int]],
+    per_slice_minmax: bool = False,
 ) -> dict[str, dict[str, list[str]]]:
-    """Write ``folder/slices/<orientation>/<modality>_<k:03d>.npy``; return the relative paths per orientation/modality."""
+    """Write ``folder/slices/<orientation>/<modality>_<k:03d>.npy``; return the relative paths per orientation/modality.
+
+    ``per_slice_minmax``: every plane min–max normalized on its own (degenerate planes → zeros)."""
     written: dict[str, dict[str, list[str]]] = {}
     for orientation, indices in selection.items():
         written[orientation] = {}
@@ -74,6 +83,8 @@ def write_slices(
             for k in indices:
                 rel = Path("slices") / orientation / slice_name(modality, k)
                 plane = np.ascontiguousarray(extract_slice(volume, orientation, k), dtype=np.float32)[None]
+                if per_slice_minmax:
+                    plane, _ = minmax_slices(plane)
                 save_npy(folder / rel, plane)
                 names.append(rel.as_posix())
             written[orientation][modality] = names

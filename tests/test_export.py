@@ -140,8 +140,9 @@ def test_model_card_quotes_data_metrics_and_intended_use(exported):
     assert "31.25" in card and "0.912" in card
     assert "Not for clinical use" in card
     assert "python -m monai.bundle run inference --config_file configs/inference.json" in card
-    # the checkpoint records the training manifest's preprocessing itself (engines.workflow.checkpoint_config)
-    assert "| normalization | paper | checkpoint |" in card
+    # the checkpoint records the training manifest's preprocessing itself (engines.workflow.checkpoint_config);
+    # the legacy name "paper" it records is exported under its current name
+    assert "| normalization | volume | checkpoint |" in card
 
 
 def test_model_pt_loads_with_weights_only_and_rebuilds_the_network(exported, source):
@@ -149,7 +150,7 @@ def test_model_pt_loads_with_weights_only_and_rebuilds_the_network(exported, sou
     assert ckpt["ema"] is None and ckpt["export"]["weights"] == "ema"
     assert set(ckpt["config"]) == {"network", "diffusion", "data"}
     # frozen from the training manifest's provenance: the bundle does not need the manifest any more
-    assert ckpt["config"]["data"]["preprocessing"]["normalization"] == "paper"
+    assert ckpt["config"]["data"]["preprocessing"]["normalization"] == "volume"  # recorded as legacy "paper"
     net = build_network(ckpt["config"]["network"])
     net.load_state_dict(ckpt["network"])
     src = torch.load(source["checkpoint"], weights_only=True)

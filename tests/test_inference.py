@@ -207,10 +207,10 @@ def test_bad_checkpoints_are_one_line_input_errors(tmp_path):
 
 def test_preprocessing_parameters_resolution_order(tmp_path):
     manifest = tmp_path / "m.json"
-    manifest.write_text(json.dumps({"size": 64, "provenance": {"parameters": {"normalization": "paper",
+    manifest.write_text(json.dumps({"size": 64, "provenance": {"parameters": {"normalization": "slice",
                                                                                "transform": "Affine"}}}))
     prep = resolve_preprocessing({"manifest": str(manifest), "space": "pet"}, {"transform": "rigid"}, 128)
-    assert (prep.size, prep.normalization, prep.transform, prep.space) == (64, "paper", "Rigid", "pet")
+    assert (prep.size, prep.normalization, prep.transform, prep.space) == (64, "slice", "Rigid", "pet")
     assert prep.sources == {"size": "manifest provenance", "normalization": "manifest provenance",
                             "transform": "option", "space": "checkpoint", "seed": "default"}
     fallback = resolve_preprocessing({}, {}, 128)
@@ -238,16 +238,21 @@ def test_identity_model_gives_back_the_input_on_its_own_grid(tmp_path, subjects,
     assert not list(tmp_path.glob(".*tmp*"))
 
 
-def test_paper_normalization_round_trip_with_offset(tmp_path, subjects):
-    """Per-volume min–max (offset = LD minimum ≠ 0 once shifted) maps back exactly too."""
+@pytest.mark.filterwarnings("ignore:normalization 'paper':FutureWarning")
+@pytest.mark.parametrize("recorded", ["volume", "paper"])
+def test_volume_normalization_round_trip_with_offset(tmp_path, subjects, recorded):
+    """Per-volume min–max (offset = LD minimum ≠ 0 once shifted) maps back exactly too; a checkpoint that
+    records the legacy name ``paper`` is read as ``volume``."""
     files = subjects["basic"]
     shifted = tmp_path / "ld_shifted.nii.gz"
     raw = nib.load(files["ld_pet"])
     data = np.asarray(raw.dataobj, dtype=np.float32) + 50.0
     nib.save(nib.Nifti1Image(data, raw.affine, raw.header), shifted)
     out = tmp_path / "pred.nii.gz"
-    api.infer_subject(identity_checkpoint(tmp_path / "id.pt", "paper"), shifted, out, None, fusion="mean", **FAST)
-    region, _ = _sampled_region(shifted, None, "paper")
+    summary = api.infer_subject(identity_checkpoint(tmp_path / "id.pt", recorded), shifted, out, None,
+                                fusion="mean", **FAST)
+    assert summary["preprocessing"]["normalization"] == "volume"
+    region, _ = _sampled_region(shifted, None, "volume")
     np.testing.assert_allclose(np.asarray(nib.load(out).dataobj)[region], data[region], rtol=1e-5)
 
 
@@ -255,7 +260,7 @@ def test_oracle_diffusion_mri_free_path_gives_back_the_input(tmp_path, subjects)
     """DDIM (η = 0) with x̂0 = LD ends exactly on LD; ``no_mri`` must call the network without MRI."""
     files = subjects["lps"]
     net = build_network({"name": "inference_test_oracle"})
-    ckpt = save_checkpoint(tmp_path / "oracle.pt", net, data={**DATA_CONFIG, "normalization": "paper"},
+    ckpt = save_checkpoint(tmp_path / "oracle.pt", net, data={**DATA_CONFIG, "normalization": "volume"},
                            diffusion={"timesteps": 50, "clip_denoised": [-1, 1]})
     model = load_model(ckpt)
     out = tmp_path / "pred.nii.gz"
@@ -264,7 +269,7 @@ def test_oracle_diffusion_mri_free_path_gives_back_the_input(tmp_path, subjects)
     assert not summary["mri_used"]
     assert model.network.calls and all(c["mri"] is None for c in model.network.calls)
     assert {c["t"] for c in model.network.calls} == {0, 24, 49}  # respaced chain, original timesteps
-    region, _ = _sampled_region(files["ld_pet"], None, "paper")
+    region, _ = _sampled_region(files["ld_pet"], None, "volume")
     ld = np.asarray(nib.load(files["ld_pet"]).dataobj, dtype=np.float32)
     np.testing.assert_allclose(np.asarray(nib.load(out).dataobj)[region], ld[region], rtol=1e-5, atol=1e-3)
 

@@ -75,18 +75,19 @@ def test_shared_normalization_formula_and_round_trip():
     np.testing.assert_allclose(sd_s.apply(sd), sd / ld_s.scale, rtol=1e-6)
 
 
-def test_paper_normalization_is_per_volume_minmax():
+def test_volume_normalization_is_per_volume_minmax():
     rng = np.random.default_rng(1)
     ld = rng.normal(100, 30, (10, 10, 10)).astype(np.float32)
     sd = rng.normal(500, 50, (10, 10, 10)).astype(np.float32)
-    ld_s, sd_s = normalization.pet_scalings("paper", ld, sd, np.ones(ld.shape, bool))
+    ld_s, sd_s = normalization.pet_scalings("volume", ld, sd, np.ones(ld.shape, bool))
     for vol, s in ((ld, ld_s), (sd, sd_s)):
         n = s.apply(vol)
         assert n.min() == pytest.approx(0.0, abs=1e-6) and n.max() == pytest.approx(1.0, abs=1e-6)
         np.testing.assert_allclose(n * s.scale + s.offset, vol, rtol=1e-5, atol=1e-3)
     assert ld_s.offset == pytest.approx(float(ld.min()))
-    with pytest.raises(ValueError):
-        normalization.pet_scalings("zscore", ld, sd, None)
+    for unknown in ("zscore", "paper"):  # the retired name is read only from old records (recorded_method)
+        with pytest.raises(ValueError):
+            normalization.pet_scalings(unknown, ld, sd, None)
 
 
 def test_mri_normalization_robust_and_clipped():

@@ -39,6 +39,7 @@ from m2diff_monai.inference.preprocess import (
 from m2diff_monai.inference.volume import VolumePrediction, predict_volume
 from m2diff_monai.io.atomic import atomic_path, save_json
 from preprocessing.intake import IntakeOptions
+from preprocessing.normalization import recorded_method
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 SPLIT_ALIASES = {"test": "test", "val": "val", "validation": "val", "train": "train", "training": "train", "all": None}
@@ -252,6 +253,7 @@ def _run(
             device=device,
             progress=settings.progress,
             spatial_size=preprocessing.spatial_size,
+            slice_minmax=preprocessing.normalization == "slice",
         )
     except ValueError as err:  # e.g. a cube size the network's downsampling cannot take
         raise InputError(f"the model cannot run on this input ({err})", subject=prepared.subject,
@@ -279,7 +281,9 @@ def _run(
 
 def _output_images(prepared: PreparedSubject, prediction: VolumePrediction, paths: dict[str, Path]) -> dict:
     """Normalized cubes → original units on the source grid (``original = normalized * scale + offset``; the
-    std scales by ``scale`` only). Voxels outside the cube are normalized 0 (background), like unsampled ones."""
+    std scales by ``scale`` only). Voxels outside the cube are normalized 0 (background), like unsampled ones.
+    ``slice`` normalization: the prediction is already in cube units (each slice mapped back with its LD slice's
+    range before fusion), so the same cube scaling completes the way back."""
 
     def original(cube: np.ndarray) -> np.ndarray:
         return prepared.denormalize(prepared.to_source(cube, fill=0.0))
@@ -440,6 +444,7 @@ def infer_manifest(
     model = _load(checkpoint, device, cfg.use_ema)
     prep = resolve_preprocessing(model.data_config, {}, model.image_size)
     _check_manifest_matches(content, prep, manifest)
+    prep = _with_manifest_normalization(content, prep)
     inferer = _build_inferer(model, cfg, device)
     results = []
     for item in items:
@@ -472,10 +477,28 @@ def _check_manifest_matches(content: dict, prep: TrainingPreprocessing, manifest
     params.setdefault("size", content.get("size"))
     for key in ("size", "normalization", "space"):
         known = prep.sources.get(key) in ("checkpoint", "option")
-        if known and params.get(key) is not None and str(params[key]) != str(getattr(prep, key)):
-            raise InputError(f"manifest was preprocessed with {key}={params[key]} but the model was trained with "
+        recorded = params.get(key)
+        if key == "normalization" and recorded is not None:
+            try:
+                recorded = recorded_method(recorded)  # legacy "paper" = "volume"
+            except ValueError as err:
+                raise InputError(f"manifest provenance: {err}", path=manifest) from None
+        if known and recorded is not None and str(recorded) != str(getattr(prep, key)):
+            raise InputError(f"manifest was preprocessed with {key}={recorded} but the model was trained with "
                              f"{key}={getattr(prep, key)}; preprocess the cohort again with the training settings",
                              path=manifest)
+
+
+def _with_manifest_normalization(content: dict, prep: TrainingPreprocessing) -> TrainingPreprocessing:
+    """A model whose normalization is known from nowhere (the default) takes the cohort manifest's: with ``slice``
+    the per-slice min–max happens at sampling time, so it must be known (the cubes themselves carry their scale)."""
+    recorded = ((content.get("provenance") or {}).get("parameters") or {}).get("normalization")
+    if recorded is None or prep.sources.get("normalization") != "default":
+        return prep
+    from dataclasses import replace
+
+    return replace(prep, normalization=recorded_method(recorded),
+                   sources={**prep.sources, "normalization": "cohort manifest"})
 
 
 def _read_manifest(path: Path) -> dict:

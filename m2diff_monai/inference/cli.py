@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from m2diff_monai.errors import InputError
+from preprocessing.normalization import METHODS, cli_method
 
 PROG = "m2diff-infer"
 
@@ -84,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pre = p.add_argument_group("preprocessing (default: what the checkpoint records for its training data)")
     pre.add_argument("--size", type=int, default=None, help="cube size of the training data")
-    pre.add_argument("--normalization", choices=("shared", "paper"), default=None)
+    pre.add_argument("--normalization", type=cli_method, metavar="|".join(METHODS), default=None,
+                     help="shared | volume (per-volume min-max) | slice (per-slice min-max, the official code)")
     pre.add_argument("--transform", default=None, help="MRI-PET registration: SyN | affine | rigid")
     pre.add_argument("--space", choices=("pet", "mri"), default=None)
     pre.add_argument("--frame", type=int, default=None, help="0-based frame of a 4D PET to use")

@@ -9,6 +9,9 @@ reimplement any of them, so a change to a stage changes training and inference a
 Differences from the training pipeline, by necessity:
 - the brain mask comes from the LD PET (the pipeline prefers the SD PET when it has one; inference has none);
   with ``shared`` normalization the scale is the LD PET's 99.5th percentile inside that mask either way.
+- ``slice`` normalization: the cube holds the ``shared`` scaling; the per-slice min–max of each orientation's
+  slices happens in :func:`m2diff_monai.inference.volume.predict_orientation`, which also maps every predicted
+  slice back with its LD slice's min/max before the orientations are fused.
 - ``space="mri"``: the PET → T1 registration result is kept (in a temporary folder) so the prediction can go back
   through the inverse transform; that step interpolates (linear), unlike ``space="pet"``, which is exact.
 
@@ -32,7 +35,7 @@ from m2diff_monai.errors import InputError
 from preprocessing import crop as crop_stage
 from preprocessing.intake import IntakeOptions, load_subject
 from preprocessing.cubes import prepare_cubes
-from preprocessing.normalization import METHODS, Scaling
+from preprocessing.normalization import Scaling, recorded_method
 from preprocessing.registration import SPACES, normalize_transform_name, register
 from preprocessing.subjects import SubjectRow
 
@@ -56,8 +59,7 @@ class TrainingPreprocessing:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "size", crop_stage.validate_size(self.size))
-        if self.normalization not in METHODS:
-            raise ValueError(f"normalization must be one of {', '.join(METHODS)}, got {self.normalization!r}")
+        object.__setattr__(self, "normalization", recorded_method(self.normalization))  # legacy "paper" → "volume"
         object.__setattr__(self, "transform", normalize_transform_name(self.transform))
         if self.space not in SPACES:
             raise ValueError(f"space must be one of {', '.join(SPACES)}, got {self.space!r}")

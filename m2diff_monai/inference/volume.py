@@ -8,6 +8,12 @@ Coverage: an orientation samples only its brain slices, so a voxel outside the b
 stacking axis is predicted by fewer orientations (or none). Fusing would average those voxels with the zeros of
 the unsampled slices; instead they get the mean of the orientations that did sample them (0 where none did).
 Inside the brain's bounding box every orientation sampled every voxel and the fusion method applies unchanged.
+
+``slice_minmax`` (models trained with ``--normalization slice``): each LD and T1 slice is min–max normalized on its
+own before sampling, as the official loader did in training, and each predicted slice goes back to cube units with
+its LD slice's range, ``pred = pred_norm · (max_LD − min_LD) + min_LD`` (the SD slice's own range is unknown at
+inference). This happens per orientation and slice, before fusion, so the three orientations are fused in cube
+units (original units up to the cube's positive scale), not in three different per-slice scales.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from tqdm.auto import tqdm
 from m2diff_monai.data.orientation import axis_of, slices_to_volume, volume_to_slices
 from m2diff_monai.inference.fusion import fuse_volumes
 from m2diff_monai.inference.inferer import DiffusionSamplerInferer
+from preprocessing.normalization import SliceRange, minmax_slices
 
 # seeds of successive draws (K > 1) are this far apart, so draws never reuse a batch's noise
 DRAW_SEED_STRIDE = 100_003
@@ -97,11 +104,12 @@ def predict_orientation(
     device: torch.device | str = "cpu",
     progress: bool | tqdm = False,
     spatial_size: int | None = None,
+    slice_minmax: bool = False,
 ) -> np.ndarray:
     """Predict every brain-containing slice of one orientation, ``batch_size`` at a time, and restack them.
 
     ``progress``: True for a bar of its own, or a shared ``tqdm`` bar to advance by one per batch.
-    Unsampled slices are 0.
+    ``slice_minmax``: per-slice min–max in, LD-slice range out (module docstring). Unsampled slices are 0.
     """
     device = torch.device(device)
     ld_stack = volume_to_slices(ld, orientation)
@@ -113,17 +121,22 @@ def predict_orientation(
     own_bar = progress is True
     bar = tqdm(total=len(batches), desc=f"{orientation}", unit="batch", leave=False) if own_bar else progress or None
 
-    def tensor(stack: np.ndarray, index: np.ndarray) -> torch.Tensor:
-        batch = geometry.forward(np.ascontiguousarray(stack[index], dtype=np.float32))
+    def tensor(batch: np.ndarray) -> torch.Tensor:
+        batch = geometry.forward(np.ascontiguousarray(batch, dtype=np.float32))  # pad after normalizing: zeros
         return torch.from_numpy(batch)[:, None].to(device, non_blocking=True)
 
     try:
         for index in batches:
             if bar is not None:
                 bar.set_postfix_str(orientation)
-            mri_batch = None if mri_stack is None else tensor(mri_stack, index)
-            pred = inferer(tensor(ld_stack, index), network, mri=mri_batch)
-            out[index] = geometry.inverse(pred[:, 0].float().cpu().numpy())
+            ld_batch, mri_batch = ld_stack[index], None if mri_stack is None else mri_stack[index]
+            ld_range: SliceRange | None = None
+            if slice_minmax:
+                ld_batch, ld_range = minmax_slices(ld_batch)
+                mri_batch = None if mri_batch is None else minmax_slices(mri_batch)[0]
+            pred = inferer(tensor(ld_batch), network, mri=None if mri_batch is None else tensor(mri_batch))
+            pred = geometry.inverse(pred[:, 0].float().cpu().numpy())
+            out[index] = pred if ld_range is None else ld_range.invert(pred)
             if bar is not None:
                 bar.update(1)
     finally:
@@ -177,11 +190,13 @@ def predict_volume(
     spatial_size: int | None = None,
     fusion_kwargs: dict | None = None,
     on_draw: Callable[[int], None] | None = None,
+    slice_minmax: bool = False,
 ) -> VolumePrediction:
     """Predict a normalized cube in each orientation and fuse; with ``samples`` K > 1, the mean and std of K
     fused draws (running Welford sums: memory does not grow with K).
 
     Draw k uses seed ``inferer.seed + DRAW_SEED_STRIDE·k`` so each draw is reproducible on its own.
+    ``slice_minmax``: the ``slice`` normalization's per-slice min–max and LD-range way back (module docstring).
     """
     if samples < 1:
         raise ValueError("samples must be >= 1")
@@ -205,7 +220,8 @@ def predict_volume(
             if samples > 1:
                 bar.set_description(f"draw {k + 1}/{samples}")
             per_orientation = {
-                o: predict_orientation(network, inferer, ld, mri, o, brain_mask, batch_size, device, bar, spatial_size)
+                o: predict_orientation(network, inferer, ld, mri, o, brain_mask, batch_size, device, bar, spatial_size,
+                                       slice_minmax=slice_minmax)
                 for o in orientations
             }
             for o, vol in per_orientation.items():
