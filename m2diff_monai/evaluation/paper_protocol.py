@@ -298,7 +298,8 @@ def _mean(values: np.ndarray) -> float:
 def score_volume(volume: np.ndarray, ref: PaperReference, lpips_model=None,
                  lpips_device: str = "cpu") -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """(row, per-slice values) of one method against a prepared reference. Row keys: :data:`COLUMNS` and
-    ``paper_slices`` (slices scored); ``lpips_paper`` is NaN without ``lpips_model``."""
+    ``paper_slices`` (slices scored), ``paper_min_size`` (the mask threshold used); ``lpips_paper`` is NaN
+    without ``lpips_model``."""
     if ref.empty:
         return {**{c: float("nan") for c in COLUMNS}, "paper_slices": 0, "paper_min_size": int(ref.min_size)}, {}
     preds = method_slices(volume, ref)
