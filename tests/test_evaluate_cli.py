@@ -21,7 +21,7 @@ from scipy import ndimage
 from scipy import stats as sps
 
 from m2diff_monai.errors import InputError
-from m2diff_monai.evaluation import cli, complexity, metrics, run
+from m2diff_monai.evaluation import cli, complexity, metrics, paper_protocol, run
 from m2diff_monai.evaluation.lpips_metric import LPIPSMetric
 
 NATIVE = (36, 40, 20)
@@ -471,3 +471,44 @@ def test_region_metrics_equal_evaluate_volume(cohort):
     for key, value in fast.items():
         assert value == pytest.approx(full[key], rel=1e-12, nan_ok=True), key
     assert math.isnan(fast["bias_lesion_hot"])
+
+
+def test_paper_protocol_columns_tables_and_record(report, cohort):
+    """Every row has the papers' protocol columns; s02 (stored LPS) equals the protocol on the canonical arrays,
+    so axial = the third RAS+ axis whatever the storage order; the report says which protocol each table uses."""
+    out, df = report["out"], report["per_subject"]
+    for column in ("psnr_paper", "ssim_paper", "nmse_paper", "lpips_paper", "paper_slices"):
+        assert column in df.columns and df[column].notna().sum() >= (6 if column != "lpips_paper" else 0), column
+    summary = pd.read_csv(out / "summary.csv")
+    assert {"psnr_paper_mean", "ssim_paper_std", "nmse_paper_n", "lpips_paper_mean"} <= set(summary.columns)
+    rows = df.set_index(["subject", "method"])
+    for sid in ("s01", "s02"):
+        a = cohort["arrays"][sid]
+        ref = paper_protocol.prepare_reference(a["sd"], (SPACING,) * 3)
+        for method, key in (("LD", "ld"), ("Good", "good")):
+            expected = paper_protocol.score_volume(a[key], ref)[0]
+            for column in ("psnr_paper", "ssim_paper", "nmse_paper"):
+                assert rows.loc[(sid, method), column] == pytest.approx(expected[column], rel=1e-6), (sid, column)
+        assert rows.loc[(sid, "Good"), "psnr_paper"] > rows.loc[(sid, "Good"), "psnr_2d_axial"] + 10  # padding
+    text = (out / "summary.md").read_text()
+    assert "## The papers' protocol" in text and "10·log10(N/N_mask)" in text and "not the papers' protocol" in text
+    assert "The papers' protocol" in (out / "report.md").read_text()
+    record = json.loads((out / "run.json").read_text())["paper_protocol"]
+    assert record["scaling"] == "reference" and record["pad_to"] == 256 and record["torchmetrics"]
+    assert set(pd.read_csv(out / "ttests.csv")["metric"]) >= {"psnr_paper", "ssim_paper", "nmse_paper"}
+
+
+def test_paper_protocol_options_reach_the_numbers(cohort, tmp_path, capsys):
+    out = tmp_path / "rep"
+    args = ["--manifest", str(cohort["manifest"]), "--pred", f"Good={cohort['preds'] / 'Good'}", "--out", str(out),
+            "--no-progress", "--no-figures", "--no-lpips", "--subjects", "s01"]
+    assert cli.main([*args, "--paper-pad", "128", "--paper-scaling", "own", "--paper-min-size", "100"]) == 0
+    row = pd.read_csv(out / "per_subject.csv").set_index("method").loc["Good"]
+    a = cohort["arrays"]["s01"]
+    ref = paper_protocol.prepare_reference(a["sd"], (SPACING,) * 3,
+                                           paper_protocol.PaperOptions(scaling="own", pad_to=128, min_size=100))
+    assert row["psnr_paper"] == pytest.approx(paper_protocol.score_volume(a["good"], ref)[0]["psnr_paper"], rel=1e-6)
+    assert row["paper_min_size"] == 100
+    with pytest.raises(InputError, match="min_size"):
+        run.evaluate_cohort(cohort["manifest"], {"Good": cohort["preds"] / "Good"}, tmp_path / "bad",
+                            paper_min_size=0, lpips=False, figures=False, progress=False)

@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Score enhanced PET predictions of a manifest's cohort against the standard-dose reference "
-        "(PSNR, SSIM, NMSE, LPIPS, regional bias; LD input as the first row), with mean ± std tables, paired "
+        "(PSNR, SSIM, NMSE, LPIPS, regional bias; LD input as the first row; also in the papers' protocol: "
+        "*_paper columns), with mean ± std tables, paired "
         "t-tests, figure panels, a complexity table, optional CKA heatmaps and a report.md linking them.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -50,6 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torchvision AlexNet ImageNet weights (alexnet-owt-7be5be79.pth); default: "
                         "$M2DIFF_LPIPS_ALEXNET_WEIGHTS, then torch's hub cache. Missing: LPIPS reported unavailable")
     m.add_argument("--no-lpips", action="store_true", help="skip LPIPS (the slowest metric on CPU)")
+    m.add_argument("--paper-scaling", choices=("reference", "own"), default="reference",
+                   help="papers' protocol (*_paper columns): map each image's axial slice with the SD slice's "
+                        "min-max (reference) or min-max scale each image on its own (own, as the official loader "
+                        "treated its inputs)")
+    m.add_argument("--paper-pad", type=int, default=256,
+                   help="papers' protocol: zero-pad axial slices to N×N (official loader: 256; 0: no padding)")
+    m.add_argument("--paper-min-size", type=int, default=None, metavar="PIXELS",
+                   help="papers' protocol: brain-mask objects/holes below this many pixels are removed "
+                        "(default: the official 1000 px at 1 mm², scaled to the slice's pixel area)")
     x = p.add_argument_group("extras")
     x.add_argument("--checkpoint", action="append", default=[], metavar="METHOD=CKPT",
                    help="a method's training checkpoint for the complexity table (parameters; training s/epoch "
@@ -84,6 +94,7 @@ def _run(args: argparse.Namespace) -> dict:
         keep_going=args.keep_going, progress=not args.no_progress, workers=args.workers,
         checkpoints=args.checkpoint,
         timings=args.timings, cka_checkpoint=args.cka, cka_options=cka_options,
+        paper_scaling=args.paper_scaling, paper_pad=args.paper_pad, paper_min_size=args.paper_min_size,
     )
 
 

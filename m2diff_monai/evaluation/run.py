@@ -60,6 +60,7 @@ VOLUME_METRICS = (("ssim", "SSIM", True), ("psnr", "PSNR (dB)", True), ("nmse", 
 SLICE_METRICS = (("ssim_2d_axial", "SSIM", True), ("psnr_2d_axial", "PSNR (dB)", True),
                  ("nmse_2d_axial", "NMSE", False), ("lpips", "LPIPS", False))
 MEAN2D_METRICS = (("ssim_2d", "SSIM", True), ("psnr_2d", "PSNR (dB)", True), ("nmse_2d", "NMSE", False))
+PAPER_METRICS = ("ssim_paper", "psnr_paper", "nmse_paper", "lpips_paper")  # the papers' protocol (paper_protocol.py)
 
 
 # ------------------------------------------------------------------------------------------- inputs
@@ -80,6 +81,9 @@ class EvaluationOptions:
     keep_going: bool = False
     progress: bool = True
     workers: int = 2
+    paper_scaling: str = "reference"  # the papers' protocol (paper_protocol.PaperOptions)
+    paper_pad: int = 256
+    paper_min_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -96,8 +100,17 @@ class EvaluationOptions:
             raise InputError("min_slice_voxels must be >= 1")
         if int(self.workers) < 1:
             raise InputError("workers must be >= 1")
+        try:
+            self.paper_options()
+        except ValueError as err:
+            raise InputError(str(err)) from None
         if self.subjects is not None:
             object.__setattr__(self, "subjects", tuple(str(s) for s in self.subjects))
+
+    def paper_options(self):
+        from m2diff_monai.evaluation.paper_protocol import PaperOptions
+
+        return PaperOptions(scaling=self.paper_scaling, pad_to=int(self.paper_pad), min_size=self.paper_min_size)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
@@ -450,15 +463,18 @@ def score_subject(
 
     The non-learned metrics of the rows run in ``workers`` threads (scipy.ndimage and numpy release the GIL);
     LPIPS runs after them, one row at a time (torch has its own threads)."""
+    from m2diff_monai.evaluation import paper_protocol
     from m2diff_monai.evaluation.metrics import evaluate_volume, per_slice_metrics, resolve_data_range
 
     data_range = resolve_data_range(data.reference, data.mask)
     regions = {name: (region, _box(region)) for name, region in data.regions.items()}
+    paper_ref = paper_protocol.prepare_reference(data.reference, data.spacing, options.paper_options())
 
     def volume_metrics(volume: np.ndarray) -> tuple[dict, dict]:
         row = evaluate_volume(volume, data.reference, data.mask, None, data.spacing, data_range=data_range,
                               orientations=options.orientations, min_slice_voxels=options.min_slice_voxels)
         row.update(region_metrics(volume, data.reference, regions))
+        row.update(paper_protocol.score_volume(volume, paper_ref)[0])
         per_slice = {}
         if options.per_slice:
             per_slice = {o: per_slice_metrics(volume, data.reference, data.mask, data_range, ORIENTATION_AXIS[o],
@@ -481,6 +497,9 @@ def score_subject(
                                                   slice_axis=lp_axis, min_slice_voxels=options.min_slice_voxels)
         finite = lp_values is not None and np.isfinite(lp_values).any()
         row["lpips"] = float(np.nanmean(lp_values)) if finite else float("nan")
+        if lp_values is not None and getattr(lpips_metric, "model", None) is not None:
+            row["lpips_paper"] = paper_protocol.lpips_volume(data.volumes[method], paper_ref, lpips_metric.model,
+                                                             lpips_metric.device)
         rows.append({"subject": data.subject, "method": method, **row})
         for orientation, values in per_slice.items():
             if orientation == options.lpips_orientation and lp_values is not None:
@@ -537,7 +556,7 @@ def summary_metrics(df) -> list[str]:
     regions = [f"bias_{r}" for r in region_names(df)]
     candidates = ["ssim", "psnr", "nmse", "lpips", "bias", *regions, "ssim_2d_axial", "psnr_2d_axial",
                   "nmse_2d_axial", "ssim_2d", "psnr_2d", "nmse_2d",
-                  *[f"{m}_2d_{o}" for o in ("coronal", "sagittal") for m in ("ssim", "psnr", "nmse")]]
+                  *[f"{m}_2d_{o}" for o in ("coronal", "sagittal") for m in ("ssim", "psnr", "nmse")], *PAPER_METRICS]
     return [c for c in candidates if c in df.columns]
 
 
@@ -545,7 +564,8 @@ def ttest_metrics(df) -> list[str]:
     import pandas as pd
 
     regions = [f"bias_{r}" for r in region_names(df)]
-    candidates = ["ssim", "psnr", "nmse", "lpips", "bias", *regions, "ssim_2d_axial", "psnr_2d_axial", "nmse_2d_axial"]
+    candidates = ["ssim", "psnr", "nmse", "lpips", "bias", *regions, "ssim_2d_axial", "psnr_2d_axial", "nmse_2d_axial",
+                  *PAPER_METRICS]
     return [c for c in candidates if c in df.columns and pd.to_numeric(df[c], errors="coerce").notna().any()]
 
 
@@ -603,6 +623,9 @@ def _label(metric: str, *, percent: bool = True, plane: bool = False) -> str:
     name = {"ssim": "SSIM", "psnr": "PSNR (dB)", "nmse": "NMSE", "lpips": "LPIPS"}.get(base, metric)
     if plane and _ == "_2d":
         name += f" 2D {rest.lstrip('_') or 'mean'}"
+    if metric.endswith("_paper"):
+        name = {"ssim": "SSIM", "psnr": "PSNR (dB)", "nmse": "NMSE", "lpips": "LPIPS"}[base[:-len("_paper")]]
+        name += " (paper protocol)" if plane else ""
     return name
 
 
@@ -644,6 +667,16 @@ def _table(df, metrics: Sequence[str], bold_best: bool = True) -> str:
     return to_markdown_table(frame)
 
 
+PAPER_PROTOCOL_NOTE = (
+    "The official M2Diff test loop (m2diff_monai/evaluation/paper_protocol.py, docs/evaluation.md): axial slices "
+    "min–max scaled per slice, zero-padded (256² by default; the settings are in run.json's `paper_protocol`), the "
+    "official SD brain mask per slice, torchmetrics PSNR and SSIM over the **whole padded slice**, mean over "
+    "slices then subjects. The zeroed background counts in "
+    "the mean, so PSNR is ≈ 10·log10(N/N_mask) dB higher than the tables above (N = pixels of the padded slice, "
+    "N_mask = brain pixels), and the data range is each slice's, not the subject's. Only these numbers compare "
+    "with the papers' tables.\n")
+
+
 def summary_markdown(df, regions: Sequence[str], lpips_status: Mapping[str, Any]) -> str:
     """The papers' Table I layout (mean ± std over subjects), LD first, then bias per region."""
     lpips_line = ("LPIPS: AlexNet (lpips 0.1.4), mean over " + str(lpips_status.get("orientation", "axial")) +
@@ -654,13 +687,18 @@ def summary_markdown(df, regions: Sequence[str], lpips_status: Mapping[str, Any]
     parts = [
         "# Summary: mean ± std over subjects\n",
         "Higher is better for SSIM and PSNR, lower for NMSE and LPIPS, bias closest to 0; the best method (LD "
-        "excluded) is in bold when there are two or more. Metrics inside the brain mask; data range = the "
-        "reference's peak in the brain. n = subjects.\n",
+        "excluded) is in bold when there are two or more. Two protocols: the first tables score inside the "
+        "preprocessing brain mask with one data range per subject (the reference's peak in the brain); the papers' "
+        "protocol (its own section) scores whole padded slices as the official code did. n = subjects.\n",
         f"{lpips_line}.\n",
         "## Volume metrics (3D, inside the brain mask)\n",
         _table(df, [m for m in ("ssim", "psnr", "nmse", "lpips") if m in df.columns]),
-        "\n## Slice metrics, paper style (2D axial slices with ≥ min_slice_voxels brain voxels, mean per subject)\n",
+        "\n## Slice metrics, 2D axial, inside the brain mask (slices with ≥ min_slice_voxels brain voxels, the "
+        "subject's data range; not the papers' protocol)\n",
         _table(df, [m for m in ("ssim_2d_axial", "psnr_2d_axial", "nmse_2d_axial", "lpips") if m in df.columns]),
+        "\n## The papers' protocol (comparable with the papers' Table I)\n",
+        PAPER_PROTOCOL_NOTE,
+        _table(df, [m for m in PAPER_METRICS if m in df.columns]),
         "\n## Slice metrics, mean of the three orientations (2D)\n",
         _table(df, [m for m in ("ssim_2d", "psnr_2d", "nmse_2d") if m in df.columns]),
         "\n## Mean relative bias (%) = (mean prediction − mean reference) / mean reference\n",
@@ -868,6 +906,9 @@ def evaluate_cohort(
     timings: Mapping[str, str | Path] | Sequence[str] | str | None = None,
     cka_checkpoint: str | Path | None = None,
     cka_options: Mapping[str, Any] | None = None,
+    paper_scaling: str = "reference",
+    paper_pad: int = 256,
+    paper_min_size: int | None = None,
 ) -> dict[str, Any]:
     """Score every ``split`` subject of ``manifest`` (LD first, then each method of ``predictions``) against its SD
     reference and write the report folder ``out_dir`` (see docs/evaluation.md). Returns the ``run.json`` dict.
@@ -885,7 +926,8 @@ def evaluate_cohort(
                                 lpips_weights=None if lpips_weights in (None, "") else str(lpips_weights),
                                 figures=bool(figures), orientations=orientations,
                                 min_slice_voxels=int(min_slice_voxels), keep_going=bool(keep_going),
-                                progress=bool(progress), workers=int(workers))
+                                progress=bool(progress), workers=int(workers), paper_scaling=paper_scaling,
+                                paper_pad=int(paper_pad), paper_min_size=paper_min_size)
     manifest = Path(manifest)
     base = manifest.resolve().parent
     pred_dirs = {m: Path(p) for m, p in parse_method_map(predictions, "--pred").items()}
@@ -1038,6 +1080,7 @@ def _run(plan: Plan, base: Path, pred_dirs, options: EvaluationOptions, lpips_me
                      "(original units)",
         "regions": regions,
         "lpips": lpips_status,
+        "paper_protocol": _paper_protocol_record(options),
         "subjects": list(dict.fromkeys(per_subject["subject"])),
         "skipped": plan.skipped,
         "failed": plan.failed,
@@ -1052,6 +1095,15 @@ def _run(plan: Plan, base: Path, pred_dirs, options: EvaluationOptions, lpips_me
     save_text(staging / "report.md", report_markdown(summary, per_subject, ttests, staging))
     save_json(staging / "run.json", summary)
     return summary
+
+
+def _paper_protocol_record(options: EvaluationOptions) -> dict[str, Any]:
+    import torchmetrics
+
+    from m2diff_monai.evaluation.paper_protocol import describe
+
+    return {"columns": list(PAPER_METRICS), "description": describe(options=options.paper_options()),
+            "torchmetrics": torchmetrics.__version__, **options.paper_options().__dict__}
 
 
 # ------------------------------------------------------------------------------------------- bundle entry
