@@ -35,8 +35,9 @@ def guard_run(subjects_csv: Path, rows: Sequence[SubjectRow], mine: Sequence[Sub
     inputs = table_inputs(subjects_csv, rows)
     check_out_folder(out_dir)
     subjects_dir = out_dir / "subjects"
-    for row in mine:
-        inputs.check(child(subjects_dir, row.subject_id, "--out", "subject id"), "--out")
+    for row in mine:  # the input it would destroy is the clearer message, so that check comes first
+        inputs.check(subjects_dir / row.subject_id, "--out")
+        child(subjects_dir, row.subject_id, "--out", "subject id")
     for name in qc_names:
         inputs.check(out_dir / "qc" / name, "--out")
     inputs.check(manifest_path, "--manifest")

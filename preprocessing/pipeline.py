@@ -418,7 +418,7 @@ def run_pipeline(subjects_csv: Path, out_dir: Path, manifest_path: Path, options
     output_guard.guard_run(subjects_csv, rows, _select_shard(rows, options.shard), out_dir, manifest_path,
                            [f"summary{suffix}.csv", f"summary{suffix}.md"])
     lock_name = f".m2diff-preprocess{suffix.replace('_', '.')}.lock"
-    with safety.output_lock(out_dir, "m2diff-preprocess run", "--out", lock_name):
+    with safety.output_lock(out_dir, "m2diff-preprocess", "--out", lock_name):
         return _run_locked(rows, problems or {}, subjects_csv, out_dir, manifest_path, options)
 
 
