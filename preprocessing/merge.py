@@ -152,7 +152,7 @@ def merge_manifests(paths: list[Path], out: Path, notes: str | None = None) -> d
 
 def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--manifests", required=True, nargs="+", type=Path, help="shard manifests to join")
-    parser.add_argument("--out", required=True, type=Path, help="merged manifest, e.g. data_manifests/NAME.json")
+    parser.add_argument("--out", required=True, type=Path, help="merged manifest, e.g. data_manifests/NAME.json (never one of --manifests: docs/safety.md)")
     parser.add_argument("--notes", default=None, help="provenance notes (default: the shards' notes)")
     return parser
 

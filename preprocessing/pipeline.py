@@ -529,8 +529,11 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``run`` options to ``parser`` (called by :mod:`preprocessing.cli`)."""
     d = PipelineOptions()
     parser.add_argument("--subjects", required=True, type=Path, help="subjects table (CSV)")
-    parser.add_argument("--out", required=True, type=Path, help="output folder (subjects/<id>/, qc/)")
-    parser.add_argument("--manifest", required=True, type=Path, help="manifest to write, e.g. data_manifests/NAME.json")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="output folder (subjects/<id>/, qc/); refused before any work when a folder it would "
+                             "replace holds an input, or while another run writes to it (docs/safety.md)")
+    parser.add_argument("--manifest", required=True, type=Path,
+                        help="manifest to write, e.g. data_manifests/NAME.json (never the table or an input)")
     parser.add_argument("--transform", default=d.transform, help="SyN (paper, default) | affine | rigid")
     parser.add_argument("--space", default=d.space, choices=SPACES,
                         help="pet: T1 resampled on the PET grid (default); mri: PET resampled on the T1 grid")
@@ -545,7 +548,9 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="shared: one LD-derived scale for LD and SD (default); paper: per-volume min-max")
     parser.add_argument("--workers", type=int, default=d.workers, help="subjects processed in parallel processes")
     parser.add_argument("--shard", default=None, help="I/N (1-based): process only the id-sorted subjects with index %% N == I-1")
-    parser.add_argument("--keep-going", action="store_true", help="report bad subjects and finish the others (exit 1)")
+    parser.add_argument("--keep-going", action="store_true",
+                        help="report bad subjects (a bad table row too) and finish the others (exit 1); table "
+                             "structure errors still stop the run")
     parser.add_argument("--force", action="store_true",
                         help="redo subjects even when their outputs are up to date (replaces only this tool's "
                              "subject folders; never an input: see docs/safety.md)")

@@ -8,8 +8,10 @@ grids are truly aligned, and later stages (registration, mask, crop) can run on 
 
 Every bad case is a complete subjects table with one good subject (``good01``) and one bad subject
 (``bad01``), except ``duplicate_id`` (two rows share ``good01``). Cases in :data:`TABLE_LEVEL_CASES` are refused
-when the table is read (``read_subjects``), so no subject of that table can run; the others fail only
-``bad01``'s intake, and ``good01`` can go on under ``--keep-going``. :data:`CASE_OPTIONS` / :data:`CASE_CLI_ARGS`
+when the table is read (``read_subjects``), so without ``--keep-going`` no subject of that table runs; of these,
+:data:`TABLE_STRUCTURE_CASES` stop the run even under ``--keep-going`` (the table itself is wrong), while a row's
+problem (``missing_file``) then fails ``bad01`` alone. The other cases fail only ``bad01``'s intake, and
+``good01`` goes on under ``--keep-going``. :data:`CASE_OPTIONS` / :data:`CASE_CLI_ARGS`
 hold the options a case needs to fail (``qform_sform`` only fails under ``qform_policy="reject"``).
 """
 
@@ -29,6 +31,7 @@ MRI_VOXEL_MM = 1.6
 HEAD_SEMI_AXES = (18.0, 22.0, 15.0)
 
 TABLE_LEVEL_CASES = frozenset({"missing_file", "duplicate_id", "malformed_id"})
+TABLE_STRUCTURE_CASES = frozenset({"duplicate_id", "malformed_id"})
 CASE_OPTIONS: dict[str, dict] = {"qform_sform": {"qform_policy": "reject"}}
 CASE_CLI_ARGS: dict[str, list[str]] = {"qform_sform": ["--qform-policy", "reject"]}
 
