@@ -99,6 +99,7 @@ def _parse(reader, csv_path: Path, base: Path, require: tuple[str, ...],
 
     rows: list[SubjectRow] = []
     first_line: dict[str, int] = {}
+    folded: dict[str, str] = {}  # casefolded id -> id as written
     for values in reader:
         line = reader.line_num
         if not any(v.strip() for v in values):
@@ -116,7 +117,13 @@ def _parse(reader, csv_path: Path, base: Path, require: tuple[str, ...],
         if subject_id in first_line:
             raise InputError(f"{where}: duplicate subject_id {subject_id!r} (first on line {first_line[subject_id]})",
                              subject=subject_id, path=csv_path)
+        twin = folded.get(subject_id.casefold())
+        if twin is not None:
+            raise InputError(f"{where}: subject_id {subject_id!r} differs from {twin!r} (line {first_line[twin]}) only "
+                             "in case; both would use one folder on a case-insensitive file system",
+                             subject=subject_id, path=csv_path)
         first_line[subject_id] = line
+        folded[subject_id.casefold()] = subject_id
 
         try:
             rows.append(_row(cells, mask_columns, base, where, subject_id, require, csv_path))

@@ -529,3 +529,22 @@ def test_keep_going_fails_only_the_row_whose_file_is_missing(tmp_path):
     with pytest.raises(InputError, match="may contain only"):
         run_pipeline(unsafe, tmp_path / "out3", tmp_path / "m3.json", keep)
     assert not (tmp_path / "out2").exists() and not (tmp_path / "out3").exists()
+
+
+def test_ids_that_differ_only_in_case_are_refused(eval_cohort, tmp_path, capsys):
+    """``S01`` and ``s01`` are one folder (one prediction file) on a case-insensitive file system."""
+    from m2diff_monai.inference.cli import main
+    from preprocessing.subjects import read_subjects
+
+    a, b = write_subject(tmp_path, "s01", seed=1), write_subject(tmp_path, "S01", seed=2)
+    with pytest.raises(InputError, match="differs from 's01' .* only in case"):
+        read_subjects(write_table(tmp_path / "subjects.csv", [a, b]))
+    manifest = rewrite_manifest_subject(eval_cohort["manifest"], eval_cohort["manifest"].parent / "case.json",
+                                        "s02", "S01")
+    try:
+        rc = main(["--checkpoint", str(tmp_path / "never_loaded.pt"), "--manifest", str(manifest), "--split", "all",
+                   "--out-dir", str(tmp_path / "preds"), "--device", "cpu", "--no-progress"])
+        assert rc == 2 and "repeats 's01'" in one_line(capsys.readouterr().err)
+        assert not (tmp_path / "preds").exists()
+    finally:
+        manifest.unlink()

@@ -512,8 +512,13 @@ def _plan_cohort_outputs(manifest: Path, content: dict, items: list[dict], out_d
     inputs = safety.RunInputs([("--checkpoint", _checkpoint_file(checkpoint))])
     inputs.add_manifest(manifest, content)
     planned = []
+    seen: dict[str, str] = {}
     for item in items:
         sid = safety.check_name(item.get("subject"), "manifest subject id", manifest)
+        if sid.casefold() in seen:  # two items would write one prediction (case-insensitive file systems too)
+            raise InputError(f"manifest subject id {sid!r} repeats {seen[sid.casefold()]!r}: both predictions "
+                             "would be one file", path=manifest)
+        seen[sid.casefold()] = sid
         paths = output_paths(safety.child(out_dir, f"{sid}.nii.gz", "--out-dir", "subject id"), cfg)
         inputs.check_all(paths.values(), "--out-dir", root=out_dir)
         planned.append((sid, paths))
