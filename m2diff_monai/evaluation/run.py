@@ -156,7 +156,7 @@ def prediction_path(pred_dir: str | Path, subject: str) -> Path | None:
     ``subject`` must be a safe name (InputError otherwise): a prediction is never read from outside ``DIR``."""
     safety.check_name(subject, "subject id")
     for suffix in PRED_SUFFIXES:
-        candidate = safety.child(pred_dir, f"{subject}{suffix}", "prediction folder", "subject id")
+        candidate = Path(pred_dir) / f"{subject}{suffix}"
         if candidate.is_file():
             return candidate
     return None

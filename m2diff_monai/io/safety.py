@@ -40,8 +40,11 @@ from m2diff_monai.errors import InputError
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9_-]+")
 SAFE_NAME_RULE = "letters, digits, '-' and '_'"
-FULL_HASH_MAX_BYTES = 8 << 20  # files up to 8 MiB are hashed whole
-EDGE_BYTES = 1 << 20  # larger files: the first and the last MiB (plus size and modification time)
+FULL_HASH_MAX_BYTES = 2 << 20  # files up to 2 MiB are hashed whole
+# Larger files: the first and the last MiB, plus size and modification time. For ``.nii.gz`` the last 8 bytes are
+# the gzip CRC-32 and length of the whole uncompressed image, so the tail covers every voxel; an uncompressed
+# ``.nii`` changed only in its middle is caught by its modification time.
+EDGE_BYTES = 1 << 20
 LOCK_NAME = ".m2diff.lock"
 MANIFEST_PATH_KEYS = ("ld_pet", "sd_pet", "mri", "brain_mask", "source_ld_pet", "source_sd_pet", "source_mri",
                       "subject_json", "preprocessed_dir")
@@ -68,9 +71,12 @@ def _key(path: Path) -> str:
     return os.path.normcase(str(path))
 
 
-def is_within(path: PathLike, root: PathLike) -> bool:
-    """True when ``path`` (resolved) is ``root`` (resolved) or lies below it."""
-    p, r = resolved(path), resolved(root)
+def is_within(path: PathLike, root: PathLike, follow_last: bool = True) -> bool:
+    """True when ``path`` (resolved) is ``root`` (resolved) or lies below it. ``follow_last=False`` resolves only
+    the folder of ``path``: where ``os.replace`` puts a file (it replaces a symlink, never its target)."""
+    path = Path(path)
+    p = resolved(path) if follow_last else resolved(path.parent) / path.name
+    r = resolved(root)
     return _key(p) == _key(r) or _key(r) in {_key(a) for a in p.parents}
 
 
@@ -86,9 +92,10 @@ def check_name(value: object, what: str = "subject id", source: PathLike | None 
 
 
 def child(root: PathLike, name: str, option: str, what: str = "name") -> Path:
-    """``root / name``, proven to stay inside ``root`` after resolving (a name from data cannot escape)."""
+    """``root / name`` for a single file name (no folder part, not ``.``/``..``), so a name from data cannot
+    escape ``root``. The entry itself may be a symlink: readers may follow it, writers replace the link."""
     path = Path(root) / name
-    if not is_within(path, root) or resolved(path) == resolved(root):
+    if not name or name in (".", "..") or Path(name).name != name or "\\" in name:
         raise InputError(f"{what} {name!r} would put a file outside {option} {root}", path=path)
     return path
 
@@ -164,7 +171,7 @@ class RunInputs:
         """``target`` when the tool may write, replace or delete it; else an InputError naming ``option`` and the
         input it would destroy (or the root it would leave)."""
         target = Path(target)
-        if root is not None and not is_within(target, root):
+        if root is not None and not is_within(target, root, follow_last=False):
             raise InputError(f"{option}: {target} would be written outside {root}", path=target)
         found = self.conflict(target)
         if found is not None:
