@@ -548,3 +548,15 @@ def test_ids_that_differ_only_in_case_are_refused(eval_cohort, tmp_path, capsys)
         assert not (tmp_path / "preds").exists()
     finally:
         manifest.unlink()
+
+
+def test_second_cohort_inference_on_one_out_dir_refuses(eval_cohort, tmp_path, capsys):
+    from m2diff_monai.inference.cli import main
+
+    out = tmp_path / "preds"
+    with safety.output_lock(out, "m2diff-infer", "--out-dir", ".m2diff-infer.lock"):
+        rc = main(["--checkpoint", str(tmp_path / "never_loaded.pt"), "--manifest", str(eval_cohort["manifest"]),
+                   "--split", "all", "--out-dir", str(out), "--device", "cpu", "--no-progress"])
+    assert rc == 2 and "another m2diff-infer run is writing to this --out-dir folder" in one_line(
+        capsys.readouterr().err)
+    assert [p.name for p in out.iterdir()] == [".m2diff-infer.lock"]
