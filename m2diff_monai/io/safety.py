@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -249,6 +250,11 @@ def output_lock(root: PathLike, tool: str, option: str, name: str = LOCK_NAME) -
     except Timeout:
         raise InputError(f"another {tool} run is writing to this {option} folder (it holds {path.name}); wait for "
                          f"it to finish or choose another {option}", path=root) from None
+    except (OSError, NotImplementedError) as err:  # a file system without locks: the temp rules still hold
+        print(f"{tool}: warning: cannot lock {path} ({err}); make sure no other run writes to {root}",
+              file=sys.stderr)
+        yield path
+        return
     try:
         yield path
     finally:
