@@ -248,7 +248,10 @@ def tree_digest(root: Path) -> dict[str, str]:
         for name in files:
             path = Path(folder) / name
             rel = path.relative_to(root).as_posix()
-            out[rel] = "link:" + os.readlink(path) if path.is_symlink() else hashlib.sha256(path.read_bytes()).hexdigest()
+            if path.is_symlink():
+                out[rel] = "link:" + os.readlink(path)
+            else:
+                out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
         for name in dirs:
             path = Path(folder) / name
             if path.is_symlink():
