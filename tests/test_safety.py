@@ -560,3 +560,44 @@ def test_second_cohort_inference_on_one_out_dir_refuses(eval_cohort, tmp_path, c
     assert rc == 2 and "another m2diff-infer run is writing to this --out-dir folder" in one_line(
         capsys.readouterr().err)
     assert [p.name for p in out.iterdir()] == [".m2diff-infer.lock"]
+
+
+def test_table_reader_collects_row_problems_and_still_raises_structure_errors(tmp_path):
+    from preprocessing.subjects import read_subjects
+
+    good = write_subject(tmp_path, "good01", seed=1, with_mri=False)
+    rows = [good,
+            {**good, "subject_id": "missing01", "ld_pet": "nowhere/ld.nii.gz"},
+            {**good, "subject_id": "split01", "split": "holdout"},
+            {**good, "subject_id": "drf01", "drf": "-4"},
+            {**good, "subject_id": "folder01", "sd_pet": "good01"}]
+    table = write_table(tmp_path / "subjects.csv", rows)
+    with pytest.raises(InputError, match="does not exist"):
+        read_subjects(table)
+    problems: dict[str, InputError] = {}
+    parsed = read_subjects(table, problems=problems)
+    assert [r.subject_id for r in parsed] == ["good01", "missing01", "split01", "drf01", "folder01"]
+    assert sorted(problems) == ["drf01", "folder01", "missing01", "split01"]
+    assert "does not exist" in problems["missing01"].line() and "is not a file" in problems["folder01"].line()
+    assert parsed[1].sd_pet is not None  # the split of the others does not move: it still counts as having a target
+    for bad in ({**good, "subject_id": "good01"}, {**good, "subject_id": "a/../b"}, {**good, "subject_id": "GOOD01"}):
+        with pytest.raises(InputError):
+            read_subjects(write_table(tmp_path / "structure.csv", [good, bad]), problems={})
+
+
+def test_region_name_with_dotdot_in_a_manifest_is_refused(eval_cohort, tmp_path):
+    from m2diff_monai.evaluation.run import evaluate_cohort
+
+    content = json.loads(eval_cohort["manifest"].read_text())
+    regions = content["volumes"][0]["regions"]
+    name = next(iter(regions))
+    regions["../" + name] = regions.pop(name)
+    manifest = eval_cohort["manifest"].parent / "region.json"
+    manifest.write_text(json.dumps(content))
+    try:
+        with pytest.raises(InputError, match="region name '../"):
+            evaluate_cohort(manifest, {"Good": eval_cohort["preds"] / "Good"}, tmp_path / "report", lpips=False,
+                            figures=False, progress=False, workers=1)
+        assert not (tmp_path / "report").exists()
+    finally:
+        manifest.unlink()
