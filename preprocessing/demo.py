@@ -222,7 +222,7 @@ def build_demo(out_dir: Path, manifest_path: Path, options: DemoOptions, progres
 
 def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.description = __doc__.split("\n\n")[0]
-    parser.add_argument("--out", type=Path, required=True, help="output folder (raw/, preprocessed/)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (raw/, preprocessed/); a rerun reuses it, never writing over an input (docs/safety.md)")
     parser.add_argument("--manifest", type=Path, default=Path("data_manifests/demo.json"),
                         help="manifest to write (default %(default)s)")
     parser.add_argument("--subjects", type=int, default=12, help="number of subjects (default %(default)s: 8/2/2)")

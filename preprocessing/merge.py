@@ -22,6 +22,7 @@ from m2diff_monai.errors import InputError
 
 from . import manifest as manifest_stage
 from . import qc as qc_stage
+from .outputs import guard_merge
 
 
 def _warn(message: str) -> None:
@@ -38,6 +39,13 @@ def _qc_summary_path(path: Path, manifest: dict) -> Path | None:
     return first.parents[2] / "qc" / name
 
 
+def _qc_target(sources: list[tuple[Path, Path | None]], out: Path) -> Path:
+    folders = {summary.parent for _, summary in sources if summary is not None}
+    if len(folders) == 1:
+        return folders.pop() / "summary.csv"
+    return out.resolve().parent / f"{out.stem}_qc_summary.csv"
+
+
 def merge_qc_summaries(loaded: list[tuple[Path, dict]], out: Path) -> Path | None:
     """Join the shards' QC tables into one (see the module docstring); returns the CSV written, or None."""
     sources = [(path, _qc_summary_path(path, manifest)) for path, manifest in loaded]
@@ -50,11 +58,7 @@ def merge_qc_summaries(loaded: list[tuple[Path, dict]], out: Path) -> Path | Non
             rows.extend(csv.DictReader(fh))
     if not rows:
         return None
-    folders = {summary.parent for _, summary in sources if summary is not None}
-    if len(folders) == 1:
-        target = folders.pop() / "summary.csv"
-    else:
-        target = out.resolve().parent / f"{out.stem}_qc_summary.csv"
+    target = _qc_target(sources, out)
     rows.sort(key=lambda row: row.get("subject", ""))
     qc_stage.write_summary(target, target.with_suffix(".md"), rows)
     return target
@@ -79,6 +83,10 @@ def merge_manifests(paths: list[Path], out: Path, notes: str | None = None) -> d
             raise InputError(f"manifest breaks data_manifests/schema.json: {message}", path=path) from None
         loaded.append((path, manifest))
 
+    qc_sources = [(path, _qc_summary_path(path, manifest)) for path, manifest in loaded]
+    qc_target = _qc_target(qc_sources, out)
+    guard_merge([p for p, _ in loaded], out, [qc_target, qc_target.with_suffix(".md")],
+                [s for _, s in qc_sources if s is not None and s.is_file()])
     first_path, first = loaded[0]
     params = first["provenance"]["parameters"]
     owner: dict[str, Path] = {}
@@ -144,7 +152,7 @@ def merge_manifests(paths: list[Path], out: Path, notes: str | None = None) -> d
 
 def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--manifests", required=True, nargs="+", type=Path, help="shard manifests to join")
-    parser.add_argument("--out", required=True, type=Path, help="merged manifest, e.g. data_manifests/NAME.json")
+    parser.add_argument("--out", required=True, type=Path, help="merged manifest, e.g. data_manifests/NAME.json (never one of --manifests: docs/safety.md)")
     parser.add_argument("--notes", default=None, help="provenance notes (default: the shards' notes)")
     return parser
 

@@ -7,8 +7,12 @@ Per subject (stages 2–9): registration (:mod:`.registration`) → brain mask (
 Guarantees:
 - a subject folder is built in ``OUT/subjects/.tmp.<id>.*`` and renamed into place only when complete, with
   ``subject.json`` written last: a failed subject leaves nothing behind and never reaches a manifest;
-- a rerun skips subjects whose ``subject.json`` records the same parameters and the same input files (path and
-  size) unless ``force``; the split is computed over the whole table, so shards, reruns and worker counts agree;
+- a rerun skips subjects whose ``subject.json`` records the same parameters and the same input files (path and a
+  content fingerprint, :func:`m2diff_monai.io.safety.fingerprint`) unless ``force``; a subject whose input changed
+  is redone and reported; the split is computed over the whole table, so shards, reruns and worker counts agree;
+- no input is ever replaced or deleted: before any work, every subject folder, QC table and the manifest the run
+  may write is checked against the table and every file it lists (:mod:`.outputs`); one run at a time holds
+  ``OUT`` (a lock file per shard), and stale temporary folders are removed only when their owner process is gone;
 - ``workers > 1`` processes subjects in separate processes (spawned; ITK threads = cores // workers each);
 - ``shard=(I, N)`` (1-based) processes the subjects whose position in the id-sorted table is ≡ I−1 (mod N)
   and writes a manifest for that share; ``m2diff-preprocess merge`` joins the shard manifests.
@@ -36,10 +40,12 @@ from tqdm.auto import tqdm
 import m2diff_monai
 from m2diff_monai.data.orientation import parse_orientations
 from m2diff_monai.errors import InputError
+from m2diff_monai.io import safety
 from m2diff_monai.io.atomic import save_json, save_nifti
 
 from . import crop as crop_stage
 from . import manifest as manifest_stage
+from . import outputs as output_guard
 from . import qc as qc_stage
 from .intake import IntakeOptions, LoadedSubject, load_subject
 from .cubes import prepare_cubes, voxel_spacing
@@ -131,6 +137,7 @@ class RunSummary:
     processed: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # subject → one-line message
+    changed: dict[str, list[str]] = field(default_factory=dict)  # subject → input roles changed since its last run
     splits: dict[str, str] = field(default_factory=dict)
     qc_summary: Path | None = None
 
@@ -143,14 +150,7 @@ class RunSummary:
 def _inputs_fingerprint(row: SubjectRow) -> dict:
     files = {role: getattr(row, role) for role in ("ld_pet", "sd_pet", "mri")}
     files.update({f"mask_{name}": p for name, p in sorted(row.masks.items())})
-    out = {}
-    for role, path in files.items():
-        if path is None:
-            out[role] = None
-        else:
-            p = Path(path)
-            out[role] = {"path": str(p), "size": p.stat().st_size if p.exists() else -1}
-    return out
+    return safety.fingerprint_files(files)
 
 
 def _image(data: np.ndarray, affine: np.ndarray, dtype=np.float32) -> nib.Nifti1Image:
@@ -169,8 +169,8 @@ def process_subject(loaded: LoadedSubject, out_dir: Path, options: PipelineOptio
     sid = loaded.row.subject_id
     subjects_dir = Path(out_dir) / "subjects"
     subjects_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale(subjects_dir, sid)
-    work = Path(tempfile.mkdtemp(prefix=f".tmp.{sid}.", dir=subjects_dir))
+    safety.remove_abandoned_temps(subjects_dir, ("tmp", "old"), sid)
+    work = Path(tempfile.mkdtemp(prefix=safety.owned_temp_prefix("tmp", sid), dir=subjects_dir))
     try:
         record = _build_subject(loaded, work, options)
         save_json(work / "subject.json", record)
@@ -181,18 +181,11 @@ def process_subject(loaded: LoadedSubject, out_dir: Path, options: PipelineOptio
     return record
 
 
-def _remove_stale(subjects_dir: Path, sid: str) -> None:
-    """Leftovers of a killed run for this subject (ids cannot contain '.', so the prefix is unambiguous)."""
-    for pattern in (f".tmp.{sid}.*", f".old.{sid}.*"):
-        for stale in subjects_dir.glob(pattern):
-            shutil.rmtree(stale, ignore_errors=True)
-
-
 def _install(work: Path, final: Path) -> None:
     """Rename the finished folder into place; an older version is moved aside first and then deleted."""
     old = None
     if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".old.{final.name}.", dir=final.parent))
+        old = Path(tempfile.mkdtemp(prefix=safety.owned_temp_prefix("old", final.name), dir=final.parent))
         os.replace(final, old / final.name)
     os.replace(work, final)
     if old is not None:
@@ -202,6 +195,7 @@ def _install(work: Path, final: Path) -> None:
 def _build_subject(loaded: LoadedSubject, work: Path, options: PipelineOptions) -> dict:
     row = loaded.row
     sid = row.subject_id
+    inputs = _inputs_fingerprint(row)  # before reading: an input changed during the run is redone next time
     timings: dict[str, float] = {}
     warnings = list(loaded.warnings)
     if loaded.ld_pet is None:
@@ -320,7 +314,7 @@ def _build_subject(loaded: LoadedSubject, work: Path, options: PipelineOptions) 
         "version": m2diff_monai.__version__,
         "created": manifest_stage.now_iso(),
         "parameters": options.subject_parameters(),
-        "inputs": _inputs_fingerprint(row),
+        "inputs": inputs,
         "source": {k: (str(v) if v else None) for k, v in (("ld_pet", row.ld_pet), ("sd_pet", row.sd_pet), ("mri", row.mri))},
         "drf": row.drf,
         "space": options.space,
@@ -368,8 +362,10 @@ def _select_shard(rows: list[SubjectRow], shard: tuple[int, int] | None) -> list
     return [r for pos, r in enumerate(ordered) if pos % n == i - 1]
 
 
-def _existing_record(final: Path, row: SubjectRow, options: PipelineOptions) -> dict | None:
-    """The saved record when the subject is done with these parameters and inputs, else None."""
+def _existing_record(final: Path, row: SubjectRow, options: PipelineOptions,
+                     changed: dict[str, list[str]] | None = None) -> dict | None:
+    """The saved record when the subject is done with these parameters and inputs, else None (the input roles
+    whose content changed since that record go into ``changed``)."""
     path = final / "subject.json"
     if options.force or not path.is_file():
         return None
@@ -377,7 +373,12 @@ def _existing_record(final: Path, row: SubjectRow, options: PipelineOptions) -> 
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if record.get("parameters") != options.subject_parameters() or record.get("inputs") != _inputs_fingerprint(row):
+    if record.get("parameters") != options.subject_parameters():
+        return None
+    stale = safety.stale_roles(record.get("inputs"), _inputs_fingerprint(row))
+    if stale:
+        if changed is not None:
+            changed[row.subject_id] = stale
         return None
     files = record.get("files", {})
     needed = [files.get(k) for k in ("ld_pet", "sd_pet", "mri", "brain_mask") if files.get(k)]
@@ -411,10 +412,23 @@ def run_pipeline(subjects_csv: Path, out_dir: Path, manifest_path: Path, options
 
     Without ``keep_going`` the first failing subject stops the run: its :class:`InputError` is raised (subjects
     already finished stay valid and are skipped by the next run) and no manifest is written. With ``keep_going``
-    failures are collected in the summary and the manifest lists only the good subjects.
+    failures are collected in the summary and the manifest lists only the good subjects; a subject whose table
+    row is bad (a listed file missing...) fails alone then. Raises :class:`InputError` before any work when an
+    output would replace an input (:mod:`.outputs`) or another run holds ``out_dir``.
     """
     subjects_csv, out_dir, manifest_path = Path(subjects_csv), Path(out_dir), Path(manifest_path)
-    rows = read_subjects(subjects_csv)
+    problems: dict[str, InputError] | None = {} if options.keep_going else None
+    rows = read_subjects(subjects_csv, problems=problems)
+    suffix = f"_shard-{options.shard[0]}-of-{options.shard[1]}" if options.shard else ""
+    output_guard.guard_run(subjects_csv, rows, _select_shard(rows, options.shard), out_dir, manifest_path,
+                           [f"summary{suffix}.csv", f"summary{suffix}.md"])
+    lock_name = f".m2diff-preprocess{suffix.replace('_', '.')}.lock"
+    with safety.output_lock(out_dir, "m2diff-preprocess", "--out", lock_name):
+        return _run_locked(rows, problems or {}, subjects_csv, out_dir, manifest_path, options)
+
+
+def _run_locked(rows: list[SubjectRow], problems: dict[str, InputError], subjects_csv: Path, out_dir: Path,
+                manifest_path: Path, options: PipelineOptions) -> RunSummary:
     splits = assign_splits(
         [r.subject_id for r in rows],
         explicit={r.subject_id: r.split for r in rows},
@@ -437,11 +451,14 @@ def run_pipeline(subjects_csv: Path, out_dir: Path, manifest_path: Path, options
 
     for row in mine:
         sid = row.subject_id
+        if sid in problems:
+            fail(sid, problems[sid].line(), True)
+            continue
         if row.sd_pet is None and splits[sid] in ("train", "val"):
             fail(sid, InputError(f"split {splits[sid]!r} needs a standard-dose PET, but sd_pet is empty",
                                  subject=sid, path=subjects_csv).line(), True)
             continue
-        record = _existing_record(out_dir / "subjects" / sid, row, options)
+        record = _existing_record(out_dir / "subjects" / sid, row, options, summary.changed)
         if record is not None:
             records[sid] = record
             summary.skipped.append(sid)
@@ -517,8 +534,11 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``run`` options to ``parser`` (called by :mod:`preprocessing.cli`)."""
     d = PipelineOptions()
     parser.add_argument("--subjects", required=True, type=Path, help="subjects table (CSV)")
-    parser.add_argument("--out", required=True, type=Path, help="output folder (subjects/<id>/, qc/)")
-    parser.add_argument("--manifest", required=True, type=Path, help="manifest to write, e.g. data_manifests/NAME.json")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="output folder (subjects/<id>/, qc/); refused before any work when a folder it would "
+                             "replace holds an input, or while another run writes to it (docs/safety.md)")
+    parser.add_argument("--manifest", required=True, type=Path,
+                        help="manifest to write, e.g. data_manifests/NAME.json (never the table or an input)")
     parser.add_argument("--transform", default=d.transform, help="SyN (paper, default) | affine | rigid")
     parser.add_argument("--space", default=d.space, choices=SPACES,
                         help="pet: T1 resampled on the PET grid (default); mri: PET resampled on the T1 grid")
@@ -534,8 +554,12 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "slice: every 2D slice min-max on its own (the official M2Diff loader)")
     parser.add_argument("--workers", type=int, default=d.workers, help="subjects processed in parallel processes")
     parser.add_argument("--shard", default=None, help="I/N (1-based): process only the id-sorted subjects with index %% N == I-1")
-    parser.add_argument("--keep-going", action="store_true", help="report bad subjects and finish the others (exit 1)")
-    parser.add_argument("--force", action="store_true", help="redo subjects even when their outputs are up to date")
+    parser.add_argument("--keep-going", action="store_true",
+                        help="report bad subjects (a bad table row too) and finish the others (exit 1); table "
+                             "structure errors still stop the run")
+    parser.add_argument("--force", action="store_true",
+                        help="redo subjects even when their outputs are up to date (replaces only this tool's "
+                             "subject folders; never an input: see docs/safety.md)")
     parser.add_argument("--frame", type=int, default=None, help="0-based frame of a 4D PET to use")
     parser.add_argument("--sum-frames", action="store_true", help="sum the frames of a 4D PET")
     parser.add_argument("--qform-policy", default="warn", choices=("warn", "reject"),
@@ -577,6 +601,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
     for line in summary.failed.values():
         print(line, file=sys.stderr)
+    for sid, roles in summary.changed.items():
+        print(f"subject {sid}: {', '.join(roles)} changed since its last run; redone", file=sys.stderr)
     print(
         f"processed {len(summary.processed)}, skipped {len(summary.skipped)} (up to date), failed {len(summary.failed)}; "
         f"manifest {summary.manifest}; QC summary {summary.qc_summary}"

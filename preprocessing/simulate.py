@@ -74,7 +74,9 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--mu-map", type=Path, default=None,
                         help="with --sd-pet: attenuation map on the PET grid in 1/cm (water 0.096); default: water "
                              "inside the head outline")
-    parser.add_argument("--force", action="store_true", help="with --subjects: redo subjects already simulated")
+    parser.add_argument("--force", action="store_true",
+                        help="with --subjects: redo subjects already simulated (rewrites only files this tool "
+                             "wrote; never an input: see docs/safety.md)")
     add_scanner_arguments(parser)
     parser.set_defaults(func=main)
     return parser
@@ -154,9 +156,11 @@ def simulate_subjects(table: Path, out_dir: Path, *, drf: float | None, seed: in
     """Fill missing ``ld_pet`` of a subjects table; write ``out_dir/subjects.csv``; return its path."""
     from tqdm import tqdm
 
+    from .outputs import guard_simulate_table
     from .subjects import MASK_PREFIX, PATH_COLUMNS, read_subjects
 
     rows = read_subjects(table, require=("sd_pet",))
+    guard_simulate_table(Path(table), rows, Path(out_dir))
     with open(table, newline="", encoding="utf-8-sig") as fh:
         raw = [r for r in csv.DictReader(fh) if any((v or "").strip() for v in r.values())]
     columns = [c.strip() for c in raw[0].keys()] if raw else []
@@ -232,6 +236,10 @@ def main(args: argparse.Namespace) -> int:
             drf = check_drf(args.drf if args.drf is not None else DEFAULT_DRF)
             if args.out.suffix not in (".nii", ".gz"):
                 raise InputError("--out must be a .nii or .nii.gz path with --sd-pet", path=args.out)
+            from .outputs import guard_simulate_file
+
+            guard_simulate_file(args.sd_pet, args.mu_map, {"--out": args.out, "--out (its JSON sidecar)":
+                                                           sidecar(args.out), "--sd-out": args.sd_out})
             info = simulate_file(args.sd_pet, args.out, drf, seed=args.seed, mode=args.mode, params=params,
                                  backend=args.backend, device=args.device, sd_out=args.sd_out,
                                  mu_map_path=args.mu_map)

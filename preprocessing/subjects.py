@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import csv
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from m2diff_monai.errors import InputError
+from m2diff_monai.io.safety import SAFE_NAME
 
 PATH_COLUMNS: tuple[str, ...] = ("ld_pet", "sd_pet", "mri")
 REQUIRED_COLUMNS: tuple[str, ...] = ("subject_id", *PATH_COLUMNS)
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 MASK_PREFIX = "mask_"
-ID_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
+ID_PATTERN = SAFE_NAME  # ids name folders: the one safe-name rule of m2diff_monai.io.safety
 
 
 @dataclass(frozen=True)
@@ -41,13 +41,20 @@ class SubjectRow:
         return out
 
 
-def read_subjects(csv_path: str | Path, require: Sequence[str] = ("ld_pet",)) -> list[SubjectRow]:
+def read_subjects(csv_path: str | Path, require: Sequence[str] = ("ld_pet",),
+                  problems: dict[str, InputError] | None = None) -> list[SubjectRow]:
     """Read and check a subjects table.
 
     Columns ``subject_id``, ``ld_pet``, ``sd_pet``, ``mri`` must be present (a misspelt ``mri`` column would
     otherwise silently make every subject MRI-free); ``split``, ``drf`` and ``mask_<name>`` are optional; any
     other column is ignored. ``require`` names the path columns that must be non-empty in every row.
     Raises :class:`InputError` naming the table line, the subject and the file for the first problem found.
+
+    ``problems``: when a dict is given, a problem of one subject's cells (a listed file that is missing or not a
+    file, an empty required cell, a bad ``split`` or ``drf``) is stored there under the subject id instead of
+    raised, and that subject's row is returned unchecked (for ``--keep-going``: the subject fails alone, and the
+    split of the others does not move). Problems of the table itself (columns, field counts, empty, unsafe or
+    duplicate ids) are always raised.
     """
     bad_require = [c for c in require if c not in PATH_COLUMNS]
     if bad_require:
@@ -60,14 +67,15 @@ def read_subjects(csv_path: str | Path, require: Sequence[str] = ("ld_pet",)) ->
     base = csv_path.resolve().parent
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-            return _parse(csv.reader(fh), csv_path, base, tuple(require))
+            return _parse(csv.reader(fh), csv_path, base, tuple(require), problems)
     except UnicodeDecodeError as err:
         raise InputError(f"subjects table is not UTF-8 text ({err.reason})", path=csv_path) from None
     except csv.Error as err:
         raise InputError(f"subjects table is not valid CSV ({err})", path=csv_path) from None
 
 
-def _parse(reader, csv_path: Path, base: Path, require: tuple[str, ...]) -> list[SubjectRow]:
+def _parse(reader, csv_path: Path, base: Path, require: tuple[str, ...],
+           problems: dict[str, InputError] | None = None) -> list[SubjectRow]:
     header = next(reader, None)
     while header is not None and not any(c.strip() for c in header):
         header = next(reader, None)
@@ -91,6 +99,7 @@ def _parse(reader, csv_path: Path, base: Path, require: tuple[str, ...]) -> list
 
     rows: list[SubjectRow] = []
     first_line: dict[str, int] = {}
+    folded: dict[str, str] = {}  # casefolded id -> id as written
     for values in reader:
         line = reader.line_num
         if not any(v.strip() for v in values):
@@ -108,26 +117,53 @@ def _parse(reader, csv_path: Path, base: Path, require: tuple[str, ...]) -> list
         if subject_id in first_line:
             raise InputError(f"{where}: duplicate subject_id {subject_id!r} (first on line {first_line[subject_id]})",
                              subject=subject_id, path=csv_path)
-        first_line[subject_id] = line
-
-        paths = {}
-        for col in PATH_COLUMNS:
-            paths[col] = _path_cell(cells.get(col, ""), col, base, where, subject_id, col in require, csv_path)
-        masks = {}
-        for col in mask_columns:
-            p = _path_cell(cells.get(col, ""), col, base, where, subject_id, False, csv_path)
-            if p is not None:
-                masks[col[len(MASK_PREFIX):]] = p
-
-        split = cells.get("split", "").lower() or None
-        if split is not None and split not in SPLITS:
-            raise InputError(f"{where}: split {cells['split']!r} is not one of {'|'.join(SPLITS)} (or empty)",
+        twin = folded.get(subject_id.casefold())
+        if twin is not None:
+            raise InputError(f"{where}: subject_id {subject_id!r} differs from {twin!r} (line {first_line[twin]}) only "
+                             "in case; both would use one folder on a case-insensitive file system",
                              subject=subject_id, path=csv_path)
-        drf = _drf_cell(cells.get("drf", ""), where, subject_id, csv_path)
-        rows.append(SubjectRow(subject_id, paths["ld_pet"], paths["sd_pet"], paths["mri"], split, drf, masks))
+        first_line[subject_id] = line
+        folded[subject_id.casefold()] = subject_id
+
+        try:
+            rows.append(_row(cells, mask_columns, base, where, subject_id, require, csv_path))
+        except InputError as err:
+            if problems is None:
+                raise
+            problems[subject_id] = err
+            rows.append(_unchecked_row(cells, base, subject_id))
     if not rows:
         raise InputError("subjects table has a header but no subjects", path=csv_path)
     return rows
+
+
+def _row(cells: dict[str, str], mask_columns: list[str], base: Path, where: str, subject_id: str,
+         require: tuple[str, ...], csv_path: Path) -> SubjectRow:
+    paths = {}
+    for col in PATH_COLUMNS:
+        paths[col] = _path_cell(cells.get(col, ""), col, base, where, subject_id, col in require, csv_path)
+    masks = {}
+    for col in mask_columns:
+        p = _path_cell(cells.get(col, ""), col, base, where, subject_id, False, csv_path)
+        if p is not None:
+            masks[col[len(MASK_PREFIX):]] = p
+
+    split = cells.get("split", "").lower() or None
+    if split is not None and split not in SPLITS:
+        raise InputError(f"{where}: split {cells['split']!r} is not one of {'|'.join(SPLITS)} (or empty)",
+                         subject=subject_id, path=csv_path)
+    drf = _drf_cell(cells.get("drf", ""), where, subject_id, csv_path)
+    return SubjectRow(subject_id, paths["ld_pet"], paths["sd_pet"], paths["mri"], split, drf, masks)
+
+
+def _unchecked_row(cells: dict[str, str], base: Path, subject_id: str) -> SubjectRow:
+    """A failed subject's row as written (no file checked): only its split and whether it has a target count."""
+    def path(col: str) -> Path | None:
+        value = cells.get(col, "")
+        return (base / Path(value).expanduser()) if value else None
+
+    split = cells.get("split", "").lower()
+    return SubjectRow(subject_id, path("ld_pet"), path("sd_pet"), path("mri"), split if split in SPLITS else None)
 
 
 def _path_cell(value: str, column: str, base: Path, where: str, subject_id: str, required: bool,

@@ -8,8 +8,10 @@ grids are truly aligned, and later stages (registration, mask, crop) can run on 
 
 Every bad case is a complete subjects table with one good subject (``good01``) and one bad subject
 (``bad01``), except ``duplicate_id`` (two rows share ``good01``). Cases in :data:`TABLE_LEVEL_CASES` are refused
-when the table is read (``read_subjects``), so no subject of that table can run; the others fail only
-``bad01``'s intake, and ``good01`` can go on under ``--keep-going``. :data:`CASE_OPTIONS` / :data:`CASE_CLI_ARGS`
+when the table is read (``read_subjects``), so without ``--keep-going`` no subject of that table runs; of these,
+:data:`TABLE_STRUCTURE_CASES` stop the run even under ``--keep-going`` (the table itself is wrong), while a row's
+problem (``missing_file``) then fails ``bad01`` alone. The other cases fail only ``bad01``'s intake, and
+``good01`` goes on under ``--keep-going``. :data:`CASE_OPTIONS` / :data:`CASE_CLI_ARGS`
 hold the options a case needs to fail (``qform_sform`` only fails under ``qform_policy="reject"``).
 """
 
@@ -29,6 +31,7 @@ MRI_VOXEL_MM = 1.6
 HEAD_SEMI_AXES = (18.0, 22.0, 15.0)
 
 TABLE_LEVEL_CASES = frozenset({"missing_file", "duplicate_id", "malformed_id"})
+TABLE_STRUCTURE_CASES = frozenset({"duplicate_id", "malformed_id"})
 CASE_OPTIONS: dict[str, dict] = {"qform_sform": {"qform_policy": "reject"}}
 CASE_CLI_ARGS: dict[str, list[str]] = {"qform_sform": ["--qform-policy", "reject"]}
 
@@ -214,3 +217,109 @@ def make_bad_input_corpus(root: Path) -> dict[str, tuple[Path, str]]:
 def _rel(path: Path, folder: Path) -> str:
     return path.relative_to(folder).as_posix()
 
+
+
+# ------------------------------------------------------------------------------------- unsafe outputs (issue 13)
+# Ordinary command-line mistakes that must never destroy an input, write outside the output, or serve a stale
+# result. Each tool must refuse the first five classes with a one-line InputError before any work, leaving every
+# input byte-identical; the last three are behaviours (resume, concurrency, --keep-going), tested in
+# tests/test_safety.py. A hidden corpus with more cases of these classes is also run against the tools.
+SAFETY_CLASSES = (
+    "out_holds_raw_cohort",  # run --out DIR where DIR/subjects/<id>/ holds the raw files
+    "manifest_is_table",  # run --manifest pointing at the subjects table (or any input)
+    "infer_out_dir_holds_source",  # infer --out-dir DIR where DIR/<id>.nii.gz is a source LD PET
+    "export_out_holds_checkpoint",  # export --out RUN --force where RUN holds the checkpoint
+    "manifest_id_traversal",  # a manifest subject id with ../ (evaluate and cohort inference)
+    "same_size_rewrite",  # an input rewritten in place with the same size: the rerun must redo the subject
+    "concurrent_runs",  # two runs on one --out: the second refuses; temps of a live owner are never deleted
+    "keep_going_missing_file",  # --keep-going and a table row whose file is missing: that subject fails alone
+)
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """``{relative path: sha256}`` of every file under ``root`` (symlinks not followed): a before/after snapshot
+    proving that no input was changed, deleted or added to."""
+    import hashlib
+    import os
+
+    root = Path(root)
+    out = {}
+    for folder, dirs, files in os.walk(root):
+        for name in files:
+            path = Path(folder) / name
+            rel = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                out[rel] = "link:" + os.readlink(path)
+            else:
+                out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+        for name in dirs:
+            path = Path(folder) / name
+            if path.is_symlink():
+                out[path.relative_to(root).as_posix()] = "link:" + os.readlink(path)
+    return out
+
+
+def make_unsafe_output_corpus(root: Path) -> dict[str, tuple[list[str], str, Path]]:
+    """``{case: (m2diff-preprocess argv, expected message fragment, folder to snapshot)}``: preprocessing command
+    lines whose outputs would replace or delete an input. Each must exit 2 with one line containing the fragment
+    and leave the snapshot folder byte-identical (see :func:`tree_digest`)."""
+    root = Path(root)
+    cases: dict[str, tuple[list[str], str, Path]] = {}
+
+    def cohort(name: str, layout: str = "") -> tuple[Path, Path]:
+        folder = root / name / layout if layout else root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        table = write_table(folder / "subjects.csv", [write_subject(folder, "good01", seed=1),
+                                                      write_subject(folder, "good02", seed=2)])
+        return root / name, table
+
+    fast = ["--transform", "rigid", "--size", "32"]
+    # 1. --out is the folder whose subjects/<id>/ already hold the raw cohort
+    top, table = cohort("out_holds_raw_cohort", "subjects")
+    cases["out_holds_raw_cohort"] = (["run", "--subjects", str(table), "--out", str(top), "--manifest",
+                                      str(top / "m.json"), *fast], "holds the input", top)
+    # 2. --manifest is the subjects table itself
+    top, table = cohort("manifest_is_table")
+    cases["manifest_is_table"] = (["run", "--subjects", str(table), "--out", str(top / "out"), "--manifest",
+                                   str(table), *fast], "would overwrite the input subjects table", top)
+    # 2b. --manifest is a listed image
+    top, table = cohort("manifest_is_input_image")
+    cases["manifest_is_input_image"] = (["run", "--subjects", str(table), "--out", str(top / "out"), "--manifest",
+                                         str(top / "good01" / "ld_pet.nii.gz"), *fast], "would overwrite the input",
+                                        top)
+    # 1b. a subject's output folder is a symlink to the raw folder (symlinks are followed)
+    top, table = cohort("out_subject_folder_is_symlink")
+    (top / "out" / "subjects").mkdir(parents=True)
+    (top / "out" / "subjects" / "good02").symlink_to(top / "good02", target_is_directory=True)
+    cases["out_subject_folder_is_symlink"] = (["run", "--subjects", str(table), "--out", str(top / "out"),
+                                               "--manifest", str(top / "m.json"), *fast], "holds the input", top)
+    # 1c. the table sits where the QC summary goes
+    top = root / "qc_summary_is_table"
+    qc = top / "out" / "qc"
+    qc.mkdir(parents=True)
+    rows = [write_subject(qc, "good01", seed=1)]
+    table = write_table(qc / "summary.csv", rows)
+    cases["qc_summary_is_table"] = (["run", "--subjects", str(table), "--out", str(top / "out"), "--manifest",
+                                     str(top / "m.json"), *fast], "would overwrite the input subjects table", top)
+    # 2c. simulate --out is the table's own folder: the new table would replace the input table
+    top = root / "simulate_out_is_table_folder"
+    cells = write_subject(top, "good01", seed=1)
+    cells["ld_pet"] = ""
+    table = write_table(top / "subjects.csv", [cells])
+    cases["simulate_out_is_table_folder"] = (["simulate", "--subjects", str(table), "--out", str(top)],
+                                             "would overwrite the input subjects table", top)
+    return cases
+
+
+def rewrite_manifest_subject(manifest: Path, out: Path, old: str, new: str) -> Path:
+    """A copy of ``manifest`` at ``out`` (same folder: relative paths keep working) where subject ``old`` is
+    renamed ``new`` (e.g. ``../escape``): the manifest-id traversal class."""
+    import json
+
+    content = json.loads(Path(manifest).read_text())
+    for key in ("training", "validation", "test", "volumes"):
+        for item in content.get(key, []):
+            if item.get("subject") == old:
+                item["subject"] = new
+    Path(out).write_text(json.dumps(content))
+    return Path(out)

@@ -256,7 +256,9 @@ def test_bundle_root_override_finds_the_model_from_elsewhere(exported):
 
 def test_options_version_name_raw_weights_and_force(source, exported, tmp_path):
     out = tmp_path / "again"
-    out.mkdir()
+    (out / "models").mkdir(parents=True)
+    (out / "configs").mkdir()
+    (out / "configs/metadata.json").write_text("{}")  # an earlier export: the only folder --force replaces
     (out / "stale.txt").write_text("old export")
     result = export_mod.export_bundle(BUNDLE, source["checkpoint"], out, weights="raw", name="Tiny M2Diff",
                                       version="1.2.3", force=True, check=False)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from monai.data import load_decathlon_datalist
 
-from badinputs import TABLE_LEVEL_CASES, make_bad_input_corpus, write_subject, write_table
+from badinputs import TABLE_STRUCTURE_CASES, make_bad_input_corpus, write_subject, write_table
 from preprocessing.intake import IntakeOptions, load_subject
 from preprocessing.pipeline import PipelineOptions, parse_shard, process_subject, run_pipeline
 from preprocessing.subjects import read_subjects
@@ -178,11 +178,12 @@ def test_each_bad_input_fails_cleanly(bad_corpus, tmp_path):
 
 @pytest.mark.slow
 def test_keep_going_finishes_good_subjects(bad_corpus, tmp_path):
-    """All intake-level bad subjects of the corpus in one table, plus the good one and a late (crop) failure."""
+    """Every bad subject of the corpus in one table (a missing file too: it fails its row only), plus the good one
+    and a late (crop) failure."""
     rows = []
     expected = {}
     for case, (table, fragment) in bad_corpus.items():
-        if case in TABLE_LEVEL_CASES:
+        if case in TABLE_STRUCTURE_CASES:
             continue
         with open(table) as fh:
             for row in csv.DictReader(fh):

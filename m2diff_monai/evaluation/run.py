@@ -42,6 +42,7 @@ import m2diff_monai
 from m2diff_monai.data.orientation import ORIENTATION_AXIS, ORIENTATIONS, parse_orientations
 from m2diff_monai.data.datasets import read_manifest as read_manifest_file
 from m2diff_monai.errors import InputError
+from m2diff_monai.io import safety
 from m2diff_monai.io.atomic import save_json, save_text
 
 TOOL = "m2diff-evaluate"
@@ -151,6 +152,8 @@ def read_manifest(path: str | Path) -> dict:
 def select_items(content: dict, split: str, subjects: Sequence[str] | None, manifest: Path) -> list[dict]:
     wanted = SPLITS[split]
     items = [it for it in content["volumes"] if isinstance(it, dict) and (wanted is None or it.get("split") == wanted)]
+    for item in items:  # ids name the prediction files read and the figures written
+        safety.check_name(item.get("subject"), "manifest subject id", manifest)
     if subjects:
         missing = sorted(set(subjects) - {str(it.get("subject")) for it in items})
         if missing:
@@ -162,7 +165,9 @@ def select_items(content: dict, split: str, subjects: Sequence[str] | None, mani
 
 
 def prediction_path(pred_dir: str | Path, subject: str) -> Path | None:
-    """``DIR/<subject>.nii.gz`` or ``DIR/<subject>.nii`` (m2diff-infer's cohort naming), None when absent."""
+    """``DIR/<subject>.nii.gz`` or ``DIR/<subject>.nii`` (m2diff-infer's cohort naming), None when absent.
+    ``subject`` must be a safe name (InputError otherwise): a prediction is never read from outside ``DIR``."""
+    safety.check_name(subject, "subject id")
     for suffix in PRED_SUFFIXES:
         candidate = Path(pred_dir) / f"{subject}{suffix}"
         if candidate.is_file():
@@ -403,6 +408,7 @@ def load_subject(item: dict, base: Path, predictions: Mapping[str, Path], space:
         raise InputError("standard-dose reference has no positive value inside the brain mask", subject=sid)
     regions = {}
     for name, rel in sorted((item.get("regions") or {}).items()):
+        safety.check_name(name, f"subject {sid}: region name")  # it names report columns
         region_path = _path(base, rel)
         if region_path is not None:
             regions[str(name)] = mapper(region_path, f"region mask {name!r}")
@@ -847,19 +853,30 @@ def plan_subjects(items: list[dict], base: Path, pred_dirs: Mapping[str, Path], 
     return plan
 
 
-def _check_out_dir(out_dir: Path, inputs: Sequence[Path]) -> None:
-    """Refuse to replace a folder that is not a previous report, or one that holds the inputs."""
+def _check_out_dir(out_dir: Path, inputs: safety.RunInputs | Sequence[Path]) -> None:
+    """Refuse to replace a folder that is not a previous report, or one that is or holds an input."""
+    if not isinstance(inputs, safety.RunInputs):
+        inputs = safety.RunInputs((str(p), p) for p in inputs)
+    inputs.check(out_dir, "--out")
     out_dir = out_dir.resolve()
-    for p in inputs:
-        p = Path(p).resolve()
-        if p == out_dir or out_dir in p.parents:
-            raise InputError("report folder would contain or replace an input; choose another --out", path=out_dir)
     if out_dir.exists():
         if not out_dir.is_dir():
             raise InputError("report path exists and is not a folder", path=out_dir)
         if any(out_dir.iterdir()) and not _is_report(out_dir):
             raise InputError("folder exists and is not an m2diff-evaluate report (no run.json from this tool); "
                              "choose an empty or new --out", path=out_dir)
+
+
+def _run_inputs(manifest: Path, content: dict, pred_dirs: Mapping[str, Path], checkpoints: Mapping[str, Path],
+                timings: Mapping[str, Path], cka_checkpoint: str | Path | None,
+                lpips_weights: str | Path | None) -> safety.RunInputs:
+    """Everything the evaluation reads: the report folder (replaced as a whole) must be and hold none of it."""
+    inputs = safety.RunInputs([("--cka-checkpoint", cka_checkpoint), ("--lpips-weights", lpips_weights)])
+    inputs.add_manifest(manifest, content)
+    for option, mapping in (("--pred", pred_dirs), ("--checkpoint", checkpoints), ("--timings", timings)):
+        for method, path in mapping.items():
+            inputs.add(f"{option} {method}", path)
+    return inputs
 
 
 def _is_report(folder: Path) -> bool:
@@ -943,7 +960,8 @@ def evaluate_cohort(
     content = read_manifest(manifest)
     items = select_items(content, options.split, options.subjects, manifest)
     out_dir = Path(out_dir)
-    _check_out_dir(out_dir, [manifest, *pred_dirs.values()])
+    _check_out_dir(out_dir, _run_inputs(manifest, content, pred_dirs, checkpoint_map, timing_map, cka_checkpoint,
+                                        lpips_weights))
     plan = plan_subjects(items, base, pred_dirs, options.keep_going)
     if not plan.items:
         reasons = {**plan.skipped, **plan.failed}

@@ -17,7 +17,8 @@ Layout written (MONAI model-zoo convention)::
     OUT/LICENSE                      Apache-2.0
 
 The folder is built under a temporary name next to OUT and renamed into place only when complete, so a failed
-export leaves nothing (an existing OUT is replaced only with ``force``).
+export leaves nothing. An existing non-empty OUT is replaced only with ``force`` and only when it is an earlier
+export that holds no input (docs/safety.md).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import torch
 
 import m2diff_monai
 from m2diff_monai.errors import InputError
+from m2diff_monai.io.safety import RunInputs
 from m2diff_monai.export import model_card
 from m2diff_monai.export.torchscript import (
     INPUT_NAMES,
@@ -501,14 +503,26 @@ def _check_version(version: str) -> str:
     return version
 
 
-def _check_out(out: Path, bundle: Path, force: bool) -> None:
+def _check_out(out: Path, bundle: Path, force: bool, checkpoint: Path | None = None,
+               metrics: Path | None = None) -> None:
+    """``--out`` is replaced as a whole (under ``force``): it must not be, hold, or lie inside an input."""
     if out.resolve() == bundle.resolve() or bundle.resolve() in out.resolve().parents:
         raise InputError("--out must not be the source bundle or a folder inside it", path=out)
+    RunInputs([("--bundle", bundle), ("--checkpoint", checkpoint), ("--metrics", metrics)]).check(out, "--out")
     if out.exists() and not out.is_dir():
         raise InputError("--out exists and is not a folder", path=out)
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise InputError("--out exists and is not empty; choose another folder or pass --force to replace it",
-                         path=out)
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise InputError("--out exists and is not empty; choose another folder or pass --force to replace it",
+                             path=out)
+        if not _is_export(out):
+            raise InputError("--force replaces only an earlier export (configs/metadata.json and models/), and "
+                             "--out is not one; choose another folder", path=out)
+
+
+def _is_export(folder: Path) -> bool:
+    """What an earlier ``m2diff-export`` left: the only non-empty folder ``--force`` may replace."""
+    return (folder / "configs" / "metadata.json").is_file() and (folder / "models").is_dir()
 
 
 def export_bundle(
@@ -539,7 +553,7 @@ def export_bundle(
         raise InputError(ONNX_MISSING)
     configs = read_source_bundle(bundle)
     version = _check_version(version or str(configs["metadata.json"].get("version") or "0.1.0"))
-    _check_out(out, bundle, force)
+    _check_out(out, bundle, force, Path(checkpoint), None if metrics is None else Path(metrics))
     metrics_rows, eval_metrics = model_card.load_metrics(metrics) if metrics else (None, None)
     license = license_text(bundle)
     bar = tqdm(total=6 + int(onnx), desc="m2diff-export", unit="step", disable=not progress)

@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inference default to write into configs/inference.json, e.g. --set start_step=200 "
                         "--set steps=10 (repeatable; keys as in m2diff-infer's settings; VALUE is JSON or text)")
     p.add_argument("--onnx", action="store_true", help="also write models/model.onnx (needs the onnx package)")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out if it exists and is not empty (an earlier export); never allowed when --out "
+                        "is or holds an input (the checkpoint, the source bundle, --metrics): see docs/safety.md")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 

@@ -26,6 +26,7 @@ import torch
 import m2diff_monai
 from m2diff_monai.data.orientation import ORIENTATION_AXIS, parse_orientations
 from m2diff_monai.errors import InputError
+from m2diff_monai.io import safety
 from m2diff_monai.inference.checkpoint import LoadedModel, load_model
 from m2diff_monai.inference.fusion import FUSION_METHODS
 from m2diff_monai.inference.inferer import AMP_CHOICES, DiffusionSamplerInferer, resolve_amp
@@ -382,7 +383,7 @@ def infer_subject(
     cfg = resolve_settings(bundle, **settings)
     sid = subject or _subject_name(ld_pet)
     paths = output_paths(output, cfg)
-    _check_distinct(paths, [ld_pet, mri])
+    _check_distinct(paths, [("--ld-pet", ld_pet), ("--mri", mri), ("--checkpoint", _checkpoint_file(checkpoint))])
     device = resolve_device(cfg.device)
     start = time.perf_counter()
     model = _load(checkpoint, device, cfg.use_ema)
@@ -439,35 +440,35 @@ def infer_manifest(
     if not items:
         raise InputError(f"manifest has no '{split}' volumes to infer", path=manifest)
     out_dir = Path(out_dir)
+    planned = _plan_cohort_outputs(manifest, content, items, out_dir, cfg, checkpoint)
     device = resolve_device(cfg.device)
-    start = time.perf_counter()
-    model = _load(checkpoint, device, cfg.use_ema)
-    prep = resolve_preprocessing(model.data_config, {}, model.image_size)
-    _check_manifest_matches(content, prep, manifest)
-    prep = _with_manifest_normalization(content, prep)
-    inferer = _build_inferer(model, cfg, device)
-    results = []
-    for item in items:
-        sid = str(item.get("subject"))
-        prepared = prepare_from_manifest_item(item, manifest.resolve().parent)
-        paths = output_paths(out_dir / f"{sid}.nii.gz", cfg)
-        use_mri = prepared.mri is not None and not cfg.no_mri
-        result = _run(prepared, model, cfg, prep, paths, device, inferer, use_mri)
-        results.append({**asdict(result), "mri_used": use_mri, "split": item.get("split"),
-                        "source_ld_pet": prepared.source.path})
-    summary = {
-        "tool": "m2diff-infer",
-        "version": m2diff_monai.__version__,
-        "manifest": str(manifest),
-        "split": split,
-        "checkpoint": model.path,
-        "weights": model.weights,
-        "settings": {**cfg.as_dict(), "device": str(device)},
-        "preprocessing": prep.as_dict(),
-        "subjects": results,
-        "seconds": round(time.perf_counter() - start, 3),
-    }
-    save_json(out_dir / "predictions.json", summary)
+    with safety.output_lock(out_dir, "m2diff-infer", "--out-dir", ".m2diff-infer.lock"):
+        start = time.perf_counter()
+        model = _load(checkpoint, device, cfg.use_ema)
+        prep = resolve_preprocessing(model.data_config, {}, model.image_size)
+        _check_manifest_matches(content, prep, manifest)
+        prep = _with_manifest_normalization(content, prep)
+        inferer = _build_inferer(model, cfg, device)
+        results = []
+        for item, (sid, paths) in zip(items, planned):
+            prepared = prepare_from_manifest_item(item, manifest.resolve().parent)
+            use_mri = prepared.mri is not None and not cfg.no_mri
+            result = _run(prepared, model, cfg, prep, paths, device, inferer, use_mri)
+            results.append({**asdict(result), "mri_used": use_mri, "split": item.get("split"),
+                            "source_ld_pet": prepared.source.path})
+        summary = {
+            "tool": "m2diff-infer",
+            "version": m2diff_monai.__version__,
+            "manifest": str(manifest),
+            "split": split,
+            "checkpoint": model.path,
+            "weights": model.weights,
+            "settings": {**cfg.as_dict(), "device": str(device)},
+            "preprocessing": prep.as_dict(),
+            "subjects": results,
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+        save_json(out_dir / "predictions.json", summary)
     return summary
 
 
@@ -515,11 +516,37 @@ def _subject_name(path: str | Path) -> str:
     return name
 
 
-def _check_distinct(paths: dict[str, Path], inputs: Sequence[str | Path | None]) -> None:
-    resolved = {Path(p).resolve() for p in inputs if p}
-    for p in paths.values():
-        if Path(p).resolve() in resolved:
-            raise InputError("output would overwrite an input file", path=p)
+def _checkpoint_file(checkpoint: str | Path | LoadedModel) -> str | Path | None:
+    return checkpoint.path if isinstance(checkpoint, LoadedModel) else checkpoint
+
+
+def _check_distinct(paths: dict[str, Path], inputs: Sequence[tuple[str, str | Path | None]],
+                    option: str = "--out") -> None:
+    """No output file may be an input (:mod:`m2diff_monai.io.safety`)."""
+    safety.RunInputs(inputs).check_all(paths.values(), option)
+
+
+def _plan_cohort_outputs(manifest: Path, content: dict, items: list[dict], out_dir: Path, cfg: InferenceSettings,
+                         checkpoint: str | Path | LoadedModel) -> list[tuple[str, dict[str, Path]]]:
+    """``(subject, output paths)`` per item, checked before any work: subject ids are safe file names, every file
+    stays in ``out_dir`` and none is the checkpoint, the manifest or a file the manifest lists."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError("--out-dir exists and is not a folder", path=out_dir)
+    inputs = safety.RunInputs([("--checkpoint", _checkpoint_file(checkpoint))])
+    inputs.add_manifest(manifest, content)
+    planned = []
+    seen: dict[str, str] = {}
+    for item in items:
+        sid = safety.check_name(item.get("subject"), "manifest subject id", manifest)
+        if sid.casefold() in seen:  # two items would write one prediction (case-insensitive file systems too)
+            raise InputError(f"manifest subject id {sid!r} repeats {seen[sid.casefold()]!r}: both predictions "
+                             "would be one file", path=manifest)
+        seen[sid.casefold()] = sid
+        paths = output_paths(safety.child(out_dir, f"{sid}.nii.gz", "--out-dir", "subject id"), cfg)
+        inputs.check_all(paths.values(), "--out-dir", root=out_dir)
+        planned.append((sid, paths))
+    inputs.check(out_dir / "predictions.json", "--out-dir")
+    return planned
 
 
 def _summary(result: SubjectResult, model: LoadedModel, cfg: InferenceSettings, prep: TrainingPreprocessing,

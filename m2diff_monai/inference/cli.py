@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Enhance low-dose brain PET with a trained M2Diff/MFdiff checkpoint: three-orientation 2D "
         "sampling fused into one 3D volume, written on the input's own grid in its original units.",
+        epilog="Outputs never replace an input: an --out/--out-dir/--summary path that is (or a folder that holds) "
+        "the checkpoint, an input NIfTI, the manifest or a file it lists is refused before any work; manifest "
+        "subject ids must be safe file names. A second cohort run on the same --out-dir refuses while the first "
+        "runs. Existing predictions of the same name are replaced. See docs/safety.md.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     io = p.add_argument_group("inputs and outputs")
@@ -148,6 +152,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     try:
+        if args.summary is not None:
+            from m2diff_monai.io.safety import RunInputs
+
+            RunInputs([("--checkpoint", args.checkpoint), ("--ld-pet", args.ld_pet), ("--mri", args.mri),
+                       ("--manifest", args.manifest)]).check(args.summary, "--summary")
         summary = _run(args, parser)
         if args.summary is not None:
             from m2diff_monai.io.atomic import save_json
