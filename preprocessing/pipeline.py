@@ -26,7 +26,7 @@ import tempfile
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -41,6 +41,7 @@ from m2diff_monai.io.atomic import save_json, save_nifti
 from . import crop as crop_stage
 from . import manifest as manifest_stage
 from . import qc as qc_stage
+from . import spacing as spacing_stage
 from .intake import IntakeOptions, LoadedSubject, load_subject
 from .cubes import prepare_cubes, voxel_spacing
 from .normalization import METHODS
@@ -49,7 +50,7 @@ from .slices import parse_slices_per_subject, select_slices, write_slices
 from .split import assign_splits, parse_ratios
 from .subjects import SubjectRow, read_subjects
 
-STAGES: tuple[str, ...] = ("registration", "mask", "normalization", "crop", "write_volumes", "slices", "qc")
+STAGES: tuple[str, ...] = ("resample", "registration", "mask", "normalization", "crop", "write_volumes", "slices", "qc")
 
 
 def parse_shard(value: str | tuple[int, int] | None) -> tuple[int, int] | None:
@@ -73,7 +74,9 @@ def parse_shard(value: str | tuple[int, int] | None) -> tuple[int, int] | None:
 class PipelineOptions:
     transform: str = "SyN"
     space: str = "pet"
-    size: int = 256
+    size: int = 256  # cube edge in voxels at the target spacing
+    spacing: str | tuple[float, float, float] = spacing_stage.AUTO  # auto | native | (x, y, z) mm
+    cohort_spacing: tuple[float, float, float] | None = None  # `auto` resolved over the whole table (run_pipeline)
     orientations: tuple[str, ...] = ("axial", "coronal", "sagittal")
     slices_per_subject: int | None = None  # None = every slice that contains brain
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
@@ -92,6 +95,9 @@ class PipelineOptions:
         if self.space not in SPACES:
             raise ValueError(f"--space must be one of {', '.join(SPACES)}, got {self.space!r}")
         set_(self, "size", crop_stage.validate_size(self.size))
+        set_(self, "spacing", spacing_stage.parse_spacing(self.spacing))
+        if self.cohort_spacing is not None:
+            set_(self, "cohort_spacing", spacing_stage.parse_spacing(self.cohort_spacing))
         set_(self, "orientations", parse_orientations(self.orientations))
         set_(self, "slices_per_subject", parse_slices_per_subject(self.slices_per_subject))
         set_(self, "split", parse_ratios(self.split))
@@ -101,12 +107,22 @@ class PipelineOptions:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
         set_(self, "shard", parse_shard(self.shard))
 
+    @property
+    def target_spacing(self) -> tuple[float, float, float] | None:
+        """The voxel size every subject is resampled to; None = each keeps its own (``native``, or ``auto`` not yet
+        resolved over a cohort: a cohort of one subject has its own spacing as median)."""
+        if self.spacing == spacing_stage.NATIVE:
+            return None
+        return self.cohort_spacing if self.spacing == spacing_stage.AUTO else self.spacing
+
     def subject_parameters(self) -> dict:
         """Everything that shapes a subject's outputs: a rerun with equal parameters may reuse them."""
+        target = self.target_spacing
         return {
             "transform": self.transform,
             "space": self.space,
             "size": self.size,
+            "spacing": None if target is None else [float(v) for v in target],
             "orientations": list(self.orientations),
             "slices_per_subject": self.slices_per_subject,
             "normalization": self.normalization,
@@ -120,7 +136,8 @@ class PipelineOptions:
 
     def manifest_parameters(self) -> dict:
         """Subject parameters plus the split: shard manifests merge only when these agree."""
-        return {**self.subject_parameters(), "split": [float(r) for r in self.split]}
+        rule = self.spacing if isinstance(self.spacing, str) else "fixed"
+        return {**self.subject_parameters(), "spacing_rule": rule, "split": [float(r) for r in self.split]}
 
 
 @dataclass
@@ -216,6 +233,9 @@ def _build_subject(loaded: LoadedSubject, work: Path, options: PipelineOptions) 
 
     try:
         t = time.perf_counter()
+        native_ld = loaded.ld_pet
+        loaded, resampling = spacing_stage.resample_subject(loaded, options.target_spacing, options.space)
+        t = done("resample", t)
         ld_img = loaded.ld_pet
         ld = _data(ld_img)
         # intake guarantees SD is on the LD grid (within 0.1 voxel): it takes the LD affine.
@@ -319,9 +339,10 @@ def _build_subject(loaded: LoadedSubject, work: Path, options: PipelineOptions) 
         "source": {k: (str(v) if v else None) for k, v in (("ld_pet", row.ld_pet), ("sd_pet", row.sd_pet), ("mri", row.mri))},
         "drf": row.drf,
         "space": options.space,
-        "source_shape": [int(v) for v in ld_img.shape[:3]],
-        "source_spacing": voxel_spacing(ld_img.affine),
-        "source_affine": np.asarray(ld_img.affine).tolist(),
+        "source_shape": [int(v) for v in native_ld.shape[:3]],
+        "source_spacing": voxel_spacing(native_ld.affine),
+        "source_affine": np.asarray(native_ld.affine).tolist(),
+        "resampling": resampling,
         "grid_shape": [int(v) for v in mask.shape],
         "grid_affine": np.asarray(affine).tolist(),
         "shape": [options.size] * 3,
@@ -410,6 +431,9 @@ def run_pipeline(subjects_csv: Path, out_dir: Path, manifest_path: Path, options
     """
     subjects_csv, out_dir, manifest_path = Path(subjects_csv), Path(out_dir), Path(manifest_path)
     rows = read_subjects(subjects_csv)
+    if options.spacing == spacing_stage.AUTO:  # over the whole table, so that shards agree
+        grid_files = [r.ld_pet if options.space == "pet" else r.mri for r in rows]
+        options = replace(options, cohort_spacing=spacing_stage.resolve_target(spacing_stage.AUTO, grid_files))
     splits = assign_splits(
         [r.subject_id for r in rows],
         explicit={r.subject_id: r.split for r in rows},
@@ -517,7 +541,11 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--transform", default=d.transform, help="SyN (paper, default) | affine | rigid")
     parser.add_argument("--space", default=d.space, choices=SPACES,
                         help="pet: T1 resampled on the PET grid (default); mri: PET resampled on the T1 grid")
-    parser.add_argument("--size", type=int, default=d.size, help="cube edge in voxels, a multiple of 16 (default 256)")
+    parser.add_argument("--size", type=int, default=d.size,
+                        help="cube edge in voxels at the target --spacing, a multiple of 16 (default 256)")
+    parser.add_argument("--spacing", default=d.spacing,
+                        help="voxel size every subject is resampled to: auto (default: the cohort's per-axis median), "
+                             "X or X,Y,Z in mm (RAS axes), or native (no resampling)")
     parser.add_argument("--orientations", default=",".join(d.orientations), help="comma list of axial,coronal,sagittal")
     parser.add_argument("--slices-per-subject", default="all",
                         help="'all' brain slices (default) or N slices uniformly across the brain's extent")
@@ -543,6 +571,7 @@ def options_from_args(args: argparse.Namespace) -> PipelineOptions:
         transform=args.transform,
         space=args.space,
         size=args.size,
+        spacing=args.spacing,
         orientations=args.orientations,
         slices_per_subject=args.slices_per_subject,
         split=args.split,
