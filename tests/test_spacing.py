@@ -54,12 +54,17 @@ def smooth_pet(points: np.ndarray) -> np.ndarray:
     return (head + 500.0 * np.exp(-d2 / (2 * HOT_SIGMA**2))).astype(np.float32)
 
 
-def max_second_derivatives(step: float = 0.25) -> np.ndarray:
-    """max |∂²f/∂x_i²| of :func:`smooth_pet` per axis, by central differences on a fine grid over the FOV."""
+def max_second_derivatives(step: float = 1.0) -> np.ndarray:
+    """max |∂²f/∂x_i²| of :func:`smooth_pet` per axis, from the analytic derivatives on a 1 mm grid over the FOV
+    (both Gaussians peak in curvature at their centres, which lie on that grid)."""
     axes = [np.arange(-n, n + step, step) for n in (48.0, 56.0, 40.0)]
-    grid = np.stack(np.meshgrid(*axes, indexing="ij"))
-    f = smooth_pet(grid).astype(np.float64)
-    return np.array([np.abs(np.diff(f, 2, axis=i)).max() / step**2 for i in range(3)])
+    x = np.stack(np.meshgrid(*axes, indexing="ij"))
+    head = 1000.0 * np.exp(-sum((x[i] / SEMI_AXES[i]) ** 2 for i in range(3)))
+    d = x - np.asarray(HOT_CENTRE).reshape(3, 1, 1, 1)
+    hot = 500.0 * np.exp(-(d**2).sum(axis=0) / (2 * HOT_SIGMA**2))
+    second = [head * (4 * x[i] ** 2 / SEMI_AXES[i] ** 4 - 2 / SEMI_AXES[i] ** 2)
+              + hot * (d[i] ** 2 / HOT_SIGMA**4 - 1 / HOT_SIGMA**2) for i in range(3)]
+    return np.array([np.abs(f2).max() for f2 in second])
 
 
 def write_scan(path: Path, voxel_mm: float, flip_lps: bool = False) -> Path:
@@ -77,10 +82,12 @@ def by_hand(data: np.ndarray, src_affine: np.ndarray, dst_shape, dst_affine: np.
 
 
 def identity_checkpoint(path: Path, size: int, spacing) -> Path:
-    """The identity 'model' as training saves it, with the preprocessing a manifest at ``spacing`` records."""
+    """The identity 'model' as training saves it, with the preprocessing a manifest at ``spacing`` records
+    (None: no spacing recorded, as in checkpoints from before ``--spacing``; "native": recorded as native)."""
     net = build_network({"name": "inference_test_identity"})
-    preprocessing = {"size": size, "normalization": "shared", "transform": "Rigid", "space": "pet",
-                     "spacing": None if spacing is None else list(spacing)}
+    preprocessing = {"size": size, "normalization": "shared", "transform": "Rigid", "space": "pet"}
+    if spacing is not None:
+        preprocessing["spacing"] = None if spacing == "native" else list(spacing)
     config = checkpoint_config(net, {"timesteps": 100}, {"size": size, "preprocessing": preprocessing})
     torch.save({"network": net.state_dict(), "ema": None, "optimizer": {}, "scaler": None, "epoch": 1,
                 "iteration": 1, "config": config}, path)
@@ -200,10 +207,12 @@ def test_a_2mm_scan_runs_through_a_4mm_model_and_agrees_with_the_4mm_scan(tmp_pa
     assert np.abs(pred2[inside] - truth[inside]).max() <= 2.5 * max_second_derivatives().sum()
 
 
-def test_old_checkpoints_without_a_spacing_keep_the_native_grid(tmp_path, scans):
-    ckpt = identity_checkpoint(tmp_path / "old.pt", size=32, spacing=None)
+@pytest.mark.parametrize("recorded, source", [(None, "default"), ("native", "checkpoint")])
+def test_checkpoints_without_a_spacing_keep_the_native_grid(tmp_path, scans, recorded, source):
+    """Checkpoints from before --spacing (nothing recorded) and --spacing native runs: no resampling."""
+    ckpt = identity_checkpoint(tmp_path / "old.pt", size=32, spacing=recorded)
     summary = api.infer_subject(ckpt, scans["2mm"], tmp_path / "pred.nii.gz", **FAST)
-    assert summary["preprocessing"]["spacing"] is None and summary["preprocessing"]["sources"]["spacing"] == "default"
+    assert summary["preprocessing"]["spacing"] is None and summary["preprocessing"]["sources"]["spacing"] == source
     pred, ld = canonical(tmp_path / "pred.nii.gz")[0], canonical(scans["2mm"])[0]
     defined = pred != 0
     np.testing.assert_allclose(pred[defined], ld[defined], rtol=1e-5, atol=1e-2)  # no interpolation at all
@@ -254,6 +263,12 @@ def test_mixed_cohort_is_preprocessed_at_one_spacing_and_recorded(mixed_cohort):
     assert data["preprocessing"]["spacing"] == [4.0, 4.0, 4.0]
     prep = resolve_preprocessing(data, {}, None)
     assert prep.spacing == (4.0, 4.0, 4.0) and prep.sources["spacing"] == "checkpoint"
+    # and an exported bundle freezes it (it must not need the manifest)
+    from m2diff_monai.export.bundle import freeze_preprocessing
+
+    frozen = freeze_preprocessing(data, None)["values"]
+    assert frozen["spacing"] == [4.0, 4.0, 4.0]
+    assert resolve_preprocessing({"preprocessing": frozen}, {}, None).spacing == (4.0, 4.0, 4.0)
 
 
 def test_explicit_spacing_and_reruns(mixed_cohort, tmp_path):

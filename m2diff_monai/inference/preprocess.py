@@ -116,6 +116,9 @@ def resolve_preprocessing(
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     nested = dict(data_config.get("preprocessing") or {})
     manifest = _manifest_parameters(data_config)
+    for table in (nested, manifest):  # a recorded null spacing is a decision (native), not a missing record
+        if "spacing" in table and table["spacing"] is None:
+            table["spacing"] = spacing_stage.NATIVE
     defaults = {**PIPELINE_DEFAULTS, "size": network_image_size or 256, "seed": 0, "spacing": "native"}
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
