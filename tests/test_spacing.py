@@ -327,3 +327,29 @@ def test_cohort_inference_prepares_items_at_another_spacing_from_their_sources(m
     defined = pred != 0
     assert defined.sum() > 500
     np.testing.assert_allclose(pred[defined], source[defined], rtol=1e-5, atol=1e-2)  # 2 mm model, 2 mm scan
+
+
+def test_command_lines_take_spacing(tmp_path, scans, monkeypatch):
+    """``m2diff-preprocess run``/``demo`` parse --spacing into the pipeline options; ``m2diff-infer --spacing``
+    reaches the preprocessing (here: native makes the 2 mm brain too big for a 16-voxel cube again)."""
+    import argparse
+
+    from m2diff_monai.inference import cli as infer_cli
+    from preprocessing import demo, pipeline
+
+    run_args = pipeline.configure(argparse.ArgumentParser()).parse_args(
+        ["--subjects", "s.csv", "--out", "o", "--manifest", "m.json", "--spacing", "2,2,3"])
+    assert pipeline.options_from_args(run_args).target_spacing == (2.0, 2.0, 3.0)
+    assert pipeline.options_from_args(run_args).manifest_parameters()["spacing"] == [2.0, 2.0, 3.0]
+    default = pipeline.options_from_args(pipeline.configure(argparse.ArgumentParser()).parse_args(
+        ["--subjects", "s.csv", "--out", "o", "--manifest", "m.json"]))
+    assert default.spacing == "auto" and default.target_spacing is None  # resolved over the table by run_pipeline
+    demo_args = demo.configure(argparse.ArgumentParser()).parse_args(["--out", "o", "--spacing", "4"])
+    assert demo_args.spacing == "4"
+
+    ckpt = identity_checkpoint(tmp_path / "id4.pt", size=16, spacing=(4.0, 4.0, 4.0))
+    common = ["--checkpoint", str(ckpt), "--ld-pet", str(scans["2mm"]), "--no-png", "--no-progress",
+              "--steps", "2", "--device", "cpu", "--fusion", "mean"]
+    assert infer_cli.main([*common, "--out", str(tmp_path / "ok.nii.gz")]) == 0
+    assert infer_cli.main([*common, "--out", str(tmp_path / "no.nii.gz"), "--spacing", "native"]) == 2
+    assert (tmp_path / "ok.nii.gz").is_file() and not (tmp_path / "no.nii.gz").exists()
