@@ -1,6 +1,7 @@
 """``m2diff-preprocess run``: subjects table → registered, normalized cubes, 2D slices, QC and a MONAI manifest.
 
-Per subject (stages 2–9): registration (:mod:`.registration`) → brain mask (:mod:`.mask`) → normalization
+Per subject (stages 2–9): resampling to the run's one voxel size (:mod:`.spacing`) → registration
+(:mod:`.registration`) → brain mask (:mod:`.mask`) → normalization
 (:mod:`.normalization`) → crop/pad (:mod:`.crop`) → slices (:mod:`.slices`) → QC montage (:mod:`.qc`) →
 ``subject.json``. Per run: split (:mod:`.split`), manifest (:mod:`.manifest`), QC summary.
 
@@ -50,7 +51,9 @@ from .slices import parse_slices_per_subject, select_slices, write_slices
 from .split import assign_splits, parse_ratios
 from .subjects import SubjectRow, read_subjects
 
-STAGES: tuple[str, ...] = ("resample", "registration", "mask", "normalization", "crop", "write_volumes", "slices", "qc")
+STAGES: tuple[str, ...] = (
+    "resample", "registration", "mask", "normalization", "crop", "write_volumes", "slices", "qc",
+)
 
 
 def parse_shard(value: str | tuple[int, int] | None) -> tuple[int, int] | None:

@@ -156,7 +156,8 @@ def test_target_grid_keeps_the_field_of_view_and_linear_functions_resample_exact
 @pytest.fixture(scope="module")
 def scans(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("scans")
-    return {"2mm": write_scan(root / "ld_2mm.nii.gz", 2.0, flip_lps=True), "4mm": write_scan(root / "ld_4mm.nii.gz", 4.0)}
+    return {"2mm": write_scan(root / "ld_2mm.nii.gz", 2.0, flip_lps=True),
+            "4mm": write_scan(root / "ld_4mm.nii.gz", 4.0)}
 
 
 def test_a_2mm_scan_runs_through_a_4mm_model_and_agrees_with_the_4mm_scan(tmp_path, scans):

@@ -475,7 +475,8 @@ def _check_manifest_matches(content: dict, prep: TrainingPreprocessing, manifest
     """The cubes must have been made like the training data; only parameters the checkpoint states are checked."""
     params = dict((content.get("provenance") or {}).get("parameters") or {})
     params.setdefault("size", content.get("size"))
-    if prep.spacing is not None and params.get("spacing") is not None and not np.allclose(params["spacing"], prep.spacing):
+    recorded = params.get("spacing")
+    if prep.spacing is not None and recorded is not None and not np.allclose(recorded, prep.spacing):
         return  # cubes at another voxel size: prepare_cohort_item prepares the subjects from their source files
     for key in ("size", "normalization", "space"):
         known = prep.sources.get(key) in ("checkpoint", "option")

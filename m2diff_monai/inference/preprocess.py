@@ -276,8 +276,8 @@ def prepare_subject(
     """Validate and preprocess raw NIfTI files the way ``m2diff-preprocess run`` prepared the training data.
 
     Stages, in the pipeline's order: intake (nibabel, full read, canonical RAS+; PET–MRI overlap check) →
-    resampling to ``settings.spacing`` (the PET grid, or the T1 grid for ``space="mri"``) → registration with ``settings.transform`` (T1 → PET for ``space="pet"``) → brain mask → normalization →
-    crop/pad to the ``settings.size`` cube. Raises :class:`InputError` naming the subject and file.
+    resampling to ``settings.spacing`` (the PET grid, or the T1 grid for ``space="mri"``) → registration with
+    ``settings.transform`` (T1 → PET for ``space="pet"``) → brain mask → normalization → crop/pad to the ``settings.size`` cube. Raises :class:`InputError` naming the subject and file.
     """
     row = SubjectRow(subject_id=subject, ld_pet=Path(ld_pet), sd_pet=None, mri=None if mri is None else Path(mri))
     loaded = load_subject(row, intake)
