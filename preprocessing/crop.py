@@ -34,8 +34,10 @@ class CropBox:
         return {"start": [int(s) for s in self.start], "size": int(self.size)}
 
 
-def crop_box(mask: np.ndarray, size: int, subject: str | None = None, path: str | None = None) -> CropBox:
-    """The cube centred on ``mask``'s bounding box; InputError when the brain is larger than the cube."""
+def crop_box(mask: np.ndarray, size: int, subject: str | None = None, path: str | None = None,
+             spacing: tuple[float, ...] | None = None) -> CropBox:
+    """The cube centred on ``mask``'s bounding box; InputError when the brain is larger than the cube (the message
+    gives the voxel ``spacing`` the size counts in, when known)."""
     size = validate_size(size)
     if not mask.any():
         raise InputError("no brain found in the PET (empty brain mask); is this a brain PET?", subject=subject, path=path)
@@ -46,8 +48,9 @@ def crop_box(mask: np.ndarray, size: int, subject: str | None = None, path: str 
         first, last = int(idx[0]), int(idx[-1])
         extent = last - first + 1
         if extent > size:
+            at = "" if spacing is None else f" of {float(spacing[axis]):.3g} mm"
             raise InputError(
-                f"the brain spans {extent} voxels along axis {axis}, more than --size {size}; "
+                f"the brain spans {extent} voxels{at} along axis {axis}, more than --size {size}; "
                 f"use a larger --size (e.g. {(extent + SIZE_MULTIPLE - 1) // SIZE_MULTIPLE * SIZE_MULTIPLE})",
                 subject=subject,
                 path=path,

@@ -64,7 +64,7 @@ def prepare_cubes(
     mri_scale = mri_scaling(mri, mask) if mri is not None else None
     report("normalization")
 
-    box = crop_stage.crop_box(mask, size, subject=subject, path=path)
+    box = crop_stage.crop_box(mask, size, subject=subject, path=path, spacing=voxel_spacing(affine))
     cubes = Cubes(
         ld=ld_scaling.apply(crop_stage.crop_or_pad(ld, box)),
         sd=None if sd is None else sd_scaling.apply(crop_stage.crop_or_pad(sd, box)),

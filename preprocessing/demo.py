@@ -51,6 +51,7 @@ class DemoOptions:
     workers: int = 1
     downsample: int = 1  # block-average the template (e.g. 2 → 4 mm) for quick tests
     transform: str = "SyN"
+    spacing: str = "auto"  # target voxel size of preprocessing (auto = the cohort's median: the grid's own here)
     backend: str = "numpy"
     normalization: str = "shared"  # preprocessing only: not part of the raw cohort's fingerprint
     scanner: ScannerParams = field(default_factory=ScannerParams)
@@ -214,8 +215,8 @@ def build_demo(out_dir: Path, manifest_path: Path, options: DemoOptions, progres
     notes = (f"{DEMO_NOTES} Grid {voxel} mm, DRF {options.drf:g}, seed {options.seed}, "
              f"{options.subjects} subjects.")
     pipeline_options = PipelineOptions(transform=options.transform, size=options.grid_size(), seed=options.seed,
-                                       workers=max(1, options.workers), normalization=options.normalization,
-                                       notes=notes)
+                                       spacing=options.spacing, workers=max(1, options.workers),
+                                       normalization=options.normalization, notes=notes)
     summary = run_pipeline(table, out_dir / "preprocessed", Path(manifest_path), pipeline_options)
     return summary, records
 
@@ -239,6 +240,9 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--transform", default="SyN", help="T1→PET registration: SyN (default) | affine | rigid")
     parser.add_argument("--normalization", default="shared", type=cli_method, metavar="|".join(METHODS),
                         help="preprocessing normalization (default %(default)s; see m2diff-preprocess run --help)")
+    parser.add_argument("--spacing", default="auto",
+                        help="voxel size the cubes are resampled to: auto (default: the cohort's median, i.e. the "
+                             "demo grid), X or X,Y,Z mm, or native; --size counts voxels at this spacing")
     parser.add_argument("--raw-only", action="store_true", help="only generate the raw cohort (no preprocessing)")
     add_scanner_arguments(parser)
     parser.set_defaults(func=main)
@@ -257,8 +261,8 @@ def main(args: argparse.Namespace) -> int:
         params.check()
         options = DemoOptions(subjects=args.subjects, resolution=args.resolution, size=args.size, drf=args.drf,
                               seed=args.seed, workers=args.workers, downsample=args.downsample,
-                              transform=args.transform, backend=args.backend, normalization=args.normalization,
-                              scanner=params)
+                              transform=args.transform, spacing=args.spacing, backend=args.backend,
+                              normalization=args.normalization, scanner=params)
         t0 = time.perf_counter()
         if args.raw_only:
             table, records = generate_raw_cohort(args.out / "raw", options)

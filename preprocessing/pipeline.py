@@ -1,6 +1,7 @@
 """``m2diff-preprocess run``: subjects table → registered, normalized cubes, 2D slices, QC and a MONAI manifest.
 
-Per subject (stages 2–9): registration (:mod:`.registration`) → brain mask (:mod:`.mask`) → normalization
+Per subject (stages 2–9): resampling to the run's one voxel size (:mod:`.spacing`) → registration
+(:mod:`.registration`) → brain mask (:mod:`.mask`) → normalization
 (:mod:`.normalization`) → crop/pad (:mod:`.crop`) → slices (:mod:`.slices`) → QC montage (:mod:`.qc`) →
 ``subject.json``. Per run: split (:mod:`.split`), manifest (:mod:`.manifest`), QC summary.
 
@@ -30,7 +31,7 @@ import tempfile
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -47,6 +48,7 @@ from . import crop as crop_stage
 from . import manifest as manifest_stage
 from . import outputs as output_guard
 from . import qc as qc_stage
+from . import spacing as spacing_stage
 from .intake import IntakeOptions, LoadedSubject, load_subject
 from .cubes import prepare_cubes, voxel_spacing
 from .normalization import METHODS, cli_method
@@ -55,7 +57,9 @@ from .slices import parse_slices_per_subject, select_slices, write_slices
 from .split import assign_splits, parse_ratios
 from .subjects import SubjectRow, read_subjects
 
-STAGES: tuple[str, ...] = ("registration", "mask", "normalization", "crop", "write_volumes", "slices", "qc")
+STAGES: tuple[str, ...] = (
+    "resample", "registration", "mask", "normalization", "crop", "write_volumes", "slices", "qc",
+)
 
 
 def parse_shard(value: str | tuple[int, int] | None) -> tuple[int, int] | None:
@@ -79,7 +83,9 @@ def parse_shard(value: str | tuple[int, int] | None) -> tuple[int, int] | None:
 class PipelineOptions:
     transform: str = "SyN"
     space: str = "pet"
-    size: int = 256
+    size: int = 256  # cube edge in voxels at the target spacing
+    spacing: str | tuple[float, float, float] = spacing_stage.AUTO  # auto | native | (x, y, z) mm
+    cohort_spacing: tuple[float, float, float] | None = None  # `auto` resolved over the whole table (run_pipeline)
     orientations: tuple[str, ...] = ("axial", "coronal", "sagittal")
     slices_per_subject: int | None = None  # None = every slice that contains brain
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
@@ -98,6 +104,9 @@ class PipelineOptions:
         if self.space not in SPACES:
             raise ValueError(f"--space must be one of {', '.join(SPACES)}, got {self.space!r}")
         set_(self, "size", crop_stage.validate_size(self.size))
+        set_(self, "spacing", spacing_stage.parse_spacing(self.spacing))
+        if self.cohort_spacing is not None:
+            set_(self, "cohort_spacing", spacing_stage.parse_spacing(self.cohort_spacing))
         set_(self, "orientations", parse_orientations(self.orientations))
         set_(self, "slices_per_subject", parse_slices_per_subject(self.slices_per_subject))
         set_(self, "split", parse_ratios(self.split))
@@ -109,12 +118,22 @@ class PipelineOptions:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
         set_(self, "shard", parse_shard(self.shard))
 
+    @property
+    def target_spacing(self) -> tuple[float, float, float] | None:
+        """The voxel size every subject is resampled to; None = each keeps its own (``native``, or ``auto`` not yet
+        resolved over a cohort: a cohort of one subject has its own spacing as median)."""
+        if self.spacing == spacing_stage.NATIVE:
+            return None
+        return self.cohort_spacing if self.spacing == spacing_stage.AUTO else self.spacing
+
     def subject_parameters(self) -> dict:
         """Everything that shapes a subject's outputs: a rerun with equal parameters may reuse them."""
+        target = self.target_spacing
         return {
             "transform": self.transform,
             "space": self.space,
             "size": self.size,
+            "spacing": None if target is None else [float(v) for v in target],
             "orientations": list(self.orientations),
             "slices_per_subject": self.slices_per_subject,
             "normalization": self.normalization,
@@ -128,7 +147,8 @@ class PipelineOptions:
 
     def manifest_parameters(self) -> dict:
         """Subject parameters plus the split: shard manifests merge only when these agree."""
-        return {**self.subject_parameters(), "split": [float(r) for r in self.split]}
+        rule = self.spacing if isinstance(self.spacing, str) else "fixed"
+        return {**self.subject_parameters(), "spacing_rule": rule, "split": [float(r) for r in self.split]}
 
 
 @dataclass
@@ -212,6 +232,9 @@ def _build_subject(loaded: LoadedSubject, work: Path, options: PipelineOptions) 
 
     try:
         t = time.perf_counter()
+        native_ld = loaded.ld_pet
+        loaded, resampling = spacing_stage.resample_subject(loaded, options.target_spacing, options.space)
+        t = done("resample", t)
         ld_img = loaded.ld_pet
         ld = _data(ld_img)
         # intake guarantees SD is on the LD grid (within 0.1 voxel): it takes the LD affine.
@@ -318,9 +341,10 @@ def _build_subject(loaded: LoadedSubject, work: Path, options: PipelineOptions) 
         "source": {k: (str(v) if v else None) for k, v in (("ld_pet", row.ld_pet), ("sd_pet", row.sd_pet), ("mri", row.mri))},
         "drf": row.drf,
         "space": options.space,
-        "source_shape": [int(v) for v in ld_img.shape[:3]],
-        "source_spacing": voxel_spacing(ld_img.affine),
-        "source_affine": np.asarray(ld_img.affine).tolist(),
+        "source_shape": [int(v) for v in native_ld.shape[:3]],
+        "source_spacing": voxel_spacing(native_ld.affine),
+        "source_affine": np.asarray(native_ld.affine).tolist(),
+        "resampling": resampling,
         "grid_shape": [int(v) for v in mask.shape],
         "grid_affine": np.asarray(affine).tolist(),
         "shape": [options.size] * 3,
@@ -419,6 +443,10 @@ def run_pipeline(subjects_csv: Path, out_dir: Path, manifest_path: Path, options
     subjects_csv, out_dir, manifest_path = Path(subjects_csv), Path(out_dir), Path(manifest_path)
     problems: dict[str, InputError] | None = {} if options.keep_going else None
     rows = read_subjects(subjects_csv, problems=problems)
+    if options.spacing == spacing_stage.AUTO:  # over the whole table, so that shards agree
+        grid_files = [r.ld_pet if options.space == "pet" else r.mri for r in rows
+                      if r.subject_id not in (problems or {})]
+        options = replace(options, cohort_spacing=spacing_stage.resolve_target(spacing_stage.AUTO, grid_files))
     suffix = f"_shard-{options.shard[0]}-of-{options.shard[1]}" if options.shard else ""
     output_guard.guard_run(subjects_csv, rows, _select_shard(rows, options.shard), out_dir, manifest_path,
                            [f"summary{suffix}.csv", f"summary{suffix}.md"])
@@ -542,7 +570,11 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--transform", default=d.transform, help="SyN (paper, default) | affine | rigid")
     parser.add_argument("--space", default=d.space, choices=SPACES,
                         help="pet: T1 resampled on the PET grid (default); mri: PET resampled on the T1 grid")
-    parser.add_argument("--size", type=int, default=d.size, help="cube edge in voxels, a multiple of 16 (default 256)")
+    parser.add_argument("--size", type=int, default=d.size,
+                        help="cube edge in voxels at the target --spacing, a multiple of 16 (default 256)")
+    parser.add_argument("--spacing", default=d.spacing,
+                        help="voxel size every subject is resampled to: auto (default: the cohort's per-axis median), "
+                             "X or X,Y,Z in mm (RAS axes), or native (no resampling)")
     parser.add_argument("--orientations", default=",".join(d.orientations), help="comma list of axial,coronal,sagittal")
     parser.add_argument("--slices-per-subject", default="all",
                         help="'all' brain slices (default) or N slices uniformly across the brain's extent")
@@ -573,6 +605,7 @@ def options_from_args(args: argparse.Namespace) -> PipelineOptions:
         transform=args.transform,
         space=args.space,
         size=args.size,
+        spacing=args.spacing,
         orientations=args.orientations,
         slices_per_subject=args.slices_per_subject,
         split=args.split,

@@ -100,11 +100,14 @@ def save(path: Path, data: np.ndarray, affine: np.ndarray, qform: np.ndarray | N
 
 
 def write_subject(folder: Path, subject_id: str, *, flip_lps: bool = False, rotation_deg: float = 0.0,
-                  with_mri: bool = True, with_mask: bool = False, seed: int = 0) -> dict[str, str]:
-    """Write a good subject (LD/SD PET on one grid, MRI on its own finer grid); return its table cells."""
-    affine = centred_affine(PET_SHAPE, PET_VOXEL_MM, rotation_deg, flip_lps)
-    sd = phantom(PET_SHAPE, affine, "pet", seed=seed, noise=0.02)
-    ld = phantom(PET_SHAPE, affine, "pet", seed=seed + 1, noise=0.15)
+                  with_mri: bool = True, with_mask: bool = False, seed: int = 0,
+                  pet_voxel_mm: float = PET_VOXEL_MM) -> dict[str, str]:
+    """Write a good subject (LD/SD PET on one grid, MRI on its own finer grid); return its table cells.
+    ``pet_voxel_mm`` changes the PET voxel size and keeps the field of view (the same anatomy, another scanner)."""
+    pet_shape = tuple(max(1, round(n * PET_VOXEL_MM / pet_voxel_mm)) for n in PET_SHAPE)
+    affine = centred_affine(pet_shape, pet_voxel_mm, rotation_deg, flip_lps)
+    sd = phantom(pet_shape, affine, "pet", seed=seed, noise=0.02)
+    ld = phantom(pet_shape, affine, "pet", seed=seed + 1, noise=0.15)
     cells = {"subject_id": subject_id, "ld_pet": "", "sd_pet": "", "mri": ""}
     cells["sd_pet"] = _rel(save(folder / subject_id / "sd_pet.nii.gz", sd, affine), folder)
     cells["ld_pet"] = _rel(save(folder / subject_id / "ld_pet.nii.gz", ld, affine), folder)
@@ -113,7 +116,7 @@ def write_subject(folder: Path, subject_id: str, *, flip_lps: bool = False, rota
         mri = phantom(MRI_SHAPE, mri_affine, "mri", seed=seed + 2)
         cells["mri"] = _rel(save(folder / subject_id / "t1.nii.gz", mri, mri_affine), folder)
     if with_mask:
-        lesion = (np.linalg.norm(world_coordinates(PET_SHAPE, affine) - np.array([6, 5, 2]).reshape(3, 1, 1, 1),
+        lesion = (np.linalg.norm(world_coordinates(pet_shape, affine) - np.array([6, 5, 2]).reshape(3, 1, 1, 1),
                                  axis=0) < 4.0).astype(np.uint8)
         cells["mask_lesion"] = _rel(save(folder / subject_id / "lesion.nii.gz", lesion, affine), folder)
     return cells

@@ -208,13 +208,17 @@ def test_bad_checkpoints_are_one_line_input_errors(tmp_path):
 def test_preprocessing_parameters_resolution_order(tmp_path):
     manifest = tmp_path / "m.json"
     manifest.write_text(json.dumps({"size": 64, "provenance": {"parameters": {"normalization": "slice",
-                                                                               "transform": "Affine"}}}))
+                                                                               "transform": "Affine",
+                                                                               "spacing": [4.0, 4.0, 2.5]}}}))
     prep = resolve_preprocessing({"manifest": str(manifest), "space": "pet"}, {"transform": "rigid"}, 128)
     assert (prep.size, prep.normalization, prep.transform, prep.space) == (64, "slice", "Rigid", "pet")
+    assert prep.spacing == (4.0, 4.0, 2.5)
     assert prep.sources == {"size": "manifest provenance", "normalization": "manifest provenance",
-                            "transform": "option", "space": "checkpoint", "seed": "default"}
+                            "transform": "option", "space": "checkpoint", "seed": "default",
+                            "spacing": "manifest provenance"}
     fallback = resolve_preprocessing({}, {}, 128)
     assert (fallback.size, fallback.normalization, fallback.transform) == (128, "shared", "SyN")
+    assert fallback.spacing is None and fallback.sources["spacing"] == "default"  # old checkpoints: native
 
 
 # ------------------------------------------------------------------------------------------- subjects

@@ -144,7 +144,8 @@ def test_workers_shards_and_merge_match_a_full_run(cohort, tmp_path):
 
 def test_bad_shard_and_size_are_rejected(cohort, tmp_path):
     for args, fragment in ((["--shard", "0/2"], "1 <= I <= N"), (["--shard", "3/2"], "1 <= I <= N"),
-                           (["--shard", "a/b"], "I/N"), (["--size", "100"], "multiple of 16")):  # fmt: skip
+                           (["--shard", "a/b"], "I/N"), (["--size", "100"], "multiple of 16"),
+                           (["--spacing", "2,2"], "--spacing must be auto, native, X or X,Y,Z")):  # fmt: skip
         proc = cli("run", "--subjects", cohort, "--out", tmp_path / "o", "--manifest", tmp_path / "m.json", *args, check_rc=2)
         assert fragment in proc.stderr
     assert parse_shard("2/3") == (2, 3)

@@ -390,8 +390,8 @@ def load_subject(item: dict, base: Path, predictions: Mapping[str, Path], space:
         ld_cube, _ = _cube_in_original_units(item, base, record, sid, "ld_pet")
         grid_shape = reference.shape
         if integer_offset(native_affine, grid_affine) is None:
-            raise InputError("--space preprocessed needs cubes cut from the PET grid (--space pet preprocessing); "
-                             "use --space native", subject=sid)
+            raise InputError("--space preprocessed needs cubes cut from the PET's own grid (--space pet "
+                             "preprocessing at the PET's native --spacing); use --space native", subject=sid)
         offset = integer_offset(native_affine, grid_affine)
         volumes = {LD_METHOD: ld_cube, **{m: place(v, offset, grid_shape) for m, v in preds_native.items()}}
     if not np.isfinite(reference).all():

@@ -194,7 +194,8 @@ def freeze_preprocessing(data_config: Mapping[str, Any], image_size: int | None)
 
     prep = resolve_preprocessing(dict(data_config), {}, image_size)
     frozen = {"size": prep.size, "normalization": prep.normalization, "transform": prep.transform,
-              "space": prep.space, "seed": prep.seed}
+              "space": prep.space, "seed": prep.seed,
+              "spacing": "native" if prep.spacing is None else list(prep.spacing)}
     return {"values": frozen, "spatial_size": prep.spatial_size, "sources": dict(prep.sources)}
 
 

@@ -33,7 +33,7 @@ from m2diff_monai.inference.inferer import AMP_CHOICES, DiffusionSamplerInferer,
 from m2diff_monai.inference.preprocess import (
     PreparedSubject,
     TrainingPreprocessing,
-    prepare_from_manifest_item,
+    prepare_cohort_item,
     prepare_subject,
     resolve_preprocessing,
 )
@@ -341,9 +341,10 @@ def save_views_png(path: str | Path, prepared: PreparedSubject, prediction: Volu
         plt.close(fig)
 
 
-def _preprocessing_overrides(size=None, normalization=None, transform=None, space=None, spatial_size=None) -> dict:
+def _preprocessing_overrides(size=None, normalization=None, transform=None, space=None, spatial_size=None,
+                             spacing=None) -> dict:
     return {"size": size, "normalization": normalization, "transform": transform, "space": space,
-            "spatial_size": spatial_size}
+            "spatial_size": spatial_size, "spacing": spacing}
 
 
 def _load(checkpoint: str | Path | LoadedModel, device: torch.device, use_ema: bool) -> LoadedModel:
@@ -365,6 +366,7 @@ def infer_subject(
     normalization: str | None = None,
     transform: str | None = None,
     space: str | None = None,
+    spacing: str | Sequence[float] | None = None,
     frame: int | None = None,
     sum_frames: bool = False,
     qform_policy: str = "warn",
@@ -374,7 +376,8 @@ def infer_subject(
 
     ``settings``: any :class:`InferenceSettings` field (``steps``, ``sampler``, ``samples``, ...); missing ones
     come from the bundle's ``inference.json``, then from the defaults. The preprocessing parameters come from the
-    checkpoint's data config unless given (``size``, ``normalization``, ``transform``, ``space``).
+    checkpoint's data config unless given (``size``, ``normalization``, ``transform``, ``space``, ``spacing``:
+    the scan is resampled to the model's voxel size and the prediction back to the scan's own grid).
     Returns a summary (files, seconds, settings, preprocessing and where each parameter came from).
     Raises :class:`InputError` (one line naming the subject and file) on bad input; nothing is written then.
     """
@@ -387,7 +390,8 @@ def infer_subject(
     device = resolve_device(cfg.device)
     start = time.perf_counter()
     model = _load(checkpoint, device, cfg.use_ema)
-    prep = resolve_preprocessing(model.data_config, _preprocessing_overrides(size, normalization, transform, space),
+    prep = resolve_preprocessing(model.data_config,
+                                 _preprocessing_overrides(size, normalization, transform, space, spacing=spacing),
                                  model.image_size)
     use_mri = mri is not None and not cfg.no_mri
     _check_model_inputs(model, use_mri or (prep.space == "mri" and mri is not None), sid, ld_pet)
@@ -420,7 +424,8 @@ def infer_manifest(
 ) -> dict[str, Any]:
     """Enhance every ``volumes`` item of ``split`` (``test``/``val``/``train``/``all``) of a manifest.
 
-    The items' preprocessed cubes are used as they are; each prediction goes back onto its ``source_ld_pet``'s
+    The items' preprocessed cubes are used as they are (items whose cubes are at another voxel size than the
+    model's are prepared from their source files instead); each prediction goes back onto its ``source_ld_pet``'s
     grid as ``OUT_DIR/<subject>.nii.gz`` (+ ``_std``, ``_<orientation>``, ``.png``). ``OUT_DIR/predictions.json``
     lists them with the settings. Stops at the first bad subject (its files are not written; earlier subjects
     stay complete).
@@ -451,7 +456,7 @@ def infer_manifest(
         inferer = _build_inferer(model, cfg, device)
         results = []
         for item, (sid, paths) in zip(items, planned):
-            prepared = prepare_from_manifest_item(item, manifest.resolve().parent)
+            prepared = prepare_cohort_item(item, manifest.resolve().parent, prep)
             use_mri = prepared.mri is not None and not cfg.no_mri
             result = _run(prepared, model, cfg, prep, paths, device, inferer, use_mri)
             results.append({**asdict(result), "mri_used": use_mri, "split": item.get("split"),
@@ -476,6 +481,9 @@ def _check_manifest_matches(content: dict, prep: TrainingPreprocessing, manifest
     """The cubes must have been made like the training data; only parameters the checkpoint states are checked."""
     params = dict((content.get("provenance") or {}).get("parameters") or {})
     params.setdefault("size", content.get("size"))
+    recorded = params.get("spacing")
+    if prep.spacing is not None and recorded is not None and not np.allclose(recorded, prep.spacing):
+        return  # cubes at another voxel size: prepare_cohort_item prepares the subjects from their source files
     for key in ("size", "normalization", "space"):
         known = prep.sources.get(key) in ("checkpoint", "option")
         recorded = params.get(key)

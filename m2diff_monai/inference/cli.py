@@ -88,7 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--summary", type=Path, default=None, help="also write the run summary as JSON here")
 
     pre = p.add_argument_group("preprocessing (default: what the checkpoint records for its training data)")
-    pre.add_argument("--size", type=int, default=None, help="cube size of the training data")
+    pre.add_argument("--size", type=int, default=None, help="cube size of the training data (voxels at --spacing)")
+    pre.add_argument("--spacing", default=None,
+                     help="voxel size the model was trained at: X or X,Y,Z mm, or native (default: the checkpoint's "
+                          "record; none recorded = the scan's own). The scan is resampled to it and the "
+                          "prediction back to the scan's grid (single-subject mode)")
     pre.add_argument("--normalization", type=cli_method, metavar="|".join(METHODS), default=None,
                      help="shared | volume (per-volume min-max) | slice (per-slice min-max, the official code)")
     pre.add_argument("--transform", default=None, help="MRI-PET registration: SyN | affine | rigid")
@@ -138,7 +142,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
     return api.infer_subject(
         args.checkpoint, args.ld_pet, args.out, args.mri, bundle=args.bundle, subject=args.subject,
         size=args.size, normalization=args.normalization, transform=args.transform, space=args.space,
-        frame=args.frame, sum_frames=args.sum_frames, qform_policy=args.qform_policy, **settings,
+        spacing=args.spacing, frame=args.frame, sum_frames=args.sum_frames, qform_policy=args.qform_policy, **settings,
     )
 
 

@@ -12,10 +12,14 @@ Differences from the training pipeline, by necessity:
 - ``slice`` normalization: the cube holds the ``shared`` scaling; the per-slice min–max of each orientation's
   slices happens in :func:`m2diff_monai.inference.volume.predict_orientation`, which also maps every predicted
   slice back with its LD slice's min/max before the orientations are fused.
+- voxel size: the scan is first resampled to the spacing the model was trained at (``preprocessing.spacing``:
+  the checkpoint's ``config.data.preprocessing.spacing``; absent in older checkpoints = no resampling), so the
+  network sees anatomy at its trained scale whatever the scanner's voxel size.
 - ``space="mri"``: the PET → T1 registration result is kept (in a temporary folder) so the prediction can go back
   through the inverse transform; that step interpolates (linear), unlike ``space="pet"``, which is exact.
 
-The way back (:meth:`PreparedSubject.to_source`): uncrop the cube onto the canonical grid (exact placement), then
+The way back (:meth:`PreparedSubject.to_source`): uncrop the cube onto the canonical grid (exact placement), resample
+it onto the LD PET's own voxel size when the model's spacing differs (trilinear, :mod:`preprocessing.spacing`), then
 undo the canonical reorientation (a flip/permutation of axes: exact) and save with the input file's own affine and
 header, so LPS-stored and oblique inputs get a prediction of the same shape, affine and voxel order.
 """
@@ -33,6 +37,7 @@ import numpy as np
 
 from m2diff_monai.errors import InputError
 from preprocessing import crop as crop_stage
+from preprocessing import spacing as spacing_stage
 from preprocessing.intake import IntakeOptions, load_subject
 from preprocessing.cubes import prepare_cubes
 from preprocessing.normalization import Scaling, recorded_method
@@ -55,11 +60,15 @@ class TrainingPreprocessing:
     space: str = "pet"
     spatial_size: int | None = None  # per-slice centred pad/crop of the training transforms (None: none)
     seed: int = 0
+    spacing: tuple[float, float, float] | None = None  # voxel size (mm, RAS axes) of the cubes; None: native
     sources: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "size", crop_stage.validate_size(self.size))
         object.__setattr__(self, "normalization", recorded_method(self.normalization))  # legacy "paper" → "volume"
+        object.__setattr__(self, "spacing", spacing_stage.recorded_spacing(self.spacing))
+        if self.normalization not in METHODS:
+            raise ValueError(f"normalization must be one of {', '.join(METHODS)}, got {self.normalization!r}")
         object.__setattr__(self, "transform", normalize_transform_name(self.transform))
         if self.space not in SPACES:
             raise ValueError(f"space must be one of {', '.join(SPACES)}, got {self.space!r}")
@@ -71,6 +80,7 @@ class TrainingPreprocessing:
             "transform": self.transform,
             "space": self.space,
             "spatial_size": self.spatial_size,
+            "spacing": None if self.spacing is None else list(self.spacing),
             "sources": dict(self.sources),
         }
 
@@ -104,15 +114,19 @@ def resolve_preprocessing(
 ) -> TrainingPreprocessing:
     """Per parameter: explicit ``overrides`` → the checkpoint's ``config["data"]`` (flat keys or a nested
     ``"preprocessing"`` dict) → the training manifest's provenance → defaults (cube size = the network's
-    ``image_size``; the pipeline's defaults otherwise)."""
+    ``image_size``; the pipeline's defaults otherwise; spacing: none recorded = the scan's own voxel size, as
+    checkpoints and manifests from before ``--spacing`` were made)."""
     data_config = dict(data_config or {})
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     nested = dict(data_config.get("preprocessing") or {})
     manifest = _manifest_parameters(data_config)
-    defaults = {**PIPELINE_DEFAULTS, "size": network_image_size or 256, "seed": 0}
+    for table in (nested, manifest):  # a recorded null spacing is a decision (native), not a missing record
+        if "spacing" in table and table["spacing"] is None:
+            table["spacing"] = spacing_stage.NATIVE
+    defaults = {**PIPELINE_DEFAULTS, "size": network_image_size or 256, "seed": 0, "spacing": "native"}
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
-    for key in ("size", "normalization", "transform", "space", "seed"):
+    for key in ("size", "normalization", "transform", "space", "seed", "spacing"):
         for source, table in (("option", overrides), ("checkpoint", nested), ("checkpoint", data_config),
                               ("manifest provenance", manifest), ("default", defaults)):
             if table.get(key) is not None:
@@ -209,6 +223,10 @@ class PreparedSubject:
         canonical = crop_stage.uncrop(np.asarray(cube, dtype=np.float32), self.box, self.grid_shape, fill=fill)
         if self.space == "mri":
             canonical = _back_to_pet(canonical, self.grid_affine, self.source, self.inverse_transforms)
+        elif self.grid_shape != self.source.canonical_shape or not np.allclose(
+                self.grid_affine, self.source.canonical_affine, atol=1e-4):  # cut from a resampled PET grid
+            canonical = spacing_stage.resample_array(canonical, self.grid_affine, self.source.canonical_shape,
+                                                     self.source.canonical_affine, order=1)
         if canonical.shape != self.source.canonical_shape:
             raise ValueError(f"internal: canonical shape {canonical.shape} != {self.source.canonical_shape}")
         return self.source.from_canonical(canonical)
@@ -262,8 +280,8 @@ def prepare_subject(
     """Validate and preprocess raw NIfTI files the way ``m2diff-preprocess run`` prepared the training data.
 
     Stages, in the pipeline's order: intake (nibabel, full read, canonical RAS+; PET–MRI overlap check) →
-    registration with ``settings.transform`` (T1 → PET for ``space="pet"``) → brain mask → normalization →
-    crop/pad to the ``settings.size`` cube. Raises :class:`InputError` naming the subject and file.
+    resampling to ``settings.spacing`` (the PET grid, or the T1 grid for ``space="mri"``) → registration with
+    ``settings.transform`` (T1 → PET for ``space="pet"``) → brain mask → normalization → crop/pad to the ``settings.size`` cube. Raises :class:`InputError` naming the subject and file.
     """
     row = SubjectRow(subject_id=subject, ld_pet=Path(ld_pet), sd_pet=None, mri=None if mri is None else Path(mri))
     loaded = load_subject(row, intake)
@@ -272,7 +290,9 @@ def prepare_subject(
     if ld_img.shape[:3] != source.canonical_shape or not np.allclose(ld_img.affine, source.canonical_affine, atol=1e-4):
         raise InputError("internal: the intake's canonical grid does not match the file's header", subject=subject,
                          path=ld_pet)
-    info: dict[str, Any] = {}
+    loaded, resampling = spacing_stage.resample_subject(loaded, settings.spacing, settings.space)
+    ld_img = loaded.ld_pet
+    info: dict[str, Any] = {"resampling": resampling}
     workdir = ""
     inverse: list[tuple[str, bool]] = []
     mri_data = None
@@ -394,3 +414,24 @@ def prepare_from_manifest_item(item: dict[str, Any], manifest_dir: str | Path) -
         inverse_transforms=inverse,
         info={"preprocessed_dir": str(path_of("preprocessed_dir") or "")},
     )
+
+
+def prepare_cohort_item(item: dict[str, Any], manifest_dir: str | Path, settings: TrainingPreprocessing
+                        ) -> PreparedSubject:
+    """Cohort mode: the item's preprocessed cubes when they are at the model's spacing (or the model records
+    none); else the item's source files prepared like a new scan (resampled to the model's spacing), so a model
+    never sees cubes at another voxel size than it was trained at."""
+    prepared = prepare_from_manifest_item(item, manifest_dir)
+    if spacing_stage.same_spacing(prepared.cube_affine, settings.spacing):
+        return prepared
+    sid = prepared.subject
+    base = Path(manifest_dir)
+    cube_mm = "x".join(f"{v:.3g}" for v in np.linalg.norm(prepared.cube_affine[:3, :3], axis=0))
+    model_mm = "x".join(f"{v:.3g}" for v in settings.spacing)
+    mri = base / item["source_mri"] if item.get("source_mri") else None
+    if mri is not None and not mri.is_file():
+        mri = None
+    fresh = prepare_subject(prepared.source.path, mri, settings, sid)
+    fresh.warnings.append(f"subject {sid}: the manifest's cubes are at {cube_mm} mm but the model was trained at "
+                          f"{model_mm} mm; prepared from the source files instead (LD-PET brain mask)")
+    return fresh
