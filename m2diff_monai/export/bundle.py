@@ -225,7 +225,12 @@ def network_data_format(network: torch.nn.Module, diffusion: Mapping[str, Any],
     and value ranges."""
     multiple = spatial_multiple(network)
     spatial = [f"{multiple}*n", f"{multiple}*n"]
+    from m2diff_monai.diffusion.clip import MINMAX_NORMALIZATIONS, training_normalization
+
     intensity = [float(v) for v in (data_config.get("intensity_range") or [0, 1])]
+    # shared normalization leaves hot spots above 1 (not clipped): the LD PET's range is open above
+    normalization = training_normalization(data_config)
+    pet_range = intensity if normalization in MINMAX_NORMALIZATIONS else []
     is_diffusion = bool(getattr(network, "is_diffusion", True))
     timesteps = int(diffusion.get("timesteps", 1000))
     net_config = dict(getattr(network, "config", {}) or {})
@@ -245,7 +250,9 @@ def network_data_format(network: torch.nn.Module, diffusion: Mapping[str, Any],
                   "dtype": "int64", "value_range": [0, timesteps - 1], "is_patch_data": False,
                   "channel_def": {"0": f"diffusion timestep per sample, original 0..T-1 range (T={timesteps})"
                                        f"{ignored}"}},
-            "ld": image("PT", "low-dose PET slice, normalized", intensity),
+            "ld": image("PT", "low-dose PET slice, normalized"
+                        + ("" if pet_range else " (shared scale: ~1 at the 99.5th brain percentile, hot spots above)"),
+                        pet_range),
             "mri": image("MR", "T1-weighted MRI slice, normalized; zeros when unavailable", intensity),
             "mri_available": {"type": "tensor", "format": "flag", "modality": "n/a", "num_channels": 1,
                               "spatial_shape": [], "dtype": "float32", "value_range": [0, 1],

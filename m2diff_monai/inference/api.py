@@ -364,7 +364,8 @@ def _output_images(prepared: PreparedSubject, prediction: VolumePrediction, path
 def save_views_png(path: str | Path, prepared: PreparedSubject, prediction: VolumePrediction, use_mri: bool,
                    settings: InferenceSettings) -> None:
     """Rows axial / coronal / sagittal through the brain's centre; columns LD PET | prediction (| std for K > 1),
-    normalized units, one window for LD and prediction. Neurological display (subject's right on the right)."""
+    normalized units, one window for LD and prediction (0 to the LD's 99.5th brain percentile; titles give each
+    volume's brain maximum). Neurological display (subject's right on the right)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -378,6 +379,10 @@ def save_views_png(path: str | Path, prepared: PreparedSubject, prediction: Volu
     inside = prepared.ld[mask] if mask.any() else prepared.ld.ravel()
     vmax = float(np.percentile(inside, 99.5)) if inside.size else 1.0
     vmax = vmax if vmax > 0 else 1.0
+    # The window saturates hot spots (99.5th percentile of the LD): each title states the volume's maximum in the
+    # brain, so a lesion kept (prediction max ≈ LD max) and one flattened (max ≈ 1) are told apart.
+    columns = [(f"{title} (max {float((vol[mask] if mask.any() else vol).max()):.2f})", vol, cmap)
+               for title, vol, cmap in columns]
     fig, axes = plt.subplots(3, len(columns), figsize=(2.8 * len(columns), 8.0), squeeze=False)
     for row, orientation in enumerate(("axial", "coronal", "sagittal")):
         axis = ORIENTATION_AXIS[orientation]
