@@ -121,7 +121,7 @@ def lesion_recovery(subject: dict, checkpoint: Path, out: Path, **settings) -> d
 
 @pytest.mark.filterwarnings("ignore:stripe filter")
 @pytest.mark.parametrize("mean_type", ["x0", "eps"])
-@pytest.mark.parametrize("fusion", ["wavelet-stripe", "mean"])
+@pytest.mark.parametrize("fusion", ["wavelet-stripe-residual", "wavelet-stripe", "mean"])
 def test_hot_lesion_at_2_5x_the_scale_survives_the_round_trip(tmp_path, lesion_subject, mean_type, fusion):
     ckpt = _checkpoint(tmp_path / "oracle.pt", mean_type, "auto")
     recovery = lesion_recovery(lesion_subject, ckpt, tmp_path / "pred.nii.gz", fusion=fusion)
@@ -132,15 +132,17 @@ def test_hot_lesion_at_2_5x_the_scale_survives_the_round_trip(tmp_path, lesion_s
 
 def test_the_lesion_survives_in_a_128_cube_where_the_stripe_filter_acts(tmp_path, lesion_subject):
     """At 32² the stripe filter has no wavelet level to work on (it warns and passes the slices through), so the
-    test above does not exercise it. In a 128³ cube it runs one db25 level. ``mean`` and ``wavelet3d`` fusion keep
-    the lesion within 2 %; ``wavelet-stripe`` (LowGAN's filter, the default) damps a 2×2×2-voxel lesion by
-    ~3.6 % (mean) / ~2 % (max): recorded in docs/inference.md's audit, bounded here by the issue's ±5 % target."""
+    test above does not exercise it. In a 128³ cube it runs one db25 level. The default fusion
+    (``wavelet-stripe-residual``), ``mean`` and ``wavelet3d`` keep the lesion within 2 %; the papers'
+    ``wavelet-stripe`` (LowGAN's filter) damps this 2×2×2-voxel lesion (measured −3.6 % mean, −2.1 % max)."""
     ckpt = _checkpoint(tmp_path / "oracle.pt", "x0", "auto", size=128)
+    default = lesion_recovery(lesion_subject, ckpt, tmp_path / "default.nii.gz")
+    assert abs(default["mean"] - 1.0) <= TOLERANCE and abs(default["max"] - 1.0) <= TOLERANCE, default
     for fusion in ("mean", "wavelet3d"):
         recovery = lesion_recovery(lesion_subject, ckpt, tmp_path / f"{fusion}.nii.gz", fusion=fusion)
         assert abs(recovery["mean"] - 1.0) <= TOLERANCE and abs(recovery["max"] - 1.0) <= TOLERANCE, recovery
     stripe = lesion_recovery(lesion_subject, ckpt, tmp_path / "stripe.nii.gz", fusion="wavelet-stripe")
-    assert 0.95 <= stripe["mean"] <= 1.0 + TOLERANCE and 0.95 <= stripe["max"] <= 1.0 + TOLERANCE, stripe
+    assert stripe["mean"] < default["mean"] - 0.02  # why the default is not the papers' filter
 
 
 @pytest.mark.filterwarnings("ignore:stripe filter")

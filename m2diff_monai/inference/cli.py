@@ -63,8 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "min-max data, (-1, auto_clip_max) for shared) | none | LO,HI [default: the checkpoint's]")
     s.add_argument("--orientations", default=None,
                    help="comma list of axial,coronal,sagittal [default: all three]")
-    s.add_argument("--fusion", choices=("wavelet-stripe", "mean", "wavelet3d"), default=None,
-                   help="how the orientation volumes are fused [default: wavelet-stripe]")
+    s.add_argument("--fusion", choices=("wavelet-stripe-residual", "wavelet-stripe", "mean", "wavelet3d"), default=None,
+                   help="how the orientation volumes are fused; wavelet-stripe is the papers' (LowGAN) stripe filter, "
+                        "which also damps small hot lesions; -residual filters only what each orientation alone "
+                        "holds [default: wavelet-stripe-residual]")
     s.add_argument("--samples", type=int, default=None,
                    help="K draws; K > 1 writes their mean and a *_std per-voxel uncertainty map [default: 1]")
     s.add_argument("--shared-noise", action="store_true", default=None,
