@@ -314,6 +314,11 @@ def test_export_writes_the_stored_sampler_and_the_card_states_it(source, tmp_pat
     config = json.loads((over / "configs/inference.json").read_text())
     assert config["steps"] == 3 and config["start_step"] is None
     assert "ddim, 3 steps" in (over / "docs/README.md").read_text()
+    # the metadata's LD range: [0, 1] for min–max data, open above for shared data (hot spots stay above 1)
+    meta = json.loads((out / "configs/metadata.json").read_text())
+    assert meta["network_data_format"]["inputs"]["ld"]["value_range"] == [0.0, 1.0]
+    shared = export_mod.network_data_format(net, {"timesteps": 50}, {"preprocessing": {"normalization": "shared"}})
+    assert shared["inputs"]["ld"]["value_range"] == [] and shared["inputs"]["mri"]["value_range"] == [0.0, 1.0]
 
 
 # ------------------------------------------------------------------------------------------------ bad input
