@@ -87,6 +87,8 @@ def test_train_config_has_paper_defaults():
     assert parser["diffusion_config"]["timesteps"] == 1000 and parser["diffusion_config"]["model_mean_type"] == "x0"
     assert parser["diffusion_config"]["schedule"] == "linear"
     assert parser["diffusion_config"]["model_var_type"] == "fixed_large"
+    # "auto" = the official (-1, 1) for the paper's min-max data, a wide range for shared data (diffusion.clip)
+    assert parser["diffusion_config"]["clip_denoised"] == "auto" and parser["inference_defaults"] is None
     assert parser["max_epochs"] == 100 and parser["learning_rate"] == 1e-4 and parser["optimizer"]["_target_"] == "torch.optim.Adam"
     assert (parser["lambda_task"], parser["lambda_bias"], parser["mri_drop_prob"]) == (0.4, 0.2, 0.3)
     # the official training loop's L_bias and MRI dropout, wired to both the loss and the batch preparation
@@ -99,11 +101,14 @@ def test_train_config_has_paper_defaults():
     assert demo["network_config"]["preset"] == "demo" and demo["max_epochs"] < 100
     net = build_network(demo["network_config"])
     assert net.config["image_size"] == 64  # the 4 mm / 64³ demo cohort of the main job
+    # the sampler scripts/main_job.sh evaluates with is stored in the demo's checkpoints
+    assert demo["inference_defaults"] == {"sampler": "ddim", "steps": 10, "eta": 0.0, "start_step": None}
 
 
 def test_training_run_writes_checkpoints_with_config_and_resume_continues(manifest, tmp_path):
     out = tmp_path / "run"
-    workflow = run_training(**tiny_overrides(manifest, out))
+    evaluated = {"sampler": "ddim", "steps": 2, "eta": 0.0, "start_step": None}
+    workflow = run_training(**tiny_overrides(manifest, out, inference_defaults=evaluated))
     assert workflow.check_properties() == []
     last, best = out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt"
     assert last.is_file() and best.is_file()
@@ -113,6 +118,11 @@ def test_training_run_writes_checkpoints_with_config_and_resume_continues(manife
     assert ckpt["epoch"] == 1 and ckpt["iteration"] == 3  # 12 training slices, batch 4
     assert ckpt["config"]["network"]["model_channels"] == 32 and ckpt["config"]["diffusion"]["timesteps"] == 50
     assert ckpt["config"]["data"]["orientations"] is None and ckpt["best_metric_epoch"] == 1
+    # what the run was evaluated with travels too; "auto" is stored resolved (no normalization recorded by this
+    # synthetic manifest: the wide range, which never cuts) and validation sampled with exactly that config
+    assert ckpt["config"]["inference_defaults"] == evaluated
+    assert ckpt["config"]["diffusion"]["clip_denoised"] == [-1.0, 10.0]
+    assert workflow.parser.get_parsed_content("validate#inferer").diffusion_config == ckpt["config"]["diffusion"]
     # the network config travels with the checkpoint: rebuild without knowing the overlay
     net = build_network(ckpt["config"]["network"])
     net.load_state_dict(ckpt["ema"])
@@ -121,6 +131,7 @@ def test_training_run_writes_checkpoints_with_config_and_resume_continues(manife
 
     loaded = load_model(best)
     assert loaded.weights == "ema" and loaded.network_config == ckpt["config"]["network"]
+    assert loaded.inference_defaults == evaluated
     adam_steps = {int(s["step"]) for s in ckpt["optimizer"]["state"].values()}
     assert adam_steps == {3}
 

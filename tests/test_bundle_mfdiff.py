@@ -93,6 +93,7 @@ def test_configs_have_paper_defaults():
     assert parser["network_config"]["preset"] == "paper-192" and parser["network_config"]["variant"] == "MFdiff"
     diffusion = parser["diffusion_config"]
     assert (diffusion["timesteps"], diffusion["schedule"], diffusion["model_mean_type"]) == (1000, "linear", "eps")
+    assert diffusion["clip_denoised"] == "auto" and parser["inference_defaults"] is None
     assert parser["optimizer"]["_target_"] == "torch.optim.AdamW" and parser["learning_rate"] == 1e-4
     assert parser["batch_size"] == 4 and parser["spatial_size"] == 192 and parser["mri_drop_prob"] == 0.0
     assert parser.get_parsed_content("max_iterations") == 50000
@@ -120,6 +121,9 @@ def test_configs_have_paper_defaults():
     stage1_demo.read_config([TRAIN, DEMO])
     assert stage1_demo.get_parsed_content("max_iterations") == 2000
     assert stage1_demo.get_parsed_content("validate#inferer").start_step == 200  # truncated start (docs/inference.md)
+    # the sampler scripts/mfdiff_demo.sh evaluates with is stored in the demo's checkpoints
+    assert stage1_demo.get_parsed_content("checkpoint_config")["inference_defaults"] == {
+        "sampler": "ddim", "steps": 10, "eta": 0.0, "start_step": 200}
 
     mixed = ConfigParser()
     mixed.read_config([TRAIN, MIXED])

@@ -148,7 +148,7 @@ def test_model_card_quotes_data_metrics_and_intended_use(exported):
 def test_model_pt_loads_with_weights_only_and_rebuilds_the_network(exported, source):
     ckpt = torch.load(exported / "models/model.pt", map_location="cpu", weights_only=True)
     assert ckpt["ema"] is None and ckpt["export"]["weights"] == "ema"
-    assert set(ckpt["config"]) == {"network", "diffusion", "data"}
+    assert set(ckpt["config"]) == {"network", "diffusion", "data", "inference_defaults"}
     # frozen from the training manifest's provenance: the bundle does not need the manifest any more
     assert ckpt["config"]["data"]["preprocessing"]["normalization"] == "volume"  # recorded as legacy "paper"
     net = build_network(ckpt["config"]["network"])
@@ -288,6 +288,40 @@ def test_set_writes_sampler_defaults_into_the_exported_inference_config(source, 
     loaded = {"config": json.loads(json.dumps(torch.load(source["checkpoint"], weights_only=True)["config"]))}
     rewritten = export_mod.rewrite_inference_config(older, loaded, {"start_step": 200})
     assert rewritten["start_step"] == 200 and rewritten["inference"]["start_step"] == "@start_step"
+
+
+def test_export_writes_the_stored_sampler_and_the_card_states_it(source, tmp_path):
+    """What the training run was evaluated with (``config["inference_defaults"]``) becomes the exported
+    ``inference.json``'s sampler; ``--set`` still wins over it."""
+    net = randomized(build_network(TINY_V6))
+    stored = {"sampler": "ddim", "steps": 7, "eta": 0.0, "start_step": 120}
+    data = {"intensity_range": [0, 1], "manifest": str(source["root"] / "demo.json")}
+    ckpt = tmp_path / "evaluated.pt"
+    torch.save({"network": net.state_dict(), "ema": None, "optimizer": {}, "scaler": None, "epoch": 1,
+                "iteration": 1, "config": checkpoint_config(net, {"timesteps": 50}, data, stored)}, ckpt)
+    out = tmp_path / "exported"
+    export_mod.export_bundle(BUNDLE, ckpt, out, check=False)
+    config = json.loads((out / "configs/inference.json").read_text())
+    assert config["sampling_defaults"]["steps"] == 7 and config["sampling_defaults"]["start_step"] == 120
+    assert config["steps"] is None and config["start_step"] is None  # null: the stored values apply
+    assert config["inference"]["sampling_defaults"] == "@sampling_defaults"
+    model = load_model(out / "models/model.pt")
+    assert model.inference_defaults == stored
+    assert model.diffusion_config["clip_denoised"] == [-1.0, 1.0]  # the manifest records min-max ("paper") data
+    cfg = api.resolve_settings(out / "configs/inference.json", model.inference_defaults)
+    assert (cfg.sampler, cfg.steps, cfg.start_step) == ("ddim", 7, 120)
+    card = (out / "docs/README.md").read_text()
+    assert "ddim, 7 steps" in card and "t = 120" in card and "clipped to [-1, 1]" in card
+    over = tmp_path / "exported_set"
+    export_mod.export_bundle(BUNDLE, ckpt, over, check=False, sampler_defaults={"steps": 3})
+    config = json.loads((over / "configs/inference.json").read_text())
+    assert config["steps"] == 3 and config["start_step"] is None
+    assert "ddim, 3 steps" in (over / "docs/README.md").read_text()
+    # the metadata's LD range: [0, 1] for min–max data, open above for shared data (hot spots stay above 1)
+    meta = json.loads((out / "configs/metadata.json").read_text())
+    assert meta["network_data_format"]["inputs"]["ld"]["value_range"] == [0.0, 1.0]
+    shared = export_mod.network_data_format(net, {"timesteps": 50}, {"preprocessing": {"normalization": "shared"}})
+    assert shared["inputs"]["ld"]["value_range"] == [] and shared["inputs"]["mri"]["value_range"] == [0.0, 1.0]
 
 
 # ------------------------------------------------------------------------------------------------ bad input

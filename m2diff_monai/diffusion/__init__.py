@@ -8,6 +8,7 @@ Public API:
 - ``sample(diffusion, model_fn, shape, ...)``: ancestral / DDIM sampling with the network called at original t.
 """
 
+from .clip import auto_clip_range, resolve_clip, training_normalization
 from .gaussian_diffusion import GaussianDiffusion, mean_flat, normalize_clip_range
 from .losses import approx_standard_normal_cdf, discretized_gaussian_log_likelihood, normal_kl
 from .respace import (
@@ -27,6 +28,7 @@ __all__ = [
     "SpacedDiffusion",
     "ancestral_step",
     "approx_standard_normal_cdf",
+    "auto_clip_range",
     "betas_for_alpha_bar",
     "build_diffusion",
     "ddim_step",
@@ -36,6 +38,8 @@ __all__ = [
     "normal_kl",
     "normalize_clip_range",
     "normalize_diffusion_config",
+    "resolve_clip",
     "sample",
     "space_timesteps",
+    "training_normalization",
 ]

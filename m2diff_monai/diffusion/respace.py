@@ -12,6 +12,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from .clip import AUTO, DEFAULT_AUTO_CLIP_MAX, auto_clip_range, is_auto
 from .gaussian_diffusion import MODEL_MEAN_TYPES, MODEL_VAR_TYPES, GaussianDiffusion, normalize_clip_range
 from .schedules import SCHEDULE_NAMES, get_named_beta_schedule
 
@@ -88,7 +89,8 @@ DIFFUSION_CONFIG_DEFAULTS: dict[str, Any] = {
     "timesteps": 1000,
     "model_mean_type": "x0",
     "model_var_type": "fixed_large",
-    "clip_denoised": [-1.0, 1.0],
+    "clip_denoised": AUTO,
+    "auto_clip_max": DEFAULT_AUTO_CLIP_MAX,
     "rescale_timesteps": False,
     "respacing": None,
 }
@@ -108,13 +110,25 @@ def normalize_diffusion_config(config: dict | None) -> dict[str, Any]:
     if merged["model_var_type"] not in MODEL_VAR_TYPES:
         raise ValueError(f"model_var_type must be one of {MODEL_VAR_TYPES}, got {merged['model_var_type']!r}")
     merged["timesteps"] = int(merged["timesteps"])
-    clip = normalize_clip_range(merged["clip_denoised"])
-    merged["clip_denoised"] = None if clip is None else [clip[0], clip[1]]
+    if is_auto(merged["clip_denoised"]):
+        merged["clip_denoised"] = AUTO
+    else:
+        clip = normalize_clip_range(merged["clip_denoised"])
+        merged["clip_denoised"] = None if clip is None else [clip[0], clip[1]]
+    merged["auto_clip_max"] = float(merged["auto_clip_max"])
+    if not merged["auto_clip_max"] > 1.0:
+        raise ValueError(f"auto_clip_max must be > 1 (a multiple of the normalization scale), got {merged['auto_clip_max']}")
     merged["rescale_timesteps"] = bool(merged["rescale_timesteps"])
     if merged["respacing"] is not None:
         merged["respacing"] = str(merged["respacing"])
         space_timesteps(merged["timesteps"], merged["respacing"])  # validates
     return merged
+
+
+def _clip_range(cfg: dict[str, Any]) -> tuple[float, float] | None:
+    if is_auto(cfg["clip_denoised"]):
+        return auto_clip_range(None, cfg["auto_clip_max"])
+    return None if cfg["clip_denoised"] is None else tuple(cfg["clip_denoised"])
 
 
 def build_diffusion(config: dict | None = None) -> GaussianDiffusion:
@@ -126,7 +140,10 @@ def build_diffusion(config: dict | None = None) -> GaussianDiffusion:
     - ``model_mean_type``: "x0" (default; M2Diff predicts x̂0) | "eps" (MFdiff / DDPM predict ε).
     - ``model_var_type``: "fixed_large" (default; M2Diff code) | "fixed_small" | "learned_range" (IDDPM, paper text;
       the network then outputs 2× channels).
-    - ``clip_denoised``: [lo, hi] (default [-1, 1], as the M2Diff code), true (= [-1, 1]), false or null (no clamp).
+    - ``clip_denoised``: "auto" (default: from the training data's normalization, see ``diffusion.clip``; unresolved
+      here, i.e. without the data config, it means (−1, ``auto_clip_max``): never cut what the data may hold),
+      [lo, hi] ([-1, 1] is the M2Diff code's), true (= [-1, 1]), false or null (no clamp).
+    - ``auto_clip_max``: upper bound of "auto" for normalizations that leave values above 1 (``shared``): 10.
     - ``rescale_timesteps``: false (default) | true (network sees t·1000/T as float).
     - ``respacing``: null (default: all T steps) | "N" | "N1,N2,…" | "ddimN" (see ``space_timesteps``); the result
       is then a ``SpacedDiffusion`` whose network calls still use original timesteps.
@@ -137,7 +154,7 @@ def build_diffusion(config: dict | None = None) -> GaussianDiffusion:
         betas=get_named_beta_schedule(cfg["schedule"], cfg["timesteps"]),
         model_mean_type=cfg["model_mean_type"],
         model_var_type=cfg["model_var_type"],
-        clip_denoised=None if cfg["clip_denoised"] is None else tuple(cfg["clip_denoised"]),
+        clip_denoised=_clip_range(cfg),
         rescale_timesteps=cfg["rescale_timesteps"],
     )
     if cfg["respacing"] is None:

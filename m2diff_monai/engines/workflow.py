@@ -20,7 +20,7 @@ import torch.distributed as dist
 from monai.handlers import LrScheduleHandler, ValidationHandler
 
 from m2diff_monai.data.datasets import MANIFEST_HINT, load_slice_items, read_manifest  # noqa: F401 (re-exported)
-from m2diff_monai.diffusion import normalize_diffusion_config
+from m2diff_monai.diffusion import normalize_diffusion_config, resolve_clip
 from m2diff_monai.engines.ema import unwrap
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -77,10 +77,16 @@ def check_network_diffusion(network: torch.nn.Module, diffusion_config: dict[str
 
 
 def checkpoint_config(
-    network: torch.nn.Module, diffusion_config: dict[str, Any] | None, data_config: dict[str, Any] | None = None
+    network: torch.nn.Module,
+    diffusion_config: dict[str, Any] | None,
+    data_config: dict[str, Any] | None = None,
+    inference_defaults: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``config`` stored in every checkpoint: the network's resolved config (``net.config``, enough for
-    ``build_network`` to rebuild it), the normalized diffusion config and the data settings."""
+    ``build_network`` to rebuild it), the normalized diffusion config with ``clip_denoised: "auto"`` resolved from
+    the training data's normalization (``diffusion.clip``), the data settings, and the sampler settings the run
+    was evaluated with (``inference_defaults``: ``m2diff-infer`` and ``m2diff-export`` use them when no flag says
+    otherwise; ``{}`` when the config declares none)."""
     check_network_diffusion(network, diffusion_config or {})
     net_config = getattr(unwrap(network), "config", None)
     if not isinstance(net_config, dict):
@@ -92,7 +98,10 @@ def checkpoint_config(
         data["manifest"] = str(data["manifest"])
         if "preprocessing" not in data:
             data["preprocessing"] = manifest_preprocessing(data["manifest"])
-    return {"network": dict(net_config), "diffusion": normalize_diffusion_config(diffusion_config), "data": data}
+    from m2diff_monai.inference.defaults import check_inference_defaults
+
+    return {"network": dict(net_config), "diffusion": resolve_clip(diffusion_config or {}, data), "data": data,
+            "inference_defaults": check_inference_defaults(inference_defaults)}
 
 
 def manifest_preprocessing(manifest: str | Path) -> dict[str, Any]:

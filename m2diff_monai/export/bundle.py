@@ -126,8 +126,8 @@ def load_checkpoint_for_export(checkpoint: str | Path, weights: str | None = Non
     Returns ``{"network", "weights", "state", "config": {"network", "diffusion", "data"}, "epoch", "iteration",
     "path", "sha256"}``; InputError (one line naming the file) for every way the checkpoint can be wrong.
     """
-    from m2diff_monai.diffusion import normalize_diffusion_config
-    from m2diff_monai.inference.checkpoint import read_checkpoint
+    from m2diff_monai.diffusion import resolve_clip
+    from m2diff_monai.inference.checkpoint import read_checkpoint, stored_inference_defaults
     from m2diff_monai.networks.factory import build_network
 
     path = Path(checkpoint)
@@ -145,9 +145,10 @@ def load_checkpoint_for_export(checkpoint: str | Path, weights: str | None = Non
         raise InputError(f"{weights} weights do not fit the network in the checkpoint's config ({first})",
                          path=path) from None
     try:
-        diffusion = normalize_diffusion_config(config.get("diffusion") or {})
+        diffusion = resolve_clip(config.get("diffusion") or {}, config.get("data"))
     except ValueError as err:
         raise InputError(f"invalid diffusion config in the checkpoint ({err})", path=path) from None
+    inference_defaults = stored_inference_defaults(config, path)
     network.eval()
     for parameter in network.parameters():
         parameter.requires_grad_(False)
@@ -159,6 +160,7 @@ def load_checkpoint_for_export(checkpoint: str | Path, weights: str | None = Non
             "network": copy.deepcopy(dict(getattr(network, "config", None) or config["network"])),
             "diffusion": diffusion,
             "data": copy.deepcopy(dict(config.get("data") or {})),
+            "inference_defaults": copy.deepcopy(inference_defaults),
         },
         "epoch": ckpt.get("epoch"),
         "iteration": ckpt.get("iteration"),
@@ -226,7 +228,12 @@ def network_data_format(network: torch.nn.Module, diffusion: Mapping[str, Any],
     and value ranges."""
     multiple = spatial_multiple(network)
     spatial = [f"{multiple}*n", f"{multiple}*n"]
+    from m2diff_monai.diffusion.clip import MINMAX_NORMALIZATIONS, training_normalization
+
     intensity = [float(v) for v in (data_config.get("intensity_range") or [0, 1])]
+    # shared normalization leaves hot spots above 1 (not clipped): the LD PET's range is open above
+    normalization = training_normalization(data_config)
+    pet_range = intensity if normalization in MINMAX_NORMALIZATIONS else []
     is_diffusion = bool(getattr(network, "is_diffusion", True))
     timesteps = int(diffusion.get("timesteps", 1000))
     net_config = dict(getattr(network, "config", {}) or {})
@@ -246,7 +253,9 @@ def network_data_format(network: torch.nn.Module, diffusion: Mapping[str, Any],
                   "dtype": "int64", "value_range": [0, timesteps - 1], "is_patch_data": False,
                   "channel_def": {"0": f"diffusion timestep per sample, original 0..T-1 range (T={timesteps})"
                                        f"{ignored}"}},
-            "ld": image("PT", "low-dose PET slice, normalized", intensity),
+            "ld": image("PT", "low-dose PET slice, normalized"
+                        + ("" if pet_range else " (shared scale: ~1 at the 99.5th brain percentile, hot spots above)"),
+                        pet_range),
             "mri": image("MR", "T1-weighted MRI slice, normalized; zeros when unavailable", intensity),
             "mri_available": {"type": "tensor", "format": "flag", "modality": "n/a", "num_channels": 1,
                               "spatial_shape": [], "dtype": "float32", "value_range": [0, 1],
@@ -376,8 +385,20 @@ def rewrite_inference_config(
     """The source ``inference.json`` made self-contained: checkpoint ``$@bundle_root + '/models/model.pt'``,
     the network built from the embedded ``network_config`` (``network_def``) and loaded by
     :func:`load_exported_model`, whose result replaces the checkpoint path given to the inference entry point.
-    ``sampler_defaults`` replace the literal settings keys (``steps``, ``start_step``, ...)."""
+    The checkpoint's stored ``inference_defaults`` (the sampler its training run was evaluated with) go into the
+    ``sampling_defaults`` block (their top-level keys are set to null so they apply); ``sampler_defaults``
+    (``--set``) replace the literal top-level settings keys (``steps``, ``start_step``, ...) and so win."""
+    from m2diff_monai.inference.defaults import SAMPLING_DEFAULTS_KEY, STATED_NULLS
+
     out = _rewrite_common(dict(config), loaded)
+    stored = dict(loaded["config"].get("inference_defaults") or {})
+    if stored:
+        block = dict(out.get(SAMPLING_DEFAULTS_KEY) or {})
+        for key, value in stored.items():
+            block[key] = STATED_NULLS.get(key, value) if value is None else value
+            if key not in (sampler_defaults or {}):
+                out[key] = None
+        out[SAMPLING_DEFAULTS_KEY] = block
     out.update(copy.deepcopy(dict(sampler_defaults or {})))
     imports = list(out.get("imports") or [])
     for module in ("$import m2diff_monai.networks.factory", "$import m2diff_monai.export.bundle"):
@@ -403,9 +424,21 @@ def rewrite_inference_config(
     if isinstance(entry, dict):
         if "checkpoint" in entry:
             entry["checkpoint"] = "@model"
-        for key in sampler_defaults or {}:  # a source bundle that predates a setting still passes it on
+        for key in [*(sampler_defaults or {}), *stored]:  # a source bundle that predates a setting still passes it
             entry.setdefault(key, f"@{key}")
+        if SAMPLING_DEFAULTS_KEY in out:
+            entry.setdefault(SAMPLING_DEFAULTS_KEY, f"@{SAMPLING_DEFAULTS_KEY}")
     return out
+
+
+def effective_sampler(inference_config: Mapping[str, Any], stored: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The sampler an exported ``inference.json`` runs with no option given (its explicit keys > the stored
+    defaults > its ``sampling_defaults`` > the package defaults), for the model card."""
+    from m2diff_monai.inference.api import resolve_settings, split_bundle_settings
+
+    fallback, explicit = split_bundle_settings(dict(inference_config))
+    settings = resolve_settings(None, dict(stored or {}), fallback, **explicit)
+    return {k: getattr(settings, k) for k in ("sampler", "steps", "eta", "start_step", "samples")}
 
 
 def load_exported_model(
@@ -419,8 +452,8 @@ def load_exported_model(
     embedded config) with the weights of ``checkpoint`` (``models/model.pt``, loaded with ``weights_only=True``),
     as an ``m2diff_monai.inference.checkpoint.LoadedModel``. An exported ``model.pt`` holds one set of weights
     (``"ema": None``); a training checkpoint given instead (``--checkpoint``) gives its EMA when ``use_ema``."""
-    from m2diff_monai.diffusion import normalize_diffusion_config
-    from m2diff_monai.inference.checkpoint import LoadedModel, read_checkpoint
+    from m2diff_monai.diffusion import resolve_clip
+    from m2diff_monai.inference.checkpoint import LoadedModel, read_checkpoint, stored_inference_defaults
 
     path = Path(checkpoint)
     ckpt = _read_checkpoint(path, read_checkpoint)
@@ -437,10 +470,12 @@ def load_exported_model(
     for parameter in network.parameters():
         parameter.requires_grad_(False)
     export = ckpt.get("export") or {}
+    data = dict(data_config if data_config is not None else ckpt["config"].get("data") or {})
     return LoadedModel(
         network=network,
-        diffusion_config=normalize_diffusion_config(dict(diffusion_config)),
-        data_config=dict(data_config if data_config is not None else ckpt["config"].get("data") or {}),
+        diffusion_config=resolve_clip(dict(diffusion_config), data),
+        data_config=data,
+        inference_defaults=stored_inference_defaults(ckpt["config"], path),
         network_config=dict(getattr(network, "config", None) or ckpt["config"]["network"]),
         weights=str(export.get("weights", weights)),
         path=str(path),
@@ -630,9 +665,9 @@ def export_bundle(
             "output_description": "; ".join(
                 f"channel {k}: {v}" for k, v in metadata["network_data_format"]["outputs"]["out"]["channel_def"].items()),
             "files": {f: FILE_DESCRIPTIONS.get(f, "") for f in sorted(files)},
-            "sampler_defaults": {k: written["configs/inference.json"].get(k)
-                                 for k in ("sampler", "steps", "eta", "start_step")
-                                 if k in written["configs/inference.json"]},
+            "sampler_defaults": effective_sampler(written["configs/inference.json"],
+                                                  loaded["config"].get("inference_defaults")),
+            "clip_denoised": diffusion.get("clip_denoised"),
         }
         manifest_info = model_card.read_manifest_provenance(data.get("manifest"), [Path.cwd(), REPO_ROOT])
         card = model_card.render_model_card(

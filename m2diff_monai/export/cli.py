@@ -43,8 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluation summary (.csv or .json, e.g. from m2diff-evaluate) for the model card and "
                    "metadata eval_metrics")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
-                   help="inference default to write into configs/inference.json, e.g. --set start_step=200 "
-                        "--set steps=10 (repeatable; keys as in m2diff-infer's settings; VALUE is JSON or text)")
+                   help="inference setting to write into configs/inference.json, e.g. --set steps=20; it wins over "
+                        "the sampler the checkpoint stores (its training run's inference_defaults), which is "
+                        "exported without this option (repeatable; keys as in m2diff-infer's settings; VALUE is "
+                        "JSON or text)")
     p.add_argument("--onnx", action="store_true", help="also write models/model.onnx (needs the onnx package)")
     p.add_argument("--force", action="store_true",
                    help="replace --out if it exists and is not empty (an earlier export); never allowed when --out "

@@ -169,13 +169,23 @@ def sampler_sentence(defaults: Mapping[str, Any]) -> str:
     if not defaults:
         return "Sampler defaults: see `configs/inference.json`."
     steps = "all" if defaults.get("steps") is None else defaults.get("steps")
-    text = f"Sampler defaults (`configs/inference.json`): {defaults.get('sampler', 'ddim')}, {steps} steps"
+    text = (f"Sampler defaults (`configs/inference.json` and the checkpoint's stored `inference_defaults`, the "
+            f"settings the training run was evaluated with): {defaults.get('sampler', 'ddim')}, {steps} steps")
     if defaults.get("start_step") is not None:
         text += (f", starting from the LD PET noised to t = {defaults['start_step']} (truncated start; "
                  "`--start_step none` samples from pure noise as the papers do)")
     else:
         text += ", starting from pure noise"
+    if defaults.get("samples") not in (None, 1):
+        text += f", mean of K = {defaults['samples']} draws"
     return text + ". Any of them can be overridden on the command line."
+
+
+def _clip_text(clip: Any) -> str:
+    if clip is None or clip is False:
+        return "no range (unclipped)"
+    return f"[{', '.join(f'{float(v):g}' for v in clip)}] (normalized units)" if isinstance(clip, (list, tuple)) \
+        else f"`{clip}`"
 
 
 def render_model_card(
@@ -210,7 +220,8 @@ def render_model_card(
         f"- Network: `{variant}` (preset `{net.get('preset', 'custom')}`), "
         f"{export_info.get('parameters', 0):,} parameters, trained at {net.get('image_size')}² slices.",
         f"- Diffusion: {steps} steps, `{diffusion.get('schedule')}` schedule, the network predicts "
-        f"`{diffusion.get('model_mean_type')}`, variance `{diffusion.get('model_var_type')}`."
+        f"`{diffusion.get('model_mean_type')}`, variance `{diffusion.get('model_var_type')}`, x̂0 clipped to "
+        f"{_clip_text(diffusion.get('clip_denoised'))} while sampling."
         if export_info.get("is_diffusion", True) else "- Direct regression (no diffusion sampling).",
         f"- Weights: **{export_info.get('weights')}** from `{export_info.get('source_checkpoint')}` "
         f"(epoch {export_info.get('epoch')}, iteration {export_info.get('iteration')}).",

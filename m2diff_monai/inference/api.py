@@ -7,7 +7,8 @@ normalization and the canonical reorientation → float32 NIfTI on the LD PET's 
 the whole cohort, written as ``OUT_DIR/<subject>.nii.gz`` plus ``OUT_DIR/predictions.json``.
 
 Every output file is written to a temporary name and renamed only when all of a subject's files are complete.
-Sampler defaults come from the bundle's ``inference.json`` (literal values only), then from :data:`DEFAULTS`.
+Settings: explicit options > the checkpoint's stored ``inference_defaults`` (what training evaluated) > the
+bundle's ``inference.json`` > :class:`InferenceSettings` (:mod:`m2diff_monai.inference.defaults`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from m2diff_monai.data.orientation import ORIENTATION_AXIS, parse_orientations
 from m2diff_monai.errors import InputError
 from m2diff_monai.io import safety
 from m2diff_monai.inference.checkpoint import LoadedModel, load_model
+from m2diff_monai.inference.defaults import INFERENCE_DEFAULT_KEYS, SAMPLING_DEFAULTS_KEY, layered_settings
 from m2diff_monai.inference.fusion import FUSION_METHODS
 from m2diff_monai.inference.inferer import AMP_CHOICES, DiffusionSamplerInferer, resolve_amp
 from m2diff_monai.inference.preprocess import (
@@ -47,6 +49,31 @@ SPLIT_ALIASES = {"test": "test", "val": "val", "validation": "val", "train": "tr
 
 
 BOOL_SETTINGS = ("shared_noise", "save_orientations", "no_mri", "png", "use_ema", "progress")
+
+
+def parse_clip_option(value: Any) -> str | bool | list[float] | None:
+    """``--clip-denoised``: None (not set) → None; "auto" → "auto"; "none"/"false"/false → False (no clamp);
+    "true"/true → [-1, 1]; "LO,HI" or a pair → [lo, hi]."""
+    from m2diff_monai.diffusion import normalize_clip_range
+
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return "auto"
+        if text in ("none", "null", "false", "off", "no"):
+            return False
+        if text in ("true", "on", "yes"):
+            return [-1.0, 1.0]
+        value = [v for v in text.strip("[]()").split(",") if v.strip()]
+    if value is False:
+        return False
+    try:
+        lo, hi = normalize_clip_range(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"clip_denoised must be auto, none or LO,HI; got {value!r}") from None
+    return [lo, hi]
 
 
 def _as_bool(value: Any, name: str) -> bool:
@@ -71,7 +98,9 @@ class InferenceSettings:
     # None: start from pure noise (both papers). t0: start from the LD PET noised to t0 (truncated start).
     start_step: int | None = None
     orientations: tuple[str, ...] = ("axial", "coronal", "sagittal")
-    fusion: str = "wavelet-stripe"
+    # Not the papers' "wavelet-stripe": the same stripe filter on what only each orientation holds, so that hot
+    # spots all orientations agree on are not damped (inference/fusion.py; docs/inference.md, audit).
+    fusion: str = "wavelet-stripe-residual"
     samples: int = 1
     shared_noise: bool = False
     seed: int | None = 0
@@ -83,9 +112,13 @@ class InferenceSettings:
     png: bool = True
     use_ema: bool = True
     progress: bool = True
+    # None: the checkpoint's clip range. "auto" | "none" | "LO,HI" | [lo, hi]: override it (e.g. "auto" for a
+    # checkpoint trained before "auto" existed, whose stored (−1, 1) cuts hot lesions of shared-normalized data).
+    clip_denoised: Any = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
+        set_(self, "clip_denoised", parse_clip_option(self.clip_denoised))
         if self.sampler not in ("ancestral", "ddim"):
             raise ValueError(f"sampler must be ancestral or ddim, got {self.sampler!r}")
         steps = self.steps
@@ -127,10 +160,13 @@ class InferenceSettings:
 SETTING_KEYS = tuple(InferenceSettings.__dataclass_fields__)
 
 
-def bundle_defaults(bundle: str | Path | None) -> dict[str, Any]:
-    """Literal values of the settings keys in ``BUNDLE/inference.json`` (``$``/``@`` expressions are skipped)."""
+def read_bundle_settings(bundle: str | Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(fallback, explicit)`` settings of ``BUNDLE/inference.json`` (literal values only; ``$``/``@``
+    expressions are skipped). ``fallback``: its ``sampling_defaults`` block and literal top-level keys that are not
+    sampler settings (below the checkpoint's stored defaults); ``explicit``: non-null top-level sampler settings
+    (above them, as on the bundle command line). See :mod:`m2diff_monai.inference.defaults`."""
     if bundle is None:
-        return {}
+        return {}, {}
     folder = Path(bundle)
     path = folder / "inference.json" if folder.is_dir() else folder
     if not path.is_file():
@@ -139,29 +175,51 @@ def bundle_defaults(bundle: str | Path | None) -> dict[str, Any]:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise InputError(f"inference.json is not valid JSON ({err})", path=path) from None
-    out = {}
+    return split_bundle_settings(config)
+
+
+def split_bundle_settings(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """:func:`read_bundle_settings` of an already parsed ``inference.json``."""
+    block = config.get(SAMPLING_DEFAULTS_KEY)
+    fallback = {k: v for k, v in (block if isinstance(block, dict) else {}).items() if k in SETTING_KEYS}
+    explicit = {}
     for key in SETTING_KEYS:
         value = config.get(key)
-        if isinstance(value, str) and value.startswith(("$", "@", "%")):
+        if value is None or (isinstance(value, str) and value.startswith(("$", "@", "%"))):
             continue
-        if key in config and value is not None:
-            out[key] = value
-    if "steps" in config and config["steps"] is None:
-        out["steps"] = None
-    return out
+        (explicit if key in INFERENCE_DEFAULT_KEYS else fallback)[key] = value
+    return fallback, explicit
 
 
-def resolve_settings(bundle: str | Path | None = None, **overrides: Any) -> InferenceSettings:
-    """:data:`InferenceSettings` defaults ← the bundle's ``inference.json`` ← ``overrides`` (None = not given;
-    pass ``steps="all"`` for the full chain)."""
+def bundle_defaults(bundle: str | Path | None) -> dict[str, Any]:
+    """What ``BUNDLE/inference.json`` alone sets (both layers of :func:`read_bundle_settings`)."""
+    fallback, explicit = read_bundle_settings(bundle)
+    return {**fallback, **explicit}
+
+
+def resolve_settings(
+    bundle: str | Path | None = None,
+    checkpoint_defaults: dict[str, Any] | None = None,
+    bundle_fallback: dict[str, Any] | None = None,
+    **overrides: Any,
+) -> InferenceSettings:
+    """:class:`InferenceSettings` from, highest first: ``overrides`` (None = not given; ``steps="all"``,
+    ``start_step="none"`` spell the full chain and pure noise) and the bundle's explicit keys, the checkpoint's
+    ``inference_defaults``, the bundle's ``sampling_defaults`` (``bundle_fallback`` when the bundle run passes
+    them), the dataclass defaults. ``.sources`` of the result names where each given setting came from."""
     unknown = set(overrides) - set(SETTING_KEYS)
     if unknown:
         raise ValueError(f"unknown inference settings {sorted(unknown)}; allowed: {list(SETTING_KEYS)}")
-    values = {**bundle_defaults(bundle), **{k: v for k, v in overrides.items() if v is not None}}
+    fallback, explicit = read_bundle_settings(bundle)
+    fallback = {**fallback, **{k: v for k, v in (bundle_fallback or {}).items() if k in SETTING_KEYS}}
+    stored = {k: v for k, v in (checkpoint_defaults or {}).items() if k in INFERENCE_DEFAULT_KEYS}
+    values, sources = layered_settings(fallback, stored, {**explicit, **overrides})
     try:
-        return InferenceSettings(**values)
+        settings = InferenceSettings(**values)
     except (TypeError, ValueError) as err:
         raise InputError(f"inference settings: {err}") from None
+    object.__setattr__(settings, "sources", sources)
+    return settings
 
 
 def resolve_device(name: str) -> torch.device:
@@ -210,10 +268,21 @@ def _check_model_inputs(model: LoadedModel, has_mri: bool, subject: str, path: s
         )
 
 
+def sampling_diffusion_config(model: LoadedModel, settings: InferenceSettings) -> dict[str, Any]:
+    """The checkpoint's diffusion config, with ``settings.clip_denoised`` (when given) in place of its clip range;
+    ``"auto"`` resolves from the checkpoint's training-data normalization."""
+    from m2diff_monai.diffusion import resolve_clip
+
+    config = dict(model.diffusion_config)
+    if settings.clip_denoised is not None:
+        config["clip_denoised"] = settings.clip_denoised
+    return resolve_clip(config, model.data_config)
+
+
 def _build_inferer(model: LoadedModel, settings: InferenceSettings, device: torch.device) -> DiffusionSamplerInferer:
     try:
         return DiffusionSamplerInferer(
-            model.diffusion_config,
+            sampling_diffusion_config(model, settings),
             sampler=settings.sampler,
             steps=settings.steps,
             eta=settings.eta,
@@ -302,7 +371,8 @@ def _output_images(prepared: PreparedSubject, prediction: VolumePrediction, path
 def save_views_png(path: str | Path, prepared: PreparedSubject, prediction: VolumePrediction, use_mri: bool,
                    settings: InferenceSettings) -> None:
     """Rows axial / coronal / sagittal through the brain's centre; columns LD PET | prediction (| std for K > 1),
-    normalized units, one window for LD and prediction. Neurological display (subject's right on the right)."""
+    normalized units, one window for LD and prediction (0 to the LD's 99.5th brain percentile; titles give each
+    volume's brain maximum). Neurological display (subject's right on the right)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -316,6 +386,10 @@ def save_views_png(path: str | Path, prepared: PreparedSubject, prediction: Volu
     inside = prepared.ld[mask] if mask.any() else prepared.ld.ravel()
     vmax = float(np.percentile(inside, 99.5)) if inside.size else 1.0
     vmax = vmax if vmax > 0 else 1.0
+    # The window saturates hot spots (99.5th percentile of the LD): each title states the volume's maximum in the
+    # brain, so a lesion kept (prediction max ≈ LD max) and one flattened (max ≈ 1) are told apart.
+    columns = [(f"{title} (max {float((vol[mask] if mask.any() else vol).max()):.2f})", vol, cmap)
+               for title, vol, cmap in columns]
     fig, axes = plt.subplots(3, len(columns), figsize=(2.8 * len(columns), 8.0), squeeze=False)
     for row, orientation in enumerate(("axial", "coronal", "sagittal")):
         axis = ORIENTATION_AXIS[orientation]
@@ -361,6 +435,7 @@ def infer_subject(
     mri: str | Path | None = None,
     *,
     bundle: str | Path | None = None,
+    bundle_fallback: dict[str, Any] | None = None,
     subject: str | None = None,
     size: int | None = None,
     normalization: str | None = None,
@@ -375,21 +450,25 @@ def infer_subject(
     """Enhance one raw LD PET (optionally with its T1) and write the prediction on the LD PET's own grid.
 
     ``settings``: any :class:`InferenceSettings` field (``steps``, ``sampler``, ``samples``, ...); missing ones
-    come from the bundle's ``inference.json``, then from the defaults. The preprocessing parameters come from the
-    checkpoint's data config unless given (``size``, ``normalization``, ``transform``, ``space``, ``spacing``:
-    the scan is resampled to the model's voxel size and the prediction back to the scan's own grid).
+    come from the checkpoint's stored ``inference_defaults``, then the bundle's ``inference.json``, then the
+    defaults (:mod:`.defaults`). The preprocessing parameters come from the checkpoint's data config unless given
+    (``size``, ``normalization``, ``transform``, ``space``, ``spacing``: the scan is resampled to the model's
+    voxel size and the prediction back to the scan's own grid).
     Returns a summary (files, seconds, settings, preprocessing and where each parameter came from).
     Raises :class:`InputError` (one line naming the subject and file) on bad input; nothing is written then.
     """
     if not ld_pet:
         raise InputError("no low-dose PET given (--ld-pet)")
-    cfg = resolve_settings(bundle, **settings)
+    before_load = resolve_settings(bundle, None, bundle_fallback, **settings)  # device and weights to load with
     sid = subject or _subject_name(ld_pet)
+    _check_distinct(output_paths(output, before_load),
+                    [("--ld-pet", ld_pet), ("--mri", mri), ("--checkpoint", _checkpoint_file(checkpoint))])
+    device = resolve_device(before_load.device)
+    start = time.perf_counter()
+    model = _load(checkpoint, device, before_load.use_ema)
+    cfg = resolve_settings(bundle, model.inference_defaults, bundle_fallback, **settings)
     paths = output_paths(output, cfg)
     _check_distinct(paths, [("--ld-pet", ld_pet), ("--mri", mri), ("--checkpoint", _checkpoint_file(checkpoint))])
-    device = resolve_device(cfg.device)
-    start = time.perf_counter()
-    model = _load(checkpoint, device, cfg.use_ema)
     prep = resolve_preprocessing(model.data_config,
                                  _preprocessing_overrides(size, normalization, transform, space, spacing=spacing),
                                  model.image_size)
@@ -420,6 +499,7 @@ def infer_manifest(
     subjects: Sequence[str] | None = None,
     *,
     bundle: str | Path | None = None,
+    bundle_fallback: dict[str, Any] | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
     """Enhance every ``volumes`` item of ``split`` (``test``/``val``/``train``/``all``) of a manifest.
@@ -430,7 +510,7 @@ def infer_manifest(
     lists them with the settings. Stops at the first bad subject (its files are not written; earlier subjects
     stay complete).
     """
-    cfg = resolve_settings(bundle, **settings)
+    before_load = resolve_settings(bundle, None, bundle_fallback, **settings)  # device and weights to load with
     manifest = Path(manifest)
     if split not in SPLIT_ALIASES:
         raise InputError(f"unknown split {split!r}; choose from test, val, train, all", path=manifest)
@@ -445,11 +525,14 @@ def infer_manifest(
     if not items:
         raise InputError(f"manifest has no '{split}' volumes to infer", path=manifest)
     out_dir = Path(out_dir)
-    planned = _plan_cohort_outputs(manifest, content, items, out_dir, cfg, checkpoint)
-    device = resolve_device(cfg.device)
+    planned = _plan_cohort_outputs(manifest, content, items, out_dir, before_load, checkpoint)
+    device = resolve_device(before_load.device)
     with safety.output_lock(out_dir, "m2diff-infer", "--out-dir", ".m2diff-infer.lock"):
         start = time.perf_counter()
-        model = _load(checkpoint, device, cfg.use_ema)
+        model = _load(checkpoint, device, before_load.use_ema)
+        cfg = resolve_settings(bundle, model.inference_defaults, bundle_fallback, **settings)
+        # the checkpoint's stored sampler may add outputs (e.g. _std): check the final names too
+        planned = _plan_cohort_outputs(manifest, content, items, out_dir, cfg, checkpoint)
         prep = resolve_preprocessing(model.data_config, {}, model.image_size)
         _check_manifest_matches(content, prep, manifest)
         prep = _with_manifest_normalization(content, prep)
@@ -469,6 +552,8 @@ def infer_manifest(
             "checkpoint": model.path,
             "weights": model.weights,
             "settings": {**cfg.as_dict(), "device": str(device)},
+            "settings_sources": dict(getattr(cfg, "sources", {})),
+            "clip_denoised": sampling_diffusion_config(model, cfg)["clip_denoised"],
             "preprocessing": prep.as_dict(),
             "subjects": results,
             "seconds": round(time.perf_counter() - start, 3),
@@ -569,6 +654,8 @@ def _summary(result: SubjectResult, model: LoadedModel, cfg: InferenceSettings, 
         "checkpoint": model.path,
         "weights": model.weights,
         "settings": {**cfg.as_dict(), "device": str(device)},
+        "settings_sources": dict(getattr(cfg, "sources", {})),
+        "clip_denoised": sampling_diffusion_config(model, cfg)["clip_denoised"],
         "preprocessing": prep.as_dict(),
         **({"registration": extra["registration"]} if "registration" in extra else {}),
     }
@@ -582,21 +669,24 @@ def run_bundle_inference(
     manifest: str | Path | None = None,
     out_dir: str | Path | None = None,
     split: str = "test",
+    sampling_defaults: dict[str, Any] | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
     """Entry point of the bundles' ``inference`` key: one subject (``ld_pet`` + ``output``) or a manifest cohort
-    (``manifest`` + ``out_dir``). Settings given as null in the bundle fall back to the defaults."""
+    (``manifest`` + ``out_dir``). Settings given as null in the bundle are not set: the checkpoint's stored
+    ``inference_defaults``, then ``sampling_defaults`` (the bundle's block), then the defaults apply."""
     if not checkpoint:
         raise InputError("inference needs a checkpoint: add --checkpoint PATH")
     settings = {k: v for k, v in settings.items() if v is not None and v != ""}
+    fallback = dict(sampling_defaults or {})
     mri = mri or None
     if manifest:
         if not out_dir:
             raise InputError("cohort inference needs out_dir", path=manifest)
-        return infer_manifest(checkpoint, manifest, out_dir, split=split, **settings)
+        return infer_manifest(checkpoint, manifest, out_dir, split=split, bundle_fallback=fallback, **settings)
     if not ld_pet or not output:
         raise InputError("bundle inference needs ld_pet and output (or manifest and out_dir)")
-    return infer_subject(checkpoint, ld_pet, output, mri, **settings)
+    return infer_subject(checkpoint, ld_pet, output, mri, bundle_fallback=fallback, **settings)
 
 
 __all__ = [
@@ -605,6 +695,9 @@ __all__ = [
     "infer_manifest",
     "infer_subject",
     "output_paths",
+    "read_bundle_settings",
     "resolve_settings",
+    "sampling_diffusion_config",
+    "split_bundle_settings",
     "run_bundle_inference",
 ]

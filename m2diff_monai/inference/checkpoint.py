@@ -1,7 +1,7 @@
 """Load a project checkpoint and rebuild its network and diffusion from the configuration it carries.
 
 Checkpoints (``docs/ARCHITECTURE.md``) are ``{"network", "ema", "optimizer", "scaler", "epoch", "iteration",
-"config": {"network", "diffusion", "data"}}``, loaded with ``torch.load(weights_only=True)`` so that a checkpoint
+"config": {"network", "diffusion", "data", "inference_defaults"}}``, loaded with ``torch.load(weights_only=True)`` so that a checkpoint
 from an untrusted source cannot run code. Inference samples with the EMA weights by default (IDDPM samples with
 its EMA; the official M2Diff code keeps none, in which case ``ema`` is None and the raw weights are used).
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from m2diff_monai.diffusion import normalize_diffusion_config
+from m2diff_monai.diffusion import resolve_clip
 from m2diff_monai.errors import InputError
 from m2diff_monai.networks.factory import build_network
 
@@ -34,6 +34,8 @@ class LoadedModel:
     epoch: int | None = None
     iteration: int | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    # The sampler settings the training run was evaluated with (``config["inference_defaults"]``; {} when none).
+    inference_defaults: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_diffusion(self) -> bool:
@@ -88,9 +90,10 @@ def load_model(
     except (ValueError, TypeError, KeyError) as err:
         raise InputError(f"cannot rebuild the network from the checkpoint's config ({err})", path=path) from None
     try:
-        diffusion_config = normalize_diffusion_config(config.get("diffusion") or {})
+        diffusion_config = resolve_clip(config.get("diffusion") or {}, config.get("data"))
     except ValueError as err:
         raise InputError(f"invalid diffusion config in the checkpoint ({err})", path=path) from None
+    inference_defaults = stored_inference_defaults(config, path)
     ema = checkpoint.get("ema")
     weights = "ema" if use_ema and isinstance(ema, dict) and ema else "network"
     state = ema if weights == "ema" else checkpoint.get("network")
@@ -114,7 +117,18 @@ def load_model(
         epoch=checkpoint.get("epoch"),
         iteration=checkpoint.get("iteration"),
         extras={k: checkpoint[k] for k in ("best_metric", "best_metric_epoch") if k in checkpoint},
+        inference_defaults=inference_defaults,
     )
+
+
+def stored_inference_defaults(config: dict[str, Any], path: str | Path | None = None) -> dict[str, Any]:
+    """The checkpoint config's ``inference_defaults`` checked (absent in older checkpoints: {})."""
+    from m2diff_monai.inference.defaults import check_inference_defaults
+
+    try:
+        return check_inference_defaults(config.get("inference_defaults"))
+    except ValueError as err:
+        raise InputError(f"invalid inference_defaults in the checkpoint ({err})", path=path) from None
 
 
 def model_from_network(
@@ -122,13 +136,15 @@ def model_from_network(
     diffusion_config: dict[str, Any] | None = None,
     data_config: dict[str, Any] | None = None,
     device: torch.device | str = "cpu",
+    inference_defaults: dict[str, Any] | None = None,
 ) -> LoadedModel:
     """Wrap an in-memory network (tests, notebooks, the benchmark) the way :func:`load_model` wraps a checkpoint."""
     network = network.to(torch.device(device)).eval()
     return LoadedModel(
         network=network,
-        diffusion_config=normalize_diffusion_config(diffusion_config or {}),
+        diffusion_config=resolve_clip(diffusion_config or {}, data_config),
         data_config=dict(data_config or {}),
         network_config=dict(getattr(network, "config", None) or {}),
         weights="network",
+        inference_defaults=stored_inference_defaults({"inference_defaults": inference_defaults}),
     )

@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--subjects", default=None, help="cohort mode: comma list of subject ids (default: all)")
     io.add_argument("--out-dir", type=Path, default=None, help="cohort mode: folder for <subject>.nii.gz files")
 
-    s = p.add_argument_group("sampling (defaults: the bundle's inference.json, else the values shown)")
+    s = p.add_argument_group("sampling (defaults: the sampler the checkpoint's training run was evaluated with "
+                             "(its stored inference_defaults), else the bundle's inference.json, else the values "
+                             "shown)")
     s.add_argument("--steps", default=None,
                    help="sampling steps (respaced chain), or 'all' for the full T-step chain [default: 50]")
     s.add_argument("--sampler", choices=("ancestral", "ddim"), default=None, help="reverse sampler [default: ddim]")
@@ -61,10 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--start-step", default=None,
                    help="start from the LD PET noised to this timestep (truncated start, not in the papers; "
                         "MFdiff demo: 200) instead of pure noise; 'none' = pure noise [default: none]")
+    s.add_argument("--clip-denoised", default=None,
+                   help="x̂0 clip range while sampling: auto (from the training data's normalization: (-1, 1) for "
+                        "min-max data, (-1, auto_clip_max) for shared) | none | LO,HI [default: the checkpoint's]")
     s.add_argument("--orientations", default=None,
                    help="comma list of axial,coronal,sagittal [default: all three]")
-    s.add_argument("--fusion", choices=("wavelet-stripe", "mean", "wavelet3d"), default=None,
-                   help="how the orientation volumes are fused [default: wavelet-stripe]")
+    s.add_argument("--fusion", choices=("wavelet-stripe-residual", "wavelet-stripe", "mean", "wavelet3d"), default=None,
+                   help="how the orientation volumes are fused; wavelet-stripe is the papers' (LowGAN) stripe filter, "
+                        "which also damps small hot lesions; -residual filters only what each orientation alone "
+                        "holds [default: wavelet-stripe-residual]")
     s.add_argument("--samples", type=int, default=None,
                    help="K draws; K > 1 writes their mean and a *_std per-voxel uncertainty map [default: 1]")
     s.add_argument("--shared-noise", action="store_true", default=None,
@@ -122,6 +129,7 @@ def _settings(args: argparse.Namespace) -> dict:
         "png": False if args.no_png else None,
         "use_ema": False if args.raw_weights else None,
         "progress": False if args.no_progress else None,
+        "clip_denoised": args.clip_denoised,
     }
 
 
