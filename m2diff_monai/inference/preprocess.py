@@ -67,8 +67,6 @@ class TrainingPreprocessing:
         object.__setattr__(self, "size", crop_stage.validate_size(self.size))
         object.__setattr__(self, "normalization", recorded_method(self.normalization))  # legacy "paper" → "volume"
         object.__setattr__(self, "spacing", spacing_stage.recorded_spacing(self.spacing))
-        if self.normalization not in METHODS:
-            raise ValueError(f"normalization must be one of {', '.join(METHODS)}, got {self.normalization!r}")
         object.__setattr__(self, "transform", normalize_transform_name(self.transform))
         if self.space not in SPACES:
             raise ValueError(f"space must be one of {', '.join(SPACES)}, got {self.space!r}")
