@@ -1,0 +1,148 @@
+"""m2diff-evaluate's classical baselines and lesion-first report on small hand-made cohorts.
+
+Checks: the Gaussian baseline is scipy's gaussian_filter with σ = FWHM / (2√(2 ln 2)) / spacing; the baselines'
+settings are chosen on the validation split only (a cohort whose test split favours another FWHM; the test
+subjects are never loaded for tuning; no validation → the documented default, said in the report); lesion
+recovery equals a hand computation; t-tests only from n ≥ 5; the report opens with quantitation and holds a row
+for LD, every baseline and every prediction, and a table per lesion; the bundle key and the CLI option.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import ndimage
+from scipy import stats as sps
+
+from m2diff_monai.evaluation import baselines, cli, metrics, quantitation, run
+
+SHAPE = (30, 32, 22)
+SPACING = (2.0, 2.0, 2.5)
+FWHM_GRID = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0)
+
+
+def affine() -> np.ndarray:
+    a = np.diag([*SPACING, 1.0])
+    a[:3, 3] = [-30.0, -32.0, -27.5]
+    return a
+
+
+def save(path: Path, data: np.ndarray, dtype=np.float32, descrip: bytes | None = None) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), affine())
+    if descrip:
+        img.header["descrip"] = descrip
+    nib.save(img, str(path))
+    return str(path)
+
+
+def subject_arrays(seed: int, noise: float) -> dict[str, np.ndarray]:
+    """A smooth 'brain' (ellipsoid, GM shell brighter) with a hot and a cold lesion; LD = SD + white noise."""
+    rng = np.random.default_rng(seed)
+    g = np.indices(SHAPE, dtype=np.float32)
+    centre = np.array([15, 16, 11], dtype=np.float32).reshape(3, 1, 1, 1)
+    radii = np.array([11, 12, 8], dtype=np.float32).reshape(3, 1, 1, 1)
+    r = np.sqrt((((g - centre) / radii) ** 2).sum(0))
+    brain = r < 1
+    gm = brain & (r > 0.65)
+    hot = np.zeros(SHAPE, bool)
+    hot[12:15, 10:13, 9:12] = True
+    cold = np.zeros(SHAPE, bool)
+    cold[17:20, 19:22, 10:13] = True
+    activity = brain * (2.0 + 3.0 * gm) + 4.0 * hot - 1.5 * cold
+    sd = (ndimage.gaussian_filter(activity.astype(np.float32), 1.2) * 1000).astype(np.float32)
+    ld = np.clip(sd + noise * 1000 * rng.standard_normal(SHAPE).astype(np.float32), 0, None)
+    return {"sd": sd, "ld": ld, "brain": brain, "lesion_hot": hot, "lesion_cold": cold, "gm": gm}
+
+
+def build(root: Path, plan: list[tuple[str, str, float]], with_pred: bool = True) -> dict:
+    """Native-grid NIfTIs (masks on the same grid), a manifest with ``plan`` = [(subject, split, noise)], and a
+    prediction folder ``Pred`` (SD + a little noise) for every subject."""
+    volumes, arrays = [], {}
+    for n, (sid, split, noise) in enumerate(plan):
+        a = subject_arrays(n + 1, noise)
+        arrays[sid] = a
+        folder = root / "data" / sid
+        item = {"subject": sid, "split": split, "scale": 1.0, "offset": 0.0, "space": "pet",
+                "source_ld_pet": save(folder / "ld.nii.gz", a["ld"], descrip=b"simulated FDG PET, Bq/mL"),
+                "source_sd_pet": save(folder / "sd.nii.gz", a["sd"]),
+                "brain_mask": save(folder / "brain_mask.nii.gz", a["brain"], np.uint8),
+                "regions": {r: save(folder / "regions" / f"{r}.nii.gz", a[r], np.uint8)
+                            for r in ("gm", "lesion_hot", "lesion_cold")},
+                "preprocessed_dir": str(folder)}
+        volumes.append(item)
+        if with_pred:
+            rng = np.random.default_rng(100 + n)
+            save(root / "preds" / "Pred" / f"{sid}.nii.gz", a["sd"] + 50 * rng.standard_normal(SHAPE))
+    manifest = root / "manifest.json"
+    manifest.write_text(json.dumps({"name": "baselines", "training": [], "validation": [], "test": [],
+                                    "volumes": volumes, "provenance": {}}))
+    return {"manifest": manifest, "preds": root / "preds" / "Pred", "arrays": arrays, "root": root}
+
+
+def best_fwhm(arrays: list[dict]) -> float:
+    """Independent grid search: mean 3D PSNR in the brain (data range = SD peak in the brain)."""
+    scores = []
+    for fwhm in FWHM_GRID:
+        sigma = [fwhm / (2 * math.sqrt(2 * math.log(2))) / s for s in SPACING]
+        scores.append(np.mean([metrics.psnr(ndimage.gaussian_filter(a["ld"], sigma, mode="nearest"), a["sd"],
+                                            a["brain"], float(a["sd"][a["brain"]].max())) for a in arrays]))
+    return FWHM_GRID[int(np.argmax(scores))]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> dict:
+    """Validation subjects are very noisy (a wide Gaussian wins), test subjects barely noisy (a narrow one)."""
+    plan = [("v1", "val", 1.6), ("v2", "val", 1.6), ("t1", "test", 0.15), ("t2", "test", 0.15),
+            ("tr1", "train", 0.5)]
+    return build(tmp_path_factory.mktemp("cohort"), plan)
+
+
+def test_gaussian_baseline_is_scipys_filter_with_fwhm_in_mm():
+    rng = np.random.default_rng(0)
+    ld = rng.random((12, 14, 10)).astype(np.float32)
+    spacing = (1.5, 2.0, 3.0)
+    expected = ndimage.gaussian_filter(ld, [5.0 / (2 * math.sqrt(2 * math.log(2))) / s for s in spacing],
+                                       mode="nearest")
+    np.testing.assert_allclose(baselines.gaussian_baseline(ld, 5.0, spacing), expected, rtol=1e-6, atol=1e-7)
+    assert baselines.gaussian_sigma_voxels(2.3548200450309493, (1.0, 2.0, 0.5)) == pytest.approx((1.0, 0.5, 2.0))
+
+
+def test_fwhm_is_chosen_on_validation_never_on_test(cohort, tmp_path, monkeypatch):
+    arrays = cohort["arrays"]
+    val_best = best_fwhm([arrays["v1"], arrays["v2"]])
+    test_best = best_fwhm([arrays["t1"], arrays["t2"]])
+    assert val_best > test_best  # the cohort is built so that tuning on test would pick another FWHM
+    loaded: list[tuple[str, bool]] = []
+    original = run.load_subject
+
+    def recording(item, base, predictions, space="native"):
+        loaded.append((str(item["subject"]), bool(predictions)))
+        return original(item, base, predictions, space)
+
+    monkeypatch.setattr(run, "load_subject", recording)
+    summary = run.evaluate_cohort(cohort["manifest"], {"Pred": cohort["preds"]}, tmp_path / "report",
+                                  baselines="gaussian", lpips=False, figures=False, progress=False,
+                                  baseline_settings=baselines.BaselineSettings(fwhm_grid_mm=FWHM_GRID))
+    chosen = summary["baselines"]
+    assert chosen["fwhm_mm"] == val_best != test_best
+    assert chosen["tuned_on"] == "val" and chosen["tuning_subjects"] == ["v1", "v2"]
+    tuning_loads = {sid for sid, with_predictions in loaded if not with_predictions}
+    assert tuning_loads == {"v1", "v2"}  # no test (or train) subject is read for tuning
+    assert {sid for sid, with_predictions in loaded if with_predictions} == {"t1", "t2"}
+    df = pd.read_csv(tmp_path / "report" / "per_subject.csv")
+    assert list(dict.fromkeys(df["method"])) == ["LD", "Gaussian", "Pred"]
+    g = df[(df["method"] == "Gaussian") & (df["subject"] == "t1")]["psnr"].item()
+    a = arrays["t1"]
+    sigma = [val_best / (2 * math.sqrt(2 * math.log(2))) / s for s in SPACING]
+    assert g == pytest.approx(metrics.psnr(ndimage.gaussian_filter(a["ld"], sigma, mode="nearest"), a["sd"],
+                                           a["brain"]), rel=1e-5)
+    run_json = json.loads((tmp_path / "report" / "run.json").read_text())
+    assert run_json["baselines"]["fwhm_mm"] == val_best
+    assert f"FWHM {val_best:g} mm" in (tmp_path / "report" / "report.md").read_text()
