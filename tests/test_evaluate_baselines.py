@@ -146,3 +146,151 @@ def test_fwhm_is_chosen_on_validation_never_on_test(cohort, tmp_path, monkeypatc
     run_json = json.loads((tmp_path / "report" / "run.json").read_text())
     assert run_json["baselines"]["fwhm_mm"] == val_best
     assert f"FWHM {val_best:g} mm" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_without_validation_the_documented_default_is_used_and_said(tmp_path):
+    c = build(tmp_path, [("t1", "test", 0.5), ("t2", "test", 0.5)])
+    summary = run.evaluate_cohort(c["manifest"], {"Pred": c["preds"]}, tmp_path / "report", baselines="gaussian",
+                                  lpips=False, figures=False, progress=False)
+    chosen = summary["baselines"]
+    assert chosen["fwhm_mm"] == baselines.BaselineSettings().default_fwhm_mm
+    assert chosen["tuned_on"] is None and chosen["tuning_subjects"] == []
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "documented defaults (not tuned)" in report and "no validation subject" in report
+
+
+def test_lesion_recovery_equals_a_hand_computation():
+    reference = np.zeros((6, 6, 6), np.float32)
+    volume = np.zeros_like(reference)
+    lesion = np.zeros(reference.shape, bool)
+    lesion[1:3, 1:3, 1] = True  # four voxels
+    reference[1:3, 1:3, 1] = [[10.0, 20.0], [30.0, 40.0]]
+    volume[1:3, 1:3, 1] = [[8.0, 18.0], [20.0, 30.0]]
+    volume[5, 5, 5] = 1000.0  # outside the lesion: ignored
+    regions = {"lesion_hot": (lesion, run._box(lesion)), "gm": (lesion, run._box(lesion)),
+               "lesion_cold": (np.zeros_like(lesion), None)}
+    row = quantitation.lesion_recovery(volume, reference, regions)
+    assert row["recovery_mean_lesion_hot"] == pytest.approx((76.0 / 4) / (100.0 / 4))
+    assert row["recovery_max_lesion_hot"] == pytest.approx(30.0 / 40.0)
+    assert row["max_pred_lesion_hot"] == 30.0 and row["max_target_lesion_hot"] == 40.0
+    assert math.isnan(row["recovery_mean_lesion_cold"]) and math.isnan(row["recovery_max_lesion_cold"])
+    assert not any(k.endswith("_gm") for k in row)  # recovery is for lesions only
+
+
+def test_lesion_ttests_only_from_five_subjects():
+    rng = np.random.default_rng(1)
+
+    def frame(n: int) -> pd.DataFrame:
+        rows = []
+        for i in range(n):
+            target = 10.0 + rng.random()
+            for method, factor in (("LD", 1.0 + 0.05 * rng.standard_normal()), ("M", 0.8 + 0.01 * rng.random())):
+                pred = target * factor
+                rows.append({"subject": f"s{i}", "method": method, "bias_lesion_hot": pred / target - 1,
+                             "mean_pred_lesion_hot": pred, "mean_target_lesion_hot": target,
+                             "recovery_mean_lesion_hot": pred / target, "recovery_max_lesion_hot": factor,
+                             "max_pred_lesion_hot": 2 * pred, "max_target_lesion_hot": 2 * target})
+        return pd.DataFrame(rows)
+
+    few = quantitation.quantitation_markdown(frame(2), ["lesion_hot"], "Bq/mL")
+    assert "n = 2 < 5: no t-test" in few
+    df = frame(6)
+    many = quantitation.quantitation_markdown(df, ["lesion_hot"], "Bq/mL")
+    assert "no t-test" not in many
+    m = df[df["method"] == "M"]
+    p = sps.ttest_rel(m["mean_pred_lesion_hot"], m["mean_target_lesion_hot"]).pvalue
+    assert (f"{p:.2e}" if p < 1e-4 else f"{p:.4f}") in many
+
+
+@pytest.fixture(scope="module")
+def full_report(cohort, tmp_path_factory) -> dict:
+    """A run with all three baselines and figures (tiny volumes: BM4D takes a second or two here; two NLM
+    factors to tune instead of four)."""
+    out = tmp_path_factory.mktemp("full") / "report"
+    summary = run.evaluate_cohort(cohort["manifest"], {"Pred": cohort["preds"]}, out,
+                                  baselines="gaussian,nlm,bm3d", lpips=False, progress=False,
+                                  baseline_settings={"nlm_h_factors": [0.75, 1.0]})
+    return {"summary": summary, "out": out, "report": (out / "report.md").read_text()}
+
+
+def _table_rows(report: str, heading: str) -> list[str]:
+    """Method names of the markdown table following the first line starting with ``heading``."""
+    lines = report.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(heading))
+    rows, seen_table = [], False
+    for line in lines[start + 1:]:
+        if line.startswith("|"):
+            seen_table = True
+            cell = line.split("|")[1].strip()
+            if cell not in ("method", "---") and not cell.startswith("-"):
+                rows.append(cell.strip("*"))
+        elif seen_table:
+            break
+    return rows
+
+
+def test_report_opens_with_quantitation_and_has_every_method_row(full_report):
+    report = full_report["report"]
+    expected = ["LD", "Gaussian", "NLM", "BM4D", "Pred"]
+    quant = report.index("## Quantitation")
+    assert quant < report.index("## Image quality") < report.index("## Figures")
+    assert _table_rows(report, "### Mean relative bias per region") == expected
+    for lesion in ("lesion_hot", "lesion_cold"):
+        assert _table_rows(report, f"### Lesion `{lesion}`") == expected, lesion
+    assert _table_rows(report, "### Volume metrics") == expected
+    assert "n = 2 < 5: no t-test" in report
+    assert "FWHM" in report and "h = " in report and "BM4D" in report and "tuned on the `val` split" in report
+    assert "Uptake in Bq/mL" in report  # units read from the NIfTI descrip
+    run_json = json.loads((full_report["out"] / "run.json").read_text())
+    assert run_json["methods"] == expected and run_json["units"] == "Bq/mL"
+    assert set(run_json["baselines"]) >= {"fwhm_mm", "nlm_h_factor", "bm4d_sigma_factor", "tuned_on",
+                                          "tuning_subjects", "grids"}
+    summary = pd.read_csv(full_report["out"] / "summary.csv")
+    assert list(summary["method"]) == expected
+    assert {"recovery_mean_lesion_hot_mean", "recovery_max_lesion_cold_n", "psnr_mean"} <= set(summary.columns)
+    assert (full_report["out"] / "figures" / "t1.png").is_file()
+
+
+def test_baselines_filter_the_ld_only_inside_the_brain_box(full_report, cohort):
+    """NLM/BM4D leave voxels outside the brain box at the LD value; inside they change the LD."""
+    a = cohort["arrays"]["t1"]
+    settings = baselines.BaselineSettings()
+    out = baselines.nlm_baseline(a["ld"], a["brain"], 1.0, baselines.estimate_noise_sigma(a["ld"], a["brain"]),
+                                 settings)
+    box = baselines._box(a["brain"], settings.margin_voxels)
+    outside = np.ones(SHAPE, bool)
+    outside[box] = False
+    if outside.any():
+        np.testing.assert_array_equal(out[outside], a["ld"][outside])
+    assert np.abs(out[a["brain"]] - a["ld"][a["brain"]]).mean() > 0
+
+
+def test_report_check_fails_when_a_row_or_lesion_table_is_missing(full_report):
+    """The checks above can fail: drop a row or a lesion table and they do."""
+    report = full_report["report"]
+    without_row = "\n".join(line for line in report.splitlines() if not line.startswith("| NLM |"))
+    assert _table_rows(without_row, "### Lesion `lesion_hot`") != ["LD", "Gaussian", "NLM", "BM4D", "Pred"]
+    without_lesion = report.replace("### Lesion `lesion_hot`", "### something else")
+    with pytest.raises(StopIteration):
+        _table_rows(without_lesion, "### Lesion `lesion_hot`")
+
+
+def test_bad_baseline_options_are_one_line_errors(cohort, tmp_path, capsys):
+    out = tmp_path / "r"
+    code = cli.main(["--manifest", str(cohort["manifest"]), "--pred", f"Pred={cohort['preds']}", "--out", str(out),
+                     "--baselines", "gaussian,wiener", "--no-progress"])
+    assert code == 2 and "unknown baseline 'wiener'" in capsys.readouterr().err and not out.exists()
+    code = cli.main(["--manifest", str(cohort["manifest"]), "--pred", f"Gaussian={cohort['preds']}", "--out",
+                     str(out), "--baselines", "gaussian", "--no-progress"])
+    assert code == 2 and "name of a --baselines row" in capsys.readouterr().err and not out.exists()
+    assert baselines.parse_baselines("Gaussian, bm4d,nlm,gaussian") == ("gaussian", "bm3d", "nlm")
+
+
+def test_bundle_key_passes_the_baselines(cohort, tmp_path):
+    for bundle in ("m2diff", "mfdiff"):
+        config = json.loads((Path(__file__).parents[1] / "bundles" / bundle / "evaluate.json").read_text())
+        assert config["evaluate"]["baselines"] == "@baselines" and "baselines" in config
+    summary = run.run_bundle_evaluation(manifest=str(cohort["manifest"]), predictions={"Pred": str(cohort["preds"])},
+                                        output_dir=str(tmp_path / "b"), baselines=["gaussian"], lpips=False,
+                                        figures=False, progress=False)
+    assert summary["methods"] == ["LD", "Gaussian", "Pred"]

@@ -58,8 +58,8 @@ def _slice_scores(img: np.ndarray, ref: np.ndarray, mask: np.ndarray | None, dat
 
 #: (left, right, bottom, top) labels of a transposed, origin-lower slice of a canonical RAS+ volume.
 MARKERS = {"axial": ("L", "R", "P", "A"), "coronal": ("L", "R", "I", "S"), "sagittal": ("P", "A", "I", "S")}
-CONTOUR_COLOURS = ("red", "deepskyblue", "lime", "orange", "magenta", "yellow")
-BRAIN_CONTOUR = "cyan"
+CONTOUR_COLOURS = ("orange", "magenta", "yellow", "red", "deepskyblue")
+BRAIN_CONTOUR = "lime"
 
 
 def _contour_colour(name: str, index: int) -> str:
@@ -143,26 +143,20 @@ def figure_panel(
     dr = resolve_data_range(reference, mask, data_range)
     inside = np.asarray(mask, bool) if mask is not None else np.ones(reference.shape, bool)
     vmax = float(np.percentile(reference[inside], 99.5)) or dr
-    vfull = max(float(v[inside].max()) for v in arrays.values()) or dr
     errors = {n: np.abs(arrays[n] - reference) for n in error_names}
     emax = max((float(np.percentile(e, 99.5)) for e in errors.values()), default=1.0) or 1.0
     hottest = _hottest_voxel(reference, contours) if slice_index is None and contours else None
     if hottest is not None:
         slice_index = {o: hottest[ORIENTATION_AXIS[o]] for o in orientations}
 
-    windows = [("0–p99.5 SD", vmax)] + ([("full range", vfull)] if full_range else [])
+    windows = [("0–p99.5 SD", vmax)] + ([("0–max SD", dr)] if full_range else [])
     rows = [(o, label, top) for label, top in windows for o in orientations]
     image_names = list(arrays)
     error_titles = [f"|{n} − {error_against}|" for n in error_names]
     n_img, n_err = len(image_names), len(error_titles)
-    fig = Figure(figsize=(panel_inches * (n_img + n_err) + 1.6, panel_inches * len(rows) + 0.9), dpi=dpi,
+    fig = Figure(figsize=(panel_inches * (n_img + n_err) + 1.8, panel_inches * len(rows) + 0.9), dpi=dpi,
                  layout="constrained")
-    if n_err:
-        left_fig, right_fig = fig.subfigures(1, 2, width_ratios=[n_img + 0.6, n_err + 0.6], wspace=0.02)
-        err_axes = right_fig.subplots(len(rows), n_err, squeeze=False)
-    else:
-        left_fig, right_fig, err_axes = fig, None, np.empty((len(rows), 0), dtype=object)
-    img_axes = left_fig.subplots(len(rows), n_img, squeeze=False)
+    axes = fig.subplots(len(rows), n_img + n_err, squeeze=False)
     last_image = {}
     last_error = None
     for r, (orientation, window, top) in enumerate(rows):
@@ -170,13 +164,14 @@ def figure_panel(
         k = _slice_index(slice_index, orientation, reference)
         ref_k = np.take(reference, k, axis=axis)
         mask_k = None if mask is None else np.take(np.asarray(mask, bool), k, axis=axis)[None]
+        first_window = r < len(orientations)
         for c, name in enumerate(image_names):
-            ax = img_axes[r, c]
+            ax = axes[r, c]
             img = np.take(arrays[name], k, axis=axis)
             last_image[window] = ax.imshow(img.T, origin="lower", cmap="gray", vmin=0.0, vmax=top,
                                            interpolation="nearest")
             lines = [name] if r in (0, len(orientations)) else []
-            if name != error_against and r < len(orientations):
+            if name != error_against and first_window:
                 lines.append(_slice_scores(img, ref_k, mask_k, dr))
             if name == error_against:
                 if mask is not None:
@@ -190,25 +185,29 @@ def figure_panel(
                 ax.set_ylabel(f"{orientation} {k}\n{window}", fontsize=8)
                 _markers(ax, orientation)
         for c, name in enumerate(error_names):
-            ax = err_axes[r, c]
+            ax = axes[r, n_img + c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if not first_window:  # the error maps do not depend on the grey window: drawn once
+                ax.set_axis_off()
+                continue
             err = np.take(errors[name], k, axis=axis)
             last_error = ax.imshow(err.T, origin="lower", cmap="hot", vmin=0.0, vmax=emax, interpolation="nearest")
             ax.set_title(error_titles[c] if r == 0 else "", fontsize=8)
-            ax.set_xticks([])
-            ax.set_yticks([])
     for w, (window, _) in enumerate(windows):
-        band = img_axes[w * len(orientations):(w + 1) * len(orientations), :]
-        bar = left_fig.colorbar(last_image[window], ax=band.ravel().tolist(), shrink=0.8, pad=0.01)
+        band = axes[w * len(orientations):(w + 1) * len(orientations), :n_img]
+        bar = fig.colorbar(last_image[window], ax=band.ravel().tolist(), shrink=0.8, pad=0.01)
         bar.set_label(f"{units} ({window})", fontsize=8)
         bar.ax.tick_params(labelsize=7)
-    if last_error is not None and right_fig is not None:
-        bar = right_fig.colorbar(last_error, ax=err_axes.ravel().tolist(), shrink=0.5, pad=0.01)
+    if last_error is not None:
+        band = axes[:len(orientations), n_img:]
+        bar = fig.colorbar(last_error, ax=band.ravel().tolist(), shrink=0.8, pad=0.01)
         bar.set_label(f"|error| ({units})", fontsize=8)
         bar.ax.tick_params(labelsize=7)
     handles = ([Line2D([], [], color=BRAIN_CONTOUR, lw=1.2, label="brain mask")] if mask is not None else []) + [
         Line2D([], [], color=_contour_colour(n, i), lw=1.2, label=n) for i, n in enumerate(contours)]
     if handles:
-        left_fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8,
+        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8,
                         title=f"contours on {error_against}", title_fontsize=8, frameon=False)
     if title:
         fig.suptitle(title + ("; slices through the hottest reference voxel in " + ", ".join(contours)
