@@ -294,3 +294,13 @@ def test_bundle_key_passes_the_baselines(cohort, tmp_path):
                                         output_dir=str(tmp_path / "b"), baselines=["gaussian"], lpips=False,
                                         figures=False, progress=False)
     assert summary["methods"] == ["LD", "Gaussian", "Pred"]
+
+
+def test_a_noiseless_ld_is_returned_unchanged():
+    ld = np.zeros(SHAPE, np.float32)
+    brain = np.zeros(SHAPE, bool)
+    brain[5:20, 5:20, 5:15] = True
+    ld[brain] = 1000.0
+    assert baselines.estimate_noise_sigma(ld, brain) == pytest.approx(0.0, abs=1e-6)
+    np.testing.assert_array_equal(baselines.nlm_baseline(ld, brain, 0.8, 0.0), ld)
+    np.testing.assert_array_equal(baselines.bm4d_baseline(ld, brain, 1.0, 0.0), ld)

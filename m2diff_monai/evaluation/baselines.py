@@ -175,6 +175,9 @@ def nlm_baseline(ld: np.ndarray, mask: np.ndarray, h_factor: float, sigma: float
     """3D non-local means of the LD's brain box, h = ``h_factor`` · ``sigma`` (σ in original units)."""
     from skimage.restoration import denoise_nl_means
 
+    if not sigma * h_factor > 0:  # a noiseless LD (σ estimate 0): nothing to remove
+        return np.array(ld, dtype=np.float32, copy=True)
+
     def denoise(unit: np.ndarray, scale: float) -> np.ndarray:
         s = sigma / scale
         return denoise_nl_means(unit, h=h_factor * s, sigma=s, patch_size=settings.nlm_patch_size,
@@ -201,6 +204,8 @@ def bm4d_baseline(ld: np.ndarray, mask: np.ndarray, sigma_factor: float, sigma: 
     """BM4D (``bm4d.bm4d``, all stages) of the LD's brain box with noise σ = ``sigma_factor`` · ``sigma``."""
     import bm4d
 
+    if not sigma * sigma_factor > 0:
+        return np.array(ld, dtype=np.float32, copy=True)
     profile = bm4d_profile(settings)
     return _in_box(ld, mask, settings.margin_voxels,
                    lambda unit, scale: bm4d.bm4d(unit, sigma_factor * sigma / scale, profile=profile))

@@ -127,7 +127,7 @@ def quantitation_markdown(df, regions: Sequence[str], units: str = UNKNOWN_UNITS
         n_subjects = counts[r]
         sd_max = df[df["method"] == methods[0]][f"max_target_{r}"].astype(float)
         lines.append(f"\n### Lesion `{r}`: recovery = method / SD (1 = kept; {n_subjects} subject(s) with this "
-                     f"lesion; SD max {_mean_std(sd_max)} {units})\n")
+                     f"lesion; SD max {_mean_std(sd_max, 1)} {units})\n")
         lines.append("| method | n | mean recovery (SUVmean-style) | t-test mean | max recovery (SUVmax-style) | "
                      "t-test max |")
         lines.append("| --- | ---: | ---: | --- | ---: | --- |")

@@ -713,7 +713,7 @@ def report_markdown(summary: Mapping[str, Any], df, tt, staging: Path) -> str:
     """The page a person opens first: what was evaluated, quantitation (regional bias, lesion recovery), the
     image-quality tables, the pictures, links to every file."""
     from m2diff_monai.evaluation import baselines as baselines_mod
-    from m2diff_monai.evaluation.quantitation import UNKNOWN_UNITS, quantitation_markdown
+    from m2diff_monai.evaluation.quantitation import MIN_TTEST_SUBJECTS, UNKNOWN_UNITS, quantitation_markdown
 
     opts = summary["options"]
     where = ("the low-dose PET's own grid (RAS+ voxel order), original units; reference = the source SD PET"
@@ -747,7 +747,8 @@ def report_markdown(summary: Mapping[str, Any], df, tt, staging: Path) -> str:
     lines += ["## Image quality (mean ± std over subjects)\n", summary_md.replace("\n## ", "\n### ")]
     versus_ld = tt[(tt["method_a"] == LD_METHOD)] if not tt.empty else tt
     if not tt.empty:
-        lines.append("## Paired t-tests against LD (all pairs: [ttests.md](ttests.md))\n")
+        lines.append(f"## Paired t-tests against LD (p shown with ≥ {MIN_TTEST_SUBJECTS} subjects; every pair and "
+                     "value: [ttests.md](ttests.md))\n")
         lines.append("| metric | method | mean (method − LD) | p | |")
         lines.append("| --- | --- | ---: | ---: | --- |")
         for _, r in versus_ld.iterrows():
@@ -755,6 +756,8 @@ def report_markdown(summary: Mapping[str, Any], df, tt, staging: Path) -> str:
             scale = 100.0 if str(r["metric"]).startswith("bias") else 1.0
             p = float(r["p"])
             p_text = "n/a" if not np.isfinite(p) else f"{p:.2e}" if p < 1e-4 else f"{p:.4f}"
+            if int(r["n"]) < MIN_TTEST_SUBJECTS:  # the report states it; ttests.md keeps every value
+                p, p_text = float("nan"), f"n = {int(r['n'])} < {MIN_TTEST_SUBJECTS}: no t-test"
             lines.append(f"| {_label(r['metric'], plane=True)} | {r['method_b']} | {diff * scale:+.4g} | {p_text} "
                          f"| {_stars(p)} |")
         lines.append("")
