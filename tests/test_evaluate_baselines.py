@@ -205,7 +205,7 @@ def test_lesion_ttests_only_from_five_subjects():
 @pytest.fixture(scope="module")
 def full_report(cohort, tmp_path_factory) -> dict:
     """A run with all three baselines and figures (tiny volumes: BM4D takes a second or two here; two NLM
-    factors to tune instead of four)."""
+    factors to tune instead of five)."""
     out = tmp_path_factory.mktemp("full") / "report"
     summary = run.evaluate_cohort(cohort["manifest"], {"Pred": cohort["preds"]}, out,
                                   baselines="gaussian,nlm,bm3d", lpips=False, progress=False,

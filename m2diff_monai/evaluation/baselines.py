@@ -52,7 +52,7 @@ class BaselineSettings:
 
     fwhm_grid_mm: tuple[float, ...] = DEFAULT_FWHM_GRID_MM
     default_fwhm_mm: float = 4.0
-    nlm_h_factors: tuple[float, ...] = (0.5, 0.8, 1.2, 1.8)
+    nlm_h_factors: tuple[float, ...] = (0.25, 0.4, 0.6, 0.9, 1.3)
     default_nlm_h_factor: float = 0.8
     nlm_patch_size: int = 3
     nlm_patch_distance: int = 3

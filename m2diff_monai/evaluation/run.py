@@ -1011,7 +1011,7 @@ def _run(plan: Plan, base: Path, pred_dirs, options: EvaluationOptions, lpips_me
         t0, c0 = time.perf_counter(), time.process_time()
         try:
             data = load_subject(item, base, plan.files[sid], options.space)
-            tb = time.perf_counter()
+            tb, cb = time.perf_counter(), time.process_time()
             filtered, chosen.seconds[sid] = baselines_mod.apply_baselines(data.volumes[LD_METHOD], data.mask,
                                                                           data.spacing, chosen)
             data.volumes = baselines_mod.with_baselines(data.volumes, filtered, LD_METHOD)
@@ -1036,7 +1036,7 @@ def _run(plan: Plan, base: Path, pred_dirs, options: EvaluationOptions, lpips_me
             notes[sid] = data.notes
         t3, c3 = time.perf_counter(), time.process_time()  # CPU: all threads of this process
         seconds[sid] = {"load": round(tb - t0, 3), "baselines": round(t1 - tb, 3), "metrics": round(t2 - t1, 3), "figure": round(t3 - t2, 3),
-                        "cpu_load": round(c1 - c0, 3), "cpu_metrics": round(c2 - c1, 3),
+                        "cpu_load": round(cb - c0, 3), "cpu_baselines": round(c1 - cb, 3), "cpu_metrics": round(c2 - c1, 3),
                         "cpu_figure": round(c3 - c2, 3)}
         del data
     if not rows:
