@@ -132,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
               "wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "subject_parts_wall_s": parts,
               "baselines": summary["baselines"]["rows"], "baseline_seconds": baseline_times}
     print(f"{args.size}³, LD + {args.methods} method(s): {wall:.2f} s wall, {cpu:.2f} s CPU "
-          f"(load {parts['load']:.2f} s, baselines {parts['baselines']:.2f} s, metrics {parts['metrics']:.2f} s, figure {parts['figure']:.2f} s wall; "
-          f"per-subject CPU: load {parts['cpu_load']:.2f} s, metrics {parts['cpu_metrics']:.2f} s, "
+          f"(load {parts['load']:.2f} s, baselines {parts['baselines']:.2f} s, metrics {parts['metrics']:.2f} s, "
+          f"figure {parts['figure']:.2f} s wall; per-subject CPU: load {parts['cpu_load']:.2f} s, baselines "
+          f"{parts['cpu_baselines']:.2f} s, metrics {parts['cpu_metrics']:.2f} s, "
           f"figure {parts['cpu_figure']:.2f} s)")
     if args.json:
         save_json(args.json, result)

@@ -901,8 +901,9 @@ def evaluate_cohort(
     checkpoint whose PET/MRI branches are compared with linear CKA (``cka_options`` go to
     :func:`.representation.cka_analysis`). ``baselines``: ``"gaussian,nlm,bm3d"`` or a list — classical filters
     of the LD scored as rows after LD, tuned on the validation split (:mod:`.baselines`; ``baseline_settings``: a
-    :class:`.baselines.BaselineSettings` or a dict of its fields, e.g. the FWHM grid). Raises :class:`InputError` (one line) on bad input; nothing is
-    written then. Under ``keep_going`` failing subjects are listed in ``run.json['failed']`` instead.
+    :class:`.baselines.BaselineSettings` or a dict of its fields, e.g. the FWHM grid). Raises :class:`InputError`
+    (one line) on bad input; nothing is written then. Under ``keep_going`` failing subjects are listed in
+    ``run.json['failed']`` instead.
     """
     started = time.perf_counter()
     options = EvaluationOptions(split=split, space=space, subjects=tuple(subjects) if subjects else None,
@@ -1035,8 +1036,9 @@ def _run(plan: Plan, base: Path, pred_dirs, options: EvaluationOptions, lpips_me
         if data.notes:
             notes[sid] = data.notes
         t3, c3 = time.perf_counter(), time.process_time()  # CPU: all threads of this process
-        seconds[sid] = {"load": round(tb - t0, 3), "baselines": round(t1 - tb, 3), "metrics": round(t2 - t1, 3), "figure": round(t3 - t2, 3),
-                        "cpu_load": round(cb - c0, 3), "cpu_baselines": round(c1 - cb, 3), "cpu_metrics": round(c2 - c1, 3),
+        seconds[sid] = {"load": round(tb - t0, 3), "baselines": round(t1 - tb, 3), "metrics": round(t2 - t1, 3),
+                        "figure": round(t3 - t2, 3), "cpu_load": round(cb - c0, 3),
+                        "cpu_baselines": round(c1 - cb, 3), "cpu_metrics": round(c2 - c1, 3),
                         "cpu_figure": round(c3 - c2, 3)}
         del data
     if not rows:
