@@ -244,7 +244,9 @@ def test_report_opens_with_quantitation_and_has_every_method_row(full_report):
     run_json = json.loads((full_report["out"] / "run.json").read_text())
     assert run_json["methods"] == expected and run_json["units"] == "Bq/mL"
     assert set(run_json["baselines"]) >= {"fwhm_mm", "nlm_h_factor", "bm4d_sigma_factor", "tuned_on",
-                                          "tuning_subjects", "grids"}
+                                          "tuning_subjects", "grids", "noise_sigma"}
+    assert set(run_json["baselines"]["noise_sigma"]) == {"v1", "v2", "t1", "t2"}
+    assert "Noise σ estimated from each LD" in report
     summary = pd.read_csv(full_report["out"] / "summary.csv")
     assert list(summary["method"]) == expected
     assert {"recovery_mean_lesion_hot_mean", "recovery_max_lesion_cold_n", "psnr_mean"} <= set(summary.columns)

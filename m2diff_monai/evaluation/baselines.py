@@ -91,6 +91,7 @@ class ChosenSettings:
     notes: list[str] = field(default_factory=list)
     settings: BaselineSettings = field(default_factory=BaselineSettings)
     seconds: dict[str, Any] = field(default_factory=dict)  # tuning_<name> and <subject> → {row: s}
+    noise_sigma: dict[str, float] = field(default_factory=dict)  # subject → estimated σ (original units)
 
     @property
     def rows(self) -> list[str]:
@@ -261,6 +262,8 @@ def choose_settings(names: Sequence[str], cases: Sequence[TuningCase],
         chosen.notes.append("no validation subject with an SD reference in the manifest: documented defaults "
                             "used, nothing tuned (never on the test split)")
     sigmas = {c.subject: estimate_noise_sigma(c.ld, c.mask, settings.margin_voxels) for c in cases}
+    if any(n in ("nlm", "bm3d") for n in names):
+        chosen.noise_sigma.update({k: round(v, 6) for k, v in sigmas.items()})
     for name in names:
         t0 = time.perf_counter()
         if name == "gaussian":
@@ -314,14 +317,17 @@ def tune_on_validation(volumes: Sequence[Any], names: Sequence[str], load: Calla
     return chosen
 
 
-def apply_baselines(ld: np.ndarray, mask: np.ndarray, spacing: Sequence[float],
-                    chosen: ChosenSettings) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """``{row name: filtered LD}`` in ``chosen.names`` order, and the seconds each took."""
+def apply_baselines(ld: np.ndarray, mask: np.ndarray, spacing: Sequence[float], chosen: ChosenSettings,
+                    subject: str | None = None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """``{row name: filtered LD}`` in ``chosen.names`` order, and the seconds each took (the noise σ estimated
+    for NLM/BM4D is recorded in ``chosen.noise_sigma[subject]``)."""
     out: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
     sigma = None
     if any(n in ("nlm", "bm3d") for n in chosen.names):
         sigma = estimate_noise_sigma(ld, mask, chosen.settings.margin_voxels)
+        if subject is not None:
+            chosen.noise_sigma[str(subject)] = round(sigma, 6)
     for name in chosen.names:
         t0 = time.perf_counter()
         if name == "gaussian":
@@ -371,6 +377,9 @@ def settings_markdown(chosen: ChosenSettings) -> list[str]:
             lines.append(f"  - BM4D (the `bm3d` option runs volumetric BM4D, package bm4d){fast}: σ = "
                          f"{chosen.bm4d_sigma_factor:g}·the noise estimate of each subject's LD"
                          f"{grid or ' (estimated, not tuned)'}.")
+    if chosen.noise_sigma:
+        lines.append("  - Noise σ estimated from each LD (original units): " + ", ".join(
+            f"{sid} {sigma:.4g}" for sid, sigma in chosen.noise_sigma.items()) + ".")
     lines += [f"  - Note: {n}." for n in chosen.notes]
     return lines
 

@@ -1014,7 +1014,7 @@ def _run(plan: Plan, base: Path, pred_dirs, options: EvaluationOptions, lpips_me
             data = load_subject(item, base, plan.files[sid], options.space)
             tb, cb = time.perf_counter(), time.process_time()
             filtered, chosen.seconds[sid] = baselines_mod.apply_baselines(data.volumes[LD_METHOD], data.mask,
-                                                                          data.spacing, chosen)
+                                                                          data.spacing, chosen, sid)
             data.volumes = baselines_mod.with_baselines(data.volumes, filtered, LD_METHOD)
             units[sid] = units_of(item, _path(base, item.get("source_ld_pet")))
             t1, c1 = time.perf_counter(), time.process_time()
