@@ -151,18 +151,16 @@ def _unit_scale(crop: np.ndarray) -> float:
     return scale if scale > 0 else (float(np.abs(crop).max()) or 1.0)
 
 
-def estimate_noise_sigma(ld: np.ndarray, mask: np.ndarray, margin: int = 6) -> float:
+def estimate_noise_sigma(ld: np.ndarray, mask: np.ndarray) -> float:
     """σ of the LD's noise (original units), from the LD alone: the robust spread (1.4826 · MAD) inside the brain
     mask of the residual LD − G₁(LD) (G₁: Gaussian of σ = 1 voxel), divided by that residual's gain on white
     noise, ‖δ − G₁δ‖₂ (exact for white noise).
 
     Why not ``skimage.restoration.estimate_sigma`` (wavelet MAD of the finest detail band): reconstructed PET
     noise is spatially correlated, so the finest band holds little of it — on the demo's LD it returned
-    ≈ 4 Bq/mL where the LD − SD difference has a std of ≈ 1150 Bq/mL; this estimator gave ≈ 1130.
-    ``margin`` is unused (kept for a stable signature)."""
+    ≈ 4 Bq/mL where the LD − SD difference has a std of ≈ 1150 Bq/mL; this estimator gave ≈ 1130."""
     from scipy.ndimage import gaussian_filter
 
-    del margin
     data = np.asarray(ld, dtype=np.float32)
     inside = np.asarray(mask, dtype=bool)
     if not inside.any():
@@ -261,7 +259,7 @@ def choose_settings(names: Sequence[str], cases: Sequence[TuningCase],
     else:
         chosen.notes.append("no validation subject with an SD reference in the manifest: documented defaults "
                             "used, nothing tuned (never on the test split)")
-    sigmas = {c.subject: estimate_noise_sigma(c.ld, c.mask, settings.margin_voxels) for c in cases}
+    sigmas = {c.subject: estimate_noise_sigma(c.ld, c.mask) for c in cases}
     if any(n in ("nlm", "bm3d") for n in names):
         chosen.noise_sigma.update({k: round(v, 6) for k, v in sigmas.items()})
     for name in names:
@@ -325,7 +323,7 @@ def apply_baselines(ld: np.ndarray, mask: np.ndarray, spacing: Sequence[float], 
     seconds: dict[str, float] = {}
     sigma = None
     if any(n in ("nlm", "bm3d") for n in chosen.names):
-        sigma = estimate_noise_sigma(ld, mask, chosen.settings.margin_voxels)
+        sigma = estimate_noise_sigma(ld, mask)
         if subject is not None:
             chosen.noise_sigma[str(subject)] = round(sigma, 6)
     for name in chosen.names:
