@@ -24,7 +24,7 @@ m2diff-infer --bundle bundles/m2diff --checkpoint "$RUN/checkpoints/best.pt" \
 
 echo "== 4/5 evaluation =="
 m2diff-evaluate --manifest data_manifests/demo.json --split test --pred "M2Diff=$WORK/predictions" \
-  --out "$WORK/report"
+  --out "$WORK/report" --baselines gaussian,nlm,bm3d
 
 echo "== 5/5 export =="
 m2diff-export --bundle bundles/m2diff --checkpoint "$RUN/checkpoints/best.pt" --out "$WORK/exported_bundle" --force

@@ -401,7 +401,9 @@ def test_bundle_evaluate_config_runs(cohort, tmp_path):
                manifest=str(cohort["manifest"]), predictions={"M2Diff": str(cohort["preds"] / "Good")},
                output_dir=str(out), lpips=False, figures=False, progress=False, subjects="s01,s03")
     df = pd.read_csv(out / "per_subject.csv")
-    assert list(df["method"].unique()) == ["LD", "M2Diff"] and sorted(df["subject"].unique()) == ["s01", "s03"]
+    # the bundle's default baselines: the Gaussian row (defaults: this manifest has no validation split)
+    assert list(df["method"].unique()) == ["LD", "Gaussian", "M2Diff"]
+    assert sorted(df["subject"].unique()) == ["s01", "s03"]
     config = json.loads((repo / "bundles" / "mfdiff" / "evaluate.json").read_text())
     assert config["evaluate"]["_target_"] == "m2diff_monai.evaluation.run.run_bundle_evaluation"
 

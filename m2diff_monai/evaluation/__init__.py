@@ -1,5 +1,6 @@
 """Evaluation: metrics (:mod:`.metrics`), LPIPS (:mod:`.lpips_metric`), tables and paired t-tests (:mod:`.stats`),
-CKA (:mod:`.cka`) and figure panels (:mod:`.figures`). See docs/fusion-and-metrics.md.
+CKA (:mod:`.cka`), figure panels (:mod:`.figures`), classical baselines (:mod:`.baselines`) and lesion
+quantitation (:mod:`.quantitation`). See docs/fusion-and-metrics.md.
 
 Names are imported lazily so that ``import m2diff_monai.evaluation`` stays cheap (no torch, pandas or matplotlib
 until a function that needs them is used).
@@ -30,6 +31,10 @@ _EXPORTS = {
     "ActivationRecorder": "cka",
     "save_cka_heatmap": "cka",
     "figure_panel": "figures",
+    "gaussian_baseline": "baselines",
+    "nlm_baseline": "baselines",
+    "bm4d_baseline": "baselines",
+    "lesion_recovery": "quantitation",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,7 +1,8 @@
 """``m2diff-evaluate``: metrics, tables, statistics and figures for a cohort's predictions against the references.
 
     m2diff-evaluate --manifest data_manifests/NAME.json --split test --pred M2Diff=preds/m2diff \\
-        [--pred IDDPM=preds/iddpm ...] --out reports/NAME [--space native|preprocessed] [--per-slice] \\
+        [--pred IDDPM=preds/iddpm ...] --out reports/NAME [--baselines gaussian,nlm,bm3d] \\
+        [--space native|preprocessed] [--per-slice] \\
         [--lpips-weights alexnet-owt-7be5be79.pth] [--checkpoint M2Diff=CKPT] [--timings M2Diff=FILE] [--cka CKPT]
 
 Predictions are ``DIR/<subject>.nii.gz`` as ``m2diff-infer --manifest ... --out-dir DIR`` writes them.
@@ -61,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--paper-min-size", type=int, default=None, metavar="PIXELS",
                    help="papers' protocol: brain-mask objects/holes below this many pixels are removed "
                         "(default: the official 1000 px at 1 mm², scaled to the slice's pixel area)")
+    m.add_argument("--baselines", default="", metavar="NAMES",
+                   help="classical baselines scored as rows after LD, from the LD PET: comma list of gaussian "
+                        "(Gaussian post-filter, FWHM tuned on the validation split), nlm (skimage non-local "
+                        "means, h tuned on validation), bm3d (runs volumetric BM4D, σ estimated; slow: about a "
+                        "minute per 2 mm brain on one core). Default: none. The demo scripts pass all three")
     x = p.add_argument_group("extras")
     x.add_argument("--checkpoint", action="append", default=[], metavar="METHOD=CKPT",
                    help="a method's training checkpoint for the complexity table (parameters; training s/epoch "
@@ -94,7 +100,7 @@ def _run(args: argparse.Namespace) -> dict:
         figures=not args.no_figures, orientations=args.orientations, min_slice_voxels=args.min_slice_voxels,
         keep_going=args.keep_going, progress=not args.no_progress, workers=args.workers,
         checkpoints=args.checkpoint,
-        timings=args.timings, cka_checkpoint=args.cka, cka_options=cka_options,
+        timings=args.timings, cka_checkpoint=args.cka, cka_options=cka_options, baselines=args.baselines,
         paper_scaling=args.paper_scaling, paper_pad=args.paper_pad, paper_min_size=args.paper_min_size,
     )
 

@@ -1,10 +1,15 @@
 """Figure panels users look at: one row per orientation, one column per volume, plus error maps.
 
-Columns: every volume in the order given (typically LD | methods... | SD), then ``|method − reference|`` for
-the first method (``error_maps="first"``) or for each one (``"each"``). All image columns share one grey scale
-[0, 99.5th percentile of the reference], all error maps one hot scale, so columns compare honestly. Each panel's
-title gives PSNR / SSIM of *that 2D slice* against the reference (data range: the reference volume's peak,
-inside ``mask`` if given — the convention of :mod:`m2diff_monai.evaluation.metrics`).
+Columns: every volume in the order given (typically LD | baselines | methods... | SD), then
+``|method − reference|`` for the first method (``error_maps="first"``) or for each one (``"each"``). All image
+columns share one grey scale [0, 99.5th percentile of the reference], all error maps one hot scale, so columns
+compare honestly; colour bars give both scales in the image's units. ``full_range=True`` adds a second set of
+rows windowed to [0, the largest value of any volume inside the mask], so a flattened hot lesion does not look
+like a kept one under a saturated window. With ``contours`` (e.g. lesion masks) the slices pass through the
+reference's hottest voxel inside them, and the reference column shows the brain mask and each contour (legend
+below). The first column carries orientation markers (L/R, A/P, I/S). Each panel's title gives PSNR / SSIM of
+*that 2D slice* against the reference (data range: the reference volume's peak, inside ``mask`` if given — the
+convention of :mod:`m2diff_monai.evaluation.metrics`).
 
 Display convention for canonical RAS+ arrays: slices are transposed and drawn with the origin at the lower left,
 so superior/anterior is up and the subject's right is on the right of the image (neurological view).
@@ -51,6 +56,46 @@ def _slice_scores(img: np.ndarray, ref: np.ndarray, mask: np.ndarray | None, dat
     return f"PSNR {scores['psnr'][0]:.2f} / SSIM {scores['ssim'][0]:.3f}"
 
 
+#: (left, right, bottom, top) labels of a transposed, origin-lower slice of a canonical RAS+ volume.
+MARKERS = {"axial": ("L", "R", "P", "A"), "coronal": ("L", "R", "I", "S"), "sagittal": ("P", "A", "I", "S")}
+CONTOUR_COLOURS = ("orange", "magenta", "yellow", "red", "deepskyblue")
+BRAIN_CONTOUR = "lime"
+
+
+def _contour_colour(name: str, index: int) -> str:
+    lowered = name.lower()
+    if "hot" in lowered:
+        return "red"
+    if "cold" in lowered:
+        return "deepskyblue"
+    return CONTOUR_COLOURS[index % len(CONTOUR_COLOURS)]
+
+
+def _hottest_voxel(reference: np.ndarray, contours: Mapping[str, np.ndarray]) -> tuple[int, int, int] | None:
+    """Index of the reference's maximum inside the union of ``contours`` (None when they are empty)."""
+    union = np.zeros(reference.shape, bool)
+    for region in contours.values():
+        union |= np.asarray(region, bool)
+    if not union.any():
+        return None
+    masked = np.where(union, reference, -np.inf)
+    return tuple(int(i) for i in np.unravel_index(int(np.argmax(masked)), reference.shape))  # type: ignore
+
+
+def _markers(ax, orientation: str) -> None:
+    left, right, bottom, top = MARKERS[orientation]
+    style = {"color": "yellow", "fontsize": 7, "fontweight": "bold", "transform": ax.transAxes}
+    ax.text(0.02, 0.5, left, ha="left", va="center", **style)
+    ax.text(0.98, 0.5, right, ha="right", va="center", **style)
+    ax.text(0.5, 0.02, bottom, ha="center", va="bottom", **style)
+    ax.text(0.5, 0.98, top, ha="center", va="top", **style)
+
+
+def _draw_contour(ax, region: np.ndarray, colour: str) -> None:
+    if region.any() and not region.all():
+        ax.contour(region.T.astype(np.float32), levels=[0.5], colors=[colour], linewidths=0.8, origin="lower")
+
+
 def figure_panel(
     volumes: Mapping[str, np.ndarray],
     out_png: str | Path,
@@ -65,14 +110,20 @@ def figure_panel(
     title: str | None = None,
     panel_inches: float = 2.2,
     dpi: int = 100,
+    units: str = "a.u. (original units)",
+    contours: Mapping[str, np.ndarray] | None = None,
+    full_range: bool = False,
 ) -> Path:
     """Write the comparison panel PNG; returns its path.
 
     ``volumes``: ordered ``{name: 3D array}`` sharing one shape, including ``error_against`` (the reference).
     Methods are the keys other than ``input_key`` and the reference; error maps are drawn for the first method
-    or each (``error_maps``), or for ``input_key`` when there is no method.
+    or each (``error_maps``), or for ``input_key`` when there is no method. ``units`` label the colour bars;
+    ``contours``: ``{name: 3D mask}`` outlined on the reference column (e.g. lesions); ``full_range``: the
+    second set of rows at the full range.
     """
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
     if error_against not in volumes:
         raise KeyError(f"reference {error_against!r} not among the volumes {list(volumes)}")
@@ -82,40 +133,83 @@ def figure_panel(
     reference = arrays[error_against]
     if any(v.shape != reference.shape or v.ndim != 3 for v in arrays.values()):
         raise ValueError(f"volumes must be 3D and share one shape, got {[v.shape for v in arrays.values()]}")
+    contours = {name: np.asarray(c, bool) for name, c in (contours or {}).items()}
+    if any(c.shape != reference.shape for c in contours.values()):
+        raise ValueError("contour masks must share the volumes' shape")
     methods = [n for n in arrays if n not in (input_key, error_against)]
     if not methods and input_key in arrays:
         methods = [input_key]
     error_names = methods[:1] if error_maps == "first" else methods
     dr = resolve_data_range(reference, mask, data_range)
-    vmax = float(np.percentile(reference[mask] if mask is not None else reference, 99.5)) or dr
+    inside = np.asarray(mask, bool) if mask is not None else np.ones(reference.shape, bool)
+    vmax = float(np.percentile(reference[inside], 99.5)) or dr
     errors = {n: np.abs(arrays[n] - reference) for n in error_names}
     emax = max((float(np.percentile(e, 99.5)) for e in errors.values()), default=1.0) or 1.0
+    hottest = _hottest_voxel(reference, contours) if slice_index is None and contours else None
+    if hottest is not None:
+        slice_index = {o: hottest[ORIENTATION_AXIS[o]] for o in orientations}
 
-    columns = list(arrays) + [f"|{n} − {error_against}|" for n in error_names]
-    rows = list(orientations)
-    fig = Figure(figsize=(panel_inches * len(columns), panel_inches * len(rows) + 0.4), dpi=dpi, layout="constrained")
-    axes = fig.subplots(len(rows), len(columns), squeeze=False)
-    for r, orientation in enumerate(rows):
+    windows = [("0–p99.5 SD", vmax)] + ([("0–max SD", dr)] if full_range else [])
+    rows = [(o, label, top) for label, top in windows for o in orientations]
+    image_names = list(arrays)
+    error_titles = [f"|{n} − {error_against}|" for n in error_names]
+    n_img, n_err = len(image_names), len(error_titles)
+    fig = Figure(figsize=(panel_inches * (n_img + n_err) + 1.8, panel_inches * len(rows) + 0.9), dpi=dpi,
+                 layout="constrained")
+    axes = fig.subplots(len(rows), n_img + n_err, squeeze=False)
+    last_image = {}
+    last_error = None
+    for r, (orientation, window, top) in enumerate(rows):
         axis = ORIENTATION_AXIS[orientation]
         k = _slice_index(slice_index, orientation, reference)
         ref_k = np.take(reference, k, axis=axis)
         mask_k = None if mask is None else np.take(np.asarray(mask, bool), k, axis=axis)[None]
-        for c, name in enumerate(columns):
+        first_window = r < len(orientations)
+        for c, name in enumerate(image_names):
             ax = axes[r, c]
-            lines = [name] if r == 0 else []
-            if c < len(arrays):
-                img = np.take(arrays[name], k, axis=axis)
-                ax.imshow(img.T, origin="lower", cmap="gray", vmin=0.0, vmax=vmax, interpolation="nearest")
-                if name != error_against:
-                    lines.append(_slice_scores(img, ref_k, mask_k, dr))
-            else:
-                err = np.take(errors[error_names[c - len(arrays)]], k, axis=axis)
-                ax.imshow(err.T, origin="lower", cmap="hot", vmin=0.0, vmax=emax, interpolation="nearest")
+            img = np.take(arrays[name], k, axis=axis)
+            last_image[window] = ax.imshow(img.T, origin="lower", cmap="gray", vmin=0.0, vmax=top,
+                                           interpolation="nearest")
+            lines = [name] if r in (0, len(orientations)) else []
+            if name != error_against and first_window:
+                lines.append(_slice_scores(img, ref_k, mask_k, dr))
+            if name == error_against:
+                if mask is not None:
+                    _draw_contour(ax, np.take(inside, k, axis=axis), BRAIN_CONTOUR)
+                for i, (cname, region) in enumerate(contours.items()):
+                    _draw_contour(ax, np.take(region, k, axis=axis), _contour_colour(cname, i))
             ax.set_title("\n".join(line for line in lines if line), fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
             if c == 0:
-                ax.set_ylabel(f"{orientation} {k}", fontsize=8)
+                ax.set_ylabel(f"{orientation} {k}\n{window}", fontsize=8)
+                _markers(ax, orientation)
+        for c, name in enumerate(error_names):
+            ax = axes[r, n_img + c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if not first_window:  # the error maps do not depend on the grey window: drawn once
+                ax.set_axis_off()
+                continue
+            err = np.take(errors[name], k, axis=axis)
+            last_error = ax.imshow(err.T, origin="lower", cmap="hot", vmin=0.0, vmax=emax, interpolation="nearest")
+            ax.set_title(error_titles[c] if r == 0 else "", fontsize=8)
+    for w, (window, _) in enumerate(windows):
+        band = axes[w * len(orientations):(w + 1) * len(orientations), :n_img]
+        bar = fig.colorbar(last_image[window], ax=band.ravel().tolist(), shrink=0.8, pad=0.01)
+        bar.set_label(f"{units} ({window})", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
+    if last_error is not None:
+        band = axes[:len(orientations), n_img:]
+        bar = fig.colorbar(last_error, ax=band.ravel().tolist(), shrink=0.8, pad=0.01)
+        bar.set_label(f"|error| ({units})", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
+    handles = ([Line2D([], [], color=BRAIN_CONTOUR, lw=1.2, label="brain mask")] if mask is not None else []) + [
+        Line2D([], [], color=_contour_colour(n, i), lw=1.2, label=n) for i, n in enumerate(contours)]
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8,
+                        title=f"contours on {error_against}", title_fontsize=8, frameon=False)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title + ("; slices through the hottest reference voxel in " + ", ".join(contours)
+                              if hottest is not None else ""), fontsize=10)
     return write_with(out_png, lambda tmp: fig.savefig(tmp, format="png"))

@@ -85,6 +85,7 @@ class EvaluationOptions:
     paper_scaling: str = "reference"  # the papers' protocol (paper_protocol.PaperOptions)
     paper_pad: int = 256
     paper_min_size: int | None = None
+    baselines: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -107,6 +108,9 @@ class EvaluationOptions:
             raise InputError(str(err)) from None
         if self.subjects is not None:
             object.__setattr__(self, "subjects", tuple(str(s) for s in self.subjects))
+        from m2diff_monai.evaluation.baselines import parse_baselines
+
+        object.__setattr__(self, "baselines", parse_baselines(self.baselines))
 
     def paper_options(self):
         from m2diff_monai.evaluation.paper_protocol import PaperOptions
@@ -471,6 +475,7 @@ def score_subject(
     LPIPS runs after them, one row at a time (torch has its own threads)."""
     from m2diff_monai.evaluation import paper_protocol
     from m2diff_monai.evaluation.metrics import evaluate_volume, per_slice_metrics, resolve_data_range
+    from m2diff_monai.evaluation.quantitation import lesion_recovery
 
     data_range = resolve_data_range(data.reference, data.mask)
     regions = {name: (region, _box(region)) for name, region in data.regions.items()}
@@ -481,6 +486,7 @@ def score_subject(
                               orientations=options.orientations, min_slice_voxels=options.min_slice_voxels)
         row.update(region_metrics(volume, data.reference, regions))
         row.update(paper_protocol.score_volume(volume, paper_ref)[0])
+        row.update(lesion_recovery(volume, data.reference, regions))
         per_slice = {}
         if options.per_slice:
             per_slice = {o: per_slice_metrics(volume, data.reference, data.mask, data_range, ORIENTATION_AXIS[o],
@@ -521,17 +527,21 @@ def _brain_box(mask: np.ndarray, margin: int = 4) -> tuple[slice, ...]:
     return tuple(slice(max(0, b.start - margin), min(n, b.stop + margin)) for b, n in zip(box, mask.shape))
 
 
-def write_figure(data: SubjectVolumes, out_png: Path) -> Path:
-    """LD | methods | SD | |method − SD| per method, three orientations, cropped to the brain (+4 voxels)."""
+def write_figure(data: SubjectVolumes, out_png: Path, units: str | None = None) -> Path:
+    """LD | methods | SD | |method − SD| per method, three orientations, cropped to the brain (+4 voxels); a
+    second set of rows at the full range through the lesions' hottest SD voxel; brain and lesion contours."""
     from m2diff_monai.evaluation.figures import figure_panel
+    from m2diff_monai.evaluation.quantitation import UNKNOWN_UNITS, is_lesion
 
     box = _brain_box(data.mask)
     volumes = {name: v[box] for name, v in data.volumes.items()}
     volumes[REFERENCE] = data.reference[box]
     methods = [m for m in data.volumes if m != LD_METHOD]
+    lesions = {name: region[box] for name, region in data.regions.items() if is_lesion(name)}
     return figure_panel(volumes, out_png, error_against=REFERENCE, input_key=LD_METHOD,
                         error_maps="each" if methods else "first", mask=data.mask[box],
-                        title=f"{data.subject}: LD | {' | '.join(methods) + ' | ' if methods else ''}SD | error maps")
+                        title=f"{data.subject}: LD | {' | '.join(methods) + ' | ' if methods else ''}SD | error maps",
+                        units=units or UNKNOWN_UNITS, contours=lesions, full_range=True)
 
 
 # ------------------------------------------------------------------------------------------- tables
@@ -563,7 +573,9 @@ def summary_metrics(df) -> list[str]:
     candidates = ["ssim", "psnr", "nmse", "lpips", "bias", *regions, "ssim_2d_axial", "psnr_2d_axial",
                   "nmse_2d_axial", "ssim_2d", "psnr_2d", "nmse_2d",
                   *[f"{m}_2d_{o}" for o in ("coronal", "sagittal") for m in ("ssim", "psnr", "nmse")], *PAPER_METRICS]
-    return [c for c in candidates if c in df.columns]
+    from m2diff_monai.evaluation.quantitation import recovery_metrics
+
+    return [c for c in candidates if c in df.columns] + recovery_metrics(df)
 
 
 def ttest_metrics(df) -> list[str]:
@@ -742,7 +754,11 @@ def ttests_markdown(tt) -> str:
 
 
 def report_markdown(summary: Mapping[str, Any], df, tt, staging: Path) -> str:
-    """The page a person opens first: what was evaluated, the tables, the pictures, links to every file."""
+    """The page a person opens first: what was evaluated, quantitation (regional bias, lesion recovery), the
+    image-quality tables, the pictures, links to every file."""
+    from m2diff_monai.evaluation import baselines as baselines_mod
+    from m2diff_monai.evaluation.quantitation import MIN_TTEST_SUBJECTS, UNKNOWN_UNITS, quantitation_markdown
+
     opts = summary["options"]
     where = ("the low-dose PET's own grid (RAS+ voxel order), original units; reference = the source SD PET"
              if opts["space"] == "native" else "the preprocessed cube, original units (cube × its scaling)")
@@ -767,13 +783,16 @@ def report_markdown(summary: Mapping[str, Any], df, tt, staging: Path) -> str:
         f"- Evaluated on {where}; brain and region masks from the preprocessed folder (nearest neighbour).",
         f"- Regions: {', '.join(summary['regions']) or 'none in the manifest'}.",
         f"- LPIPS: {lpips_text}.",
+        *baselines_mod.settings_markdown(summary["_baselines"]),
         "- Definitions: docs/evaluation.md.\n",
+        quantitation_markdown(df, summary["regions"], summary.get("units") or UNKNOWN_UNITS),
     ]
     summary_md = (staging / "summary.md").read_text().split("\n", 1)[1]
-    lines += ["## Results (mean ± std over subjects)\n", summary_md.replace("\n## ", "\n### ")]
+    lines += ["## Image quality (mean ± std over subjects)\n", summary_md.replace("\n## ", "\n### ")]
     versus_ld = tt[(tt["method_a"] == LD_METHOD)] if not tt.empty else tt
     if not tt.empty:
-        lines.append("## Paired t-tests against LD (all pairs: [ttests.md](ttests.md))\n")
+        lines.append(f"## Paired t-tests against LD (p shown with ≥ {MIN_TTEST_SUBJECTS} subjects; every pair and "
+                     "value: [ttests.md](ttests.md))\n")
         lines.append("| metric | method | mean (method − LD) | p | |")
         lines.append("| --- | --- | ---: | ---: | --- |")
         for _, r in versus_ld.iterrows():
@@ -781,6 +800,8 @@ def report_markdown(summary: Mapping[str, Any], df, tt, staging: Path) -> str:
             scale = 100.0 if str(r["metric"]).startswith("bias") else 1.0
             p = float(r["p"])
             p_text = "n/a" if not np.isfinite(p) else f"{p:.2e}" if p < 1e-4 else f"{p:.4f}"
+            if int(r["n"]) < MIN_TTEST_SUBJECTS:  # the report states it; ttests.md keeps every value
+                p, p_text = float("nan"), f"n = {int(r['n'])} < {MIN_TTEST_SUBJECTS}: no t-test"
             lines.append(f"| {_label(r['metric'], plane=True)} | {r['method_b']} | {diff * scale:+.4g} | {p_text} "
                          f"| {_stars(p)} |")
         lines.append("")
@@ -926,6 +947,8 @@ def evaluate_cohort(
     paper_scaling: str = "reference",
     paper_pad: int = 256,
     paper_min_size: int | None = None,
+    baselines: Sequence[str] | str | None = None,
+    baseline_settings: Any | None = None,
 ) -> dict[str, Any]:
     """Score every ``split`` subject of ``manifest`` (LD first, then each method of ``predictions``) against its SD
     reference and write the report folder ``out_dir`` (see docs/evaluation.md). Returns the ``run.json`` dict.
@@ -934,8 +957,11 @@ def evaluate_cohort(
     NaN column and a one-line reason), False (skip), or a ready :class:`~.lpips_metric.LPIPSMetric`.
     ``checkpoints`` / ``timings``: ``{method: file}`` for the complexity table; ``cka_checkpoint``: an M2Diff
     checkpoint whose PET/MRI branches are compared with linear CKA (``cka_options`` go to
-    :func:`.representation.cka_analysis`). Raises :class:`InputError` (one line) on bad input; nothing is
-    written then. Under ``keep_going`` failing subjects are listed in ``run.json['failed']`` instead.
+    :func:`.representation.cka_analysis`). ``baselines``: ``"gaussian,nlm,bm3d"`` or a list — classical filters
+    of the LD scored as rows after LD, tuned on the validation split (:mod:`.baselines`; ``baseline_settings``: a
+    :class:`.baselines.BaselineSettings` or a dict of its fields, e.g. the FWHM grid). Raises :class:`InputError`
+    (one line) on bad input; nothing is written then. Under ``keep_going`` failing subjects are listed in
+    ``run.json['failed']`` instead.
     """
     started = time.perf_counter()
     options = EvaluationOptions(split=split, space=space, subjects=tuple(subjects) if subjects else None,
@@ -944,13 +970,18 @@ def evaluate_cohort(
                                 figures=bool(figures), orientations=orientations,
                                 min_slice_voxels=int(min_slice_voxels), keep_going=bool(keep_going),
                                 progress=bool(progress), workers=int(workers), paper_scaling=paper_scaling,
-                                paper_pad=int(paper_pad), paper_min_size=paper_min_size)
+                                paper_pad=int(paper_pad), paper_min_size=paper_min_size, baselines=baselines or ())
     manifest = Path(manifest)
     base = manifest.resolve().parent
     pred_dirs = {m: Path(p) for m, p in parse_method_map(predictions, "--pred").items()}
     for method, folder in pred_dirs.items():
         if not folder.is_dir():
             raise InputError(f"{method} prediction folder does not exist", path=folder)
+    from m2diff_monai.evaluation.baselines import BASELINE_ROWS
+
+    clash = sorted({BASELINE_ROWS[b] for b in options.baselines} & set(pred_dirs))
+    if clash:
+        raise InputError(f"--pred method name {clash[0]!r} is the name of a --baselines row; rename the method")
     checkpoint_map = {m: Path(p) for m, p in parse_method_map(checkpoints, "--checkpoint").items()}
     timing_map = {m: Path(p) for m, p in parse_method_map(timings, "--timings").items()}
     for name, mapping in (("--checkpoint", checkpoint_map), ("--timings", timing_map)):
@@ -985,7 +1016,8 @@ def evaluate_cohort(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         summary = _run(plan, base, pred_dirs, options, lpips_metric, lpips_status, staging, manifest,
-                       complexity_inputs, cka_model, cka_checkpoint, cka_options, content, started)
+                       complexity_inputs, cka_model, cka_checkpoint, cka_options, content, started,
+                       baseline_settings)
         _publish(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -1018,11 +1050,18 @@ def _progress(iterable, total: int, enabled: bool):
 
 def _run(plan: Plan, base: Path, pred_dirs, options: EvaluationOptions, lpips_metric, lpips_status, staging: Path,
          manifest: Path, complexity_inputs, cka_model, cka_checkpoint, cka_options, content: dict,
-         started: float) -> dict[str, Any]:
+         started: float, baseline_settings: Any | None = None) -> dict[str, Any]:
     import pandas as pd
 
+    from m2diff_monai.evaluation import baselines as baselines_mod
     from m2diff_monai.evaluation import complexity as complexity_mod
+    from m2diff_monai.evaluation.quantitation import units_of
 
+    chosen = baselines_mod.tune_on_validation(
+        content["volumes"], options.baselines, lambda it: load_subject(it, base, {}, options.space),
+        lambda it: _has_reference(it, base), [str(it.get("subject")) for it in plan.items],
+        baselines_mod.as_settings(baseline_settings))
+    units: dict[str, str] = {}
     rows: list[dict] = []
     slice_rows: list[dict] = []
     seconds: dict[str, dict[str, float]] = {}
@@ -1033,6 +1072,11 @@ def _run(plan: Plan, base: Path, pred_dirs, options: EvaluationOptions, lpips_me
         t0, c0 = time.perf_counter(), time.process_time()
         try:
             data = load_subject(item, base, plan.files[sid], options.space)
+            tb, cb = time.perf_counter(), time.process_time()
+            filtered, chosen.seconds[sid] = baselines_mod.apply_baselines(data.volumes[LD_METHOD], data.mask,
+                                                                          data.spacing, chosen, sid)
+            data.volumes = baselines_mod.with_baselines(data.volumes, filtered, LD_METHOD)
+            units[sid] = units_of(item, _path(base, item.get("source_ld_pet")))
             t1, c1 = time.perf_counter(), time.process_time()
             try:
                 subject_rows, subject_slices = score_subject(data, options, lpips_metric, options.workers)
@@ -1040,7 +1084,8 @@ def _run(plan: Plan, base: Path, pred_dirs, options: EvaluationOptions, lpips_me
                 raise InputError(f"cannot score this subject ({err})", subject=sid) from None
             t2, c2 = time.perf_counter(), time.process_time()
             if options.figures:
-                figures[sid] = write_figure(data, staging / "figures" / f"{sid}.png").relative_to(staging).as_posix()
+                figures[sid] = write_figure(data, staging / "figures" / f"{sid}.png",
+                                            units[sid]).relative_to(staging).as_posix()
         except InputError as err:
             if not options.keep_going:
                 raise
@@ -1051,8 +1096,9 @@ def _run(plan: Plan, base: Path, pred_dirs, options: EvaluationOptions, lpips_me
         if data.notes:
             notes[sid] = data.notes
         t3, c3 = time.perf_counter(), time.process_time()  # CPU: all threads of this process
-        seconds[sid] = {"load": round(t1 - t0, 3), "metrics": round(t2 - t1, 3), "figure": round(t3 - t2, 3),
-                        "cpu_load": round(c1 - c0, 3), "cpu_metrics": round(c2 - c1, 3),
+        seconds[sid] = {"load": round(tb - t0, 3), "baselines": round(t1 - tb, 3), "metrics": round(t2 - t1, 3),
+                        "figure": round(t3 - t2, 3), "cpu_load": round(cb - c0, 3),
+                        "cpu_baselines": round(c1 - cb, 3), "cpu_metrics": round(c2 - c1, 3),
                         "cpu_figure": round(c3 - c2, 3)}
         del data
     if not rows:
@@ -1097,6 +1143,8 @@ def _run(plan: Plan, base: Path, pred_dirs, options: EvaluationOptions, lpips_me
         "reference": "source_sd_pet (original units)" if options.space == "native" else "preprocessed sd_pet cube "
                      "(original units)",
         "regions": regions,
+        "units": ", ".join(sorted(set(units.values()))) or None,
+        "baselines": chosen.as_dict(),
         "lpips": lpips_status,
         "paper_protocol": _paper_protocol_record(options),
         "subjects": list(dict.fromkeys(per_subject["subject"])),
@@ -1110,7 +1158,8 @@ def _run(plan: Plan, base: Path, pred_dirs, options: EvaluationOptions, lpips_me
         "files": sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file()) + ["report.md",
                                                                                                        "run.json"],
     }
-    save_text(staging / "report.md", report_markdown(summary, per_subject, ttests, staging))
+    save_text(staging / "report.md", report_markdown({**summary, "_baselines": chosen}, per_subject, ttests,
+                                                     staging))
     save_json(staging / "run.json", summary)
     return summary
 
@@ -1146,6 +1195,7 @@ def run_bundle_evaluation(
     timings: Mapping[str, str] | Sequence[str] | str | None = None,
     cka_checkpoint: str | None = None,
     subjects: Sequence[str] | str | None = None,
+    baselines: Sequence[str] | str | None = None,
 ) -> dict[str, Any]:
     """Entry point of the bundles' ``evaluate`` key (``python -m monai.bundle run evaluate --config_file
     bundles/m2diff/evaluate.json --manifest M --predictions "{'M2Diff': 'DIR'}" --output_dir OUT``)."""
@@ -1161,7 +1211,8 @@ def run_bundle_evaluation(
                            lpips=bool(lpips), lpips_weights=_none_if_empty(lpips_weights), figures=bool(figures),
                            keep_going=bool(keep_going), progress=bool(progress), workers=int(workers or 1),
                            checkpoints=_none_if_empty(checkpoints), timings=_none_if_empty(timings),
-                           cka_checkpoint=_none_if_empty(cka_checkpoint), subjects=_none_if_empty(subjects))
+                           cka_checkpoint=_none_if_empty(cka_checkpoint), subjects=_none_if_empty(subjects),
+                           baselines=_none_if_empty(baselines))
 
 
 __all__ = [
