@@ -27,6 +27,7 @@ import m2diff_monai
 from m2diff_monai.data.orientation import ORIENTATION_AXIS, parse_orientations
 from m2diff_monai.errors import InputError
 from m2diff_monai.io import safety
+from m2diff_monai.inference import cohort
 from m2diff_monai.inference.checkpoint import LoadedModel, load_model
 from m2diff_monai.inference.fusion import FUSION_METHODS
 from m2diff_monai.inference.inferer import AMP_CHOICES, DiffusionSamplerInferer, resolve_amp
@@ -416,9 +417,13 @@ def infer_manifest(
     subjects: Sequence[str] | None = None,
     *,
     bundle: str | Path | None = None,
+    shard: str | tuple[int, int] | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
     """Enhance every ``volumes`` item of ``split`` (``test``/``val``/``train``/``all``) of a manifest.
+
+    ``shard="I/N"`` (job arrays) or torchrun ranks enhance a share and write ``predictions.shard-I-of-N.json``
+    (:mod:`.cohort`); under torchrun rank 0 then merges them into ``predictions.json``.
 
     The items' preprocessed cubes are used as they are; each prediction goes back onto its ``source_ld_pet``'s
     grid as ``OUT_DIR/<subject>.nii.gz`` (+ ``_std``, ``_<orientation>``, ``.png``). ``OUT_DIR/predictions.json``
@@ -440,9 +445,13 @@ def infer_manifest(
     if not items:
         raise InputError(f"manifest has no '{split}' volumes to infer", path=manifest)
     out_dir = Path(out_dir)
-    planned = _plan_cohort_outputs(manifest, content, items, out_dir, cfg, checkpoint)
-    device = resolve_device(cfg.device)
-    with safety.output_lock(out_dir, "m2diff-infer", "--out-dir", ".m2diff-infer.lock"):
+    share = cohort.resolve_shard(shard)
+    selected = [str(it.get("subject")) for it in items]
+    planned_all = _plan_cohort_outputs(manifest, content, items, out_dir, cfg, checkpoint, share.summary_name)
+    mine = {id(it) for it in share.select(items)}
+    items, planned = zip(*[(it, p) for it, p in zip(items, planned_all) if id(it) in mine]) if mine else ((), ())
+    device = resolve_device(cohort.shard_device(cfg.device, share))
+    with safety.output_lock(out_dir, "m2diff-infer", "--out-dir", share.lock_name):
         start = time.perf_counter()
         model = _load(checkpoint, device, cfg.use_ema)
         prep = resolve_preprocessing(model.data_config, {}, model.image_size)
@@ -468,7 +477,12 @@ def infer_manifest(
             "subjects": results,
             "seconds": round(time.perf_counter() - start, 3),
         }
-        save_json(out_dir / "predictions.json", summary)
+        if not share.whole:
+            summary.update(shard=f"{share.index}/{share.count}", selected=selected,
+                           checkpoint_fingerprint=cohort.checkpoint_fingerprint(model.path))
+        save_json(out_dir / share.summary_name, summary)
+    if share.distributed:
+        return cohort.barrier_then_merge(share, out_dir) or summary
     return summary
 
 
@@ -527,7 +541,8 @@ def _check_distinct(paths: dict[str, Path], inputs: Sequence[tuple[str, str | Pa
 
 
 def _plan_cohort_outputs(manifest: Path, content: dict, items: list[dict], out_dir: Path, cfg: InferenceSettings,
-                         checkpoint: str | Path | LoadedModel) -> list[tuple[str, dict[str, Path]]]:
+                         checkpoint: str | Path | LoadedModel,
+                         summary_name: str = "predictions.json") -> list[tuple[str, dict[str, Path]]]:
     """``(subject, output paths)`` per item, checked before any work: subject ids are safe file names, every file
     stays in ``out_dir`` and none is the checkpoint, the manifest or a file the manifest lists."""
     if out_dir.exists() and not out_dir.is_dir():
@@ -546,6 +561,8 @@ def _plan_cohort_outputs(manifest: Path, content: dict, items: list[dict], out_d
         inputs.check_all(paths.values(), "--out-dir", root=out_dir)
         planned.append((sid, paths))
     inputs.check(out_dir / "predictions.json", "--out-dir")
+    if summary_name != "predictions.json":
+        inputs.check(out_dir / summary_name, "--out-dir")
     return planned
 
 
