@@ -27,7 +27,7 @@ from test_inference import CUBE, tiny_m2diff_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"sampler": "ancestral", "steps": 2, "batch_size": 64, "progress": False, "png": False, "device": "cpu",
             "amp": "none", "orientations": "axial,coronal", "fusion": "mean", "seed": 3}
-SUBJECTS = ("a03", "a01", "a02")  # not id-sorted in the manifest: shards sort, the merged list keeps this order
+SUBJECTS = ("a03", "a01", "a02")  # listed unsorted: shards sort by id, the merged list keeps the unsharded order
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +115,15 @@ def test_merge_refuses_disagreeing_or_incomplete_shards(cohort, tmp_path, capsys
     assert not (out / "predictions.json").exists()
 
 
+def test_a_shard_without_subjects_still_writes_its_summary(cohort, tmp_path):
+    out = tmp_path / "wide"
+    summary = api.infer_manifest(cohort["checkpoint"], cohort["manifest"], out, split="test", shard="4/4", **SETTINGS)
+    assert summary["subjects"] == [] and sorted(summary["selected"]) == sorted(SUBJECTS)
+    assert json.loads((out / "predictions.shard-4-of-4.json").read_text())["shard"] == "4/4"
+    with pytest.raises(InputError, match="shard\\(s\\) 1/4, 2/4, 3/4 have no summary"):
+        merge_shards(out)
+
+
 def test_shard_refused_in_single_subject_mode_and_under_torchrun(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["--checkpoint", "x.pt", "--ld-pet", "a.nii.gz", "--out", str(tmp_path / "p.nii.gz"), "--shard", "1/2"])
@@ -141,5 +150,5 @@ def test_torchrun_two_cpu_processes_equal_one_run(cohort, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     _assert_same_predictions(out, cohort["whole"])
     merged = json.loads((out / "predictions.json").read_text())
-    assert merged["settings"]["device"] == ["cpu"] and len(merged["shards"]) == 2
+    assert merged["settings"]["device"] == "cpu" and len(merged["shards"]) == 2
     assert result.stdout.count("3 subject(s)") == 1  # rank 0 reports the merged cohort, rank 1 stays quiet

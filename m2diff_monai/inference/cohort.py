@@ -214,8 +214,8 @@ def merge_shards(out_dir: str | os.PathLike, expected: int | None = None) -> dic
             if not Path(file).is_file():
                 raise InputError(f"subject {sid}: its {key} file is gone", path=file)
     merged = {k: v for k, v in summaries[0].items() if k not in ("subjects", "seconds", "shard", "selected")}
-    merged["settings"] = {**summaries[0]["settings"], "device": sorted({str(s["settings"].get("device"))
-                                                                         for s in summaries})}
+    devices = sorted({str(s["settings"].get("device")) for s in summaries})  # a string, as in an unsharded run
+    merged["settings"] = {**summaries[0]["settings"], "device": ",".join(devices)}
     merged["subjects"] = [by_subject[s] for s in selected]
     merged["shards"] = [{"shard": f"{i}/{count}", "summary": found[(i, count)].name, "seconds": s.get("seconds"),
                          "device": s["settings"].get("device")} for i, s in enumerate(summaries, start=1)]
