@@ -420,6 +420,9 @@ def rewrite_inference_config(
         "use_ema": "@use_ema",
     }
     out.setdefault("use_ema", True)
+    from m2diff_monai.deploy.runner import deploy_config_items  # MONAI Deploy's ids (docs/export.md)
+
+    out.update(deploy_config_items(out))
     entry = out.get("inference")
     if isinstance(entry, dict):
         if "checkpoint" in entry:

@@ -28,6 +28,7 @@ import m2diff_monai
 from m2diff_monai.data.orientation import ORIENTATION_AXIS, parse_orientations
 from m2diff_monai.errors import InputError
 from m2diff_monai.io import safety
+from m2diff_monai.inference import cohort
 from m2diff_monai.inference.checkpoint import LoadedModel, load_model
 from m2diff_monai.inference.defaults import INFERENCE_DEFAULT_KEYS, SAMPLING_DEFAULTS_KEY, layered_settings
 from m2diff_monai.inference.fusion import FUSION_METHODS
@@ -500,9 +501,13 @@ def infer_manifest(
     *,
     bundle: str | Path | None = None,
     bundle_fallback: dict[str, Any] | None = None,
+    shard: str | tuple[int, int] | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
     """Enhance every ``volumes`` item of ``split`` (``test``/``val``/``train``/``all``) of a manifest.
+
+    ``shard="I/N"`` (job arrays) or torchrun ranks enhance a share and write ``predictions.shard-I-of-N.json``
+    (:mod:`.cohort`); under torchrun rank 0 then merges them into ``predictions.json``.
 
     The items' preprocessed cubes are used as they are (items whose cubes are at another voxel size than the
     model's are prepared from their source files instead); each prediction goes back onto its ``source_ld_pet``'s
@@ -525,20 +530,29 @@ def infer_manifest(
     if not items:
         raise InputError(f"manifest has no '{split}' volumes to infer", path=manifest)
     out_dir = Path(out_dir)
-    planned = _plan_cohort_outputs(manifest, content, items, out_dir, before_load, checkpoint)
-    device = resolve_device(before_load.device)
-    with safety.output_lock(out_dir, "m2diff-infer", "--out-dir", ".m2diff-infer.lock"):
+    share = cohort.resolve_shard(shard)
+    selected = [str(it.get("subject")) for it in items]
+    mine = {id(it) for it in share.select(items)}
+
+    def my_share(config: InferenceSettings) -> tuple[tuple, tuple]:
+        planned_all = _plan_cohort_outputs(manifest, content, items, out_dir, config, checkpoint, share.summary_name)
+        pairs = [(it, p) for it, p in zip(items, planned_all) if id(it) in mine]
+        return tuple(zip(*pairs)) if pairs else ((), ())
+
+    my_share(before_load)  # every output checked before any work
+    device = resolve_device(cohort.shard_device(before_load.device, share))
+    with safety.output_lock(out_dir, "m2diff-infer", "--out-dir", share.lock_name):
         start = time.perf_counter()
         model = _load(checkpoint, device, before_load.use_ema)
         cfg = resolve_settings(bundle, model.inference_defaults, bundle_fallback, **settings)
         # the checkpoint's stored sampler may add outputs (e.g. _std): check the final names too
-        planned = _plan_cohort_outputs(manifest, content, items, out_dir, cfg, checkpoint)
+        my_items, planned = my_share(cfg)
         prep = resolve_preprocessing(model.data_config, {}, model.image_size)
         _check_manifest_matches(content, prep, manifest)
         prep = _with_manifest_normalization(content, prep)
         inferer = _build_inferer(model, cfg, device)
         results = []
-        for item, (sid, paths) in zip(items, planned):
+        for item, (sid, paths) in zip(my_items, planned):
             prepared = prepare_cohort_item(item, manifest.resolve().parent, prep)
             use_mri = prepared.mri is not None and not cfg.no_mri
             result = _run(prepared, model, cfg, prep, paths, device, inferer, use_mri)
@@ -558,7 +572,12 @@ def infer_manifest(
             "subjects": results,
             "seconds": round(time.perf_counter() - start, 3),
         }
-        save_json(out_dir / "predictions.json", summary)
+        if not share.whole:
+            summary.update(shard=f"{share.index}/{share.count}", selected=selected,
+                           checkpoint_fingerprint=cohort.checkpoint_fingerprint(model.path))
+        save_json(out_dir / share.summary_name, summary)
+    if share.distributed:
+        return cohort.barrier_then_merge(share, out_dir) or summary
     return summary
 
 
@@ -620,7 +639,8 @@ def _check_distinct(paths: dict[str, Path], inputs: Sequence[tuple[str, str | Pa
 
 
 def _plan_cohort_outputs(manifest: Path, content: dict, items: list[dict], out_dir: Path, cfg: InferenceSettings,
-                         checkpoint: str | Path | LoadedModel) -> list[tuple[str, dict[str, Path]]]:
+                         checkpoint: str | Path | LoadedModel,
+                         summary_name: str = "predictions.json") -> list[tuple[str, dict[str, Path]]]:
     """``(subject, output paths)`` per item, checked before any work: subject ids are safe file names, every file
     stays in ``out_dir`` and none is the checkpoint, the manifest or a file the manifest lists."""
     if out_dir.exists() and not out_dir.is_dir():
@@ -639,6 +659,8 @@ def _plan_cohort_outputs(manifest: Path, content: dict, items: list[dict], out_d
         inputs.check_all(paths.values(), "--out-dir", root=out_dir)
         planned.append((sid, paths))
     inputs.check(out_dir / "predictions.json", "--out-dir")
+    if summary_name != "predictions.json":
+        inputs.check(out_dir / summary_name, "--out-dir")
     return planned
 
 

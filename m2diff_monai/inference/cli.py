@@ -8,6 +8,12 @@ Cohort (a preprocessed manifest's ``volumes``)::
 
     m2diff-infer --bundle bundles/m2diff --checkpoint CKPT --manifest data_manifests/NAME.json --split test --out-dir DIR
 
+Job arrays and several GPUs (docs/inference.md)::
+
+    m2diff-infer ... --manifest M --out-dir DIR --shard I/N      # one job of N; then:
+    m2diff-infer merge --out-dir DIR                             # predictions.shard-*.json → predictions.json
+    torchrun --nproc_per_node=G -m m2diff_monai.inference.cli ... --manifest M --out-dir DIR   # merges itself
+
 Exit codes: 0 success, 2 bad input or options (one line on stderr naming the file or subject; nothing written
 for that subject), 1 an unexpected internal error.
 """
@@ -35,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Outputs never replace an input: an --out/--out-dir/--summary path that is (or a folder that holds) "
         "the checkpoint, an input NIfTI, the manifest or a file it lists is refused before any work; manifest "
         "subject ids must be safe file names. A second cohort run on the same --out-dir refuses while the first "
-        "runs. Existing predictions of the same name are replaced. See docs/safety.md.",
+        "runs. Existing predictions of the same name are replaced. See docs/safety.md. Job arrays: --shard I/N per "
+        "job, then 'm2diff-infer merge --out-dir DIR'; several GPUs: torchrun --nproc_per_node=G -m "
+        "m2diff_monai.inference.cli ... (rank 0 merges). See docs/inference.md.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     io = p.add_argument_group("inputs and outputs")
@@ -52,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--split", default="test", help="cohort mode: test | val | train | all")
     io.add_argument("--subjects", default=None, help="cohort mode: comma list of subject ids (default: all)")
     io.add_argument("--out-dir", type=Path, default=None, help="cohort mode: folder for <subject>.nii.gz files")
+    io.add_argument("--shard", default=None,
+                    help="cohort mode, job arrays: I/N (1-based) enhances the id-sorted subjects at positions "
+                         "I-1 mod N and writes predictions.shard-I-of-N.json; join with 'm2diff-infer merge "
+                         "--out-dir DIR'. Under torchrun each rank takes its share by itself")
 
     s = p.add_argument_group("sampling (defaults: the sampler the checkpoint's training run was evaluated with "
                              "(its stored inference_defaults), else the bundle's inference.json, else the values "
@@ -144,7 +156,9 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
             parser.error("--manifest needs --out-dir")
         subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
         return api.infer_manifest(args.checkpoint, args.manifest, args.out_dir, split=args.split,
-                                  subjects=subjects, bundle=args.bundle, **settings)
+                                  subjects=subjects, bundle=args.bundle, shard=args.shard, **settings)
+    if args.shard is not None:
+        parser.error("--shard is for cohort mode (--manifest/--out-dir)")
     if args.ld_pet is None or args.out is None:
         parser.error("give --ld-pet and --out (or --manifest and --out-dir)")
     return api.infer_subject(
@@ -154,7 +168,32 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
     )
 
 
+def merge_main(argv: Sequence[str]) -> int:
+    """``m2diff-infer merge --out-dir DIR``: join the shard summaries of a job array into predictions.json."""
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} merge",
+        description="Join OUT_DIR/predictions.shard-I-of-N.json (I = 1..N) into OUT_DIR/predictions.json. Refuses "
+        "when a shard is missing, the shards disagree on manifest, split, checkpoint, weights, preprocessing or "
+        "sampling settings, or a selected subject has no prediction.",
+    )
+    parser.add_argument("--out-dir", type=Path, required=True, help="the --out-dir the shards wrote to")
+    args = parser.parse_args(argv)
+    from m2diff_monai.inference.cohort import merge_shards
+
+    try:
+        merged = merge_shards(args.out_dir)
+    except InputError as err:
+        print(f"{PROG} merge: {err.line()}", file=sys.stderr)
+        return 2
+    print(f"{len(merged['subjects'])} subject(s) from {len(merged['shards'])} shard(s); list: "
+          f"{Path(args.out_dir) / 'predictions.json'}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["merge"]:
+        return merge_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.threads is not None:
@@ -187,10 +226,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: internal error: {type(err).__name__}: {text}", file=sys.stderr)
         return 1
     if "subjects" in summary:
+        from m2diff_monai.inference.cohort import torchrun_world
+
+        world = torchrun_world()
+        if world is not None and world[0] != 0:  # rank 0 reports the merged cohort
+            return 0
         for entry in summary["subjects"]:
             print(f"{entry['subject']}: {entry['files']['prediction']} ({entry['seconds']['sampling']:.1f} s sampling)")
+        listed = f"predictions.shard-{summary['shard'].replace('/', '-of-')}.json" if "shard" in summary else \
+            "predictions.json"
         print(f"{len(summary['subjects'])} subject(s) in {summary['seconds']:.1f} s; list: "
-              f"{Path(args.out_dir) / 'predictions.json'}")
+              f"{Path(args.out_dir) / listed}")
     else:
         for warning in summary.get("warnings", []):
             print(f"warning: {warning}", file=sys.stderr)
