@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 DEBUG_VARIABLE = "M2DIFF_DEBUG"
 DEBUG_HINT = f"{DEBUG_VARIABLE}=1 shows the full traceback"
@@ -90,3 +92,21 @@ def install() -> None:
     from m2diff_monai.runtime import configure_threads
 
     configure_threads()
+
+
+def report_outputs(summary: dict[str, Any], out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Print where a bundle inference wrote its results (MONAI prints nothing after a successful run), as
+    ``m2diff-infer`` does; returns ``summary`` unchanged."""
+    if "subjects" in summary:
+        for entry in summary["subjects"]:
+            print(f"{entry['subject']}: {entry['files']['prediction']}", flush=True)
+        listing = f"; list: {Path(out_dir) / 'predictions.json'}" if out_dir is not None else ""
+        print(f"{len(summary['subjects'])} subject(s) written{listing}", flush=True)
+        return summary
+    for warning in summary.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    files = dict(summary.get("files") or {})
+    prediction = files.pop("prediction", None)
+    others = f" (also: {', '.join(str(v) for v in files.values())})" if files else ""
+    print(f"wrote {prediction}{others}", flush=True)
+    return summary

@@ -149,3 +149,21 @@ def test_bundle_run_bad_steps_and_debug_traceback(tmp_path):
     assert "Traceback" not in result.stderr
     debug = run_bundle(args, tmp_path, M2DIFF_DEBUG="1")
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "Failed to instantiate" in debug.stderr
+
+
+def test_exported_bundle_run_elsewhere_names_bundle_root(tmp_path):
+    from m2diff_monai.export.bundle import load_exported_model
+
+    with pytest.raises(InputError, match="--bundle_root EXPORTED_DIR"):
+        load_exported_model(torch.nn.Identity(), "./models/model.pt", {})
+
+
+def test_report_outputs_prints_where_results_went(capsys, tmp_path):
+    single = {"files": {"prediction": "/o/pred.nii.gz", "png": "/o/pred.png"}, "warnings": ["w"]}
+    assert bundle_run.report_outputs(single) is single
+    cohort = {"subjects": [{"subject": "s1", "files": {"prediction": str(tmp_path / "s1.nii.gz")}}]}
+    bundle_run.report_outputs(cohort, tmp_path)
+    out, err = capsys.readouterr()
+    assert out.splitlines() == ["wrote /o/pred.nii.gz (also: /o/pred.png)", f"s1: {tmp_path / 's1.nii.gz'}",
+                                f"1 subject(s) written; list: {tmp_path / 'predictions.json'}"]
+    assert err.strip() == "warning: w"
