@@ -167,3 +167,11 @@ def test_report_outputs_prints_where_results_went(capsys, tmp_path):
     assert out.splitlines() == ["wrote /o/pred.nii.gz (also: /o/pred.png)", f"s1: {tmp_path / 's1.nii.gz'}",
                                 f"1 subject(s) written; list: {tmp_path / 'predictions.json'}"]
     assert err.strip() == "warning: w"
+
+
+def test_bad_steps_text_is_named():
+    from m2diff_monai.inference.api import InferenceSettings
+
+    with pytest.raises(ValueError, match="steps must be a whole number >= 1 or 'all', got 'abc'"):
+        InferenceSettings(steps="abc")
+    assert InferenceSettings(steps="12").steps == 12 and InferenceSettings(steps="all").steps is None

@@ -91,7 +91,10 @@ class InferenceSettings:
             raise ValueError(f"sampler must be ancestral or ddim, got {self.sampler!r}")
         steps = self.steps
         if isinstance(steps, str):
-            steps = None if steps.strip().lower() in ("", "all", "none", "full") else int(steps)
+            text = steps.strip().lower()
+            if text not in ("", "all", "none", "full") and not text.isdigit():
+                raise ValueError(f"steps must be a whole number >= 1 or 'all', got {steps!r}")
+            steps = None if text in ("", "all", "none", "full") else int(text)
         if steps is not None and int(steps) < 1:
             raise ValueError(f"steps must be >= 1 or 'all', got {steps}")
         set_(self, "steps", None if steps is None else int(steps))
