@@ -38,8 +38,9 @@ def test_epoch_and_validation_lines(caplog):
         trainer.run([1.0, 3.0], max_epochs=4)
     epoch_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
     assert len(epoch_lines) == 4
-    assert epoch_lines[0].startswith("epoch 1/4: mean loss 2, ") and "left (training only)" in epoch_lines[0]
-    assert epoch_lines[-1].endswith("about 0:00 left (training only)")
+    assert epoch_lines[0].startswith("epoch 1/4: mean loss 2, ")
+    assert "left at this pace (validation included)" in epoch_lines[0]
+    assert epoch_lines[-1].endswith("about 0:00 left at this pace (validation included)")
     validation = [r.getMessage() for r in caplog.records if r.getMessage().startswith("validation ")]
     assert validation == ["validation epoch 2: val_psnr 22, val_ssim 0.5 (best val_psnr 22 at epoch 2)",
                           "validation epoch 4: val_psnr 24, val_ssim 0.5 (best val_psnr 24 at epoch 4)"]

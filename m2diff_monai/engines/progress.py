@@ -96,7 +96,7 @@ class TrainingProgress:
         mean_epoch = sum(self._epoch_seconds) / len(self._epoch_seconds)
         loss = f"mean loss {sum(self._losses) / len(self._losses):.4g}, " if self._losses else ""
         logger.info(
-            "epoch %d/%s: %s%s; about %s left (training only)",
+            "epoch %d/%s: %s%s; about %s left at this pace (validation included)",
             state.epoch, state.max_epochs, loss, _format_seconds(seconds), _format_seconds(left_epochs * mean_epoch),
         )
 
