@@ -42,6 +42,7 @@ import m2diff_monai
 from m2diff_monai.data.orientation import ORIENTATION_AXIS, ORIENTATIONS, parse_orientations
 from m2diff_monai.data.datasets import read_manifest as read_manifest_file
 from m2diff_monai.errors import InputError
+from m2diff_monai.runtime import configure_threads
 from m2diff_monai.io import safety
 from m2diff_monai.io.atomic import save_json, save_text
 
@@ -1103,6 +1104,7 @@ def _run(plan: Plan, base: Path, pred_dirs, options: EvaluationOptions, lpips_me
                      "(original units)",
         "regions": regions,
         "lpips": lpips_status,
+        "threads": configure_threads(),
         "paper_protocol": _paper_protocol_record(options),
         "subjects": list(dict.fromkeys(per_subject["subject"])),
         "skipped": plan.skipped,
