@@ -42,9 +42,9 @@ import m2diff_monai
 from m2diff_monai.data.orientation import ORIENTATION_AXIS, ORIENTATIONS, parse_orientations
 from m2diff_monai.data.datasets import read_manifest as read_manifest_file
 from m2diff_monai.errors import InputError
-from m2diff_monai.runtime import configure_threads
 from m2diff_monai.io import safety
 from m2diff_monai.io.atomic import save_json, save_text
+from m2diff_monai.runtime import configure_threads
 
 TOOL = "m2diff-evaluate"
 LD_METHOD = "LD"
