@@ -50,7 +50,7 @@ def test_epoch_and_validation_lines(caplog):
 def test_bar_only_on_a_terminal_and_when_enabled(monkeypatch):
     monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: True, raising=False)
     assert TrainingProgress(enabled=True).bar_wanted()
-    assert not TrainingProgress(enabled=False).bar_wanted()
+    assert not TrainingProgress(enabled=False).bar_wanted() and not TrainingProgress(enabled="false").bar_wanted()
     trainer = Engine(lambda engine, batch: {"loss": 1.0})
     handler = TrainingProgress(enabled=True)
     handler.attach(trainer)

@@ -58,7 +58,7 @@ class TrainingProgress:
 
     def __init__(self, validator: Engine | None = None, enabled: bool = True) -> None:
         self.validator = validator
-        self.enabled = bool(enabled)
+        self.enabled = str(enabled).strip().lower() not in ("false", "0", "no", "off", "none", "")
         self.bar: Any = None
         self._epoch_start = 0.0
         self._epoch_seconds: list[float] = []
