@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from m2diff_monai.errors import InputError
+from m2diff_monai.runtime import configure_threads
 
 PROG = "m2diff-preprocess"
 
@@ -68,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"{PROG} {name}", description=description)
     module.configure(parser)
     args = parser.parse_args(rest)
+    configure_threads(import_torch=False)
     try:
         code = module.main(args)
     except InputError as err:

@@ -43,6 +43,7 @@ from m2diff_monai.data.orientation import parse_orientations
 from m2diff_monai.errors import InputError
 from m2diff_monai.io import safety
 from m2diff_monai.io.atomic import save_json, save_nifti
+from m2diff_monai.runtime import allowed_threads
 
 from . import crop as crop_stage
 from . import manifest as manifest_stage
@@ -533,7 +534,7 @@ def _run_locked(rows: list[SubjectRow], problems: dict[str, InputError], subject
 
 
 def _run_parallel(todo, out_dir, options, records, summary, fail, bar) -> None:
-    threads = max(1, (os.cpu_count() or 1) // options.workers)
+    threads = max(1, allowed_threads()[0] // options.workers)  # CPUs we may use, not all visible
     if os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
         threads = min(threads, int(os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"]))
     context = multiprocessing.get_context("spawn")  # no fork of a process that may hold ITK/OpenMP threads

@@ -114,7 +114,7 @@ def test_configs_have_paper_defaults():
         demo = ConfigParser()
         demo.read_config(files)
         assert demo.get_parsed_content("max_iterations") == 200
-        assert demo.get_parsed_content("stage1_checkpoint") == "runs/mfdiff-demo/external/checkpoints/last.pt"
+        assert demo.get_parsed_content("stage1_checkpoint") == "runs/mfdiff-demo-bundle/external/checkpoints/last.pt"
         assert demo.get_parsed_content("manifest_file") == "data_manifests/demo.json"
     assert build_network(demo["network_config"]).config["image_size"] == 64
     stage1_demo = ConfigParser()

@@ -236,6 +236,7 @@ def test_exported_inference_runs_in_a_fresh_process_on_a_nifti(exported, tmp_pat
         cwd=exported, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"wrote {pred}" in proc.stdout.splitlines()  # a successful run says where the result went
     source_img, pred_img = nib.load(str(ld)), nib.load(str(pred))
     assert pred_img.shape == source_img.shape and np.allclose(pred_img.affine, source_img.affine)
     data = np.asarray(pred_img.dataobj)

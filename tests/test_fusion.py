@@ -13,7 +13,9 @@ from m2diff_monai.inference.fusion import (
     FUSION_METHODS,
     filter_orientation_volume,
     fuse_volumes,
+    describe_fusion,
     stripe_filter_slice,
+    stripe_plan,
 )
 
 SHAPE = (47, 52, 45)  # odd and non-power-of-two sizes: padding and cropping must be exact
@@ -96,11 +98,36 @@ def test_default_recipe_reduces_stripes_at_128():
     assert np.linalg.norm(filter_orientation_volume(slab, 2) - slab) / np.linalg.norm(slab) < 0.03
 
 
-def test_too_small_for_wavelet_warns_and_leaves_image():
+def test_too_small_for_wavelet_warns_and_leaves_image_without_fallback():
     img = np.random.default_rng(0).random((20, 20)).astype(np.float32)
     with pytest.warns(UserWarning, match="left unfiltered"):
-        out = stripe_filter_slice(img)  # db25 needs ~100 samples per level
+        out = stripe_filter_slice(img, fallback_wavelets=())  # db25 needs ~100 samples per level
     np.testing.assert_allclose(out, img, atol=1e-6)
+
+
+def test_stripe_plan_picks_a_shorter_wavelet_only_when_db25_allows_no_level():
+    assert stripe_plan((256, 256)) == ("db25", 2) and stripe_plan((100, 128)) == ("db25", 1)
+    assert stripe_plan((64, 64)) == ("db8", 2) and stripe_plan((20, 20)) == ("db8", 1)
+    assert stripe_plan((16, 16)) == ("db4", 1) and stripe_plan((8, 8)) == ("haar", 3)
+    assert stripe_plan((64, 64), fallback_wavelets=()) == ("db25", 0)
+    assert describe_fusion("wavelet-stripe", (64, 64, 64)) == "wavelet-stripe (db8, 2 levels)"
+    assert describe_fusion("wavelet-stripe", (128, 128, 128)) == "wavelet-stripe (db25, 1 level)"
+    assert describe_fusion("mean", (64, 64, 64)) == "mean"
+
+
+@pytest.mark.parametrize("orientation", list(ORIENTATION_AXIS))
+def test_default_recipe_filters_the_64_cube_demo(orientation):
+    """The demo's 64³ grid: db25 allows no level there, so the default now runs db8 — stripes cut, anatomy kept."""
+    axis = ORIENTATION_AXIS[orientation]
+    clean = smooth_volume((64, 64, 64))
+    striped = add_stripes(clean, axis, seed=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "left unfiltered" warning any more
+        filtered = filter_orientation_volume(striped, axis)
+        untouched = filter_orientation_volume(clean, axis)
+    assert stripe_energy(filtered, axis) < 0.25 * stripe_energy(striped, axis)
+    assert np.linalg.norm(filtered - clean) < 0.75 * np.linalg.norm(striped - clean)
+    assert np.linalg.norm(untouched - clean) / np.linalg.norm(clean) < 0.02
 
 
 @pytest.mark.parametrize("method", FUSION_METHODS)

@@ -49,8 +49,10 @@ def test_help_exits_zero(capsys):
 def test_cli_end_to_end_with_tiny_model(tmp_path, subject, tiny_checkpoint):
     out = tmp_path / "out" / "pred.nii.gz"
     proc = _infer("--bundle", "bundles/m2diff", "--checkpoint", str(tiny_checkpoint), "--ld-pet", str(subject["ld_pet"]),
-                  "--mri", str(subject["mri"]), "--out", str(out), *FAST_ARGS)
+                  "--mri", str(subject["mri"]), "--out", str(out), "--summary", str(tmp_path / "run.json"),
+                  *FAST_ARGS)
     assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "run.json").read_text())["threads"] == {"threads": 1, "source": "--threads"}
     raw, pred = nib.load(subject["ld_pet"]), nib.load(out)
     assert pred.shape == raw.shape and np.allclose(pred.affine, raw.affine)
     assert np.isfinite(np.asarray(pred.dataobj)).all()

@@ -22,7 +22,11 @@ from m2diff_monai.errors import InputError
 
 SPLITS = ("training", "validation", "test")
 PATH_KEYS = ("ld_pet", "sd_pet", "mri")
-MANIFEST_HINT = "create it with: m2diff-preprocess demo --out work/demo (or m2diff-preprocess run ... --manifest PATH)"
+MANIFEST_HINT = (
+    "create it with: m2diff-preprocess demo --out work/demo --downsample 2 --size 64 "
+    "--manifest data_manifests/demo.json (the demo cohort bundles/*/demo.json is tuned for; "
+    "or m2diff-preprocess run ... --manifest PATH)"
+)
 
 
 def read_manifest(manifest: str | Path, require: str | None = None) -> dict[str, Any]:

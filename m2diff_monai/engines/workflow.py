@@ -22,12 +22,15 @@ from monai.handlers import LrScheduleHandler, ValidationHandler
 from m2diff_monai.data.datasets import MANIFEST_HINT, load_slice_items, read_manifest  # noqa: F401 (re-exported)
 from m2diff_monai.diffusion import normalize_diffusion_config, resolve_clip
 from m2diff_monai.engines.ema import unwrap
+from m2diff_monai.runtime import configure_threads
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def default_device() -> torch.device:
-    """``cuda:LOCAL_RANK`` (0 without torchrun) when CUDA is available, else CPU."""
+    """``cuda:LOCAL_RANK`` (0 without torchrun) when CUDA is available, else CPU. Also sizes the CPU thread pools
+    for a shared node (``m2diff_monai.runtime``; once per process) since every bundle asks for its device."""
+    configure_threads()
     if torch.cuda.is_available():
         return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     return torch.device("cpu")

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from m2diff_monai.errors import InputError
+from m2diff_monai.runtime import configure_threads
 
 PROG = "m2diff-evaluate"
 
@@ -108,6 +109,7 @@ def _run(args: argparse.Namespace) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_threads()
     try:
         summary = _run(args)
     except InputError as err:

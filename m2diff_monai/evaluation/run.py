@@ -44,6 +44,7 @@ from m2diff_monai.data.datasets import read_manifest as read_manifest_file
 from m2diff_monai.errors import InputError
 from m2diff_monai.io import safety
 from m2diff_monai.io.atomic import save_json, save_text
+from m2diff_monai.runtime import configure_threads
 
 TOOL = "m2diff-evaluate"
 LD_METHOD = "LD"
@@ -695,20 +696,25 @@ PAPER_PROTOCOL_NOTE = (
     "with the papers' tables.\n")
 
 
-def summary_markdown(df, regions: Sequence[str], lpips_status: Mapping[str, Any]) -> str:
-    """The papers' Table I layout (mean ± std over subjects), LD first, then bias per region."""
+def _lpips_line(lpips_status: Mapping[str, Any]) -> str:
+    """The LPIPS sentence of summary.md (report.md lists LPIPS once in its header and drops this one)."""
     lpips_line = ("LPIPS: AlexNet (lpips 0.1.4), mean over " + str(lpips_status.get("orientation", "axial")) +
                   " slices with brain" if lpips_status.get("available") else
                   str(lpips_status.get("reason") or "LPIPS unavailable"))
     if lpips_status.get("available") and lpips_status.get("reason"):
         lpips_line += f" — {lpips_status['reason']}"
+    return f"{lpips_line}.\n"
+
+
+def summary_markdown(df, regions: Sequence[str], lpips_status: Mapping[str, Any]) -> str:
+    """The papers' Table I layout (mean ± std over subjects), LD first, then bias per region."""
     parts = [
         "# Summary: mean ± std over subjects\n",
         "Higher is better for SSIM and PSNR, lower for NMSE and LPIPS, bias closest to 0; the best method (LD "
         "excluded) is in bold when there are two or more. Two protocols: the first tables score inside the "
         "preprocessing brain mask with one data range per subject (the reference's peak in the brain); the papers' "
         "protocol (its own section) scores whole padded slices as the official code did. n = subjects.\n",
-        f"{lpips_line}.\n",
+        _lpips_line(lpips_status),
         "## Volume metrics (3D, inside the brain mask)\n",
         _table(df, [m for m in ("ssim", "psnr", "nmse", "lpips") if m in df.columns]),
         "\n## Slice metrics, 2D axial, inside the brain mask (slices with ≥ min_slice_voxels brain voxels, the "
@@ -787,7 +793,7 @@ def report_markdown(summary: Mapping[str, Any], df, tt, staging: Path) -> str:
         "- Definitions: docs/evaluation.md.\n",
         quantitation_markdown(df, summary["regions"], summary.get("units") or UNKNOWN_UNITS),
     ]
-    summary_md = (staging / "summary.md").read_text().split("\n", 1)[1]
+    summary_md = (staging / "summary.md").read_text().split("\n", 1)[1].replace("\n" + _lpips_line(lpips), "", 1)
     lines += ["## Image quality (mean ± std over subjects)\n", summary_md.replace("\n## ", "\n### ")]
     versus_ld = tt[(tt["method_a"] == LD_METHOD)] if not tt.empty else tt
     if not tt.empty:
@@ -1146,6 +1152,7 @@ def _run(plan: Plan, base: Path, pred_dirs, options: EvaluationOptions, lpips_me
         "units": ", ".join(sorted(set(units.values()))) or None,
         "baselines": chosen.as_dict(),
         "lpips": lpips_status,
+        "threads": configure_threads(),
         "paper_protocol": _paper_protocol_record(options),
         "subjects": list(dict.fromkeys(per_subject["subject"])),
         "skipped": plan.skipped,

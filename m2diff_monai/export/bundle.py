@@ -459,6 +459,9 @@ def load_exported_model(
     from m2diff_monai.inference.checkpoint import LoadedModel, read_checkpoint, stored_inference_defaults
 
     path = Path(checkpoint)
+    if not path.exists() and path.as_posix().endswith(MODEL_PT):
+        raise InputError(f"the exported bundle's {MODEL_PT} is not here; run from the exported bundle folder or pass "
+                         "--bundle_root EXPORTED_DIR (or --checkpoint PATH)", path=path)
     ckpt = _read_checkpoint(path, read_checkpoint)
     ema, raw = ckpt.get("ema"), ckpt.get("network")
     weights = "ema" if (use_ema and isinstance(ema, dict) and ema) or not isinstance(raw, dict) else "network"

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from m2diff_monai.errors import InputError
+from m2diff_monai.runtime import configure_threads
 
 PROG = "m2diff-export"
 
@@ -72,6 +73,7 @@ def parse_settings(pairs: Sequence[str]) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_threads()
     try:
         from m2diff_monai.export.bundle import export_bundle
 

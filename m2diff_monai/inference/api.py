@@ -31,7 +31,7 @@ from m2diff_monai.io import safety
 from m2diff_monai.inference import cohort
 from m2diff_monai.inference.checkpoint import LoadedModel, load_model
 from m2diff_monai.inference.defaults import INFERENCE_DEFAULT_KEYS, SAMPLING_DEFAULTS_KEY, layered_settings
-from m2diff_monai.inference.fusion import FUSION_METHODS
+from m2diff_monai.inference.fusion import FUSION_METHODS, describe_fusion
 from m2diff_monai.inference.inferer import AMP_CHOICES, DiffusionSamplerInferer, resolve_amp
 from m2diff_monai.inference.preprocess import (
     PreparedSubject,
@@ -42,6 +42,7 @@ from m2diff_monai.inference.preprocess import (
 )
 from m2diff_monai.inference.volume import VolumePrediction, predict_volume
 from m2diff_monai.io.atomic import atomic_path, save_json
+from m2diff_monai.bundle_run import report_outputs
 from preprocessing.intake import IntakeOptions
 from preprocessing.normalization import recorded_method
 
@@ -124,7 +125,10 @@ class InferenceSettings:
             raise ValueError(f"sampler must be ancestral or ddim, got {self.sampler!r}")
         steps = self.steps
         if isinstance(steps, str):
-            steps = None if steps.strip().lower() in ("", "all", "none", "full") else int(steps)
+            text = steps.strip().lower()
+            if text not in ("", "all", "none", "full") and not text.isdigit():
+                raise ValueError(f"steps must be a whole number >= 1 or 'all', got {steps!r}")
+            steps = None if text in ("", "all", "none", "full") else int(text)
         if steps is not None and int(steps) < 1:
             raise ValueError(f"steps must be >= 1 or 'all', got {steps}")
         set_(self, "steps", None if steps is None else int(steps))
@@ -407,7 +411,9 @@ def save_views_png(path: str | Path, prepared: PreparedSubject, prediction: Volu
     steps = "all" if settings.steps is None else settings.steps
     if settings.start_step is not None:
         steps = f"{steps} (from LD at t={settings.start_step})"
-    fig.suptitle(f"{prepared.subject}: {settings.sampler} {steps} steps, {settings.fusion}, K={settings.samples}"
+    fusion = describe_fusion(settings.fusion, prediction.fused.shape) if len(prediction.per_orientation) > 1 else ""
+    fig.suptitle(f"{prepared.subject}: {settings.sampler} {steps} steps, {fusion or 'one orientation'}, "
+                 f"K={settings.samples}"
                  f"{'' if use_mri else ', MRI-free'}", fontsize=9)
     fig.tight_layout()
     try:
@@ -704,11 +710,13 @@ def run_bundle_inference(
     mri = mri or None
     if manifest:
         if not out_dir:
-            raise InputError("cohort inference needs out_dir", path=manifest)
-        return infer_manifest(checkpoint, manifest, out_dir, split=split, bundle_fallback=fallback, **settings)
+            raise InputError("cohort inference needs out_dir: add --out_dir DIR", path=manifest)
+        return report_outputs(infer_manifest(checkpoint, manifest, out_dir, split=split, bundle_fallback=fallback,
+                                             **settings), out_dir)
     if not ld_pet or not output:
-        raise InputError("bundle inference needs ld_pet and output (or manifest and out_dir)")
-    return infer_subject(checkpoint, ld_pet, output, mri, bundle_fallback=fallback, **settings)
+        raise InputError("bundle inference needs a scan and where to write: add --ld_pet PATH --output PATH "
+                         "(or --manifest PATH --out_dir DIR for a cohort)")
+    return report_outputs(infer_subject(checkpoint, ld_pet, output, mri, bundle_fallback=fallback, **settings))
 
 
 __all__ = [

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from m2diff_monai.errors import InputError
+from m2diff_monai.runtime import configure_threads
 from preprocessing.normalization import METHODS, cli_method
 
 PROG = "m2diff-infer"
@@ -97,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MRI-free inference even when an MRI is given and the model was trained with MRI")
     s.add_argument("--raw-weights", action="store_true", help="sample with the raw weights instead of the EMA")
     s.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's choice; 1 is fastest on a busy machine)")
+                   help="CPU threads for torch (default: OMP_NUM_THREADS, else the cgroup CPU quota, else "
+                        "SLURM_CPUS_PER_TASK, else the CPUs this process may use; docs/inference.md)")
 
     o = p.add_argument_group("outputs")
     o.add_argument("--save-orientations", action="store_true", default=None,
@@ -196,19 +198,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return merge_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error("--threads must be >= 1")
-        import torch
-
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
+    threads = configure_threads(args.threads)
     try:
         if args.summary is not None:
             from m2diff_monai.io.safety import RunInputs
 
             RunInputs([("--checkpoint", args.checkpoint), ("--ld-pet", args.ld_pet), ("--mri", args.mri),
                        ("--manifest", args.manifest)]).check(args.summary, "--summary")
-        summary = _run(args, parser)
+        summary = {**_run(args, parser), "threads": threads}
         if args.summary is not None:
             from m2diff_monai.io.atomic import save_json
 

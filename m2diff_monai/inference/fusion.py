@@ -33,7 +33,12 @@ Assumptions (each exposed as an argument):
       clean volume within 0.6 % and cuts stripe energy to ~15 %, while the uncapped 8 levels change the clean
       volume by ~20 % and bias its brain mean by −16 % (the deep, boundary-dominated levels damp the brain's
       own edges, which look like stripes there). ``cap_levels=False`` reproduces LowGAN's 8 levels exactly.
-      When the cap is 0 (images under ~2·taps), nothing is filtered and a warning says so.
+      When the cap is 0 for the requested wavelet (db25 below ~100 samples, e.g. the 64² demo planes), the
+      first of ``SHORTER_WAVELETS`` (db8, db4, haar) that allows a level is used instead, with the same cap
+      (db8: 2 levels at 64², 1 at 32²) — our choice, not the papers' (they work at 256²); a stripe-free image
+      is still kept within ~2 % and the stripes are cut (tests/test_fusion.py). ``fallback_wavelets=()``
+      restores the old behaviour: nothing filtered, and a warning says so. :func:`describe_fusion` says what
+      ran (the PNG titles use it).
     - The damping uses the true integer frequency index k of each FFT bin (k = 0 is the stripe's DC);
       LowGAN's ``arange(-n//2, n//2)`` is off by one bin for odd lengths, a negligible difference.
     - After filtering, voxels where the unfiltered orientation volume was ≤ 0 are set to 0 and negatives are
@@ -57,6 +62,8 @@ from m2diff_monai.data.orientation import ORIENTATION_AXIS
 
 FUSION_METHODS: tuple[str, ...] = ("wavelet-stripe", "mean", "wavelet3d", "wavelet-stripe-residual")
 DEFAULT_SLICE_AXIS: dict[int, int] = {2: 1, 1: 2, 0: 1}
+# Shorter wavelets for planes too small for the requested one (longest first: closest to db25's smoothness).
+SHORTER_WAVELETS: tuple[str, ...] = ("db8", "db4", "haar")
 
 
 def _next_pow2(n: int) -> int:
@@ -68,14 +75,38 @@ def _n_levels(levels: int, padded_shape: tuple[int, int], wavelet: pywt.Wavelet,
         raise ValueError(f"levels must be >= 0, got {levels}")
     if not cap_levels:
         return int(levels)
-    n = int(min(levels, pywt.dwt_max_level(min(padded_shape), wavelet.dec_len)))
-    if n == 0 and levels > 0:
-        warnings.warn(
-            f"stripe filter: {wavelet.name} allows no DWT level at {padded_shape}; image left unfiltered "
-            "(use a shorter wavelet or cap_levels=False)",
-            stacklevel=3,
-        )
-    return n
+    return int(min(levels, pywt.dwt_max_level(min(padded_shape), wavelet.dec_len)))
+
+
+def stripe_plan(
+    shape2d: tuple[int, int],
+    wavelet: str = "db25",
+    levels: int = 8,
+    *,
+    cap_levels: bool = True,
+    fallback_wavelets: tuple[str, ...] | None = None,
+) -> tuple[str, int]:
+    """``(wavelet, levels)`` the stripe filter uses on ``(H, W)`` images: ``wavelet`` with ``levels`` capped at
+    pywt's maximum for the padded size, or, when that allows no level, the first of ``fallback_wavelets``
+    (default ``SHORTER_WAVELETS``) that allows one. ``(wavelet, 0)`` when none does: nothing is filtered."""
+    padded = (_next_pow2(int(shape2d[0])), _next_pow2(int(shape2d[1])))
+    n = _n_levels(levels, padded, pywt.Wavelet(wavelet), cap_levels)
+    if n > 0 or levels == 0:
+        return wavelet, n
+    for candidate in SHORTER_WAVELETS if fallback_wavelets is None else fallback_wavelets:
+        m = _n_levels(levels, padded, pywt.Wavelet(candidate), cap_levels)
+        if m > 0:
+            return candidate, m
+    return wavelet, 0
+
+
+def describe_fusion(method: str, volume_shape: tuple[int, ...], wavelet: str = "db25", levels: int = 8) -> str:
+    """What a fusion ran, for titles and logs: ``wavelet-stripe (db8, 2 levels)`` at 64³."""
+    if method != "wavelet-stripe" or len(volume_shape) != 3:
+        return method
+    smallest = tuple(sorted(int(n) for n in volume_shape)[:2])
+    name, n = stripe_plan(smallest, wavelet, levels)
+    return f"{method} ({name}, {n} level{'s' if n != 1 else ''})" if n else f"{method} (too small: unfiltered mean)"
 
 
 def _damp_vertical(coeffs: np.ndarray, sigma: float) -> np.ndarray:
@@ -96,14 +127,15 @@ def stripe_filter_slice(
     *,
     cap_levels: bool = True,
     pad_mode: str = "symmetric",
+    fallback_wavelets: tuple[str, ...] | None = None,
 ) -> np.ndarray:
     """Münch et al. (2009) wavelet–Fourier filter for **vertical** stripes of a 2D image.
 
     Vertical stripes are constant along the rows (axis -2) and change across the columns (axis -1).
     ``image2d`` may carry leading batch axes ``(..., H, W)``: all slices are transformed together.
     Pads with zeros to a power of two, repeats a 2D DWT ``levels`` times (capped at pywt's maximum level for
-    the padded size unless ``cap_levels=False``; see the module docstring), damps the row-frequencies of each
-    level's vertical details, inverts, and crops.
+    the padded size unless ``cap_levels=False``; a shorter wavelet where ``wavelet`` allows no level:
+    :func:`stripe_plan`), damps the row-frequencies of each level's vertical details, inverts, and crops.
     Returns float32 (float64 input stays float64).
     """
     image = np.asarray(image2d)
@@ -114,8 +146,11 @@ def stripe_filter_slice(
     ph, pw = _next_pow2(h), _next_pow2(w)
     pad = [(0, 0)] * (image.ndim - 2) + [(0, ph - h), (0, pw - w)]
     padded = np.pad(image.astype(dtype, copy=False), pad, mode=pad_mode)
-    wav = pywt.Wavelet(wavelet)
-    n = _n_levels(levels, (ph, pw), wav, cap_levels)
+    name, n = stripe_plan((h, w), wavelet, levels, cap_levels=cap_levels, fallback_wavelets=fallback_wavelets)
+    if n == 0 and levels > 0:
+        warnings.warn(f"stripe filter: {wavelet} allows no DWT level at {(ph, pw)} and no shorter wavelet was "
+                      "allowed; image left unfiltered", stacklevel=2)
+    wav = pywt.Wavelet(name)
     approx = padded
     details = []
     for _ in range(n):
@@ -139,6 +174,7 @@ def filter_orientation_volume(
     pad_mode: str = "symmetric",
     chunk: int = 32,
     workers: int = 1,
+    fallback_wavelets: tuple[str, ...] | None = None,
 ) -> np.ndarray:
     """Remove the inter-slice stripes of a 3D volume restacked along ``stacking_axis``.
 
@@ -162,7 +198,8 @@ def filter_orientation_volume(
     def run(start: int) -> None:
         stop = min(start + chunk, stack.shape[0])
         out[start:stop] = stripe_filter_slice(
-            stack[start:stop], wavelet=wavelet, levels=levels, sigma=sigma, cap_levels=cap_levels, pad_mode=pad_mode
+            stack[start:stop], wavelet=wavelet, levels=levels, sigma=sigma, cap_levels=cap_levels, pad_mode=pad_mode,
+            fallback_wavelets=fallback_wavelets,
         )
 
     starts = range(0, stack.shape[0], max(1, int(chunk)))
