@@ -66,12 +66,17 @@ class PETEnhancementInferer(Inferer):
     """
 
     def __init__(self, diffusion_config: Mapping[str, Any], data_config: Mapping[str, Any] | None = None,
-                 network_image_size: int | None = None, is_diffusion: bool = True, **settings: Any) -> None:
+                 network_image_size: int | None = None, is_diffusion: bool = True,
+                 sampling_defaults: Mapping[str, Any] | None = None, **settings: Any) -> None:
         from m2diff_monai.inference.api import InferenceSettings
+        from m2diff_monai.inference.defaults import layered_settings
         from m2diff_monai.inference.preprocess import resolve_preprocessing
 
         super().__init__()
-        self.settings = InferenceSettings(**{k: v for k, v in settings.items() if v is not None})
+        # as m2diff-infer: a non-null setting wins over the bundle's sampling_defaults (which export fills with the
+        # sampler the checkpoint was evaluated with), which win over the package defaults
+        values, _ = layered_settings(bundle=sampling_defaults, options=settings)
+        self.settings = InferenceSettings(**values)
         self.preprocessing = resolve_preprocessing(dict(data_config or {}), {}, network_image_size)
         self.diffusion_config = dict(diffusion_config)
         self.is_diffusion = is_diffusion

@@ -35,11 +35,14 @@ def deploy_config_items(config: Mapping[str, Any]) -> dict[str, Any]:
     """``preprocessing``, ``inferer`` and ``postprocessing`` for an exported ``inference.json`` (``config``: the
     rewritten one, holding ``data_config``/``diffusion_config`` and the literal sampler settings)."""
     from m2diff_monai.inference.api import SETTING_KEYS
+    from m2diff_monai.inference.defaults import SAMPLING_DEFAULTS_KEY
     from m2diff_monai.inference.preprocess import resolve_preprocessing
 
     network = dict(config.get("network_config") or {})
     prep = resolve_preprocessing(dict(config.get("data_config") or {}), {}, network.get("image_size"))
     settings = {k: f"@{k}" for k in SETTING_KEYS if k in config and k not in NOT_INFERER_SETTINGS}
+    if SAMPLING_DEFAULTS_KEY in config:
+        settings["sampling_defaults"] = f"@{SAMPLING_DEFAULTS_KEY}"
     return {
         "preprocessing": {"_target_": "Compose", "transforms": [
             {"_target_": "m2diff_monai.deploy.PreparePETd", "keys": [LD_KEY], "mri_key": MRI_KEY,
