@@ -13,6 +13,12 @@ stronger warps, other head sizes, enlarged ventricles, atrophy, asymmetry — wh
 comes from. Their ids say which test subjects they are. Every T1 is scanner-like (skull, scalp, neck, bias field,
 noise; ``--t1-style stripped`` for the old skull-stripped template T1).
 
+Registration: rigid by default (``--transform``). Measured on this cohort (4 mm): the correlation of the
+registered T1 with the true WM map inside GM|WM is 0.74–0.79 with rigid for with-skull T1s, but 0.34–0.55 with
+SyN (0.72 for the skull-stripped T1): Mattes-MI SyN pulls the T1's skull and scalp onto the PET's brain edge, so
+the MRI channel shows misplaced anatomy and misguides the network. Inference re-uses the transform the training
+manifest records, so the demo checkpoint registers a new T1 rigidly too.
+
 Default DRF 100 (the M2Diff paper's DaCRA setting). With the default standard-dose count level (3·10⁸ trues, a
 long acquisition) the 2 mm low-dose images are very noisy but keep the anatomy visible (PSNR ≈ 20 dB against the
 standard dose in the brain), so the enhancement task is hard yet learnable; ``--drf 20`` makes it easier.
@@ -55,7 +61,7 @@ class DemoOptions:
     seed: int = 0
     workers: int = 1
     downsample: int = 1  # block-average the template (e.g. 2 → 4 mm) for quick tests
-    transform: str = "SyN"
+    transform: str = "rigid"  # intra-subject T1→PET is rigid; SyN warps the skull/scalp into the brain (measured)
     backend: str = "numpy"
     scanner: ScannerParams = field(default_factory=ScannerParams)
     heldout: int = 2  # extra test subjects with held-out anatomy (HELDOUT_VARIATION)
@@ -253,7 +259,9 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="subjects generated and preprocessed in parallel (default %(default)s)")
     parser.add_argument("--downsample", type=int, default=1,
                         help="coarsen the template grid by this factor (2: 4 mm; for quick tests)")
-    parser.add_argument("--transform", default="SyN", help="T1→PET registration: SyN (default) | affine | rigid")
+    parser.add_argument("--transform", default="rigid",
+                        help="T1→PET registration: rigid (default: one subject's T1 and PET differ by a rigid "
+                             "motion; SyN deforms a with-skull T1's scalp into the PET brain) | affine | SyN")
     parser.add_argument("--raw-only", action="store_true", help="only generate the raw cohort (no preprocessing)")
     add_scanner_arguments(parser)
     parser.set_defaults(func=main)
