@@ -15,6 +15,7 @@ import numpy as np
 
 from . import crop as crop_stage
 from .mask import brain_mask
+from .mri_window import brain_window
 from .normalization import Scaling, mri_scaling, normalize_mri, pet_scalings
 
 
@@ -69,7 +70,8 @@ def prepare_cubes(
         ld=ld_scaling.apply(crop_stage.crop_or_pad(ld, box)),
         sd=None if sd is None else sd_scaling.apply(crop_stage.crop_or_pad(sd, box)),
         mri=None if mri is None else normalize_mri(crop_stage.crop_or_pad(mri, box), mri_scale,
-                                                   clip=normalization != "slice"),
+                                                   clip=normalization != "slice")
+        * brain_window(crop_stage.crop_or_pad(mask, box), voxel_spacing(affine)),  # no non-brain tissue
         mask=crop_stage.crop_or_pad(mask, box),
         grid_mask=mask,
         box=box,

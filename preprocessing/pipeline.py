@@ -52,6 +52,7 @@ from . import qc as qc_stage
 from . import spacing as spacing_stage
 from .intake import IntakeOptions, LoadedSubject, load_subject
 from .cubes import prepare_cubes, voxel_spacing
+from .mri_window import MRI_BRAIN_MARGIN_MM
 from .normalization import METHODS, cli_method
 from .registration import SPACES, apply_transforms, keep_transforms, normalize_transform_name, register
 from .slices import parse_slices_per_subject, select_slices, write_slices
@@ -326,7 +327,8 @@ def _build_subject(loaded: LoadedSubject, work: Path, options: PipelineOptions) 
         "per_volume": {
             "ld_pet": ld_scaling.as_dict(),
             "sd_pet": sd_scaling.as_dict() if sd_scaling else None,
-            "mri": {**mri_scale.as_dict(), "clipped": [0.0, 1.0] if options.normalization != "slice" else None}
+            "mri": {**mri_scale.as_dict(), "clipped": [0.0, 1.0] if options.normalization != "slice" else None,
+                    "brain_margin_mm": MRI_BRAIN_MARGIN_MM}
             if mri_scale else None,
         },
         "pet_clipped": False,

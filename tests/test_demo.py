@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from preprocessing.phantom import jacobian_determinant, load_anatomy, make_subject, random_displacement, warp
+from preprocessing.phantom import (HELDOUT_VARIATION, jacobian_determinant, load_anatomy, make_subject,
+                                   random_displacement, warp)
 from preprocessing.simulation import ScannerParams
 
 FAST_ARGS = ["--downsample", "2", "--iterations", "1", "--subsets", "7", "--transform", "rigid", "--workers", "1"]
@@ -92,7 +93,8 @@ def test_raw_cohort_files_and_idempotent_rerun(tmp_path):
     from preprocessing.demo import DemoOptions, generate_raw_cohort
     from preprocessing.subjects import read_subjects
 
-    options = DemoOptions(subjects=3, downsample=2, drf=20, scanner=ScannerParams(iterations=1, subsets=7))
+    options = DemoOptions(subjects=3, downsample=2, drf=20, scanner=ScannerParams(iterations=1, subsets=7),
+                          heldout=0)
     table, records = generate_raw_cohort(tmp_path / "raw", options, progress=False)
     rows = read_subjects(table)
     assert [r.split for r in rows] == ["train", "val", "test"]
@@ -115,6 +117,66 @@ def test_raw_cohort_files_and_idempotent_rerun(tmp_path):
     assert record["simulation"]["mode"] == "nested" and record["drf"] == 20
 
 
+def _world_to_t1(s, mask_on_pet: np.ndarray) -> np.ndarray:
+    """A PET-grid mask carried onto the subject's T1 grid through the recorded rigid misplacement."""
+    rigid = np.array(s.info["t1_rigid_world"])
+    m = np.linalg.inv(s.affine) @ rigid @ s.t1_affine  # T1 voxel → PET voxel
+    return ndimage.affine_transform(mask_on_pet.astype(np.float32), m[:3, :3], offset=m[:3, 3],
+                                    output_shape=s.t1.shape, order=0) > 0.5
+
+
+def test_head_t1_has_skull_scalp_neck_and_noise_outside_the_brain(anatomy):
+    head = make_subject(anatomy, np.random.default_rng(5), "healthy")
+    stripped = make_subject(anatomy, np.random.default_rng(5), "healthy", t1_style="stripped")
+    np.testing.assert_array_equal(head.activity, stripped.activity)  # same subject, only the T1 differs
+    brain = _world_to_t1(head, warp(anatomy.brain, head.displacement) > 0.5)
+    wm = _world_to_t1(head, warp(anatomy.wm, head.displacement) > 0.9) & ~ndimage.binary_dilation(~brain, iterations=1)
+    near = ndimage.binary_dilation(brain, iterations=6) & ~brain  # within about 24 mm of the brain
+    wm_level = np.median(head.t1[wm])
+    # Non-brain tissue around the brain: both dark (bone, CSF) and bright (fat, marrow) voxels, as on a scanner T1.
+    assert np.mean(head.t1[near] > 0.8 * wm_level) > 0.05 and np.mean(head.t1[near] < 0.3 * wm_level) > 0.1
+    # A neck below the brain: a large bright-ish region under the lowest brain voxel, absent from the stripped T1.
+    lowest = np.argwhere(brain)[:, 2].min()
+    below = head.t1[:, :, : max(lowest - 2, 1)]
+    assert below.size and np.mean(below > 0.3 * wm_level) > 0.1
+    # Rician noise floor in the air (magnitude image), while the stripped T1 is the template's zero background.
+    air = ~ndimage.binary_dilation(head.t1 > 0.2 * wm_level, iterations=3)
+    assert air.any() and 0 < np.median(head.t1[air]) < 0.1 * wm_level
+    far = ~ndimage.binary_dilation(_world_to_t1(stripped, warp(anatomy.brain, stripped.displacement) > 0.5),
+                                   iterations=4)
+    assert np.abs(stripped.t1[far]).max() < 0.01 * stripped.t1.max()
+
+
+def test_heldout_anatomy_is_outside_the_training_distribution(anatomy):
+    rng_seeds = range(3)
+    train = [make_subject(anatomy, np.random.default_rng(s), "healthy") for s in rng_seeds]
+    held = [make_subject(anatomy, np.random.default_rng(s), "healthy", variation=HELDOUT_VARIATION)
+            for s in rng_seeds]
+    for t, h in zip(train, held):
+        assert {"ventricle_expansion", "atrophy", "asymmetry"} <= set(h.info)
+        assert not {"ventricle_expansion", "atrophy", "asymmetry"} & set(t.info)
+        assert h.info["jacobian_min"] > 0  # still invertible
+        assert h.info["max_displacement_mm"] > t.info["max_displacement_mm"]
+    # Enlarged ventricles: deep CSF volume grows; atrophy: less GM for the same warp family.
+    def deep_csf(s):
+        brain = warp(anatomy.brain, s.displacement) > 0.5
+        csf = warp(anatomy.csf, s.displacement) > 0.5
+        return (csf & (ndimage.distance_transform_edt(brain) * 4.0 > 15.0)).sum()
+    assert np.mean([deep_csf(h) for h in held]) > 1.2 * np.mean([deep_csf(t) for t in train])
+    gm_uptake = [h.activity[h.masks["gm"] > 0].sum() for h in held]
+    assert all(np.isfinite(gm_uptake))
+
+
+def test_heldout_subjects_are_test_only_and_in_no_training_item():
+    from preprocessing.demo import HELDOUT_PREFIX, subject_plan
+
+    plan = subject_plan(12, heldout=2)
+    held = [p for p in plan if p[0].startswith(HELDOUT_PREFIX)]
+    assert len(held) == 2 and all(split == "test" for _, _, split in held)
+    assert all("lesions" in kind for _, kind, _ in held)
+    assert [p for p in plan if not p[0].startswith(HELDOUT_PREFIX)] == subject_plan(12)
+
+
 @pytest.mark.slow
 def test_demo_command_end_to_end(tmp_path):
     from monai.data import load_decathlon_datalist
@@ -124,7 +186,7 @@ def test_demo_command_end_to_end(tmp_path):
     manifest = tmp_path / "manifests" / "demo.json"
     parser = demo.configure(argparse.ArgumentParser())
     args = parser.parse_args(["--out", str(tmp_path / "demo"), "--manifest", str(manifest), "--subjects", "3",
-                              *FAST_ARGS])
+                              "--heldout", "1", *FAST_ARGS])
     assert demo.main(args) == 0
     for key in ("training", "validation", "test"):
         items = load_decathlon_datalist(str(manifest), is_segmentation=False, data_list_key=key)
@@ -133,5 +195,10 @@ def test_demo_command_end_to_end(tmp_path):
     by_split = {v["split"]: v for v in volumes}
     assert set(by_split) == {"train", "val", "test"}
     assert {"lesion_hot", "lesion_cold"} <= set(by_split["test"]["regions"])
+    # The held-out-anatomy subject is scored with the test split and is in no training or validation item.
+    assert any(v["subject"].startswith("heldout-") and v["split"] == "test" for v in volumes)
+    for key in ("training", "validation"):
+        items = load_decathlon_datalist(str(manifest), is_segmentation=False, data_list_key=key)
+        assert not any("heldout-" in json.dumps(i) for i in items)
     data = json.loads(manifest.read_text())
     assert "Simulated PET on real MNI152 anatomy" in json.dumps(data["provenance"])
