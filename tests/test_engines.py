@@ -273,7 +273,8 @@ def _official_bias_by_hand(pet2, mri2, diffusion, t):
 def test_official_bias_loss_equals_coef1_squared_clamped_x0_mse():
     """The official L_bias (one-step samples of both branches on a second pass, shared noise) on a fixed batch
     equals coef1(t)²·MSE of the clamped x̂0 difference, computed here independently."""
-    diffusion = build_diffusion({"timesteps": 50, "model_mean_type": "x0", "model_var_type": "fixed_large"})
+    diffusion = build_diffusion({"timesteps": 50, "model_mean_type": "x0", "model_var_type": "fixed_large",
+                                 "clip_denoised": [-1, 1]})  # the official code's clip (data in [0, 1])
     g = torch.Generator().manual_seed(7)
     b = 4
     x0 = torch.rand(b, 1, 4, 4, generator=g)

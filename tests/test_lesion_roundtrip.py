@@ -121,7 +121,7 @@ def lesion_recovery(subject: dict, checkpoint: Path, out: Path, **settings) -> d
 
 @pytest.mark.filterwarnings("ignore:stripe filter")
 @pytest.mark.parametrize("mean_type", ["x0", "eps"])
-@pytest.mark.parametrize("fusion", ["wavelet-stripe-residual", "wavelet-stripe", "mean"])
+@pytest.mark.parametrize("fusion", ["wavelet-stripe-residual", "mean"])
 def test_hot_lesion_at_2_5x_the_scale_survives_the_round_trip(tmp_path, lesion_subject, mean_type, fusion):
     ckpt = _checkpoint(tmp_path / "oracle.pt", mean_type, "auto")
     recovery = lesion_recovery(lesion_subject, ckpt, tmp_path / "pred.nii.gz", fusion=fusion)
@@ -130,9 +130,17 @@ def test_hot_lesion_at_2_5x_the_scale_survives_the_round_trip(tmp_path, lesion_s
     assert abs(recovery["max"] - 1.0) <= TOLERANCE, recovery
 
 
+def test_the_papers_stripe_filter_damps_the_lesion_that_the_default_fusion_keeps(tmp_path, lesion_subject):
+    """At 32² db25 allows no level, so LowGAN's filter (``wavelet-stripe``) falls back to a shorter wavelet
+    (docs/fusion-and-metrics.md) and then damps the 2×2×2-voxel lesion (measured: recovery 0.91): the reason the
+    default is ``wavelet-stripe-residual``, which keeps it (the test above)."""
+    ckpt = _checkpoint(tmp_path / "oracle.pt", "x0", "auto")
+    papers = lesion_recovery(lesion_subject, ckpt, tmp_path / "papers.nii.gz", fusion="wavelet-stripe")
+    assert papers["mean"] < 1.0 - TOLERANCE, papers
+
+
 def test_the_lesion_survives_in_a_128_cube_where_the_stripe_filter_acts(tmp_path, lesion_subject):
-    """At 32² the stripe filter has no wavelet level to work on (it warns and passes the slices through), so the
-    test above does not exercise it. In a 128³ cube it runs one db25 level. The default fusion
+    """In a 128³ cube the stripe filter runs one db25 level. The default fusion
     (``wavelet-stripe-residual``), ``mean`` and ``wavelet3d`` keep the lesion within 2 %; the papers'
     ``wavelet-stripe`` (LowGAN's filter) damps this 2×2×2-voxel lesion (measured −3.6 % mean, −2.1 % max)."""
     ckpt = _checkpoint(tmp_path / "oracle.pt", "x0", "auto", size=128)
