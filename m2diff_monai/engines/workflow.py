@@ -22,8 +22,9 @@ from monai.handlers import LrScheduleHandler, ValidationHandler
 from m2diff_monai.data.datasets import MANIFEST_HINT, load_slice_items, read_manifest  # noqa: F401 (re-exported)
 from m2diff_monai.diffusion import normalize_diffusion_config, resolve_clip
 from m2diff_monai.engines.ema import unwrap
+from m2diff_monai.engines.precision import resolve_precision
 
-AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}  # explicit names; "auto" also accepted
 
 
 def default_device() -> torch.device:
@@ -33,13 +34,10 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def amp_dtype(name: str | None) -> torch.dtype | None:
-    """"bfloat16" / "float16" → torch dtype; None/"" → None (fp32)."""
-    if not name:
-        return None
-    if name not in AMP_DTYPES:
-        raise ValueError(f"amp dtype must be one of {sorted(AMP_DTYPES)} or null, got {name!r}")
-    return AMP_DTYPES[name]
+def amp_dtype(name: str | None, device: Any = None) -> torch.dtype | None:
+    """"auto" / "bfloat16" / "float16" → torch dtype for ``device`` (default: :func:`default_device`); None/"" →
+    None (fp32). "auto" = bf16 only where the hardware computes it natively (``engines.precision``)."""
+    return resolve_precision(name, default_device() if device is None else device)
 
 
 def seed_everything(seed: int | None) -> None:
