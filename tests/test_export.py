@@ -424,7 +424,8 @@ def test_model_card_names_the_sampler_that_produced_the_metrics(tmp_path):
     report, pred = tmp_path / "report", tmp_path / "pred"
     report.mkdir()
     pred.mkdir()
-    (report / "summary.csv").write_text("method,psnr_mean\nM2Diff,34.0\nGauss,30.1\n")
+    (report / "summary.csv").write_text("method,subjects,psnr_mean,psnr_std,psnr_n,ssim_2d_axial_mean\n"
+                                        "M2Diff,2,34.02,1.5,2,0.9\nGauss,2,30.1,,2,0.8\n")
     (report / "run.json").write_text(json.dumps({"tool": "m2diff-evaluate", "predictions": {
         "M2Diff": str(pred), "Gauss": str(tmp_path / "gone")}}))
     (pred / "predictions.json").write_text(json.dumps({
@@ -440,7 +441,9 @@ def test_model_card_names_the_sampler_that_produced_the_metrics(tmp_path):
     card = render_model_card({"name": "t", "network_config": {}}, {"sampler_defaults": {"sampler": "ddim",
                              "steps": 50}}, "data", {}, metrics_rows, "summary.csv", rows)
     evaluation = card.split("## Evaluation", 1)[1].split("## Intended use", 1)[0]
-    assert "| M2Diff | ddim | 10 |" in evaluation and "34" in evaluation
+    assert "| M2Diff | ddim | 10 |" in evaluation
+    assert "| method | subjects | PSNR (dB) |" in evaluation and "| M2Diff | 2 | 34.02 ± 1.5 |" in evaluation
+    assert "| Gauss | 2 | 30.1 |" in evaluation and "ssim_2d_axial" not in evaluation
     assert "other settings than the exported default (ddim, 50 steps)" in evaluation
     same = render_model_card({"name": "t", "network_config": {}}, {"sampler_defaults": {"sampler": "ddim",
                              "steps": 10}}, "data", {}, metrics_rows, "summary.csv", rows)

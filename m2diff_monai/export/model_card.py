@@ -58,6 +58,28 @@ def load_metrics(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, floa
     return rows, _row_numbers(rows)
 
 
+# m2diff-evaluate's summary.csv has ~70 columns (mean/std/n per metric, region and 2D orientation): the card shows
+# these, as mean ± std; metadata.json's eval_metrics keeps every number.
+HEADLINE_METRICS = (("psnr", "PSNR (dB)"), ("ssim", "SSIM"), ("nmse", "NMSE"), ("lpips", "LPIPS"), ("bias", "bias"))
+
+
+def headline_metrics(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The card's metrics table: for m2diff-evaluate summaries (``<metric>_mean``/``_std`` columns) method,
+    subjects and ``mean ± std`` of PSNR, SSIM, NMSE, LPIPS and mean bias; any other table unchanged."""
+    present = [(key, label) for key, label in HEADLINE_METRICS if any(f"{key}_mean" in row for row in rows)]
+    if not present:
+        return rows
+    out = []
+    for row in rows:
+        first = next(iter(row))
+        entry: dict[str, Any] = {"method": row.get("method", row[first]), "subjects": row.get("subjects", "")}
+        for key, label in present:
+            mean, std = _number(row.get(f"{key}_mean")), _number(row.get(f"{key}_std"))
+            entry[label] = "" if mean is None else f"{mean:.4g}" + ("" if std is None else f" ± {std:.2g}")
+        out.append(entry)
+    return out
+
+
 PREDICTIONS_SUMMARY = "predictions.json"  # m2diff-infer's cohort summary (inference/cohort.py SUMMARY_NAME)
 
 
@@ -280,7 +302,8 @@ def render_model_card(
     ]
     if metrics_rows:
         lines += [f"From `{metrics_source}` (given to `m2diff-export --metrics`); also in "
-                  "`configs/metadata.json` → `eval_metrics`.", "", markdown_table(metrics_rows), ""]
+                  "`configs/metadata.json` → `eval_metrics` (every column).", "",
+                  markdown_table(headline_metrics(metrics_rows)), ""]
         if evaluated_with:
             lines += ["Sampler that produced the evaluated predictions (from each prediction folder's "
                       f"`{PREDICTIONS_SUMMARY}`; the exported bundle's default is under *How to run*):", "",
@@ -356,5 +379,5 @@ def render_model_card(
     return "\n".join(lines).rstrip() + "\n"
 
 
-__all__ = ["describe_training_data", "evaluated_samplers", "load_metrics", "markdown_table", "read_manifest_provenance",
+__all__ = ["describe_training_data", "evaluated_samplers", "headline_metrics", "load_metrics", "markdown_table", "read_manifest_provenance",
            "render_model_card"]
