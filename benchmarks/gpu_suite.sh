@@ -29,7 +29,7 @@ if [[ "$DEVICE" == cuda ]]; then
   PARITY_ARGS=(--device cuda --amp bf16 --batch-size 64)
 else  # tiny CPU mode: the same commands at demo sizes
   TRAIN_ARGS=(--preset demo --batch 2 --steps 1 --warmup 1 --threads 1 --configs fp32)
-  INFER_ARGS=(--preset demo --size 32 --amp none --steps 2 --batch-sizes 8 --repeats 1 --threads 1)
+  INFER_ARGS=(--preset demo --size 128 --amp none --steps 2 --batch-sizes 8 --repeats 1 --threads 1)
   PARITY_ARGS=(--device cpu --amp none --batch-size 16 --threads 1)
 fi
 
