@@ -22,6 +22,7 @@ import argparse
 import math
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -129,13 +130,19 @@ def main(argv: list[str] | None = None) -> dict:
     for spec in [s for s in args.full.split(",") if s]:
         steps, batch = (int(v) for v in spec.split(":"))
         inferer = DiffusionSamplerInferer(**inferer_kwargs, steps=steps)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         predict_volume(net, inferer, ld, mri, brain_mask=mask, orientations=ORIENTATIONS, fusion=args.fusion,
                        batch_size=batch, device=device, progress=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        measured.append({"steps": steps, "batch": batch, "seconds_per_subject": round(time.perf_counter() - start, 1),
-                         "kind": "measured"})
+        seconds = round(time.perf_counter() - start, 1)
+        # CUDA: peak tensor memory of this run; CPU: the process's peak resident set so far.
+        peak_mb = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+        measured.append({"steps": steps, "batch": batch, "seconds_per_subject": seconds, "kind": "measured",
+                         "peak_memory_mb": round(peak_mb)})
 
     print(f"\n{args.preset} M2Diff {args.variant} ({count_parameters(net) / 1e6:.2f} M params), {args.size}^3 cube, "
           f"{sum(slices.values())} brain slices {slices}, {args.sampler}, "

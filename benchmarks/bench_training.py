@@ -14,8 +14,16 @@ Same network (``--preset``/``--variant``), same batch, same synthetic data, same
 Each configuration runs in its own subprocess so peak memory is its own (CPU: peak RSS; CUDA:
 ``max_memory_allocated``). Prints a table; ``--json PATH`` writes the rows.
 
+``--interleaved`` instead times the plain loop at the official code's 64² layout (``--preset official-64``: 64
+channels, mult 1,2,3,4, attention at 16 and 8, scale-shift norm; batch 4) as fp32 and bf16, eager and (with
+``--compile``) ``torch.compile``d, in ONE process, alternating the configurations step by step so that load from
+other processes hits all of them alike; it prints each median, the ratios to fp32 eager, the resolved ``auto``
+precision and the 1-minute load average before and after.
+
     .venv/bin/python benchmarks/bench_training.py [--preset demo] [--size 64] [--batch 4] [--steps 5]
         [--device cpu|cuda] [--compile] [--json out.json]
+    .venv/bin/python benchmarks/bench_training.py --interleaved --preset official-64 --threads 2 --steps 5
+        [--compile] [--configs fp32,bf16] [--device cuda] [--json out.json]
 """
 
 from __future__ import annotations
@@ -126,6 +134,89 @@ def run_one(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+INTERLEAVED = {"fp32": (False, False), "bf16": (True, False), "fp32 compile": (False, True),
+               "bf16 compile": (True, True)}
+
+
+def run_interleaved(args: argparse.Namespace) -> dict[str, Any]:
+    """Plain training steps of several configurations alternated in one process (see the module docstring)."""
+    import os
+
+    from m2diff_monai.diffusion import build_diffusion
+    from m2diff_monai.engines.precision import precision_label, resolve_precision
+    from m2diff_monai.engines.workflow import seed_everything
+    from m2diff_monai.networks.factory import build_network, count_parameters
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    names = args.configs.split(",") if args.configs else [n for n in INTERLEAVED if args.compile or "compile" not in n]
+    unknown = [n for n in names if n not in INTERLEAVED]
+    if unknown:
+        raise SystemExit(f"--configs: unknown {unknown}; choose from {', '.join(INTERLEAVED)}")
+    diffusion = build_diffusion({"timesteps": 1000, "model_mean_type": "x0"})
+    batch = synthetic_batch(args.batch, args.size, device)
+    ld, sd, mri, flag = batch["ld_pet"], batch["sd_pet"], batch["mri"], batch["mri_available"]
+    mse = torch.nn.functional.mse_loss
+    runs: dict[str, dict[str, Any]] = {}
+    for name in names:
+        amp, compiled = INTERLEAVED[name]
+        seed_everything(0)  # every configuration starts from the same weights
+        net = build_network({"name": "m2diff", "preset": args.preset, "variant": args.variant,
+                             "image_size": args.size}).to(device)
+        step_net = torch.compile(net) if compiled else net
+        runs[name] = {"net": step_net, "params": count_parameters(net), "amp": amp, "times": [],
+                      "optimizer": torch.optim.Adam(net.parameters(), lr=1e-4)}
+
+    def one_step(run: dict[str, Any]) -> float:
+        sync(device)
+        start = time.perf_counter()
+        t = torch.randint(0, 1000, (args.batch,), device=device)
+        x_t = diffusion.q_sample(sd, t, torch.randn_like(sd))
+        run["optimizer"].zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run["amp"]):
+            out = run["net"](x_t, t, ld=ld, mri=mri, mri_available=flag)
+        pet, mr = out["pet"].float(), out.get("mri", out["pet"]).float()
+        loss = 0.4 * mse(pet, sd) + 0.4 * mse(mr, sd) + 0.2 * mse(pet, mr)
+        loss.backward()
+        run["optimizer"].step()
+        sync(device)
+        return time.perf_counter() - start
+
+    load_before = os.getloadavg()[0]
+    compile_s = {}
+    for name, run in runs.items():  # warm-up (and compilation) outside the timed rounds
+        start = time.perf_counter()
+        for _ in range(args.warmup):
+            one_step(run)
+        compile_s[name] = time.perf_counter() - start
+    for _ in range(args.steps):
+        for run in runs.values():
+            run["times"].append(one_step(run))
+    load_after = os.getloadavg()[0]
+    rows = [{"config": name, "params_m": run["params"] / 1e6, "warmup_s": compile_s[name], **step_summary(run["times"]),
+             "times": run["times"]} for name, run in runs.items()]
+    base = next((r["step_s_median"] for r in rows if r["config"] == "fp32"), None)
+    for r in rows:
+        r["vs_fp32_eager"] = r["step_s_median"] / base if base else None
+    return {"preset": args.preset, "variant": args.variant, "size": args.size, "batch": args.batch,
+            "device": str(device), "threads": torch.get_num_threads(), "steps": args.steps,
+            "auto_precision": precision_label(resolve_precision("auto", device)),
+            "loadavg_1min_before": load_before, "loadavg_1min_after": load_after,
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "rows": rows}
+
+
+def print_interleaved(result: dict[str, Any]) -> None:
+    print(f"training step (plain loop), M2Diff {result['variant']} preset {result['preset']} at {result['size']}², "
+          f"batch {result['batch']}, {result['device']}, {result['threads']} threads, interleaved, median of "
+          f"{result['steps']} steps; load average {result['loadavg_1min_before']:.2f} → "
+          f"{result['loadavg_1min_after']:.2f} on {result['cpu_count']} CPUs; 'auto' precision here: "
+          f"{result['auto_precision']}")
+    print(f"{'config':14s} {'params M':>9s} {'step s':>8s} {'min s':>8s} {'vs fp32':>8s}")
+    for r in result["rows"]:
+        print(f"{r['config']:14s} {r['params_m']:9.2f} {r['step_s_median']:8.3f} {r['step_s_min']:8.3f} "
+              f"{r['vs_fp32_eager']:8.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="demo")
@@ -139,8 +230,19 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--configs", default=None, help="comma-separated subset of: " + ", ".join(CONFIGS))
     parser.add_argument("--json", default=None)
+    parser.add_argument("--interleaved", action="store_true",
+                        help="alternate fp32/bf16 (eager, and compiled with --compile) step by step in one process")
     parser.add_argument("--single", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+
+    if args.interleaved:
+        result = run_interleaved(args)
+        print_interleaved(result)
+        if args.json:
+            from m2diff_monai.io.atomic import save_json
+
+            save_json(args.json, {"args": vars(args), **result})
+        return
 
     if args.single:
         print("RESULT " + json.dumps(run_one(CONFIGS[args.single], args)))

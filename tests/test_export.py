@@ -417,3 +417,35 @@ def test_metrics_json_is_flattened(tmp_path):
     rows, flat = load_metrics(path)
     assert flat == {"psnr/mean": 30.5, "psnr/std": 1.5, "ssim": 0.9}
     assert {"metric": "ssim", "value": 0.9} in rows
+
+
+def test_model_card_names_the_sampler_that_produced_the_metrics(tmp_path):
+    from m2diff_monai.export.model_card import evaluated_samplers, render_model_card
+
+    report, pred = tmp_path / "report", tmp_path / "pred"
+    report.mkdir()
+    pred.mkdir()
+    (report / "summary.csv").write_text("method,subjects,psnr_mean,psnr_std,psnr_n,ssim_2d_axial_mean\n"
+                                        "M2Diff,2,34.02,1.5,2,0.9\nGauss,2,30.1,,2,0.8\n")
+    (report / "run.json").write_text(json.dumps({"tool": "m2diff-evaluate", "predictions": {
+        "M2Diff": str(pred), "Gauss": str(tmp_path / "gone")}}))
+    (pred / "predictions.json").write_text(json.dumps({
+        "tool": "m2diff-infer", "checkpoint": "runs/x/best.pt", "weights": "ema",
+        "settings": {"sampler": "ddim", "steps": 10, "eta": 0.0, "start_step": None}}))
+    rows = evaluated_samplers(report / "summary.csv")
+    assert rows == [{"method": "M2Diff", "sampler": "ddim", "steps": 10, "eta": 0.0, "start_step": "none",
+                     "weights": "ema", "checkpoint": "runs/x/best.pt"}]
+    assert evaluated_samplers(report / "run.json") == rows
+    assert evaluated_samplers(tmp_path / "elsewhere" / "summary.csv") == []
+
+    metrics_rows, _ = load_metrics(report / "summary.csv")
+    card = render_model_card({"name": "t", "network_config": {}}, {"sampler_defaults": {"sampler": "ddim",
+                             "steps": 50}}, "data", {}, metrics_rows, "summary.csv", rows)
+    evaluation = card.split("## Evaluation", 1)[1].split("## Intended use", 1)[0]
+    assert "| M2Diff | ddim | 10 |" in evaluation
+    assert "| method | subjects | PSNR (dB) |" in evaluation and "| M2Diff | 2 | 34.02 ± 1.5 |" in evaluation
+    assert "| Gauss | 2 | 30.1 |" in evaluation and "ssim_2d_axial" not in evaluation
+    assert "other settings than the exported default (ddim, 50 steps)" in evaluation
+    same = render_model_card({"name": "t", "network_config": {}}, {"sampler_defaults": {"sampler": "ddim",
+                             "steps": 10}}, "data", {}, metrics_rows, "summary.csv", rows)
+    assert "other settings than the exported default" not in same

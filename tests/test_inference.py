@@ -399,6 +399,9 @@ def test_manifest_cohort_maps_preprocessed_cubes_back_to_the_sources(tmp_path):
     assert [s["mri_used"] for s in summary["subjects"]] == [True, False]
     listed = json.loads((out_dir / "predictions.json").read_text())
     assert len(listed["subjects"]) == 2
+    # what ran is recorded: the resolved precision and torch's thread count
+    assert listed["settings"]["threads"] == torch.get_num_threads()
+    assert listed["settings"]["precision"] in ("fp32", "bf16")
     for row in rows:
         source = nib.load(raw / row["ld_pet"])
         pred = nib.load(out_dir / f"{row['subject_id']}.nii.gz")

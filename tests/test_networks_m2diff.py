@@ -221,6 +221,15 @@ def test_paper_parameter_counts():
     assert count_parameters(_paper("V6", "paper-128")) < m2diff
 
 
+def test_official_64_preset_matches_the_benchmarked_official_layout():
+    # facts.md §1: the official network at 64², 64 channels, mult (1,2,3,4), attention "16,8": 48.99 M params
+    # (including its unused 705-parameter IDDPM head: GroupNorm(64) + Conv2d(64→1, 3×3)).
+    net = _paper("V6", "official-64")
+    assert net.config["model_channels"] == 64 and net.config["channel_mult"] == [1, 2, 3, 4]
+    assert net.config["attention_resolutions"] == [16, 8] and net.config["use_scale_shift_norm"]
+    assert abs((count_parameters(net) + 2 * 64 + 64 * 9 + 1) / 1e6 - 48.99) <= 0.005
+
+
 # ---------------------------------------------------------------- efficiency paths
 
 

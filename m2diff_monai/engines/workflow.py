@@ -23,8 +23,9 @@ from m2diff_monai.data.datasets import MANIFEST_HINT, load_slice_items, read_man
 from m2diff_monai.diffusion import normalize_diffusion_config, resolve_clip
 from m2diff_monai.engines.ema import unwrap
 from m2diff_monai.runtime import configure_threads
+from m2diff_monai.engines.precision import resolve_precision
 
-AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}  # explicit names; "auto" also accepted
 
 
 def default_device() -> torch.device:
@@ -36,13 +37,10 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def amp_dtype(name: str | None) -> torch.dtype | None:
-    """"bfloat16" / "float16" → torch dtype; None/"" → None (fp32)."""
-    if not name:
-        return None
-    if name not in AMP_DTYPES:
-        raise ValueError(f"amp dtype must be one of {sorted(AMP_DTYPES)} or null, got {name!r}")
-    return AMP_DTYPES[name]
+def amp_dtype(name: str | None, device: Any = None) -> torch.dtype | None:
+    """"auto" / "bfloat16" / "float16" → torch dtype for ``device`` (default: :func:`default_device`); None/"" →
+    None (fp32). "auto" = bf16 only where the hardware computes it natively (``engines.precision``)."""
+    return resolve_precision(name, default_device() if device is None else device)
 
 
 def seed_everything(seed: int | None) -> None:

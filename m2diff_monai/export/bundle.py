@@ -680,6 +680,7 @@ def export_bundle(
             metadata, info, model_card.describe_training_data(data, manifest_info),
             {**prep["values"], "spatial_size": prep["spatial_size"], "sources": prep["sources"]},
             metrics_rows, None if metrics is None else Path(metrics).name,
+            model_card.evaluated_samplers(metrics) if metrics else None,
         )
         (tmp / "docs").mkdir(exist_ok=True)
         (tmp / "docs" / "README.md").write_text(card)

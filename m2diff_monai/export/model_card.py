@@ -58,6 +58,61 @@ def load_metrics(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, floa
     return rows, _row_numbers(rows)
 
 
+# m2diff-evaluate's summary.csv has ~70 columns (mean/std/n per metric, region and 2D orientation): the card shows
+# these, as mean ± std; metadata.json's eval_metrics keeps every number.
+HEADLINE_METRICS = (("psnr", "PSNR (dB)"), ("ssim", "SSIM"), ("nmse", "NMSE"), ("lpips", "LPIPS"), ("bias", "bias"))
+
+
+def headline_metrics(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The card's metrics table: for m2diff-evaluate summaries (``<metric>_mean``/``_std`` columns) method,
+    subjects and ``mean ± std`` of PSNR, SSIM, NMSE, LPIPS and mean bias; any other table unchanged."""
+    present = [(key, label) for key, label in HEADLINE_METRICS if any(f"{key}_mean" in row for row in rows)]
+    if not present:
+        return rows
+    out = []
+    for row in rows:
+        first = next(iter(row))
+        entry: dict[str, Any] = {"method": row.get("method", row[first]), "subjects": row.get("subjects", "")}
+        for key, label in present:
+            mean, std = _number(row.get(f"{key}_mean")), _number(row.get(f"{key}_std"))
+            entry[label] = "" if mean is None else f"{mean:.4g}" + ("" if std is None else f" ± {std:.2g}")
+        out.append(entry)
+    return out
+
+
+PREDICTIONS_SUMMARY = "predictions.json"  # m2diff-infer's cohort summary (inference/cohort.py SUMMARY_NAME)
+
+
+def evaluated_samplers(metrics: str | Path) -> list[dict[str, Any]]:
+    """How each evaluated method's predictions were sampled, for the card: one row per method of the evaluation's
+    ``run.json`` (next to ``summary.csv``, or the file itself) whose prediction folder still holds m2diff-infer's
+    ``predictions.json``. Baselines and folders that are gone are left out; an unreadable record gives no rows
+    (the card then only shows the metrics)."""
+    path = Path(metrics)
+    run_json = path if path.name == "run.json" else path.with_name("run.json")
+    try:
+        predictions = json.loads(run_json.read_text()).get("predictions") or {}
+    except (OSError, ValueError, AttributeError):
+        return []
+    rows = []
+    for method, folder in predictions.items():
+        candidates = [Path(folder), run_json.parent / folder]
+        record_path = next((c / PREDICTIONS_SUMMARY for c in candidates if (c / PREDICTIONS_SUMMARY).is_file()), None)
+        if record_path is None:
+            continue
+        try:
+            record = json.loads(record_path.read_text())
+        except (OSError, ValueError):
+            continue
+        settings = record.get("settings") or {}
+        steps = settings.get("steps")
+        rows.append({"method": method, "sampler": settings.get("sampler"),
+                     "steps": "all" if steps is None else steps, "eta": settings.get("eta"),
+                     "start_step": "none" if settings.get("start_step") is None else settings.get("start_step"),
+                     "weights": record.get("weights"), "checkpoint": record.get("checkpoint")})
+    return rows
+
+
 def _number(value: Any) -> float | None:
     if isinstance(value, bool):
         return None
@@ -195,6 +250,7 @@ def render_model_card(
     preprocessing: Mapping[str, Any],
     metrics_rows: list[dict[str, Any]] | None = None,
     metrics_source: str | None = None,
+    evaluated_with: list[dict[str, Any]] | None = None,
 ) -> str:
     """Markdown model card. ``export_info``: source checkpoint, epoch, iteration, weights, network summary,
     files written, diffusion config."""
@@ -246,7 +302,23 @@ def render_model_card(
     ]
     if metrics_rows:
         lines += [f"From `{metrics_source}` (given to `m2diff-export --metrics`); also in "
-                  "`configs/metadata.json` → `eval_metrics`.", "", markdown_table(metrics_rows), ""]
+                  "`configs/metadata.json` → `eval_metrics` (every column).", "",
+                  markdown_table(headline_metrics(metrics_rows)), ""]
+        if evaluated_with:
+            lines += ["Sampler that produced the evaluated predictions (from each prediction folder's "
+                      f"`{PREDICTIONS_SUMMARY}`; the exported bundle's default is under *How to run*):", "",
+                      markdown_table(evaluated_with), ""]
+            default = export_info.get("sampler_defaults") or {}
+            default_steps = "all" if default.get("steps") is None else default.get("steps")
+            differing = [r["method"] for r in evaluated_with
+                         if (r["sampler"], r["steps"]) != (default.get("sampler", "ddim"), default_steps)]
+            if default and differing:
+                lines += [f"**Note:** {', '.join(differing)} was sampled with other settings than the exported "
+                          f"default ({default.get('sampler', 'ddim')}, {default_steps} steps): pass the evaluated "
+                          "ones to reproduce these numbers.", ""]
+        else:
+            lines += ["The sampler that produced these predictions was not recorded next to the summary (no "
+                      f"`run.json` with prediction folders holding `{PREDICTIONS_SUMMARY}`).", ""]
     else:
         lines += ["No evaluation summary was given at export (`m2diff-export --metrics summary.csv|json`). "
                   "Evaluate on held-out data of your own site before drawing any conclusion.", ""]
@@ -307,5 +379,5 @@ def render_model_card(
     return "\n".join(lines).rstrip() + "\n"
 
 
-__all__ = ["describe_training_data", "load_metrics", "markdown_table", "read_manifest_provenance",
+__all__ = ["describe_training_data", "evaluated_samplers", "headline_metrics", "load_metrics", "markdown_table", "read_manifest_provenance",
            "render_model_card"]

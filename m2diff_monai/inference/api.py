@@ -26,6 +26,7 @@ import torch
 
 import m2diff_monai
 from m2diff_monai.data.orientation import ORIENTATION_AXIS, parse_orientations
+from m2diff_monai.engines.precision import runtime_record
 from m2diff_monai.errors import InputError
 from m2diff_monai.io import safety
 from m2diff_monai.inference import cohort
@@ -571,7 +572,7 @@ def infer_manifest(
             "split": split,
             "checkpoint": model.path,
             "weights": model.weights,
-            "settings": {**cfg.as_dict(), "device": str(device)},
+            "settings": {**cfg.as_dict(), "device": str(device), **runtime_record(cfg.amp, device)},
             "settings_sources": dict(getattr(cfg, "sources", {})),
             "clip_denoised": sampling_diffusion_config(model, cfg)["clip_denoised"],
             "preprocessing": prep.as_dict(),
@@ -681,7 +682,7 @@ def _summary(result: SubjectResult, model: LoadedModel, cfg: InferenceSettings, 
         "mri_used": mri_used,
         "checkpoint": model.path,
         "weights": model.weights,
-        "settings": {**cfg.as_dict(), "device": str(device)},
+        "settings": {**cfg.as_dict(), "device": str(device), **runtime_record(cfg.amp, device)},
         "settings_sources": dict(getattr(cfg, "sources", {})),
         "clip_denoised": sampling_diffusion_config(model, cfg)["clip_denoised"],
         "preprocessing": prep.as_dict(),

@@ -33,7 +33,7 @@ SHARD_SUMMARY = re.compile(r"^predictions\.shard-(\d+)-of-(\d+)\.json$")
 # keys of a shard summary that must agree between shards (the device differs by rank and is left out)
 AGREEING_KEYS = ("tool", "version", "manifest", "split", "selected", "checkpoint", "checkpoint_fingerprint",
                  "weights", "preprocessing")
-SETTINGS_NOT_COMPARED = ("device", "progress")
+SETTINGS_NOT_COMPARED = ("device", "progress", "threads")  # precision is compared: it changes the numbers
 # a rank that finishes its share early waits at the barrier for the slowest one: the default 30 min is too short
 BARRIER_TIMEOUT = datetime.timedelta(hours=48)
 

@@ -17,6 +17,7 @@ from monai.inferers import Inferer
 
 from m2diff_monai.diffusion import build_diffusion
 from m2diff_monai.diffusion.samplers import SAMPLERS, sample
+from m2diff_monai.engines.precision import cpu_has_native_bf16, resolve_precision  # noqa: F401 (re-exported)
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "none")
 
@@ -28,15 +29,6 @@ def autocast_context(device: torch.device, amp_dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs whose oneDNN kernels run bf16 natively (AVX512-BF16 / AMX): there bf16 autocast roughly
-    halves the demo network's time (measured: docs/inference.md); elsewhere it is emulated and slower."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def resolve_amp(amp: str | None, device: torch.device) -> torch.dtype | None:
     """``auto``: bf16 on a CUDA device or a CPU that supports it natively, fp32 elsewhere; ``bf16``/``fp16``/
     ``none`` as asked. Only the network runs under autocast: the sampler's state and updates stay fp32."""
@@ -44,9 +36,7 @@ def resolve_amp(amp: str | None, device: torch.device) -> torch.dtype | None:
     if amp not in AMP_CHOICES:
         raise ValueError(f"amp must be one of {', '.join(AMP_CHOICES)}, got {amp!r}")
     if amp == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-        return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
+        return resolve_precision("auto", device)
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
 
 

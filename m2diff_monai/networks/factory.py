@@ -75,6 +75,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_heads": 4,
         "dropout": 0.2,
     },
+    # The official code's layout at 64² (64 channels, attention at 16 and 8): 48.99 M parameters (V6), the network
+    # benchmarks/bench_training.py times against the official implementation (facts.md §1).
+    "official-64": {
+        "image_size": 64,
+        "model_channels": 64,
+        "channel_mult": [1, 2, 3, 4],
+        "num_res_blocks": 2,
+        "attention_resolutions": [16, 8],
+        "num_heads": 4,
+        "dropout": 0.2,
+    },
     # Small enough to train in minutes on 2 CPU cores on the 4 mm / 64³ demo cohort that the README's main job
     # builds (at 128² one training step of a 4-level variant took ~2 s on 2 cores: too slow for a minutes-long demo).
     "demo": {
