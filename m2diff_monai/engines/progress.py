@@ -22,7 +22,8 @@ logger = logging.getLogger(__name__)
 
 def _loss_value(output: Any) -> float | None:
     try:
-        return float(loss_output(output))
+        loss = loss_output(output)
+        return float(loss.detach() if hasattr(loss, "detach") else loss)
     except (TypeError, ValueError, KeyError, IndexError, RuntimeError):
         return None
 
