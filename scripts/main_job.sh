@@ -31,6 +31,7 @@ m2diff-evaluate --manifest data_manifests/demo.json --split test --pred "M2Diff=
   --pred "M2Diff-noMRI=$WORK/predictions_nomri" --out "$WORK/report" --baselines gaussian,nlm,bm3d
 
 echo "== 5/5 export =="
-m2diff-export --bundle bundles/m2diff --checkpoint "$RUN/checkpoints/best.pt" --out "$WORK/exported_bundle" --force
+m2diff-export --bundle bundles/m2diff --checkpoint "$RUN/checkpoints/best.pt" --out "$WORK/exported_bundle" \
+  --metrics "$WORK/report/summary.csv" --force
 
 echo "Done. Report: $WORK/report/report.md  Predictions: $WORK/predictions  Bundle: $WORK/exported_bundle"
