@@ -570,12 +570,7 @@ def infer_manifest(
             "version": m2diff_monai.__version__,
             "manifest": str(manifest),
             "split": split,
-            "checkpoint": model.path,
-            "weights": model.weights,
-            "settings": {**cfg.as_dict(), "device": str(device), **runtime_record(cfg.amp, device)},
-            "settings_sources": dict(getattr(cfg, "sources", {})),
-            "clip_denoised": sampling_diffusion_config(model, cfg)["clip_denoised"],
-            "preprocessing": prep.as_dict(),
+            **_run_record(model, cfg, prep, device),
             "subjects": results,
             "seconds": round(time.perf_counter() - start, 3),
         }
@@ -671,6 +666,20 @@ def _plan_cohort_outputs(manifest: Path, content: dict, items: list[dict], out_d
     return planned
 
 
+def _run_record(model: LoadedModel, cfg: InferenceSettings, prep: TrainingPreprocessing,
+                device: torch.device) -> dict[str, Any]:
+    """What produced a prediction (weights, resolved settings and where each came from, clip range,
+    preprocessing), shared by the single-subject and cohort summaries so both record the same."""
+    return {
+        "checkpoint": model.path,
+        "weights": model.weights,
+        "settings": {**cfg.as_dict(), "device": str(device), **runtime_record(cfg.amp, device)},
+        "settings_sources": dict(getattr(cfg, "sources", {})),
+        "clip_denoised": sampling_diffusion_config(model, cfg)["clip_denoised"],
+        "preprocessing": prep.as_dict(),
+    }
+
+
 def _summary(result: SubjectResult, model: LoadedModel, cfg: InferenceSettings, prep: TrainingPreprocessing,
              device: torch.device, mri_used: bool, extra: dict) -> dict[str, Any]:
     return {
@@ -680,12 +689,7 @@ def _summary(result: SubjectResult, model: LoadedModel, cfg: InferenceSettings, 
         "sampled_slices": result.sampled_slices,
         "warnings": result.warnings,
         "mri_used": mri_used,
-        "checkpoint": model.path,
-        "weights": model.weights,
-        "settings": {**cfg.as_dict(), "device": str(device), **runtime_record(cfg.amp, device)},
-        "settings_sources": dict(getattr(cfg, "sources", {})),
-        "clip_denoised": sampling_diffusion_config(model, cfg)["clip_denoised"],
-        "preprocessing": prep.as_dict(),
+        **_run_record(model, cfg, prep, device),
         **({"registration": extra["registration"]} if "registration" in extra else {}),
     }
 
