@@ -71,13 +71,7 @@ register_network("inference_test_identity", IdentityRegressor)
 register_network("inference_test_oracle", OracleDenoiser)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tiny networks run fastest on one thread, above all on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def save_checkpoint(path: Path, network: nn.Module, diffusion: dict | None = None, data: dict | None = None,

@@ -56,12 +56,7 @@ class LesionOracle(nn.Module):
 register_network("lesion_test_oracle", LesionOracle)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _prepare(path: Path, normalization: str):

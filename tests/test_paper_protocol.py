@@ -12,9 +12,7 @@ from m2diff_monai.evaluation import paper_protocol as P
 from m2diff_monai.evaluation.lpips_metric import LPIPSMetric
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # set and restored (tests/conftest.py)
 
 
 def centred_pad(image: np.ndarray, size: int = 256) -> np.ndarray:

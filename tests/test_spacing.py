@@ -36,12 +36,7 @@ HOT_CENTRE, HOT_SIGMA = (6.0, 5.0, 2.0), 7.0
 BALL = np.ones((3, 3, 3), dtype=bool)  # erosion by whole voxels in every direction (diagonals included)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------------------------------- helpers
