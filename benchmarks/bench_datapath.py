@@ -11,7 +11,6 @@ Target: ≥ 1000 slices/s at 256² with 2 workers.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from monai.data import DataLoader, Dataset
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Lambdad
 
 from m2diff_monai.data.datasets import build_dataset, build_loader, load_slice_items
+from m2diff_monai.data.manifest import provenance, write_manifest
 from m2diff_monai.data.transforms import slice_transforms
 from m2diff_monai.io.atomic import save_json
 
@@ -41,7 +41,8 @@ def write_items(root: Path, size: int, items: int) -> Path:
     for e in entries:
         if not e["mri_available"]:
             e["mri"] = ""
-    return save_json(root / "manifest.json", {"training": entries})
+    return write_manifest(root / "manifest.json", {"name": "bench", "training": entries, "validation": [], "test": [],
+                                                   "volumes": [], "provenance": provenance("benchmarks/bench_datapath.py", {})})
 
 
 def time_loader(loader, passes: int) -> float:

@@ -20,7 +20,6 @@ package's own profile too), wall and CPU seconds of this process, one thread:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ from scipy.ndimage import gaussian_filter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from m2diff_monai.data.manifest import provenance, write_manifest  # noqa: E402
 from m2diff_monai.evaluation.run import evaluate_cohort  # noqa: E402
 from m2diff_monai.io.atomic import save_json  # noqa: E402
 
@@ -68,8 +68,8 @@ def build(root: Path, size: int, methods: int, seed: int = 0) -> tuple[Path, dic
         predictions[f"M{m}"] = root / "preds" / f"M{m}"
         save(predictions[f"M{m}"] / "bench01.nii.gz", sd + noise * (0.1 + 0.05 * m))
     manifest = root / "bench.json"
-    manifest.write_text(json.dumps({"name": "bench", "volumes": [item], "training": [], "validation": [], "test": [],
-                                    "provenance": {}}))
+    write_manifest(manifest, {"name": "bench", "volumes": [item], "training": [], "validation": [], "test": [],
+                              "provenance": provenance("benchmarks/bench_evaluate.py", {"size": size})})
     return manifest, predictions
 
 

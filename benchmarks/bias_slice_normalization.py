@@ -25,7 +25,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from m2diff_monai.data.datasets import read_manifest
+from m2diff_monai.data.manifest import read_manifest
 from m2diff_monai.data.orientation import ORIENTATIONS, slices_to_volume, volume_to_slices
 from m2diff_monai.evaluation.metrics import relative_bias
 from m2diff_monai.inference.volume import _coverage_count, brain_slice_indices, fuse_with_coverage

@@ -16,8 +16,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-SPLITS: tuple[str, ...] = ("train", "val", "test")
-MANIFEST_KEYS: dict[str, str] = {"train": "training", "val": "validation", "test": "test"}
+from m2diff_monai.data.manifest import SPLITS
 
 
 def parse_ratios(value: str | tuple[float, ...] | list[float]) -> tuple[float, float, float]:

@@ -12,12 +12,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from m2diff_monai.data.manifest import SPLITS
 from m2diff_monai.errors import InputError
 from m2diff_monai.io.safety import SAFE_NAME
 
 PATH_COLUMNS: tuple[str, ...] = ("ld_pet", "sd_pet", "mri")
 REQUIRED_COLUMNS: tuple[str, ...] = ("subject_id", *PATH_COLUMNS)
-SPLITS: tuple[str, ...] = ("train", "val", "test")
 MASK_PREFIX = "mask_"
 ID_PATTERN = SAFE_NAME  # ids name folders: the one safe-name rule of m2diff_monai.io.safety
 

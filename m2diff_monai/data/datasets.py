@@ -1,14 +1,12 @@
 """Manifest slice items → MONAI datasets and data loaders for training and validation.
 
-Paths are resolved here rather than with ``monai.data.load_decathlon_datalist``: that function joins the
-manifest folder onto *every* string value that then exists, so an MRI-free item's ``"mri": ""`` would become
-the manifest folder's path. Items keep the manifest keys (``ld_pet``, ``sd_pet``, ``mri``, ``mri_available``,
-``subject``, ``orientation``, ``slice``).
+The items come from :func:`m2diff_monai.data.manifest.slice_items` (the manifest's one reader, which resolves
+paths itself rather than with ``monai.data.load_decathlon_datalist``); they keep the manifest keys (``ld_pet``,
+``sd_pet``, ``mri``, ``mri_available``, ``subject``, ``orientation``, ``slice``).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,31 +15,7 @@ import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset
 
-from m2diff_monai.data.orientation import parse_orientations
-from m2diff_monai.errors import InputError
-
-SPLITS = ("training", "validation", "test")
-PATH_KEYS = ("ld_pet", "sd_pet", "mri")
-MANIFEST_HINT = (
-    "create it with: m2diff-preprocess demo --out work/demo --downsample 2 --size 64 "
-    "--manifest data_manifests/demo.json (the demo cohort bundles/*/demo.json is tuned for; "
-    "or m2diff-preprocess run ... --manifest PATH)"
-)
-
-
-def read_manifest(manifest: str | Path, require: str | None = None) -> dict[str, Any]:
-    """The manifest JSON (the one reader training, inference and evaluation share); a missing or unreadable file,
-    or one without the ``require``d item list, is an ``InputError`` naming the command that makes one."""
-    path = Path(manifest)
-    if not path.is_file():
-        raise InputError(f"manifest not found; {MANIFEST_HINT}", path=path)
-    try:
-        content = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise InputError(f"manifest is not valid JSON ({err})", path=path) from err
-    if not isinstance(content, dict) or (require is not None and not isinstance(content.get(require), list)):
-        raise InputError(f"manifest has no {require!r} list (was it written by m2diff-preprocess?)", path=path)
-    return content
+from m2diff_monai.data.manifest import SLICE_LISTS, provenance, slice_items, write_manifest
 
 
 def select_evenly(items: list[dict], limit: int | None) -> list[dict]:
@@ -59,31 +33,10 @@ def load_slice_items(
     orientations: str | Sequence[str] | None = None,
     limit: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Slice items of ``split`` with absolute paths, optionally restricted to ``orientations`` (None = all:
-    one model for all three orientations) and to ``limit`` evenly spread items."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
-    path = Path(manifest)
-    content = read_manifest(path)
-    raw = content.get(split)
-    if not isinstance(raw, list):
-        raise InputError(f"manifest has no '{split}' list of slice items; {MANIFEST_HINT}", path=path)
-    wanted = None if orientations is None else set(parse_orientations(orientations))
-    base = path.resolve().parent
-    items = []
-    for item in raw:
-        if wanted is not None and item.get("orientation") not in wanted:
-            continue
-        resolved = dict(item)
-        for key in PATH_KEYS:
-            value = item.get(key) or ""
-            resolved[key] = str(base / value) if value else ""
-        resolved["mri_available"] = int(bool(item.get("mri_available", 0)) and bool(resolved["mri"]))
-        items.append(resolved)
-    if not items:
-        which = "" if wanted is None else f" for orientations {sorted(wanted)}"
-        raise InputError(f"manifest has no '{split}' slice items{which}", path=path)
-    return select_evenly(items, limit)
+    """Slice items of ``split`` (``training``/``validation``/``test``, or ``train``/``val``) with absolute paths,
+    optionally restricted to ``orientations`` (None = all: one model for all three orientations) and to ``limit``
+    evenly spread items. Reading, validating and selecting are :mod:`m2diff_monai.data.manifest`'s."""
+    return select_evenly(slice_items(manifest, split, orientations), limit)
 
 
 def load_mixed_slice_items(
@@ -162,13 +115,13 @@ def write_synthetic_manifest(
     0/1/2, default two training subjects, one validation, one test); the real demo cohort comes from
     ``m2diff-preprocess demo``.
     """
-    from m2diff_monai.io.atomic import save_json, save_npy
+    from m2diff_monai.io.atomic import save_npy
 
     out = Path(out_dir)
     rng = np.random.default_rng(seed)
     subjects = subjects or {"sub-01": 0, "sub-02": 0, "sub-03": 1, "sub-04": 2}
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
-    content: dict[str, Any] = {split: [] for split in SPLITS}
+    content: dict[str, Any] = {"name": "synthetic", **{split: [] for split in SLICE_LISTS}}
     for subject, split_index in subjects.items():
         for orientation in orientations:
             for k in range(slices_per_orientation):
@@ -184,7 +137,7 @@ def write_synthetic_manifest(
                     names[name] = f"{subject}/{orientation}/{name}_{k:03d}.npy"
                     save_npy(out / names[name], array[None])
                 has_mri = subject not in mri_free_subjects
-                content[SPLITS[split_index]].append(
+                content[SLICE_LISTS[split_index]].append(
                     {
                         "ld_pet": names["ld_pet"],
                         "sd_pet": names["sd_pet"],
@@ -196,5 +149,6 @@ def write_synthetic_manifest(
                     }
                 )
     content["volumes"] = []
-    content["provenance"] = {"tool": "m2diff_monai.data.datasets.write_synthetic_manifest", "seed": seed}
-    return save_json(out / "manifest.json", content)
+    content["provenance"] = provenance("m2diff_monai.data.datasets.write_synthetic_manifest", {},
+                                       notes="random synthetic slices for tests", seed=seed)
+    return write_manifest(out / "manifest.json", content)

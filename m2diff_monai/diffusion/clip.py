@@ -19,9 +19,7 @@ lesions −33 %). The rule here: whatever values the preprocessing produces, a p
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 AUTO = "auto"
@@ -53,13 +51,11 @@ def training_normalization(data_config: Mapping[str, Any] | None) -> str | None:
             return str(table["normalization"])
     manifest = data.get("manifest")
     if manifest:
-        try:
-            provenance = json.loads(Path(str(manifest)).read_text()).get("provenance") or {}
-        except (OSError, ValueError, AttributeError):
-            return None
-        parameters = provenance.get("parameters") if isinstance(provenance, dict) else None
-        if isinstance(parameters, dict) and parameters.get("normalization"):
-            return str(parameters["normalization"])
+        from m2diff_monai.data.manifest import provenance_parameters
+
+        normalization = provenance_parameters(manifest).get("normalization")
+        if normalization:
+            return str(normalization)
     return None
 
 

@@ -6,7 +6,6 @@ Device/seed set-up, the checkpoint configuration, channels-last, and torchrun/DD
 
 from __future__ import annotations
 
-import json
 
 import os
 import random
@@ -19,7 +18,8 @@ import torch
 import torch.distributed as dist
 from monai.handlers import LrScheduleHandler, ValidationHandler
 
-from m2diff_monai.data.datasets import MANIFEST_HINT, load_slice_items, read_manifest  # noqa: F401 (re-exported)
+from m2diff_monai.data.datasets import load_slice_items  # noqa: F401 (re-exported)
+from m2diff_monai.data.manifest import MANIFEST_HINT, provenance_parameters, read_manifest  # noqa: F401
 from m2diff_monai.diffusion import normalize_diffusion_config, resolve_clip
 from m2diff_monai.engines.ema import unwrap
 from m2diff_monai.runtime import configure_threads
@@ -108,12 +108,7 @@ def checkpoint_config(
 def manifest_preprocessing(manifest: str | Path) -> dict[str, Any]:
     """The preprocessing parameters recorded in a manifest's provenance, so a checkpoint is self-contained:
     inference must register, normalize and crop new scans exactly as the training data were."""
-    try:
-        provenance = json.loads(Path(manifest).read_text()).get("provenance", {})
-    except (OSError, ValueError):
-        return {}
-    parameters = provenance.get("parameters", {}) if isinstance(provenance, dict) else {}
-    return json.loads(json.dumps(parameters)) if isinstance(parameters, dict) else {}
+    return provenance_parameters(manifest)
 
 
 def resolve_manifest(manifest: str | Path, bundle_root: str | Path | None = None) -> str:

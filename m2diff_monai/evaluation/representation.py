@@ -82,13 +82,12 @@ def select_slices(
     axis: int = 2,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """(ld, mri, sd) arrays (n, 1, H, W) of normalized slices with the most brain, spread over subjects with MRI."""
-    from m2diff_monai.evaluation.run import SPLITS, read_manifest
+    from m2diff_monai.data.manifest import read_manifest, select_volumes
 
     manifest = Path(manifest)
     base = manifest.resolve().parent
-    wanted = SPLITS.get(split, split)
-    items = [it for it in read_manifest(manifest)["volumes"]
-             if (wanted is None or it.get("split") == wanted) and int(it.get("mri_available", 0)) and it.get("sd_pet")]
+    items = [it for it in select_volumes(read_manifest(manifest), split, path=manifest, purpose="compute CKA on")
+             if int(it.get("mri_available", 0)) and it.get("sd_pet")]
     if not items:
         raise InputError(f"CKA needs '{split}' subjects with an MRI and an SD PET in the manifest", path=manifest)
     per_subject = max(1, -(-int(n_slices) // len(items)))

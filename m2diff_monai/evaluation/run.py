@@ -40,7 +40,7 @@ import numpy as np
 
 import m2diff_monai
 from m2diff_monai.data.orientation import ORIENTATION_AXIS, ORIENTATIONS, parse_orientations
-from m2diff_monai.data.datasets import read_manifest as read_manifest_file
+from m2diff_monai.data.manifest import canonical_split, read_manifest, select_volumes
 from m2diff_monai.errors import InputError
 from m2diff_monai.io import safety
 from m2diff_monai.io.atomic import save_json, save_text
@@ -51,7 +51,6 @@ LD_METHOD = "LD"
 REFERENCE = "SD"
 PRED_SUFFIXES = (".nii.gz", ".nii")
 SPACES = ("native", "preprocessed")
-SPLITS = {"test": "test", "val": "val", "validation": "val", "train": "train", "training": "train", "all": None}
 METHOD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _RAS = nib.orientations.axcodes2ornt("RAS")
 READ_THREADS = 4
@@ -89,8 +88,7 @@ class EvaluationOptions:
     baselines: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.split not in SPLITS:
-            raise InputError(f"unknown split {self.split!r}; choose from test, val, train, all")
+        canonical_split(self.split, allow_all=True)
         if self.space not in SPACES:
             raise InputError(f"unknown evaluation space {self.space!r}; choose native or preprocessed")
         try:
@@ -148,25 +146,6 @@ def parse_method_map(values: Mapping[str, Any] | Sequence[str] | str | None, wha
             raise InputError(f"{what}: method {name!r} given twice")
         out[name] = value
     return out
-
-
-def read_manifest(path: str | Path) -> dict:
-    return read_manifest_file(path, require="volumes")
-
-
-def select_items(content: dict, split: str, subjects: Sequence[str] | None, manifest: Path) -> list[dict]:
-    wanted = SPLITS[split]
-    items = [it for it in content["volumes"] if isinstance(it, dict) and (wanted is None or it.get("split") == wanted)]
-    for item in items:  # ids name the prediction files read and the figures written
-        safety.check_name(item.get("subject"), "manifest subject id", manifest)
-    if subjects:
-        missing = sorted(set(subjects) - {str(it.get("subject")) for it in items})
-        if missing:
-            raise InputError(f"subject(s) {', '.join(missing)} not in the manifest's {split} volumes", path=manifest)
-        items = [it for it in items if str(it.get("subject")) in set(subjects)]
-    if not items:
-        raise InputError(f"manifest has no '{split}' volumes to evaluate", path=manifest)
-    return items
 
 
 def prediction_path(pred_dir: str | Path, subject: str) -> Path | None:
@@ -995,7 +974,7 @@ def evaluate_cohort(
             if not path.is_file():
                 raise InputError(f"{name} file for {method} does not exist", path=path)
     content = read_manifest(manifest)
-    items = select_items(content, options.split, options.subjects, manifest)
+    items = select_volumes(content, options.split, options.subjects, manifest, purpose="evaluate")
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, _run_inputs(manifest, content, pred_dirs, checkpoint_map, timing_map, cka_checkpoint,
                                         lpips_weights))

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from m2diff_monai.data.manifest import LIST_KEYS, manifest_provenance
 from m2diff_monai.errors import InputError
 
 MAX_TABLE_ROWS = 40
@@ -178,14 +179,10 @@ def read_manifest_provenance(manifest: str | Path | None, search_roots: list[Pat
         candidates += [root / str(manifest) for root in search_roots]
     for path in candidates:
         if path.is_file():
-            try:
-                content = json.loads(path.read_text())
-            except (OSError, ValueError):
+            content = manifest_provenance(path)
+            if content is None:
                 return None
-            if not isinstance(content, dict):
-                return None
-            counts = {k: len(content[k]) for k in ("training", "validation", "test", "volumes")
-                      if isinstance(content.get(k), list)}
+            counts = {k: len(content[k]) for k in LIST_KEYS if isinstance(content.get(k), list)}
             return {"path": str(manifest), "name": content.get("name"), "description": content.get("description"),
                     "provenance": content.get("provenance") or {}, "counts": counts}
     return None

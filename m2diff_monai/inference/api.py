@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 import m2diff_monai
+from m2diff_monai.data.manifest import canonical_split, read_manifest, select_volumes
 from m2diff_monai.data.orientation import ORIENTATION_AXIS, parse_orientations
 from m2diff_monai.engines.precision import runtime_record
 from m2diff_monai.errors import InputError
@@ -48,7 +49,6 @@ from preprocessing.intake import IntakeOptions
 from preprocessing.normalization import recorded_method
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-SPLIT_ALIASES = {"test": "test", "val": "val", "validation": "val", "train": "train", "training": "train", "all": None}
 
 
 BOOL_SETTINGS = ("shared_noise", "save_orientations", "no_mri", "png", "use_ema", "progress")
@@ -524,18 +524,9 @@ def infer_manifest(
     """
     before_load = resolve_settings(bundle, None, bundle_fallback, **settings)  # device and weights to load with
     manifest = Path(manifest)
-    if split not in SPLIT_ALIASES:
-        raise InputError(f"unknown split {split!r}; choose from test, val, train, all", path=manifest)
-    content = _read_manifest(manifest)
-    wanted = SPLIT_ALIASES[split]
-    items = [it for it in content.get("volumes", []) if wanted is None or it.get("split") == wanted]
-    if subjects:
-        missing = sorted(set(subjects) - {it.get("subject") for it in items})
-        if missing:
-            raise InputError(f"subject(s) {', '.join(missing)} not in the manifest's {split} volumes", path=manifest)
-        items = [it for it in items if it.get("subject") in set(subjects)]
-    if not items:
-        raise InputError(f"manifest has no '{split}' volumes to infer", path=manifest)
+    canonical_split(split, allow_all=True, path=manifest)  # a bad split fails before the manifest is read
+    content = read_manifest(manifest)
+    items = select_volumes(content, split, subjects, manifest, purpose="infer")
     out_dir = Path(out_dir)
     share = cohort.resolve_shard(shard)
     selected = [str(it.get("subject")) for it in items]
@@ -614,12 +605,6 @@ def _with_manifest_normalization(content: dict, prep: TrainingPreprocessing) -> 
 
     return replace(prep, normalization=recorded_method(recorded),
                    sources={**prep.sources, "normalization": "cohort manifest"})
-
-
-def _read_manifest(path: Path) -> dict:
-    from m2diff_monai.data.datasets import read_manifest
-
-    return read_manifest(path, require="volumes")
 
 
 def _subject_name(path: str | Path) -> str:

@@ -93,11 +93,10 @@ def _manifest_parameters(data_config: dict[str, Any]) -> dict[str, Any]:
         candidates.append(REPO_ROOT / str(name))
     for path in candidates:
         if path.is_file():
-            try:
-                content = json.loads(path.read_text())
-            except (OSError, ValueError):
-                return {}
-            params = dict((content.get("provenance") or {}).get("parameters") or {})
+            from m2diff_monai.data.manifest import manifest_provenance, provenance_parameters
+
+            content = manifest_provenance(path) or {}
+            params = provenance_parameters(path)
             for key in ("size", "space"):
                 if key not in params and key in content:
                     params[key] = content[key]
