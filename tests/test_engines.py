@@ -65,12 +65,17 @@ def test_missing_manifest_names_the_command_that_creates_it(tmp_path):
 
 
 def test_manifest_without_split_is_an_input_error(tmp_path):
-    path = tmp_path / "m.json"
-    path.write_text(json.dumps({"training": []}))
+    from m2diff_monai.data.manifest import provenance, write_manifest
+
+    path = write_manifest(tmp_path / "m.json", {"name": "empty", "training": [], "validation": [], "test": [],
+                                                "volumes": [], "provenance": provenance("tests", {})})
     with pytest.raises(InputError, match="no 'training' slice items"):
         load_slice_items(path)
     with pytest.raises(InputError, match="'validation'"):
         load_slice_items(path, "validation")
+    path.write_text(json.dumps({"training": []}))
+    with pytest.raises(InputError, match="manifest breaks the manifest schema at top level: 'name' is a required"):
+        load_slice_items(path)
 
 
 def test_load_sliced_zero_mri_and_bad_shape(manifest, tmp_path):

@@ -20,6 +20,7 @@ import pytest
 from scipy import ndimage
 from scipy import stats as sps
 
+from m2diff_monai.data.manifest import VOLUME_PATH_KEYS, provenance, write_manifest
 from m2diff_monai.evaluation import baselines, cli, metrics, quantitation, run
 
 SHAPE = (30, 32, 22)
@@ -61,6 +62,13 @@ def subject_arrays(seed: int, noise: float) -> dict[str, np.ndarray]:
     return {"sd": sd, "ld": ld, "brain": brain, "lesion_hot": hot, "lesion_cold": cold, "gm": gm}
 
 
+def rebase_volume(item: dict, root: Path) -> dict:
+    """Manifest paths are relative to the manifest's folder (``root``)."""
+    rel = lambda p: Path(p).relative_to(root).as_posix() if p else ""  # noqa: E731
+    return {**{k: rel(v) if k in VOLUME_PATH_KEYS else v for k, v in item.items()},
+            "regions": {name: rel(p) for name, p in item["regions"].items()}}
+
+
 def build(root: Path, plan: list[tuple[str, str, float]], with_pred: bool = True) -> dict:
     """Native-grid NIfTIs (masks on the same grid), a manifest with ``plan`` = [(subject, split, noise)], and a
     prediction folder ``Pred`` (SD + a little noise) for every subject."""
@@ -75,14 +83,15 @@ def build(root: Path, plan: list[tuple[str, str, float]], with_pred: bool = True
                 "brain_mask": save(folder / "brain_mask.nii.gz", a["brain"], np.uint8),
                 "regions": {r: save(folder / "regions" / f"{r}.nii.gz", a[r], np.uint8)
                             for r in ("gm", "lesion_hot", "lesion_cold")},
-                "preprocessed_dir": str(folder)}
-        volumes.append(item)
+                "preprocessed_dir": str(folder), "mri": "", "mri_available": 0, "source_mri": ""}
+        item["ld_pet"], item["sd_pet"] = item["source_ld_pet"], item["source_sd_pet"]
+        volumes.append(rebase_volume(item, root))
         if with_pred:
             rng = np.random.default_rng(100 + n)
             save(root / "preds" / "Pred" / f"{sid}.nii.gz", a["sd"] + 50 * rng.standard_normal(SHAPE))
-    manifest = root / "manifest.json"
-    manifest.write_text(json.dumps({"name": "baselines", "training": [], "validation": [], "test": [],
-                                    "volumes": volumes, "provenance": {}}))
+    manifest = write_manifest(root / "manifest.json", {"name": "baselines", "training": [], "validation": [],
+                                                       "test": [], "volumes": volumes,
+                                                       "provenance": provenance("tests", {})})
     return {"manifest": manifest, "preds": root / "preds" / "Pred", "arrays": arrays, "root": root}
 
 

@@ -387,7 +387,7 @@ def test_manifest_subject_id_with_dotdot_is_refused_by_evaluate_and_inference(ev
     rc = evaluate_cli.main(["--manifest", str(manifest), "--pred", f"Good={eval_cohort['preds'] / 'Good'}",
                             "--out", str(out), "--no-progress"])
     line = one_line(capsys.readouterr().err)
-    assert rc == 2 and "manifest subject id '../escape' may contain only" in line, line
+    assert rc == 2 and "volumes[0].subject: '../escape' does not match" in line, line  # the schema refuses it
     assert not out.exists() and not (tmp_path / "escape.png").exists()
 
     rc = infer_main(["--checkpoint", str(tmp_path / "never_loaded.pt"), "--manifest", str(manifest), "--split",
