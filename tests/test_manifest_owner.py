@@ -125,6 +125,16 @@ def test_packaged_schema_is_the_repository_schema():
     assert (REPO / "data_manifests" / "schema.json").read_bytes() == mf.SCHEMA_PATH.read_bytes()
 
 
+def test_path_keys_come_from_the_schema_and_match_the_safety_rule():
+    from m2diff_monai.io import safety
+
+    assert mf.SLICE_PATH_KEYS == ("ld_pet", "sd_pet", "mri")
+    assert set(mf.VOLUME_PATH_KEYS) == {"ld_pet", "sd_pet", "mri", "brain_mask", "source_ld_pet", "source_sd_pet",
+                                        "source_mri", "preprocessed_dir", "subject_json"}
+    # io/safety sits below data/ and keeps its own list of the inputs a manifest names: it must not drift
+    assert set(safety.MANIFEST_PATH_KEYS) == set(mf.VOLUME_PATH_KEYS)
+
+
 def imported_modules(path: Path) -> set[str]:
     tree = ast.parse(path.read_text())
     names = set()

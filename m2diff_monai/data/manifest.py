@@ -42,11 +42,6 @@ DATALIST_KEYS: dict[str, str] = {"train": "training", "val": "validation", "test
 SPLIT_ALIASES: dict[str, str] = {**{s: s for s in SPLITS}, **{key: s for s, key in DATALIST_KEYS.items()}}
 SLICE_LISTS: tuple[str, ...] = tuple(DATALIST_KEYS.values())
 LIST_KEYS: tuple[str, ...] = (*SLICE_LISTS, "volumes")
-SLICE_PATH_KEYS: tuple[str, ...] = ("ld_pet", "sd_pet", "mri")
-VOLUME_PATH_KEYS: tuple[str, ...] = (
-    "ld_pet", "sd_pet", "mri", "brain_mask", "source_ld_pet", "source_sd_pet", "source_mri", "preprocessed_dir",
-    "subject_json",
-)  # fmt: skip
 MANIFEST_HINT = (
     "create it with: m2diff-preprocess demo --out work/demo --downsample 2 --size 64 "
     "--manifest data_manifests/demo.json (the demo cohort bundles/*/demo.json is tuned for; "
@@ -154,6 +149,17 @@ def provenance(tool: str, parameters: Mapping[str, Any], notes: str = "", shard:
 
     return {"tool": tool, "version": m2diff_monai.__version__, "created": now_iso(), "parameters": dict(parameters),
             "notes": notes, "shard": list(shard) if shard else None, **extra}
+
+
+def _path_keys(item_def: str) -> tuple[str, ...]:
+    """The keys of a slice or volume item that hold one path, read from the schema (its single definition)."""
+    properties = load_schema()["$defs"][item_def]["properties"]
+    refs = ("#/$defs/relpath", "#/$defs/optional_relpath")
+    return tuple(key for key, spec in properties.items() if spec.get("$ref") in refs)
+
+
+SLICE_PATH_KEYS: tuple[str, ...] = _path_keys("slice_item")  # ld_pet, sd_pet, mri
+VOLUME_PATH_KEYS: tuple[str, ...] = _path_keys("volume_item")  # + brain_mask, source_*, preprocessed_dir, ...
 
 
 # ----------------------------------------------------------------------------------------------- paths
