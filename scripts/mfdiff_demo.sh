@@ -12,7 +12,7 @@ RUN="${RUN:-runs/mfdiff-demo}"
 STEPS="${STEPS:-10}"
 START_STEP="${START_STEP:-200}"
 
-cohort_size() { python -c "import json,sys; print(json.load(open(sys.argv[1])).get('size'))" "$1" 2>/dev/null || true; }
+cohort_size() { python -c "import sys; from m2diff_monai.data.manifest import read_manifest; print(read_manifest(sys.argv[1]).get('size'))" "$1" 2>/dev/null || true; }
 if [[ -f data_manifests/demo.json && -d "$WORK/preprocessed" && "$(cohort_size data_manifests/demo.json)" == 64 ]]; then
   echo "== 1/5 demo cohort: reusing data_manifests/demo.json =="
 else
