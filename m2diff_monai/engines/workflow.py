@@ -19,7 +19,7 @@ import torch.distributed as dist
 from monai.handlers import LrScheduleHandler, ValidationHandler
 
 from m2diff_monai.data.datasets import load_slice_items  # noqa: F401 (re-exported)
-from m2diff_monai.data.manifest import MANIFEST_HINT, provenance_parameters, read_manifest  # noqa: F401
+from m2diff_monai.data.manifest import provenance_parameters
 from m2diff_monai.diffusion import normalize_diffusion_config, resolve_clip
 from m2diff_monai.engines.ema import unwrap
 from m2diff_monai.runtime import configure_threads
