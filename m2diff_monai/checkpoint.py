@@ -145,7 +145,8 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", *, mmap: bool =
             detail = " ".join(str(err).split())[:200]
             raise InputError(f"cannot read the checkpoint ({type(err).__name__}: {detail})", path=path) from None
     if not isinstance(checkpoint, dict):
-        raise InputError(f"checkpoint holds a {type(checkpoint).__name__}, not the project's checkpoint dict", path=path)
+        raise InputError(f"checkpoint holds a {type(checkpoint).__name__}, not the project's checkpoint dict",
+                         path=path)
     config = checkpoint.get("config")
     if not isinstance(config, dict) or not isinstance(config.get("network"), dict):
         raise InputError("checkpoint has no config['network'] (was it written by m2diff-monai training?)", path=path)
@@ -191,7 +192,7 @@ def load_weights(
         network.load_state_dict(dict(state))
     except RuntimeError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"{what} do not fit the network of the checkpoint's config ({first})", path=path) from None
+        raise InputError(f"{what} do not fit the network ({first})", path=path) from None
     return []
 
 

@@ -67,8 +67,9 @@ class CheckpointHandler:
 
     Checkpoint dict (``docs/ARCHITECTURE.md``): ``network`` (unwrapped state dict), ``ema`` (the EMA network's
     state dict or None), ``optimizer``, ``scaler`` (GradScaler state or None), ``epoch``, ``iteration``,
-    ``config`` (``{"network", "diffusion", "data", "inference_defaults"}``), plus ``best_metric``/``best_metric_epoch``/
-    ``ema_updates`` so a resumed run keeps its best and its EMA. Loadable with ``torch.load(weights_only=True)``.
+    ``config`` (``{"network", "diffusion", "data", "inference_defaults"}``), plus ``best_metric``/
+    ``best_metric_epoch``/``ema_updates`` so a resumed run keeps its best and its EMA. Written and read by
+    ``m2diff_monai.checkpoint`` (atomic write, ``torch.load(weights_only=True)``).
 
     Attach it to the trainer *after* ``ValidationHandler`` (the order of ``train_handlers``): at
     EPOCH_COMPLETED validation has then run and ``validator.state.best_metric_epoch`` tells if this epoch is
@@ -215,9 +216,9 @@ class InitWeightsHandler:
     fresh optimizer, iteration 0, no best metric.
 
     ``weights``: ``"ema"`` (default; falls back to the raw weights when the checkpoint has no EMA) or ``"raw"``
-    (``"network"`` accepted as its old spelling). ``strict=False`` loads what fits (same name and shape) and logs the rest, e.g. to start an
-    ablation row from another row's weights. ``path`` None or "" does nothing. Put it *before*
-    ``ResumeHandler`` in ``train_handlers`` so a resumed fine-tuning run keeps its own progress.
+    (``"network"`` accepted as its old spelling). ``strict=False`` loads what fits (same name and shape) and logs
+    the rest, e.g. to start an ablation row from another row's weights. ``path`` None or "" does nothing. Put it
+    *before* ``ResumeHandler`` in ``train_handlers`` so a resumed fine-tuning run keeps its own progress.
     """
 
     all_ranks = True
