@@ -127,7 +127,7 @@ def test_training_run_writes_checkpoints_with_config_and_resume_continues(manife
     net = build_network(ckpt["config"]["network"])
     net.load_state_dict(ckpt["ema"])
     net.load_state_dict(ckpt["network"])
-    from m2diff_monai.inference.checkpoint import load_model  # what m2diff-infer does with the checkpoint
+    from m2diff_monai.checkpoint import load_model  # what m2diff-infer does with the checkpoint
 
     loaded = load_model(best)
     assert loaded.weights == "ema" and loaded.network_config == ckpt["config"]["network"]

@@ -16,7 +16,7 @@ from monai.transforms import Compose
 
 from m2diff_monai.deploy import PETEnhancementInferer, load_bundle_network, run_bundle_on_volume
 from m2diff_monai.deploy.runner import read_bundle_config
-from m2diff_monai.inference.checkpoint import load_model
+from m2diff_monai.checkpoint import load_model
 from m2diff_monai.inference.inferer import DiffusionSamplerInferer
 from m2diff_monai.inference.volume import predict_volume
 from preprocessing.cubes import prepare_cubes

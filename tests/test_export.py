@@ -31,7 +31,7 @@ from m2diff_monai.export.torchscript import (
     trace_denoiser,
 )
 from m2diff_monai.inference import api
-from m2diff_monai.inference.checkpoint import LoadedModel, load_model
+from m2diff_monai.checkpoint import LoadedModel, load_model
 from m2diff_monai.networks.factory import build_network
 
 torch.set_num_threads(1)

@@ -22,7 +22,7 @@ from badinputs import centred_affine, write_subject, write_table
 from m2diff_monai.engines.workflow import checkpoint_config
 from m2diff_monai.errors import InputError
 from m2diff_monai.inference import api
-from m2diff_monai.inference.checkpoint import load_model, read_checkpoint
+from m2diff_monai.checkpoint import load_model, read_checkpoint
 from m2diff_monai.inference.inferer import DiffusionSamplerInferer
 from m2diff_monai.inference.preprocess import (
     SourceGrid,
@@ -177,14 +177,14 @@ def test_checkpoint_rebuilds_network_and_prefers_ema(tmp_path):
     other = build_network(TINY_M2DIFF)
     path = save_checkpoint(tmp_path / "c.pt", net, ema_state=other.state_dict())
     ema = load_model(path)
-    raw = load_model(path, use_ema=False)
-    assert ema.weights == "ema" and raw.weights == "network"
+    raw = load_model(path, weights="raw")
+    assert ema.weights == "ema" and raw.weights == "raw"
     key = next(iter(net.state_dict()))
     assert torch.equal(ema.network.state_dict()[key], other.state_dict()[key])
     assert torch.equal(raw.network.state_dict()[key], net.state_dict()[key])
     assert ema.diffusion_config["timesteps"] == 100 and ema.image_size == CUBE
     no_ema = load_model(save_checkpoint(tmp_path / "n.pt", net, ema_state=None))
-    assert no_ema.weights == "network"
+    assert no_ema.weights == "raw"
 
 
 def test_bad_checkpoints_are_one_line_input_errors(tmp_path):

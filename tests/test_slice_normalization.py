@@ -216,7 +216,7 @@ def test_each_orientation_maps_back_with_its_own_ld_slice_range(tmp_path, pet_su
 
 
 def test_slice_inference_feeds_the_network_minmax_slices(tmp_path, pet_subjects):
-    from m2diff_monai.inference.checkpoint import load_model
+    from m2diff_monai.checkpoint import load_model
 
     model = load_model(checkpoint(tmp_path / "id.pt", "slice"))
     api.infer_subject(model, pet_subjects["negative_min"]["ld_pet"], tmp_path / "p.nii.gz", None, **FAST)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from m2diff_monai.checkpoint import load_weights, read_checkpoint, select_weights
 from m2diff_monai.deploy.inferer import as_project_network
 from m2diff_monai.deploy.transforms import MASK_KEY
 
@@ -76,8 +77,9 @@ def load_bundle_network(bundle: str | Path, parser: Any = None, device: torch.de
         return torch.jit.load(str(bundle / "models" / "model.ts"), map_location=device).eval()
     parser = parser or read_bundle_config(bundle)
     network = parser.get_parsed_content("network_def").to(device)
-    state = torch.load(bundle / "models" / "model.pt", map_location=device, weights_only=True)
-    network.load_state_dict(state["network"] if "network" in state else state, strict=True)
+    path = bundle / "models" / "model.pt"
+    _, state = select_weights(read_checkpoint(path, map_location=device), path=path)
+    load_weights(network, state, path=path)
     return network.eval()
 
 

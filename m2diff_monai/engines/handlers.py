@@ -20,6 +20,16 @@ import torch
 from ignite.engine import Engine, Events
 from torch.optim.swa_utils import AveragedModel
 
+from m2diff_monai.checkpoint import (
+    EMA,
+    RAW,
+    load_weights,
+    new_checkpoint,
+    read_checkpoint,
+    select_weights,
+    weights_choice,
+    write_checkpoint,
+)
 from m2diff_monai.engines.ema import load_ema_state, unwrap
 from m2diff_monai.errors import InputError
 from m2diff_monai.io.atomic import write_with
@@ -57,8 +67,9 @@ class CheckpointHandler:
 
     Checkpoint dict (``docs/ARCHITECTURE.md``): ``network`` (unwrapped state dict), ``ema`` (the EMA network's
     state dict or None), ``optimizer``, ``scaler`` (GradScaler state or None), ``epoch``, ``iteration``,
-    ``config`` (``{"network", "diffusion", "data"}``), plus ``best_metric``/``best_metric_epoch``/
-    ``ema_updates`` so a resumed run keeps its best and its EMA. Loadable with ``torch.load(weights_only=True)``.
+    ``config`` (``{"network", "diffusion", "data", "inference_defaults"}``), plus ``best_metric``/
+    ``best_metric_epoch``/``ema_updates`` so a resumed run keeps its best and its EMA. Written and read by
+    ``m2diff_monai.checkpoint`` (atomic write, ``torch.load(weights_only=True)``).
 
     Attach it to the trainer *after* ``ValidationHandler`` (the order of ``train_handlers``): at
     EPOCH_COMPLETED validation has then run and ``validator.state.best_metric_epoch`` tells if this epoch is
@@ -92,23 +103,21 @@ class CheckpointHandler:
 
     def checkpoint(self, engine: Engine) -> dict[str, Any]:
         vstate = getattr(self.validator, "state", None)
-        return {
-            "network": unwrap(self.network).state_dict(),
-            "ema": None if self.ema is None else self.ema.module.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": _state_dict_or_none(getattr(engine, "scaler", None)),
-            "epoch": int(engine.state.epoch),
-            "iteration": int(engine.state.iteration),
-            "config": self.config,
-            "best_metric": float(getattr(vstate, "best_metric", -1)),
-            "best_metric_epoch": int(getattr(vstate, "best_metric_epoch", -1)),
-            "ema_updates": 0 if self.ema is None else int(self.ema.n_averaged),
-        }
+        return new_checkpoint(
+            unwrap(self.network).state_dict(),
+            self.config,
+            ema_state=None if self.ema is None else self.ema.module.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            scaler=_state_dict_or_none(getattr(engine, "scaler", None)),
+            epoch=int(engine.state.epoch),
+            iteration=int(engine.state.iteration),
+            best_metric=float(getattr(vstate, "best_metric", -1)),
+            best_metric_epoch=int(getattr(vstate, "best_metric_epoch", -1)),
+            ema_updates=0 if self.ema is None else int(self.ema.n_averaged),
+        )
 
     def save(self, checkpoint: dict[str, Any], name: str) -> Path:
-        path = self.save_dir / name
-        write_with(path, lambda tmp: torch.save(checkpoint, tmp))
-        return path
+        return write_checkpoint(self.save_dir / name, checkpoint)
 
     def __call__(self, engine: Engine) -> None:
         epoch = int(engine.state.epoch)
@@ -140,14 +149,6 @@ class CheckpointHandler:
 
         write_with(path, _write)
         return path
-
-
-def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """A project checkpoint, loaded safely (``weights_only=True``); a missing file is an ``InputError``."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("checkpoint not found", path=path)
-    return torch.load(path, map_location=map_location, weights_only=True)
 
 
 class ResumeHandler:
@@ -184,10 +185,11 @@ class ResumeHandler:
         device = self.map_location
         if device is None:
             device = next(unwrap(self.network).parameters()).device
-        checkpoint = load_checkpoint(self.path, map_location=device)
-        unwrap(self.network).load_state_dict(checkpoint["network"])
+        checkpoint = read_checkpoint(self.path, map_location=device)
+        _, raw = select_weights(checkpoint, RAW, path=self.path)
+        load_weights(unwrap(self.network), raw, path=self.path, what="raw weights")
         if self.ema is not None:
-            state = checkpoint.get("ema") or checkpoint["network"]
+            _, state = select_weights(checkpoint, EMA, fallback=True, path=self.path)
             load_ema_state(self.ema, state, checkpoint.get("ema_updates") or checkpoint.get("iteration", 1))
         if self.optimizer is not None and checkpoint.get("optimizer"):
             self.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -208,26 +210,15 @@ class ResumeHandler:
         logger.info(f"resumed from {self.path}: epoch {epoch}, iteration {iteration}")
 
 
-def _load_filtered(network: torch.nn.Module, state: dict[str, torch.Tensor], strict: bool) -> list[str]:
-    """``load_state_dict``; non-strict also skips tensors whose shape differs. Returns the keys not loaded."""
-    if strict:
-        network.load_state_dict(state, strict=True)
-        return []
-    own = network.state_dict()
-    fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    network.load_state_dict(fitting, strict=False)
-    return sorted(set(own) - set(fitting))
-
-
 class InitWeightsHandler:
     """Initialise the network (and its EMA) from another run's checkpoint at STARTED: MFdiff's internal stage
     starts from the external stage's weights (paper Sec. 3.3). Unlike ``ResumeHandler`` it restores weights only:
     fresh optimizer, iteration 0, no best metric.
 
-    ``weights``: ``"ema"`` (default; falls back to ``"network"`` when the checkpoint has no EMA) or
-    ``"network"``. ``strict=False`` loads what fits (same name and shape) and logs the rest, e.g. to start an
-    ablation row from another row's weights. ``path`` None or "" does nothing. Put it *before*
-    ``ResumeHandler`` in ``train_handlers`` so a resumed fine-tuning run keeps its own progress.
+    ``weights``: ``"ema"`` (default; falls back to the raw weights when the checkpoint has no EMA) or ``"raw"``
+    (``"network"`` accepted as its old spelling). ``strict=False`` loads what fits (same name and shape) and logs
+    the rest, e.g. to start an ablation row from another row's weights. ``path`` None or "" does nothing. Put it
+    *before* ``ResumeHandler`` in ``train_handlers`` so a resumed fine-tuning run keeps its own progress.
     """
 
     all_ranks = True
@@ -241,12 +232,10 @@ class InitWeightsHandler:
         strict: bool = True,
         map_location: Any = None,
     ) -> None:
-        if weights not in ("ema", "network"):
-            raise ValueError(f"weights must be 'ema' or 'network', got {weights!r}")
+        self.weights = weights_choice(weights) or EMA
         self.path = str(path) if path else ""
         self.network = network
         self.ema = ema
-        self.weights = weights
         self.strict = bool(strict)
         self.map_location = map_location
         self.missing: list[str] = []
@@ -258,18 +247,16 @@ class InitWeightsHandler:
     def __call__(self, engine: Engine | None = None) -> None:
         network = unwrap(self.network)
         device = self.map_location if self.map_location is not None else next(network.parameters()).device
-        checkpoint = load_checkpoint(self.path, map_location=device)
-        source = "ema" if self.weights == "ema" and checkpoint.get("ema") else "network"
-        state = checkpoint[source]
+        checkpoint = read_checkpoint(self.path, map_location=device)
+        source, state = select_weights(checkpoint, self.weights, fallback=self.weights == EMA, path=self.path)
         try:
-            self.missing = _load_filtered(network, state, self.strict)
-        except RuntimeError as err:
-            theirs = (checkpoint.get("config") or {}).get("network")
+            self.missing = load_weights(network, state, strict=self.strict, path=self.path, what=f"{source} weights")
+        except InputError as err:
+            theirs = checkpoint["config"]["network"]
             raise InputError(
-                f"checkpoint weights do not fit this network (checkpoint network config: {theirs}); use the "
-                f"same network_config and overlays as the run that wrote it, or non-strict loading ({err})",
-                path=self.path,
-            ) from err
+                f"{err.problem}; the checkpoint's network config is {theirs}: use the same network_config and "
+                "overlays as the run that wrote it, or non-strict loading", path=self.path,
+            ) from None
         if self.ema is not None:
             load_ema_state(self.ema, network.state_dict(), 1)
         note = f"; not loaded (non-strict): {len(self.missing)} tensors" if self.missing else ""

@@ -40,29 +40,15 @@ PAPER_REFERENCE = (
 )
 
 
-def _checkpoint_dict(path: Path) -> dict:
-    """The checkpoint's config and counters; weights are memory-mapped, not read, where torch allows it."""
-    from m2diff_monai.inference.checkpoint import read_checkpoint
-
-    try:
-        import torch
-
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        if isinstance(checkpoint, dict) and isinstance((checkpoint.get("config") or {}).get("network"), dict):
-            return checkpoint
-    except Exception:  # not a zip checkpoint (mmap needs one), or unreadable: the strict reader says why
-        pass
-    return read_checkpoint(path)
-
-
 def parameters_from_checkpoint(path: str | Path) -> dict[str, Any]:
     """``{"parameters", "network", "epoch", "iteration", "source"}`` of a project checkpoint."""
     import torch
 
+    from m2diff_monai.checkpoint import RAW, read_checkpoint, select_weights
     from m2diff_monai.networks.factory import build_network, count_parameters
 
     path = Path(path)
-    checkpoint = _checkpoint_dict(path)
+    checkpoint = read_checkpoint(path, mmap=True)  # the config and counters; the weights are mapped, not read
     net_config = checkpoint["config"]["network"]
     network = {k: net_config.get(k) for k in ("name", "preset", "variant", "image_size") if k in net_config}
     try:
@@ -70,7 +56,7 @@ def parameters_from_checkpoint(path: str | Path) -> dict[str, Any]:
             parameters = count_parameters(build_network(net_config))
         source = "network config (build_network)"
     except Exception:
-        state = checkpoint.get("network") or checkpoint.get("ema") or {}
+        state = select_weights(checkpoint, RAW, fallback=True, path=path)[1]
         parameters = sum(int(v.numel()) for v in state.values() if hasattr(v, "numel"))
         source = "state dict tensors"
     return {"parameters": int(parameters), "network": network, "epoch": checkpoint.get("epoch"),

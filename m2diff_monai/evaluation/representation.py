@@ -58,9 +58,9 @@ def branch_layers(network: torch.nn.Module) -> dict[str, tuple[list[str], list[s
 
 def load_two_branch_model(checkpoint: str | Path, device: str = "cpu", use_ema: bool = True):
     """The checkpoint's network (EMA weights when present), checked to have both branches."""
-    from m2diff_monai.inference.checkpoint import load_model
+    from m2diff_monai.checkpoint import RAW, load_model
 
-    model = load_model(checkpoint, device=torch.device(device), use_ema=use_ema)
+    model = load_model(checkpoint, device=torch.device(device), weights=None if use_ema else RAW)
     try:
         branch_layers(model.network)
     except InputError as err:
@@ -158,7 +158,7 @@ def cka_analysis(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Encoder and decoder CKA matrices (PET rows × MRI columns) → ``cka_encoder.png``, ``cka_decoder.png`` and
-    ``cka.json`` in ``out_dir``. ``model``: a :class:`~m2diff_monai.inference.checkpoint.LoadedModel` or a path."""
+    ``cka.json`` in ``out_dir``. ``model``: a :class:`~m2diff_monai.checkpoint.LoadedModel` or a path."""
     from m2diff_monai.diffusion import build_diffusion
 
     if not hasattr(model, "network"):

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -40,6 +39,16 @@ from typing import Any
 import torch
 
 import m2diff_monai
+from m2diff_monai.checkpoint import (
+    EMA,
+    RAW,
+    LoadedModel,
+    file_sha256,
+    load_model,
+    new_checkpoint,
+    read_checkpoint,
+    write_checkpoint,
+)
 from m2diff_monai.errors import InputError
 from m2diff_monai.io.safety import RunInputs
 from m2diff_monai.export import model_card
@@ -63,7 +72,6 @@ OPTIONAL_CONFIGS = ("train.json", "multi_gpu_train.json", "evaluate.json", "logg
 EXPORTED_ROOT = "."
 CHECKPOINT_EXPR = f"$@bundle_root + '/{MODEL_PT}'"
 VERSION_RE = re.compile(r"^\d+\.\d+\.\d+([.+-][0-9A-Za-z.+-]+)?$")
-WEIGHT_CHOICES = ("ema", "raw")
 
 
 @dataclass
@@ -103,90 +111,33 @@ def read_source_bundle(bundle: str | Path) -> dict[str, Any]:
     return configs
 
 
-def _select_weights(checkpoint: Mapping[str, Any], weights: str | None, path: Path) -> tuple[str, dict]:
-    """``None``: EMA when the checkpoint has one, else raw. An explicit choice must exist."""
-    ema = checkpoint.get("ema")
-    raw = checkpoint.get("network")
-    has_ema = isinstance(ema, dict) and bool(ema)
-    has_raw = isinstance(raw, dict) and bool(raw)
-    if weights is None:
-        weights = "ema" if has_ema else "raw"
-    if weights not in WEIGHT_CHOICES:
-        raise InputError(f"--weights must be one of {', '.join(WEIGHT_CHOICES)}, got {weights!r}")
-    if weights == "ema" and not has_ema:
-        raise InputError("checkpoint has no EMA weights; export with --weights raw", path=path)
-    if weights == "raw" and not has_raw:
-        raise InputError("checkpoint has no raw network weights; export with --weights ema", path=path)
-    return weights, dict(ema if weights == "ema" else raw)
-
-
 def load_checkpoint_for_export(checkpoint: str | Path, weights: str | None = None) -> dict[str, Any]:
-    """Read and check the checkpoint, rebuild its network with the chosen weights.
+    """Read and check the checkpoint, rebuild its network with the chosen weights (``m2diff_monai.checkpoint``;
+    None: EMA when present, else raw; an explicit choice must exist).
 
-    Returns ``{"network", "weights", "state", "config": {"network", "diffusion", "data"}, "epoch", "iteration",
-    "path", "sha256"}``; InputError (one line naming the file) for every way the checkpoint can be wrong.
+    Returns ``{"network", "weights", "state", "config": {"network", "diffusion", "data", "inference_defaults"},
+    "epoch", "iteration", "path", "sha256"}``; InputError (one line naming the file) for every way the checkpoint
+    can be wrong.
     """
-    from m2diff_monai.diffusion import resolve_clip
-    from m2diff_monai.inference.checkpoint import read_checkpoint, stored_inference_defaults
-    from m2diff_monai.networks.factory import build_network
+    from m2diff_monai.inference.defaults import check_stored_defaults
 
     path = Path(checkpoint)
-    ckpt = _read_checkpoint(path, read_checkpoint)
-    weights, state = _select_weights(ckpt, weights, path)
-    config = ckpt["config"]
-    try:
-        network = build_network(config["network"])
-    except (ValueError, TypeError, KeyError) as err:
-        raise InputError(f"cannot rebuild the network from the checkpoint's config ({err})", path=path) from None
-    try:
-        network.load_state_dict(state)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"{weights} weights do not fit the network in the checkpoint's config ({first})",
-                         path=path) from None
-    try:
-        diffusion = resolve_clip(config.get("diffusion") or {}, config.get("data"))
-    except ValueError as err:
-        raise InputError(f"invalid diffusion config in the checkpoint ({err})", path=path) from None
-    inference_defaults = stored_inference_defaults(config, path)
-    network.eval()
-    for parameter in network.parameters():
-        parameter.requires_grad_(False)
+    model = load_model(path, device="cpu", weights=weights)
     return {
-        "network": network,
-        "weights": weights,
-        "state": {k: v.detach().cpu().clone() for k, v in network.state_dict().items()},
+        "network": model.network,
+        "weights": model.weights,
+        "state": {k: v.detach().cpu().clone() for k, v in model.network.state_dict().items()},
         "config": {
-            "network": copy.deepcopy(dict(getattr(network, "config", None) or config["network"])),
-            "diffusion": diffusion,
-            "data": copy.deepcopy(dict(config.get("data") or {})),
-            "inference_defaults": copy.deepcopy(inference_defaults),
+            "network": copy.deepcopy(model.network_config),
+            "diffusion": model.diffusion_config,
+            "data": copy.deepcopy(model.data_config),
+            "inference_defaults": check_stored_defaults(model.inference_defaults, path),
         },
-        "epoch": ckpt.get("epoch"),
-        "iteration": ckpt.get("iteration"),
+        "epoch": model.epoch,
+        "iteration": model.iteration,
         "path": path,
-        "sha256": _sha256(path),
+        "sha256": file_sha256(path),
     }
-
-
-def _read_checkpoint(path: Path, reader: Any) -> dict[str, Any]:
-    """``inference.checkpoint.read_checkpoint``, with the few torch.load failures it does not map (a text file
-    read as a legacy pickle raises KeyError) also turned into one InputError line."""
-    try:
-        return reader(path)
-    except InputError:
-        raise
-    except Exception as err:
-        detail = " ".join(str(err).split())[:200]
-        raise InputError(f"cannot read the checkpoint ({type(err).__name__}: {detail})", path=path) from None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def freeze_preprocessing(data_config: Mapping[str, Any], image_size: int | None) -> dict[str, Any]:
@@ -450,60 +401,28 @@ def load_exported_model(
     diffusion_config: Mapping[str, Any],
     data_config: Mapping[str, Any] | None = None,
     use_ema: bool = True,
-) -> Any:
+) -> LoadedModel:
     """What the exported ``inference.json`` hands to the inference entry point: ``network`` (built from the
-    embedded config) with the weights of ``checkpoint`` (``models/model.pt``, loaded with ``weights_only=True``),
-    as an ``m2diff_monai.inference.checkpoint.LoadedModel``. An exported ``model.pt`` holds one set of weights
-    (``"ema": None``); a training checkpoint given instead (``--checkpoint``) gives its EMA when ``use_ema``."""
-    from m2diff_monai.diffusion import resolve_clip
-    from m2diff_monai.inference.checkpoint import LoadedModel, read_checkpoint, stored_inference_defaults
-
+    embedded config) with the weights of ``checkpoint`` (``models/model.pt``, read by ``m2diff_monai.checkpoint``),
+    as a ``LoadedModel``. An exported ``model.pt`` holds one set of weights (``"ema": None``); a training
+    checkpoint given instead (``--checkpoint``) gives its EMA when ``use_ema`` (either set when only one exists)."""
     path = Path(checkpoint)
     if not path.exists() and path.as_posix().endswith(MODEL_PT):
         raise InputError(f"the exported bundle's {MODEL_PT} is not here; run from the exported bundle folder or pass "
                          "--bundle_root EXPORTED_DIR (or --checkpoint PATH)", path=path)
-    ckpt = _read_checkpoint(path, read_checkpoint)
-    ema, raw = ckpt.get("ema"), ckpt.get("network")
-    weights = "ema" if (use_ema and isinstance(ema, dict) and ema) or not isinstance(raw, dict) else "network"
-    state = ema if weights == "ema" else raw
-    try:
-        network.load_state_dict(state)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"weights do not fit the network of the bundle's network_config ({first})",
-                         path=path) from None
-    network = network.eval()
-    for parameter in network.parameters():
-        parameter.requires_grad_(False)
-    export = ckpt.get("export") or {}
-    data = dict(data_config if data_config is not None else ckpt["config"].get("data") or {})
-    return LoadedModel(
-        network=network,
-        diffusion_config=resolve_clip(dict(diffusion_config), data),
-        data_config=data,
-        inference_defaults=stored_inference_defaults(ckpt["config"], path),
-        network_config=dict(getattr(network, "config", None) or ckpt["config"]["network"]),
-        weights=str(export.get("weights", weights)),
-        path=str(path),
-        epoch=ckpt.get("epoch"),
-        iteration=ckpt.get("iteration"),
-    )
+    return load_model(path, device=None, weights=EMA if use_ema else RAW, fallback=True, network=network,
+                      diffusion=diffusion_config, data_config=data_config)
 
 
 def exported_checkpoint(loaded: Mapping[str, Any], created: str) -> dict[str, Any]:
-    """``models/model.pt``: the ARCHITECTURE checkpoint format with only the chosen weights (as ``network``)."""
-    return {
-        "network": loaded["state"],
-        "ema": None,
-        "optimizer": None,
-        "scaler": None,
-        "epoch": loaded["epoch"],
-        "iteration": loaded["iteration"],
-        "config": copy.deepcopy(loaded["config"]),
-        "export": {"weights": loaded["weights"], "source_checkpoint": loaded["path"].name,
-                   "source_checkpoint_sha256": loaded["sha256"], "created": created,
-                   "tool": f"m2diff-export {m2diff_monai.__version__}"},
-    }
+    """``models/model.pt``: the project checkpoint format with only the chosen weights (as ``network``)."""
+    return new_checkpoint(
+        loaded["state"], copy.deepcopy(loaded["config"]), ema_state=None, epoch=loaded["epoch"],
+        iteration=loaded["iteration"],
+        export={"weights": loaded["weights"], "source_checkpoint": loaded["path"].name,
+                "source_checkpoint_sha256": loaded["sha256"], "created": created,
+                "tool": f"m2diff-export {m2diff_monai.__version__}"},
+    )
 
 
 # --------------------------------------------------------------------------------------------------- license
@@ -639,8 +558,8 @@ def export_bundle(
 
         bar.set_postfix_str("model.pt")
         (tmp / "models").mkdir(exist_ok=True)
-        torch.save(exported_checkpoint(loaded, created), tmp / MODEL_PT)
-        reloaded = torch.load(tmp / MODEL_PT, map_location="cpu", weights_only=True)
+        write_checkpoint(tmp / MODEL_PT, exported_checkpoint(loaded, created))
+        reloaded = read_checkpoint(tmp / MODEL_PT)
         if set(reloaded["network"]) != set(loaded["state"]):
             raise RuntimeError(f"{MODEL_PT} did not round-trip")
         bar.update()

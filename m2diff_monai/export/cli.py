@@ -35,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="source bundle folder with inference.json and metadata.json (e.g. bundles/m2diff)")
     p.add_argument("--checkpoint", required=True, type=Path, help="training checkpoint (.pt) with its config")
     p.add_argument("--out", required=True, type=Path, help="folder to write the exported bundle to")
-    p.add_argument("--weights", choices=("ema", "raw"), default=None,
-                   help="weights to export (default: the EMA weights when the checkpoint has them, else raw)")
+    p.add_argument("--weights", choices=("ema", "raw", "network"), default=None, metavar="{ema,raw}",
+                   help="weights to export (default: the EMA weights when the checkpoint has them, else raw; "
+                        "'network' is accepted for 'raw')")
     p.add_argument("--name", default=None, help="model name in metadata.json (default: the source bundle's)")
     p.add_argument("--version", default=None,
                    help="bundle version X.Y.Z recorded with a changelog entry (default: the source bundle's)")

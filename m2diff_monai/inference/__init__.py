@@ -16,8 +16,8 @@ _EXPORTS = {
     "predict_orientation": "volume",
     "predict_volume": "volume",
     "fuse_volumes": "fusion",
-    "LoadedModel": "checkpoint",
-    "load_model": "checkpoint",
+    "LoadedModel": "m2diff_monai.checkpoint",
+    "load_model": "m2diff_monai.checkpoint",
     "InferenceSettings": "api",
     "infer_subject": "api",
     "infer_manifest": "api",
@@ -28,5 +28,6 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        module = _EXPORTS[name]
+        return getattr(importlib.import_module(module if "." in module else f"{__name__}.{module}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -31,8 +31,13 @@ from m2diff_monai.engines.precision import runtime_record
 from m2diff_monai.errors import InputError
 from m2diff_monai.io import safety
 from m2diff_monai.inference import cohort
-from m2diff_monai.inference.checkpoint import LoadedModel, load_model
-from m2diff_monai.inference.defaults import INFERENCE_DEFAULT_KEYS, SAMPLING_DEFAULTS_KEY, layered_settings
+from m2diff_monai.checkpoint import RAW, LoadedModel, load_model
+from m2diff_monai.inference.defaults import (
+    INFERENCE_DEFAULT_KEYS,
+    SAMPLING_DEFAULTS_KEY,
+    check_stored_defaults,
+    layered_settings,
+)
 from m2diff_monai.inference.fusion import FUSION_METHODS, describe_fusion
 from m2diff_monai.inference.inferer import AMP_CHOICES, DiffusionSamplerInferer, resolve_amp
 from m2diff_monai.inference.preprocess import (
@@ -430,10 +435,14 @@ def _preprocessing_overrides(size=None, normalization=None, transform=None, spac
 
 
 def _load(checkpoint: str | Path | LoadedModel, device: torch.device, use_ema: bool) -> LoadedModel:
+    """The model on ``device``: EMA weights when asked for and present, else raw; its stored sampler checked."""
     if isinstance(checkpoint, LoadedModel):
-        checkpoint.network.to(device).eval()
-        return checkpoint
-    return load_model(checkpoint, device=device, use_ema=use_ema)
+        model = checkpoint
+        model.network.to(device).eval()
+    else:
+        model = load_model(checkpoint, device=device, weights=None if use_ema else RAW)
+    model.inference_defaults = check_stored_defaults(model.inference_defaults, model.path or None)
+    return model
 
 
 def infer_subject(

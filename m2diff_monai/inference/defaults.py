@@ -18,6 +18,7 @@ Precedence, highest first (the ``sources`` of a resolved setting name the layer)
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 # What a checkpoint may fix: how the prediction is sampled and fused. Not the machine (device, amp, batch size),
@@ -50,6 +51,17 @@ def check_inference_defaults(defaults: Mapping[str, Any] | None) -> dict[str, An
     if isinstance(out.get("orientations"), (list, tuple)):
         out["orientations"] = list(out["orientations"])
     return out
+
+
+def check_stored_defaults(defaults: Mapping[str, Any] | None, path: str | Path | None = None) -> dict[str, Any]:
+    """A checkpoint's stored ``inference_defaults`` checked (:func:`check_inference_defaults`); a bad value is one
+    InputError line naming the checkpoint."""
+    from m2diff_monai.errors import InputError
+
+    try:
+        return check_inference_defaults(defaults)
+    except ValueError as err:
+        raise InputError(f"invalid inference_defaults in the checkpoint ({err})", path=path) from None
 
 
 # In stored defaults, null has a meaning for these two settings (InferenceSettings spells it so).
