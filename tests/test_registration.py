@@ -9,10 +9,9 @@ from nilearn import datasets
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
+from m2diff_monai.data.grid import ants_to_nib, nib_to_ants
 from preprocessing.registration import (
-    ants_to_nib,
     apply_transforms,
-    nib_to_ants,
     normalized_mutual_information,
     normalize_transform_name,
     register,
