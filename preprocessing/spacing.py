@@ -39,7 +39,6 @@ import nibabel as nib
 import numpy as np
 
 from m2diff_monai.data import grid
-from m2diff_monai.data.grid import canonical_spacing
 from m2diff_monai.errors import InputError
 
 AUTO = "auto"
@@ -93,7 +92,7 @@ def header_spacing(path: str | Path) -> Spacing | None:
     """Canonical spacing from a file's header (no voxel read); None when the header cannot be read (the intake
     reports that file when its subject is processed)."""
     try:
-        return canonical_spacing(nib.load(str(path)).affine)
+        return grid.canonical_spacing(nib.load(str(path)).affine)
     except Exception:  # nibabel raises many types for bad files; the intake names the problem later
         return None
 

@@ -333,7 +333,7 @@ def prepare_cohort_item(item: dict[str, Any], manifest_dir: str | Path, settings
         return prepared
     sid = prepared.subject
     base = Path(manifest_dir)
-    cube_mm = "x".join(f"{v:.3g}" for v in np.linalg.norm(prepared.cube_affine[:3, :3], axis=0))
+    cube_mm = "x".join(f"{v:.3g}" for v in grid.voxel_spacing(prepared.cube_affine))
     model_mm = "x".join(f"{v:.3g}" for v in settings.spacing)
     mri = base / item["source_mri"] if item.get("source_mri") else None
     if mri is not None and not mri.is_file():
