@@ -277,10 +277,11 @@ def apply_ants_transforms(data: np.ndarray, affine: np.ndarray, shape: Sequence[
     explicitly because antspyx otherwise guesses from the file names), nearest neighbour (``order=0``) or linear
     (``1``); outside the source: 0."""
     ants = _ants()
+    flags = [False] * len(transforms) if invert is None else [bool(v) for v in invert]
     fixed = nib.Nifti1Image(np.zeros(tuple(int(s) for s in shape[:3]), dtype=np.float32), to_affine)
     moving = nib.Nifti1Image(np.asarray(data, dtype=np.float32), np.asarray(affine, dtype=np.float64))
     out = ants.apply_transforms(nib_to_ants(fixed), nib_to_ants(moving), transformlist=[str(t) for t in transforms],
-                                whichtoinvert=[False] * len(transforms) if invert is None else [bool(v) for v in invert],
+                                whichtoinvert=flags,
                                 interpolator=ANTS_INTERPOLATORS[int(order)])
     return np.asarray(ants_to_nib(out).dataobj, dtype=np.float32)
 

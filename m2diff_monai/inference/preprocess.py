@@ -23,7 +23,8 @@ Differences from the training pipeline, by necessity:
 The way back (:meth:`PreparedSubject.to_source`, every step :mod:`m2diff_monai.data.grid`): uncrop the cube onto the
 canonical grid (exact placement), resample it onto the LD PET's own voxel size when the model's spacing differs
 (trilinear), then undo the canonical reorientation (a flip/permutation of axes: exact) and save with the input
-file's own affine and header, so LPS-stored and oblique inputs get a prediction of the same shape, affine and voxel order.
+file's own affine and header, so LPS-stored and oblique inputs get a prediction of the same shape, affine and voxel
+order.
 """
 
 from __future__ import annotations
@@ -199,7 +200,8 @@ def prepare_subject(
     Stages, in the pipeline's order: intake (nibabel, full read, canonical RAS+; PET–MRI overlap check) →
     resampling to ``settings.spacing`` (the PET grid, or the T1 grid for ``space="mri"``) → registration with
     ``settings.transform`` (T1 → LD PET for ``space="pet"``, the reverse for ``"mri"``:
-    :func:`preprocessing.registration.register_to_cube_grid`) → brain mask → normalization → crop/pad to the ``settings.size`` cube. Raises :class:`InputError` naming the subject and file.
+    :func:`preprocessing.registration.register_to_cube_grid`) → brain mask → normalization → crop/pad to the
+    ``settings.size`` cube. Raises :class:`InputError` naming the subject and file.
     """
     row = SubjectRow(subject_id=subject, ld_pet=Path(ld_pet), sd_pet=None, mri=None if mri is None else Path(mri))
     loaded = load_subject(row, intake)
