@@ -2,7 +2,8 @@
 
 The cube's affine is the source affine shifted by a whole number of voxels (``affine @ T(start)``), so every
 cube voxel sits exactly on a source voxel centre: ``nibabel.processing.resample_from_to`` back to the source grid
-reproduces the source values inside the cube exactly, and :func:`uncrop` does the same without interpolation.
+reproduces the source values inside the cube exactly, and :func:`uncrop` does the same without interpolation
+(the placement itself is :mod:`m2diff_monai.data.grid`'s).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from m2diff_monai.data import grid
 from m2diff_monai.errors import InputError
 
 SIZE_MULTIPLE = 16  # the networks downsample 4 times (2**4); every supported size must divide by it
@@ -62,31 +64,16 @@ def crop_box(mask: np.ndarray, size: int, subject: str | None = None, path: str 
     return CropBox(start=tuple(start), size=size)
 
 
-def _overlap(start: int, size: int, length: int) -> tuple[slice, slice]:
-    lo, hi = max(start, 0), min(start + size, length)
-    if hi <= lo:
-        return slice(0, 0), slice(0, 0)
-    return slice(lo, hi), slice(lo - start, hi - start)
-
-
 def crop_or_pad(volume: np.ndarray, box: CropBox, fill: float = 0.0) -> np.ndarray:
     """The ``size``³ cube; voxels outside the source are ``fill``."""
-    out = np.full((box.size,) * 3, fill, dtype=volume.dtype)
-    src, dst = zip(*(_overlap(box.start[a], box.size, volume.shape[a]) for a in range(3)))
-    out[dst] = volume[src]
-    return out
+    return grid.crop(volume, box.start, box.size, fill)
 
 
 def uncrop(cube: np.ndarray, box: CropBox, source_shape: tuple[int, ...], fill: float = 0.0) -> np.ndarray:
     """Exact inverse placement: the cube back on the source grid (outside the cube: ``fill``)."""
-    out = np.full(tuple(source_shape[:3]), fill, dtype=cube.dtype)
-    src, dst = zip(*(_overlap(box.start[a], box.size, source_shape[a]) for a in range(3)))
-    out[src] = cube[dst]
-    return out
+    return grid.place(cube, box.start, source_shape, fill)
 
 
 def cropped_affine(affine: np.ndarray, box: CropBox) -> np.ndarray:
     """Affine of the cube: voxel (0,0,0) of the cube is voxel ``start`` of the source."""
-    shift = np.eye(4)
-    shift[:3, 3] = box.start
-    return np.asarray(affine, dtype=np.float64) @ shift
+    return grid.shifted_affine(affine, box.start)

@@ -2,8 +2,9 @@
 
 Training preprocessing (``pipeline``) and inference (``m2diff_monai.inference.preprocess``) must prepare a volume
 identically, or a model sees different inputs at test time than in training. Both call :func:`prepare_cubes` on
-volumes already registered onto one grid; each keeps its own registration step, because they register different
-pairs (training: T1 → SD PET, keeping the transforms; inference: T1 → LD PET, keeping the inverse for ``space=mri``).
+volumes already registered onto one grid by the one registration step,
+:func:`preprocessing.registration.register_to_cube_grid`, whose PET reference differs by caller (training: the SD
+PET when there is one; inference: the LD PET).
 """
 
 from __future__ import annotations
@@ -13,15 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from m2diff_monai.data.grid import voxel_spacing
+
 from . import crop as crop_stage
 from .mask import brain_mask
 from .mri_window import brain_window
 from .normalization import Scaling, mri_scaling, normalize_mri, pet_scalings
-
-
-def voxel_spacing(affine: np.ndarray) -> list[float]:
-    """Voxel size (mm) along each array axis: the norms of the affine's columns."""
-    return [float(v) for v in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)]
 
 
 @dataclass

@@ -10,7 +10,6 @@ Checks and decisions are listed in ``docs/preprocessing-intake.md``.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from m2diff_monai.data import grid
 from m2diff_monai.errors import InputError
 from preprocessing.subjects import SubjectRow
 
@@ -99,11 +99,11 @@ def _load(path: Path, subject: str, role: str, options: IntakeOptions) -> tuple[
     affine, source = _choose_affine(img, shape, options.qform_policy, fail, warn)
     data = _read_data(img, shape, options, fail)
     _check_values(data, role, fail, warn)
-    zooms = np.linalg.norm(affine[:3, :3], axis=0)
+    zooms = np.asarray(grid.voxel_spacing(affine))
     if zooms.min() < PLAUSIBLE_VOXEL_MM[0] or zooms.max() > PLAUSIBLE_VOXEL_MM[1]:
         warn(f"voxel size {_fmt_zooms(zooms)} mm is implausible for a brain scan (header units wrong?)")
     out = _canonical(data, affine, source)
-    sheared = _grid_distance(out.header.get_qform(), out.affine, out.shape)
+    sheared = grid.grid_distance(out.header.get_qform(), out.affine, out.shape)
     if sheared > QFORM_SFORM_TOLERANCE_VOXELS * float(zooms.min()):
         warn(f"the affine has a shear the qform cannot hold (up to {sheared:.3g} mm): tools that read the qform "
              "(SimpleITK/ANTs) would see a different geometry")
@@ -143,7 +143,7 @@ def _choose_affine(img, shape: tuple[int, ...], policy: str, fail, warn) -> tupl
     affine = np.asarray(affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)):
         raise fail(f"the {source} affine has non-finite entries")
-    zooms = np.linalg.norm(affine[:3, :3], axis=0)
+    zooms = np.asarray(grid.voxel_spacing(affine))
     det = abs(np.linalg.det(affine[:3, :3]))
     if zooms.min() == 0 or det < 1e-6 * np.prod(zooms):
         raise fail(f"the {source} affine is singular (voxel sizes {_fmt_zooms(zooms)} mm, determinant {det:.3g})")
@@ -151,7 +151,7 @@ def _choose_affine(img, shape: tuple[int, ...], policy: str, fail, warn) -> tupl
         warn("neither qform nor sform is set: orientation unknown; assuming nibabel's default "
              f"({''.join(nib.aff2axcodes(affine))}, voxel sizes from pixdim)")
     elif source == "sform" and qcode > 0:
-        diff = _grid_distance(qform, sform, shape[:3])
+        diff = grid.grid_distance(qform, sform, shape[:3])
         if not np.isfinite(diff) or diff > QFORM_SFORM_TOLERANCE_VOXELS * float(zooms.min()):
             detail = f"they place voxels up to {diff:.3g} mm apart" if np.isfinite(diff) else "the qform is invalid"
             if policy == "reject":
@@ -227,38 +227,17 @@ def _check_values(data: np.ndarray, role: str, fail, warn) -> None:
 
 def _canonical(data: np.ndarray, affine: np.ndarray, source: str) -> nib.Nifti1Image:
     """RAS+ image whose qform and sform are both the chosen affine, so every later reader agrees."""
-    canonical = nib.as_closest_canonical(nib.Nifti1Image(data, affine))
-    out_data = np.asanyarray(canonical.dataobj)
-    if not out_data.flags.c_contiguous:
-        out_data = np.ascontiguousarray(out_data)
-    out = nib.Nifti1Image(out_data, canonical.affine)
+    out_data, out_affine = grid.to_canonical(data, affine)
+    out = nib.Nifti1Image(out_data, out_affine)
     code = "aligned" if source == "sform" else "scanner"
-    out.header.set_qform(canonical.affine, code=code)
-    out.header.set_sform(canonical.affine, code=code)
+    out.header.set_qform(out_affine, code=code)
+    out.header.set_sform(out_affine, code=code)
     out.header.set_xyzt_units("mm", "sec")
     out.header.set_data_dtype(np.float32)
     return out
 
 
 # --------------------------------------------------------------------------------------------------- geometry
-def _corners(shape: Sequence[int]) -> np.ndarray:
-    """Homogeneous index coordinates (4, 8) of a grid's corner voxel centres."""
-    lo = [0.0] * 3
-    hi = [s - 1.0 for s in shape[:3]]
-    pts = np.array(list(itertools.product(*zip(lo, hi))), dtype=np.float64)
-    return np.vstack([pts.T, np.ones(8)])
-
-
-def _grid_distance(a: np.ndarray, b: np.ndarray, shape: Sequence[int]) -> float:
-    """Largest world distance (mm) between the corner voxel centres placed by two affines (max over the grid)."""
-    c = _corners(shape)
-    return float(np.max(np.linalg.norm((a @ c - b @ c)[:3], axis=0)))
-
-
-def _min_zoom(affine: np.ndarray) -> float:
-    return float(np.min(np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)))
-
-
 def _object_points(img: nib.Nifti1Image, stride: int = 2) -> np.ndarray:
     """World coordinates (3, N) of the image's object voxels (above 10 % of its 99.5th percentile, so background
     noise does not count), on a ``stride`` subgrid to stay fast on 256³ volumes."""
@@ -324,8 +303,8 @@ def _same_grid(a: nib.Nifti1Image, b: nib.Nifti1Image) -> str | None:
     """None when ``b`` is on ``a``'s grid, else why not."""
     if a.shape[:3] != b.shape[:3]:
         return f"shape {_fmt_shape(b.shape)} differs from {_fmt_shape(a.shape)}"
-    dist = _grid_distance(a.affine, b.affine, a.shape)
-    if dist > SAME_GRID_TOLERANCE_VOXELS * _min_zoom(a.affine):
+    dist = grid.grid_distance(a.affine, b.affine, a.shape)
+    if dist > SAME_GRID_TOLERANCE_VOXELS * min(grid.voxel_spacing(a.affine)):
         return f"affines differ (voxels up to {dist:.3g} mm apart)"
     return None
 

@@ -39,6 +39,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import m2diff_monai
+from m2diff_monai.data.grid import voxel_spacing
 from m2diff_monai.data.orientation import parse_orientations
 from m2diff_monai.errors import InputError
 from m2diff_monai.io import safety
@@ -51,10 +52,10 @@ from . import outputs as output_guard
 from . import qc as qc_stage
 from . import spacing as spacing_stage
 from .intake import IntakeOptions, LoadedSubject, load_subject
-from .cubes import prepare_cubes, voxel_spacing
+from .cubes import prepare_cubes
 from .mri_window import MRI_BRAIN_MARGIN_MM
 from .normalization import METHODS, cli_method
-from .registration import SPACES, apply_transforms, keep_transforms, normalize_transform_name, register
+from .registration import SPACES, keep_transforms, normalize_transform_name, register_to_cube_grid
 from .slices import parse_slices_per_subject, select_slices, write_slices
 from .split import assign_splits, parse_ratios
 from .subjects import SubjectRow, read_subjects
@@ -238,42 +239,24 @@ def _build_subject(loaded: LoadedSubject, work: Path, options: PipelineOptions) 
         loaded, resampling = spacing_stage.resample_subject(loaded, options.target_spacing, options.space)
         t = done("resample", t)
         ld_img = loaded.ld_pet
-        ld = _data(ld_img)
         # intake guarantees SD is on the LD grid (within 0.1 voxel): it takes the LD affine.
         sd = _data(loaded.sd_pet) if loaded.sd_pet is not None else None
-        fixed_pet = _image(sd, ld_img.affine) if sd is not None else ld_img
+        pets = {"ld_pet": ld_img} if sd is None else {"ld_pet": ld_img, "sd_pet": _image(sd, ld_img.affine)}
         masks_src = {name: _data(m) > 0.5 for name, m in loaded.masks.items()}
+        # the SD PET, when there is one, is the registration's PET (less noise); inference has only the LD PET
+        aligned = register_to_cube_grid(pets, loaded.mri, "sd_pet" if sd is not None else "ld_pet", options.space,
+                                        options.transform, seed=options.seed, masks=masks_src)
+        affine, mri, masks_src = aligned.affine, aligned.mri, aligned.masks
+        ld, sd = aligned.pets["ld_pet"], aligned.pets.get("sd_pet")
         registration: dict | None = None
-        mri = None
-        if options.space == "pet":
-            affine = ld_img.affine
-            if loaded.mri is not None:
-                reg = register(fixed_pet, loaded.mri, options.transform, seed=options.seed)
-                try:
-                    mri = _data(reg.warped)
-                    kept = keep_transforms(reg, work / "transforms", "mri_to_pet")
-                finally:
-                    reg.cleanup()
-                registration = _registration_record(reg, kept, "mri", "sd_pet" if sd is not None else "ld_pet")
-        else:
-            reg = register(loaded.mri, fixed_pet, options.transform, seed=options.seed)
+        if aligned.registration is not None:
+            reg = aligned.registration
             try:
-                affine = loaded.mri.affine
-                mri = _data(loaded.mri)
-                moved = _data(reg.warped)
-                if sd is not None:
-                    sd, ld = moved, _data(apply_transforms(loaded.mri, ld_img, reg.fwd_transforms))
-                else:
-                    ld = moved
-                masks_src = {
-                    name: _data(apply_transforms(loaded.mri, _image(m.astype(np.float32), ld_img.affine),
-                                                 reg.fwd_transforms, interpolator="nearestNeighbor")) > 0.5
-                    for name, m in masks_src.items()
-                }  # fmt: skip
-                kept = keep_transforms(reg, work / "transforms", "pet_to_mri")
+                kept = keep_transforms(reg, work / "transforms",
+                                       "mri_to_pet" if options.space == "pet" else "pet_to_mri")
             finally:
                 reg.cleanup()
-            registration = _registration_record(reg, kept, "sd_pet" if sd is not None else "ld_pet", "mri")
+            registration = _registration_record(reg, kept, aligned.moving, aligned.fixed)
         if registration is not None and not registration["improved"]:
             warnings.append(
                 f"subject {sid}: registration lowered the MRI-PET mutual information "

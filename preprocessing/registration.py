@@ -4,10 +4,9 @@ Default (``space="pet"``): the T1 is registered to the PET (SD PET when present,
 DRF-100 LD PET; else the LD PET) and resampled on the PET grid, so the PET voxels are never interpolated.
 ``space="mri"`` (MFdiff-style data) registers the PET to the T1 and resamples the PET onto the T1 grid.
 
-Images travel between nibabel and ANTs in memory. nibabel affines map voxel indices to RAS+ millimetres while
-ITK/ANTs use LPS+: the conversion flips the sign of the first two world axes (``diag(-1, -1, 1)``) and splits the
-3x3 part into spacing (column norms) and direction (unit columns). Files are validated by nibabel first
-(intake): ANTs silently turns NaN into 0 and reads truncated files, so it never reads a user file here.
+Images travel between nibabel and ANTs in memory (:func:`m2diff_monai.data.grid.nib_to_ants`: RAS+ ↔ LPS+).
+Files are validated by nibabel first (intake): ANTs silently turns NaN into 0 and reads truncated files, so it
+never reads a user file here.
 """
 
 from __future__ import annotations
@@ -22,16 +21,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from m2diff_monai.data.grid import _ants, ants_to_nib, apply_ants_transforms, nib_to_ants
+
 TRANSFORMS: dict[str, str] = {"syn": "SyN", "affine": "Affine", "rigid": "Rigid"}
 SPACES: tuple[str, ...] = ("pet", "mri")
-_LPS = np.diag([-1.0, -1.0, 1.0])
-
-
-def _ants():
-    """Import ANTs lazily: worker processes set their ITK thread count before the first import."""
-    import ants
-
-    return ants
 
 
 def normalize_transform_name(name: str) -> str:
@@ -40,32 +33,6 @@ def normalize_transform_name(name: str) -> str:
         return TRANSFORMS[str(name).strip().lower()]
     except KeyError:
         raise ValueError(f"unknown transform {name!r}; choose from SyN, affine, rigid") from None
-
-
-def nib_to_ants(image: nib.Nifti1Image):
-    """nibabel (RAS+ affine) → ANTsImage (LPS+ origin/spacing/direction), float32, no file round trip."""
-    ants = _ants()
-    affine = image.affine.astype(np.float64)
-    linear = _LPS @ affine[:3, :3]
-    spacing = np.linalg.norm(linear, axis=0)
-    direction = linear / spacing
-    origin = _LPS @ affine[:3, 3]
-    data = np.asarray(image.dataobj, dtype=np.float32)
-    return ants.from_numpy(
-        data, origin=tuple(float(v) for v in origin), spacing=tuple(float(v) for v in spacing), direction=direction
-    )
-
-
-def ants_to_nib(image) -> nib.Nifti1Image:
-    """ANTsImage → float32 nibabel image with the equivalent RAS+ affine."""
-    linear = np.asarray(image.direction, dtype=np.float64) * np.asarray(image.spacing, dtype=np.float64)
-    affine = np.eye(4)
-    affine[:3, :3] = _LPS @ linear
-    affine[:3, 3] = _LPS @ np.asarray(image.origin, dtype=np.float64)
-    out = nib.Nifti1Image(image.numpy().astype(np.float32), affine)
-    out.set_qform(affine, code=1)
-    out.set_sform(affine, code=1)
-    return out
 
 
 def normalized_mutual_information(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None, bins: int = 64) -> float:
@@ -170,9 +137,13 @@ def apply_transforms(
     fixed: nib.Nifti1Image, moving: nib.Nifti1Image, transforms: list[str], interpolator: str = "linear"
 ) -> nib.Nifti1Image:
     """Resample another image that lives on the moving grid (LD PET, a region mask) with the same transforms."""
-    ants = _ants()
-    out = ants.apply_transforms(nib_to_ants(fixed), nib_to_ants(moving), transformlist=transforms, interpolator=interpolator)
-    return ants_to_nib(out)
+    order = {"nearestNeighbor": 0, "linear": 1}[interpolator]
+    data = apply_ants_transforms(np.asarray(moving.dataobj, dtype=np.float32), moving.affine, fixed.shape[:3],
+                                 fixed.affine, transforms, order=order)
+    out = nib.Nifti1Image(data, np.asarray(fixed.affine, dtype=np.float64))
+    out.set_qform(fixed.affine, code=1)
+    out.set_sform(fixed.affine, code=1)
+    return out
 
 
 def keep_transforms(result: RegistrationResult, folder: Path, prefix: str) -> dict[str, list[str]]:
@@ -189,3 +160,62 @@ def keep_transforms(result: RegistrationResult, folder: Path, prefix: str) -> di
                 shutil.copyfile(src, folder / names[src])
             kept[key].append(names[src])
     return kept
+
+
+@dataclass
+class CubeGridImages:
+    """One subject's images on the grid its cubes are cut from (the PET grid for ``space="pet"``, the T1 grid for
+    ``space="mri"``), and the registration that put them there."""
+
+    affine: np.ndarray
+    pets: dict[str, np.ndarray]  # the ``pets`` given, by the same keys
+    mri: np.ndarray | None
+    masks: dict[str, np.ndarray]  # bool
+    registration: RegistrationResult | None  # None without a T1; the caller keeps its files, then cleanup()
+    moving: str = ""  # what was registered onto what (for subject.json)
+    fixed: str = ""
+
+
+def register_to_cube_grid(pets: dict[str, nib.Nifti1Image], mri: nib.Nifti1Image | None, reference: str,
+                          space: str = "pet", transform: str = "SyN", seed: int = 0,
+                          masks: dict[str, np.ndarray] | None = None) -> CubeGridImages:
+    """The registration step training and inference share: bring the T1 and the PET onto the cube grid.
+
+    ``pets``: PET images on one grid (``ld_pet``, optionally ``sd_pet``); ``masks``: boolean arrays on that grid.
+    ``reference``: the key of the PET the T1 is registered with. It differs by caller ON PURPOSE: training passes
+    ``"sd_pet"`` when the subject has one (far less noise than a low-dose PET, so a steadier mutual information),
+    inference passes ``"ld_pet"`` (a new scan has no standard-dose PET). ``space="pet"``: T1 → reference, the T1
+    resampled on the PET grid, PET voxels untouched. ``space="mri"``: reference → T1, and every other PET and mask
+    follows through the same forward transforms (masks nearest neighbour).
+    """
+    if reference not in pets:
+        raise ValueError(f"reference {reference!r} is not one of the PET images {sorted(pets)}")
+    if space not in SPACES:
+        raise ValueError(f"space must be one of {', '.join(SPACES)}, got {space!r}")
+    masks = dict(masks or {})
+    pet_grid = pets[reference]
+    arrays = {key: np.asarray(img.dataobj, dtype=np.float32) for key, img in pets.items()}
+    if space == "pet":
+        if mri is None:
+            return CubeGridImages(np.asarray(pet_grid.affine, dtype=np.float64), arrays, None, masks, None)
+        reg = register(pet_grid, mri, transform, seed=seed)
+        return CubeGridImages(np.asarray(pet_grid.affine, dtype=np.float64), arrays,
+                              np.asarray(reg.warped.dataobj, dtype=np.float32), masks, reg, moving="mri",
+                              fixed=reference)
+    if mri is None:
+        raise ValueError("space='mri' needs a T1 to define the cube grid")
+    reg = register(mri, pet_grid, transform, seed=seed)
+    try:
+        moved = {key: (np.asarray(reg.warped.dataobj, dtype=np.float32) if key == reference else
+                       np.asarray(apply_transforms(mri, img, reg.fwd_transforms).dataobj, dtype=np.float32))
+                 for key, img in pets.items()}
+        moved_masks = {
+            name: np.asarray(apply_transforms(mri, nib.Nifti1Image(m.astype(np.float32), pet_grid.affine),
+                                              reg.fwd_transforms, interpolator="nearestNeighbor").dataobj) > 0.5
+            for name, m in masks.items()
+        }
+    except BaseException:
+        reg.cleanup()
+        raise
+    return CubeGridImages(np.asarray(mri.affine, dtype=np.float64), moved, np.asarray(mri.dataobj, dtype=np.float32),
+                          moved_masks, reg, moving=reference, fixed="mri")

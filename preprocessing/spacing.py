@@ -22,8 +22,9 @@ Decisions (labelled assumptions, documented in ``docs/preprocessing.md``):
   ``round(n * native / target)`` voxels per axis. Intensities: trilinear interpolation (``order=1``) with edge
   values continued outside the field of view (``mode="nearest"``); masks: nearest neighbour. No anti-aliasing
   filter before downsampling (as ANTs' registration resampling, nnU-Net and ``ants.resample_image`` do); PET is
-  band-limited by its point-spread function (4-6 mm FWHM), so a 2 → 4 mm step aliases little. Resampling uses
-  ``nibabel.processing.resample_from_to`` (scipy.ndimage under the hood), the same call the evaluation uses.
+  band-limited by its point-spread function (4-6 mm FWHM), so a 2 → 4 mm step aliases little. Resampling is
+  :func:`m2diff_monai.data.grid.resample` (``nibabel.processing.resample_from_to``), the call every tool uses;
+  voxel sizes on the canonical grid are :func:`m2diff_monai.data.grid.canonical_spacing`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from m2diff_monai.data import grid
 from m2diff_monai.errors import InputError
 
 AUTO = "auto"
@@ -86,22 +88,11 @@ def recorded_spacing(value: Any) -> Spacing | None:
     return None if parsed == NATIVE else parsed
 
 
-def canonical_spacing(affine: np.ndarray) -> Spacing:
-    """Voxel size (mm) along the axes of the canonical RAS+ image of a file with this affine (what the intake
-    hands on: ``nib.as_closest_canonical`` permutes the axes)."""
-    affine = np.asarray(affine, dtype=np.float64)
-    norms = np.linalg.norm(affine[:3, :3], axis=0)
-    out = [0.0, 0.0, 0.0]
-    for axis, (ras_axis, _flip) in enumerate(nib.io_orientation(affine)):
-        out[int(ras_axis)] = float(norms[axis])
-    return tuple(out)
-
-
 def header_spacing(path: str | Path) -> Spacing | None:
     """Canonical spacing from a file's header (no voxel read); None when the header cannot be read (the intake
     reports that file when its subject is processed)."""
     try:
-        return canonical_spacing(nib.load(str(path)).affine)
+        return grid.canonical_spacing(nib.load(str(path)).affine)
     except Exception:  # nibabel raises many types for bad files; the intake names the problem later
         return None
 
@@ -130,7 +121,7 @@ def same_spacing(affine: np.ndarray, target: Spacing | None) -> bool:
     """True when a canonical grid already has the target spacing (or there is no target)."""
     if target is None:
         return True
-    native = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    native = np.asarray(grid.voxel_spacing(affine))
     return bool(np.all(np.abs(native - np.asarray(target, dtype=np.float64)) <= SAME_SPACING_TOLERANCE_MM))
 
 
@@ -138,7 +129,7 @@ def target_grid(shape: tuple[int, ...], affine: np.ndarray, target: Spacing) -> 
     """(shape, affine) of the grid with spacing ``target`` covering the same field of view: same direction
     cosines, same centre, ``round(n * native / target)`` voxels per axis (at least one)."""
     affine = np.asarray(affine, dtype=np.float64)
-    native = np.linalg.norm(affine[:3, :3], axis=0)
+    native = np.asarray(grid.voxel_spacing(affine))
     target_arr = np.asarray(target, dtype=np.float64)
     old_shape = np.asarray(shape[:3], dtype=np.float64)
     new_shape = np.maximum(np.rint(old_shape * native / target_arr), 1).astype(int)
@@ -150,22 +141,11 @@ def target_grid(shape: tuple[int, ...], affine: np.ndarray, target: Spacing) -> 
     return tuple(int(n) for n in new_shape), out
 
 
-def resample_array(data: np.ndarray, affine: np.ndarray, shape: tuple[int, ...], to_affine: np.ndarray,
-                   order: int = 1) -> np.ndarray:
-    """``data`` on ``affine`` → the grid ``(shape, to_affine)``: trilinear (``order=1``) or nearest (``0``),
-    edge values continued outside the source field of view."""
-    from nibabel.processing import resample_from_to
-
-    img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), np.asarray(affine, dtype=np.float64))
-    out = resample_from_to(img, (tuple(int(s) for s in shape[:3]), np.asarray(to_affine, dtype=np.float64)),
-                           order=order, mode="nearest")
-    return np.asarray(out.dataobj, dtype=np.float32)
-
-
 def resample_image(img: nib.Nifti1Image, shape: tuple[int, ...], to_affine: np.ndarray, order: int = 1
                    ) -> nib.Nifti1Image:
     """An in-memory float32 image on ``(shape, to_affine)`` with qform and sform set (like the intake's)."""
-    data = resample_array(np.asarray(img.dataobj, dtype=np.float32), img.affine, shape, to_affine, order)
+    data = grid.resample(np.asarray(img.dataobj, dtype=np.float32), img.affine, shape, to_affine, order=order,
+                         mode="nearest")
     out = nib.Nifti1Image(data, np.asarray(to_affine, dtype=np.float64))
     out.set_qform(to_affine, code=1)
     out.set_sform(to_affine, code=1)
@@ -186,7 +166,7 @@ def resample_subject(loaded, target: Spacing | None, space: str):
         "target_spacing": list(target),
         "resampled": True,
         "grid": "ld_pet" if space == "pet" else "mri",
-        "native_spacing": [float(v) for v in np.linalg.norm(np.asarray(grid_image.affine)[:3, :3], axis=0)],
+        "native_spacing": list(grid.voxel_spacing(grid_image.affine)),
         "native_shape": [int(v) for v in grid_image.shape[:3]],
         "shape": list(shape),
         "interpolation": {"images": "linear", "masks": "nearest"},

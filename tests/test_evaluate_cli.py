@@ -20,6 +20,7 @@ import torch
 from scipy import ndimage
 from scipy import stats as sps
 
+from m2diff_monai.data import grid
 from m2diff_monai.errors import InputError
 from m2diff_monai.evaluation import cli, complexity, metrics, paper_protocol, run
 from m2diff_monai.evaluation.lpips_metric import LPIPSMetric
@@ -87,7 +88,7 @@ def build_cohort(root: Path, with_mri: bool = False) -> dict:
         for method, key in (("Good", "good"), ("Same", "same")):
             save(root / "preds" / method / f"{sid}.nii.gz", *store(a[key]))
         folder = prep / "subjects" / sid
-        cut = lambda d: run.place(d, [-s for s in START], (SIZE,) * 3)  # noqa: E731
+        cut = lambda d: grid.crop(d, START, SIZE)  # noqa: E731
         scale = float(np.percentile(a["ld"][a["brain"]], 99.5))
         save(folder / "ld_pet.nii.gz", cut(a["ld"]) / scale, cube_affine)
         save(folder / "sd_pet.nii.gz", cut(a["sd"]) / scale, cube_affine)

@@ -24,8 +24,8 @@ from m2diff_monai.errors import InputError
 from m2diff_monai.inference import api
 from m2diff_monai.checkpoint import load_model, read_checkpoint
 from m2diff_monai.inference.inferer import DiffusionSamplerInferer
+from m2diff_monai.data.grid import SourceGrid
 from m2diff_monai.inference.preprocess import (
-    SourceGrid,
     TrainingPreprocessing,
     prepare_from_manifest_item,
     prepare_subject,

@@ -9,13 +9,14 @@ from nilearn import datasets
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
+from m2diff_monai.data import grid
+from m2diff_monai.data.grid import ants_to_nib, nib_to_ants
 from preprocessing.registration import (
-    ants_to_nib,
     apply_transforms,
-    nib_to_ants,
     normalized_mutual_information,
     normalize_transform_name,
     register,
+    register_to_cube_grid,
 )
 
 
@@ -130,3 +131,50 @@ def test_syn_registration_on_a_small_grid_improves_similarity():
         assert result.similarity["nmi"]["after"] > result.similarity["nmi"]["before"]
     finally:
         result.cleanup()
+
+
+def test_register_to_cube_grid_uses_the_reference_it_is_given():
+    """space=pet: the T1 is registered to the named PET (training: SD, inference: LD) and lands on the PET grid."""
+    sd = fdg_like_pet(factor=2)
+    noisy = np.asarray(sd.dataobj) + np.random.default_rng(0).normal(0, 200, sd.shape).astype(np.float32)
+    pets = {"ld_pet": nib.Nifti1Image(noisy, sd.affine), "sd_pet": sd}
+    moved_t1 = misaligned(t1(factor=2))
+    aligned = register_to_cube_grid(pets, moved_t1, "sd_pet", "pet", "rigid", seed=0)
+    direct = register(sd, moved_t1, "rigid", seed=0)
+    try:
+        assert (aligned.moving, aligned.fixed) == ("mri", "sd_pet")
+        np.testing.assert_allclose(aligned.affine, sd.affine)
+        # the same registration as calling register() with the SD PET (ANTs' optimizer is not bit-reproducible)
+        assert _corr(aligned.mri, direct.warped.get_fdata(), np.ones(sd.shape, bool)) > 0.999
+        np.testing.assert_array_equal(aligned.pets["ld_pet"], noisy)  # PET voxels are never interpolated
+    finally:
+        aligned.registration.cleanup()
+        direct.cleanup()
+    with pytest.raises(ValueError, match="reference"):
+        register_to_cube_grid({"ld_pet": sd}, moved_t1, "sd_pet")
+
+
+def test_space_mri_moves_every_pet_and_mask_and_the_stored_inverse_brings_them_back():
+    """space=mri with SyN: the reference PET, the other PET and a mask all move onto the T1 grid with the same
+    forward transforms, and grid.map_back_through_registration (affine inverted, inverse warp as is) maps the
+    moved PET back onto the PET grid."""
+    pet = misaligned(fdg_like_pet(factor=2), degrees=6.0, shift_mm=(4.0, -3.0, 0.0))
+    t1_img = t1(factor=2)
+    data = np.asarray(pet.dataobj, dtype=np.float32)
+    brain = data > 0.3 * float(data.max())
+    aligned = register_to_cube_grid({"ld_pet": pet, "sd_pet": pet}, t1_img, "ld_pet", "mri", "SyN", seed=0,
+                                    masks={"brain": brain})
+    reg = aligned.registration
+    try:
+        assert (aligned.moving, aligned.fixed) == ("ld_pet", "mri")
+        assert aligned.pets["ld_pet"].shape == t1_img.shape and aligned.masks["brain"].dtype == bool
+        np.testing.assert_allclose(aligned.pets["sd_pet"], aligned.pets["ld_pet"],
+                                   atol=1e-3 * float(data.max()))  # the same transforms for every PET
+        moved_mask = aligned.masks["brain"]
+        assert abs(int(moved_mask.sum()) - int(brain.sum())) < 0.1 * brain.sum()
+        back = grid.map_back_through_registration(aligned.pets["ld_pet"], aligned.affine, pet.shape, pet.affine,
+                                                  reg.inv_transforms, order=1)
+        assert _corr(back, data, brain) > 0.98
+        assert np.abs(back[brain] - data[brain]).mean() < 0.05 * float(data[brain].mean())
+    finally:
+        reg.cleanup()

@@ -19,6 +19,7 @@ import torch
 from scipy import ndimage
 
 from badinputs import centred_affine, save, world_coordinates, write_subject, write_table
+from m2diff_monai.data import grid
 from m2diff_monai.engines.workflow import checkpoint_config
 from m2diff_monai.errors import InputError
 from m2diff_monai.inference import api
@@ -139,7 +140,7 @@ def test_target_grid_keeps_the_field_of_view_and_linear_functions_resample_exact
     # trilinear interpolation reproduces an affine function exactly wherever it does not extrapolate
     coeffs = np.array([3.0, -2.0, 0.5])
     data = np.tensordot(coeffs, world_coordinates(shape, affine), axes=1) + 100.0
-    out = sp.resample_array(data, affine, new_shape, new_affine)
+    out = grid.resample(data, affine, new_shape, new_affine)
     truth = np.tensordot(coeffs, world_coordinates(new_shape, new_affine), axes=1) + 100.0
     inside = (slice(2, -2),) * 3
     np.testing.assert_allclose(out[inside], truth[inside], rtol=1e-5, atol=1e-3)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from monai.transforms import MapTransform
 
-from preprocessing.cubes import voxel_spacing
+from m2diff_monai.data.grid import voxel_spacing
 from preprocessing.mask import brain_mask
 from preprocessing.normalization import Scaling, mri_scaling, normalize_mri, pet_scalings, recorded_method
 
@@ -56,7 +56,7 @@ class PreparePETd(MapTransform):
 
     def _spacing(self, value: Any) -> list[float]:
         if hasattr(value, "affine"):
-            return voxel_spacing(np.asarray(value.affine)[:3, :3])
+            return list(voxel_spacing(np.asarray(value.affine)))
         if self.spacing_mm is None:
             raise ValueError("the LD PET carries no affine (not a MetaTensor): give PreparePETd spacing_mm")
         return self.spacing_mm

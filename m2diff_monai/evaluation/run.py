@@ -39,6 +39,7 @@ import nibabel as nib
 import numpy as np
 
 import m2diff_monai
+from m2diff_monai.data import grid
 from m2diff_monai.data.orientation import ORIENTATION_AXIS, ORIENTATIONS, parse_orientations
 from m2diff_monai.data.manifest import canonical_split, read_manifest, select_volumes
 from m2diff_monai.errors import InputError
@@ -52,7 +53,6 @@ REFERENCE = "SD"
 PRED_SUFFIXES = (".nii.gz", ".nii")
 SPACES = ("native", "preprocessed")
 METHOD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-_RAS = nib.orientations.axcodes2ornt("RAS")
 READ_THREADS = 4
 
 # Metric columns: (column, label, higher_is_better). Bias: the smallest |value| is best (None).
@@ -205,81 +205,7 @@ def _canonical(img: nib.Nifti1Image, path: Path, subject: str, what: str) -> tup
         data = data[..., 0]
     if data.ndim != 3:
         raise InputError(f"{what} must be a 3D volume, found shape {data.shape}", subject=subject, path=path)
-    ornt = nib.io_orientation(img.affine)
-    data = np.ascontiguousarray(nib.orientations.apply_orientation(data, nib.orientations.ornt_transform(ornt, _RAS)))
-    affine = np.asarray(img.affine, dtype=np.float64) @ nib.orientations.inv_ornt_aff(ornt, img.shape[:3])
-    return data, affine
-
-
-def _spacing(affine: np.ndarray) -> tuple[float, float, float]:
-    return tuple(float(v) for v in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))  # type: ignore[return-value]
-
-
-def _same_grid(shape_a, affine_a, shape_b, affine_b, tolerance_voxels: float = 0.1) -> bool:
-    if tuple(shape_a) != tuple(shape_b):
-        return False
-    corners = np.array([[0, 0, 0, 1], [*[s - 1 for s in shape_a], 1]], dtype=np.float64).T
-    distance = np.abs((affine_a - affine_b) @ corners)[:3].max()
-    return bool(distance <= tolerance_voxels * min(_spacing(affine_a)))
-
-
-def integer_offset(src_affine: np.ndarray, dst_affine: np.ndarray) -> np.ndarray | None:
-    """Where voxel (0,0,0) of the source grid lies on the destination grid when the two differ by a whole-voxel
-    shift only (a preprocessed cube and its canonical source); None otherwise."""
-    m = np.linalg.solve(np.asarray(dst_affine, dtype=np.float64), np.asarray(src_affine, dtype=np.float64))
-    shift = m[:3, 3]
-    if np.allclose(m[:3, :3], np.eye(3), atol=1e-4) and np.allclose(shift, np.round(shift), atol=1e-3):
-        return np.round(shift).astype(int)
-    return None
-
-
-def place(src: np.ndarray, offset: Sequence[int], dst_shape: Sequence[int], fill: float = 0.0) -> np.ndarray:
-    """Copy ``src`` onto a ``dst_shape`` array with its voxel 0 at ``offset`` (exact; outside: ``fill``)."""
-    if not any(int(o) for o in offset) and tuple(src.shape) == tuple(dst_shape):
-        return src
-    out = np.full(tuple(dst_shape), fill, dtype=src.dtype)
-    src_sl, dst_sl = [], []
-    for axis in range(3):
-        lo, hi = max(int(offset[axis]), 0), min(int(offset[axis]) + src.shape[axis], int(dst_shape[axis]))
-        if hi <= lo:
-            return out
-        dst_sl.append(slice(lo, hi))
-        src_sl.append(slice(lo - int(offset[axis]), hi - int(offset[axis])))
-    out[tuple(dst_sl)] = src[tuple(src_sl)]
-    return out
-
-
-def _to_grid(data: np.ndarray, src_affine: np.ndarray, dst_shape, dst_affine, order: int) -> np.ndarray:
-    """Resample by affines: exact placement when possible, else nibabel (``order`` 0 = nearest neighbour)."""
-    offset = integer_offset(src_affine, dst_affine)
-    if offset is not None:
-        return place(data, offset, dst_shape)
-    from nibabel.processing import resample_from_to
-
-    img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), src_affine)
-    out = resample_from_to(img, (tuple(dst_shape), dst_affine), order=order, mode="constant", cval=0.0)
-    return np.asarray(out.dataobj, dtype=data.dtype if order == 0 else np.float32)
-
-
-def _mri_cube_to_pet(cube: np.ndarray, cube_affine: np.ndarray, dst_shape, dst_affine, transforms: list[Path],
-                     subject: str) -> np.ndarray:
-    """``--space mri`` cubes: T1 grid → LD PET grid through the inverse registration, nearest neighbour (masks)."""
-    import ants
-
-    from preprocessing.registration import ants_to_nib, nib_to_ants
-
-    if not transforms:
-        raise InputError("space=mri subject has no inverse registration transforms in subject.json to carry the "
-                         "masks back to the PET grid", subject=subject)
-    missing = [t for t in transforms if not t.is_file()]
-    if missing:
-        raise InputError("registration transform does not exist", subject=subject, path=missing[0])
-    fixed = nib.Nifti1Image(np.zeros(tuple(dst_shape), dtype=np.float32), dst_affine)
-    moving = nib.Nifti1Image(np.asarray(cube, dtype=np.float32), cube_affine)
-    out = ants.apply_transforms(nib_to_ants(fixed), nib_to_ants(moving), transformlist=[str(t) for t in transforms],
-                                whichtoinvert=[str(t).endswith(".mat") for t in transforms],
-                                interpolator="nearestNeighbor")
-    return np.asarray(ants_to_nib(out).dataobj)
+    return grid.to_canonical(data, img.affine)
 
 
 def _subject_record(item: dict, base: Path, subject: str) -> dict:
@@ -300,8 +226,7 @@ class _MaskMapper:
         self.subject, self.dst_shape, self.dst_affine, self.space = subject, tuple(dst_shape), dst_affine, space
         self.cube_space = str(record.get("space", item.get("space", "pet")))
         folder = _path(base, item.get("preprocessed_dir")) or base
-        inverse = ((record.get("registration") or {}).get("transforms") or {}).get("inverse") or []
-        self.transforms = [folder / str(name) for name in inverse]
+        self.transforms = grid.stored_inverse_transforms(record, folder)
 
     def __call__(self, path: Path, what: str) -> np.ndarray:
         img = _read(path, self.subject, what)
@@ -315,10 +240,10 @@ class _MaskMapper:
         affine = np.asarray(img.affine, dtype=np.float64)
         if self.space == "preprocessed":
             return cube
-        if self.cube_space == "mri" and integer_offset(affine, self.dst_affine) is None:
-            return _mri_cube_to_pet(cube, affine, self.dst_shape, self.dst_affine, self.transforms,
-                                    self.subject) > 0.5
-        return _to_grid(cube.astype(np.uint8), affine, self.dst_shape, self.dst_affine, order=0) > 0
+        if self.cube_space == "mri":  # the T1 grid: back through the inverse registration, nearest neighbour
+            return grid.map_back_through_registration(cube, affine, self.dst_shape, self.dst_affine, self.transforms,
+                                                      order=0, subject=self.subject) > 0.5
+        return grid.to_grid(cube.astype(np.uint8), affine, self.dst_shape, self.dst_affine, order=0) > 0
 
 
 def load_subject(item: dict, base: Path, predictions: Mapping[str, Path], space: str = "native") -> SubjectVolumes:
@@ -349,7 +274,7 @@ def load_subject(item: dict, base: Path, predictions: Mapping[str, Path], space:
     def on_ld_grid(key: str) -> np.ndarray:
         data, affine = loaded.pop(key)
         path, what = reads[key]
-        if not _same_grid(data.shape, affine, ld_native.shape, native_affine):
+        if not grid.same_grid(data.shape, affine, ld_native.shape, native_affine):
             hint = ("the SD PET must share the LD PET's grid, as preprocessing requires" if key == REFERENCE else
                     f"m2diff-infer writes predictions on the LD PET's own grid ({source_ld})")
             raise InputError(f"{what} is not on the low-dose PET's grid (shape {data.shape} vs {ld_native.shape}, "
@@ -365,7 +290,7 @@ def load_subject(item: dict, base: Path, predictions: Mapping[str, Path], space:
             reference = on_ld_grid(REFERENCE)
         else:
             reference = _cube_in_original_units(item, base, record, sid, "sd_pet")
-            reference = _to_grid(reference[0], reference[1], ld_native.shape, native_affine, order=1)
+            reference = grid.to_grid(reference[0], reference[1], ld_native.shape, native_affine, order=1)
             notes.append("reference: preprocessed SD cube mapped back (no source_sd_pet in the manifest)")
         grid_shape, grid_affine = ld_native.shape, native_affine
         volumes = {LD_METHOD: ld_native, **preds_native}
@@ -373,11 +298,11 @@ def load_subject(item: dict, base: Path, predictions: Mapping[str, Path], space:
         reference, grid_affine = _cube_in_original_units(item, base, record, sid, "sd_pet")
         ld_cube, _ = _cube_in_original_units(item, base, record, sid, "ld_pet")
         grid_shape = reference.shape
-        if integer_offset(native_affine, grid_affine) is None:
+        offset = grid.integer_offset(native_affine, grid_affine)
+        if offset is None:
             raise InputError("--space preprocessed needs cubes cut from the PET's own grid (--space pet "
                              "preprocessing at the PET's native --spacing); use --space native", subject=sid)
-        offset = integer_offset(native_affine, grid_affine)
-        volumes = {LD_METHOD: ld_cube, **{m: place(v, offset, grid_shape) for m, v in preds_native.items()}}
+        volumes = {LD_METHOD: ld_cube, **{m: grid.place(v, offset, grid_shape) for m, v in preds_native.items()}}
     if not np.isfinite(reference).all():
         raise InputError("standard-dose reference contains NaN or infinite values", subject=sid)
 
@@ -396,7 +321,7 @@ def load_subject(item: dict, base: Path, predictions: Mapping[str, Path], space:
         region_path = _path(base, rel)
         if region_path is not None:
             regions[str(name)] = mapper(region_path, f"region mask {name!r}")
-    return SubjectVolumes(sid, reference, volumes, mask, regions, _spacing(grid_affine), grid_affine, notes)
+    return SubjectVolumes(sid, reference, volumes, mask, regions, grid.voxel_spacing(grid_affine), grid_affine, notes)
 
 
 def _cube_in_original_units(item: dict, base: Path, record: dict, sid: str, key: str) -> tuple[np.ndarray, np.ndarray]:

@@ -7,7 +7,8 @@ pipeline's stage functions (intake, registration, mask, normalization, crop) in 
 reimplement any of them, so a change to a stage changes training and inference alike.
 
 Differences from the training pipeline, by necessity:
-- the brain mask comes from the LD PET (the pipeline prefers the SD PET when it has one; inference has none);
+- the registration's PET and the brain mask come from the LD PET (the pipeline prefers the SD PET when it has one:
+  less noise; inference has none), through the same :func:`preprocessing.registration.register_to_cube_grid`;
   with ``shared`` normalization the scale is the LD PET's 99.5th percentile inside that mask either way.
 - ``slice`` normalization: the cube holds the ``shared`` scaling; the per-slice min–max of each orientation's
   slices happens in :func:`m2diff_monai.inference.volume.predict_orientation`, which also maps every predicted
@@ -16,12 +17,14 @@ Differences from the training pipeline, by necessity:
   the checkpoint's ``config.data.preprocessing.spacing``; absent in older checkpoints = no resampling), so the
   network sees anatomy at its trained scale whatever the scanner's voxel size.
 - ``space="mri"``: the PET → T1 registration result is kept (in a temporary folder) so the prediction can go back
-  through the inverse transform; that step interpolates (linear), unlike ``space="pet"``, which is exact.
+  through the inverse transform (:func:`m2diff_monai.data.grid.map_back_through_registration`); that step
+  interpolates (linear), unlike ``space="pet"``, which is exact.
 
-The way back (:meth:`PreparedSubject.to_source`): uncrop the cube onto the canonical grid (exact placement), resample
-it onto the LD PET's own voxel size when the model's spacing differs (trilinear, :mod:`preprocessing.spacing`), then
-undo the canonical reorientation (a flip/permutation of axes: exact) and save with the input file's own affine and
-header, so LPS-stored and oblique inputs get a prediction of the same shape, affine and voxel order.
+The way back (:meth:`PreparedSubject.to_source`, every step :mod:`m2diff_monai.data.grid`): uncrop the cube onto the
+canonical grid (exact placement), resample it onto the LD PET's own voxel size when the model's spacing differs
+(trilinear), then undo the canonical reorientation (a flip/permutation of axes: exact) and save with the input
+file's own affine and header, so LPS-stored and oblique inputs get a prediction of the same shape, affine and voxel
+order.
 """
 
 from __future__ import annotations
@@ -35,18 +38,19 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from m2diff_monai.data import grid
+from m2diff_monai.data.grid import SourceGrid
 from m2diff_monai.errors import InputError
 from preprocessing import crop as crop_stage
 from preprocessing import spacing as spacing_stage
 from preprocessing.intake import IntakeOptions, load_subject
 from preprocessing.cubes import prepare_cubes
 from preprocessing.normalization import Scaling, recorded_method
-from preprocessing.registration import SPACES, normalize_transform_name, register
+from preprocessing.registration import SPACES, normalize_transform_name, register_to_cube_grid
 from preprocessing.subjects import SubjectRow
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PIPELINE_DEFAULTS: dict[str, Any] = {"normalization": "shared", "transform": "SyN", "space": "pet"}
-_RAS = nib.orientations.axcodes2ornt("RAS")
 
 
 # ------------------------------------------------------------------------------------------- training settings
@@ -141,61 +145,6 @@ def resolve_preprocessing(
 
 # ------------------------------------------------------------------------------------------- the way back
 @dataclass
-class SourceGrid:
-    """The input LD PET file's own grid: the prediction is written on it, voxel for voxel."""
-
-    path: str
-    shape: tuple[int, int, int]
-    affine: np.ndarray
-    header: nib.Nifti1Header
-
-    @classmethod
-    def from_file(cls, path: str | Path, subject: str | None = None) -> "SourceGrid":
-        """Header only (the data were read and checked by the intake when the subject was prepared)."""
-        try:
-            img = nib.load(str(path))
-        except FileNotFoundError:
-            raise InputError("low-dose PET (output grid) does not exist", subject=subject, path=path) from None
-        except Exception as err:  # nibabel raises many types for bad headers
-            raise InputError(f"cannot read the low-dose PET header ({type(err).__name__}: {err})",
-                             subject=subject, path=path) from None
-        header = nib.Nifti1Header.from_header(img.header)
-        return cls(str(path), tuple(int(s) for s in img.shape[:3]), np.asarray(img.affine, dtype=np.float64), header)
-
-    @property
-    def ornt(self) -> np.ndarray:
-        return nib.io_orientation(self.affine)
-
-    @property
-    def canonical_shape(self) -> tuple[int, int, int]:
-        ornt = self.ornt
-        return tuple(int(self.shape[int(a)]) for a in np.argsort(ornt[:, 0]))
-
-    @property
-    def canonical_affine(self) -> np.ndarray:
-        """The affine of the intake's RAS+ image (``nib.as_closest_canonical``) of this file."""
-        return self.affine @ nib.orientations.inv_ornt_aff(self.ornt, self.shape)
-
-    def from_canonical(self, volume: np.ndarray) -> np.ndarray:
-        """Exact inverse of the intake's canonical reorientation (axis flips and permutations only)."""
-        transform = nib.orientations.ornt_transform(_RAS, self.ornt)
-        return np.ascontiguousarray(nib.orientations.apply_orientation(volume, transform))
-
-    def image(self, data: np.ndarray) -> nib.Nifti1Image:
-        """A float32 image with this file's affine, qform/sform codes and units (no intensity scaling)."""
-        data = np.asarray(data, dtype=np.float32)
-        if data.shape != self.shape:
-            raise ValueError(f"data shape {data.shape} != source shape {self.shape}")
-        header = self.header.copy()
-        header.set_data_shape(data.shape)
-        header.set_data_dtype(np.float32)
-        header.set_slope_inter(1.0, 0.0)
-        header["cal_min"] = header["cal_max"] = 0
-        img = nib.Nifti1Image(data, self.affine, header=header)
-        return img
-
-
-@dataclass
 class PreparedSubject:
     """A subject on the training grid: normalized cubes, mask, and everything needed to go back."""
 
@@ -210,7 +159,7 @@ class PreparedSubject:
     grid_affine: np.ndarray
     source: SourceGrid
     space: str = "pet"
-    inverse_transforms: list[tuple[str, bool]] = field(default_factory=list)  # space=mri: (file, invert)
+    inverse_transforms: list[str] = field(default_factory=list)  # space=mri: ANTs' inverse list (grid.inverse_flags)
     warnings: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
     _workdir: str = ""
@@ -218,12 +167,12 @@ class PreparedSubject:
     def to_source(self, cube: np.ndarray, fill: float = 0.0) -> np.ndarray:
         """A cube on the training grid (normalized or not) → an array on the input LD PET's own grid."""
         canonical = crop_stage.uncrop(np.asarray(cube, dtype=np.float32), self.box, self.grid_shape, fill=fill)
-        if self.space == "mri":
-            canonical = _back_to_pet(canonical, self.grid_affine, self.source, self.inverse_transforms)
-        elif self.grid_shape != self.source.canonical_shape or not np.allclose(
-                self.grid_affine, self.source.canonical_affine, atol=1e-4):  # cut from a resampled PET grid
-            canonical = spacing_stage.resample_array(canonical, self.grid_affine, self.source.canonical_shape,
-                                                     self.source.canonical_affine, order=1)
+        pet_shape, pet_affine = self.source.canonical_shape, self.source.canonical_affine
+        if self.space == "mri":  # the T1 grid: back through the inverse PET→T1 registration (linear)
+            canonical = grid.map_back_through_registration(canonical, self.grid_affine, pet_shape, pet_affine,
+                                                           self.inverse_transforms, order=1, subject=self.subject)
+        else:  # the PET grid itself (exact), or the PET grid resampled to the model's spacing (trilinear)
+            canonical = grid.to_grid(canonical, self.grid_affine, pet_shape, pet_affine, order=1, mode="nearest")
         if canonical.shape != self.source.canonical_shape:
             raise ValueError(f"internal: canonical shape {canonical.shape} != {self.source.canonical_shape}")
         return self.source.from_canonical(canonical)
@@ -235,35 +184,6 @@ class PreparedSubject:
         if self._workdir:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = ""
-
-
-def _back_to_pet(volume: np.ndarray, grid_affine: np.ndarray, source: SourceGrid,
-                 transforms: list[tuple[str, bool]]) -> np.ndarray:
-    """``space="mri"``: a volume on the (canonical) T1 grid → the canonical LD PET grid through the inverse of
-    the PET→T1 registration (ANTs, linear interpolation)."""
-    import ants
-
-    from preprocessing.registration import ants_to_nib, nib_to_ants
-
-    if not transforms:
-        raise InputError("space=mri needs the PET->MRI registration transforms to map the prediction back",
-                         path=source.path)
-    fixed = nib.Nifti1Image(np.zeros(source.canonical_shape, dtype=np.float32), source.canonical_affine)
-    moving = nib.Nifti1Image(np.asarray(volume, dtype=np.float32), grid_affine)
-    out = ants.apply_transforms(
-        nib_to_ants(fixed), nib_to_ants(moving), transformlist=[t for t, _ in transforms],
-        whichtoinvert=[inv for _, inv in transforms], interpolator="linear",
-    )
-    return np.asarray(ants_to_nib(out).dataobj, dtype=np.float32)
-
-
-def _inverse_list(files: list[str]) -> list[tuple[str, bool]]:
-    """ANTs' inverse transform list: affine ``.mat`` files are inverted, inverse warp fields are used as they are."""
-    return [(str(f), str(f).endswith(".mat")) for f in files]
-
-
-def _data(img: nib.Nifti1Image) -> np.ndarray:
-    return np.asarray(img.dataobj, dtype=np.float32)
 
 
 # ------------------------------------------------------------------------------------------- raw input
@@ -278,7 +198,9 @@ def prepare_subject(
 
     Stages, in the pipeline's order: intake (nibabel, full read, canonical RAS+; PET–MRI overlap check) →
     resampling to ``settings.spacing`` (the PET grid, or the T1 grid for ``space="mri"``) → registration with
-    ``settings.transform`` (T1 → PET for ``space="pet"``) → brain mask → normalization → crop/pad to the ``settings.size`` cube. Raises :class:`InputError` naming the subject and file.
+    ``settings.transform`` (T1 → LD PET for ``space="pet"``, the reverse for ``"mri"``:
+    :func:`preprocessing.registration.register_to_cube_grid`) → brain mask → normalization → crop/pad to the
+    ``settings.size`` cube. Raises :class:`InputError` naming the subject and file.
     """
     row = SubjectRow(subject_id=subject, ld_pet=Path(ld_pet), sd_pet=None, mri=None if mri is None else Path(mri))
     loaded = load_subject(row, intake)
@@ -291,32 +213,23 @@ def prepare_subject(
     ld_img = loaded.ld_pet
     info: dict[str, Any] = {"resampling": resampling}
     workdir = ""
-    inverse: list[tuple[str, bool]] = []
-    mri_data = None
-    try:
-        if settings.space == "pet":
-            ld = _data(ld_img)
-            affine = ld_img.affine
-            if loaded.mri is not None:
-                reg = register(ld_img, loaded.mri, settings.transform, seed=settings.seed)
-                try:
-                    mri_data = _data(reg.warped)
-                finally:
-                    reg.cleanup()
-                info["registration"] = {"transform": reg.transform, "similarity": reg.similarity,
-                                        "seconds": round(reg.seconds, 3)}
+    inverse: list[str] = []
+    if settings.space == "mri" and loaded.mri is None:
+        raise InputError("this model was trained in MRI space (space=mri) and needs an MRI (--mri)",
+                         subject=subject, path=ld_pet)
+    # the LD PET is the registration's PET here: a new scan has no SD PET (training uses the SD PET when it can)
+    aligned = register_to_cube_grid({"ld_pet": ld_img}, loaded.mri, "ld_pet", settings.space, settings.transform,
+                                    seed=settings.seed)
+    reg = aligned.registration
+    if reg is not None:
+        info["registration"] = {"transform": reg.transform, "similarity": reg.similarity,
+                                "seconds": round(reg.seconds, 3)}
+        if settings.space == "mri":  # the inverse transforms map the prediction back: kept until cleanup()
+            workdir, inverse = reg.workdir, [str(t) for t in reg.inv_transforms]
         else:
-            if loaded.mri is None:
-                raise InputError("this model was trained in MRI space (space=mri) and needs an MRI (--mri)",
-                                 subject=subject, path=ld_pet)
-            reg = register(loaded.mri, ld_img, settings.transform, seed=settings.seed)
-            workdir = reg.workdir
-            ld = _data(reg.warped)
-            affine = loaded.mri.affine
-            mri_data = _data(loaded.mri)
-            inverse = _inverse_list(reg.inv_transforms)
-            info["registration"] = {"transform": reg.transform, "similarity": reg.similarity,
-                                    "seconds": round(reg.seconds, 3)}
+            reg.cleanup()
+    ld, affine, mri_data = aligned.pets["ld_pet"], aligned.affine, aligned.mri
+    try:
         cubes = prepare_cubes(ld, affine, mri=mri_data, normalization=settings.normalization, size=settings.size,
                               subject=subject, path=str(ld_pet))
         return PreparedSubject(
@@ -385,12 +298,10 @@ def prepare_from_manifest_item(item: dict[str, Any], manifest_dir: str | Path) -
     crop = record.get("crop") or {}
     box = crop_stage.CropBox(start=tuple(int(s) for s in crop["start"]), size=int(crop["size"]))
     space = str(record.get("space", item.get("space", "pet")))
-    inverse: list[tuple[str, bool]] = []
+    inverse: list[str] = []
     if space == "mri":
-        reg = record.get("registration") or {}
-        names = (reg.get("transforms") or {}).get("inverse") or []
         folder = path_of("preprocessed_dir") or Path(record_path).parent
-        inverse = _inverse_list([str(folder / n) for n in names])
+        inverse = [str(t) for t in grid.stored_inverse_transforms(record, folder)]
     grid_shape = tuple(int(s) for s in record.get("grid_shape", source.canonical_shape))
     grid_affine = np.asarray(record.get("grid_affine", source.canonical_affine), dtype=np.float64)
     if ld.shape != (box.size,) * 3:
@@ -423,7 +334,7 @@ def prepare_cohort_item(item: dict[str, Any], manifest_dir: str | Path, settings
         return prepared
     sid = prepared.subject
     base = Path(manifest_dir)
-    cube_mm = "x".join(f"{v:.3g}" for v in np.linalg.norm(prepared.cube_affine[:3, :3], axis=0))
+    cube_mm = "x".join(f"{v:.3g}" for v in grid.voxel_spacing(prepared.cube_affine))
     model_mm = "x".join(f"{v:.3g}" for v in settings.spacing)
     mri = base / item["source_mri"] if item.get("source_mri") else None
     if mri is not None and not mri.is_file():

@@ -2,7 +2,7 @@
 randoms, Poisson counts, binomial thinning) and OSEM reconstruction, batched over all axial planes.
 
 Entry points: :func:`simulate_volume` (canonical numpy volumes) and :func:`simulate_image` (a NIfTI image on its own
-grid, any orientation). See ``docs/simulation-and-demo.md`` for the model and its assumptions.
+grid, any orientation; reoriented with :mod:`m2diff_monai.data.grid`). See ``docs/simulation-and-demo.md`` for the model and its assumptions.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+
+from m2diff_monai.data import grid
 
 from .forward_model import (
     DEFAULT_COUNTS,
@@ -23,23 +25,6 @@ from .forward_model import (
     head_support,
     simulate_volume,
 )
-
-_RAS = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
-
-
-def to_canonical(data: np.ndarray, affine: np.ndarray, zooms) -> tuple[np.ndarray, tuple[float, float, float], Any]:
-    """Array in the image's voxel order → canonical RAS+ ``[x, y, z]`` order, its spacing, and the orientation."""
-    ornt = nib.io_orientation(affine)
-    canonical = nib.apply_orientation(data, ornt)
-    spacing = [0.0, 0.0, 0.0]
-    for axis, (target, _) in enumerate(ornt):
-        spacing[int(target)] = float(zooms[axis])
-    return np.ascontiguousarray(canonical), tuple(spacing), ornt
-
-
-def from_canonical(data: np.ndarray, ornt) -> np.ndarray:
-    """Inverse of :func:`to_canonical` (back to the image's own voxel order)."""
-    return np.ascontiguousarray(nib.apply_orientation(data, nib.orientations.ornt_transform(_RAS, ornt)))
 
 
 def float_image_like(data: np.ndarray, reference: nib.Nifti1Image) -> nib.Nifti1Image:
@@ -63,15 +48,17 @@ def simulate_image(image: nib.Nifti1Image, drf: float, *, seed: int | None = 0, 
     Axial planes are those of the canonical orientation closest to the image's axes.
     """
     data = np.asarray(image.dataobj, dtype=np.float32)
-    activity, spacing, ornt = to_canonical(data, image.affine, image.header.get_zooms()[:3])
-    mu_c = None if mu_map is None else to_canonical(np.asarray(mu_map, np.float32), image.affine, spacing)[0]
-    mask_c = None if calibration_mask is None else to_canonical(np.asarray(calibration_mask), image.affine, spacing)[0]
+    affine = image.affine
+    activity = grid.to_canonical(data, affine)[0]
+    spacing = grid.canonical_spacing(affine, image.header.get_zooms()[:3])
+    mu_c = None if mu_map is None else grid.to_canonical(np.asarray(mu_map, np.float32), affine)[0]
+    mask_c = None if calibration_mask is None else grid.to_canonical(np.asarray(calibration_mask), affine)[0]
     result = simulate_volume(activity, spacing, drf, seed=seed, mode=mode, params=params, mu_map=mu_c,
                              calibration_mask=mask_c, return_sd=return_sd, backend=backend, device=device)
-    ld = float_image_like(from_canonical(result.ld, ornt), image)
-    sd = None if result.sd is None else float_image_like(from_canonical(result.sd, ornt), image)
+    ld = float_image_like(grid.from_canonical(result.ld, affine), image)
+    sd = None if result.sd is None else float_image_like(grid.from_canonical(result.sd, affine), image)
     return ld, sd, result.info
 
 
 __all__ = ["DEFAULT_COUNTS", "MODES", "MU_WATER_PER_MM", "PlaneStackScanner", "ScannerParams", "SimulationResult",
-           "draw_counts", "float_image_like", "from_canonical", "head_support", "simulate_image", "simulate_volume", "to_canonical"]
+           "draw_counts", "float_image_like", "head_support", "simulate_image", "simulate_volume"]
