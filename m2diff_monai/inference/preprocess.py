@@ -44,7 +44,6 @@ from preprocessing.normalization import Scaling, recorded_method
 from preprocessing.registration import SPACES, normalize_transform_name, register
 from preprocessing.subjects import SubjectRow
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 PIPELINE_DEFAULTS: dict[str, Any] = {"normalization": "shared", "transform": "SyN", "space": "pet"}
 _RAS = nib.orientations.axcodes2ornt("RAS")
 
@@ -84,25 +83,23 @@ class TrainingPreprocessing:
 
 
 def _manifest_parameters(data_config: dict[str, Any]) -> dict[str, Any]:
-    """``provenance.parameters`` of the training manifest named in the checkpoint, when it can still be read."""
+    """``provenance.parameters`` of the training manifest named in the checkpoint, when it can still be read
+    (as recorded: absolute, or relative to the working folder, like every path the tools take)."""
     name = data_config.get("manifest")
     if not name:
         return {}
-    candidates = [Path(str(name))]
-    if not candidates[0].is_absolute():
-        candidates.append(REPO_ROOT / str(name))
-    for path in candidates:
-        if path.is_file():
-            try:
-                content = json.loads(path.read_text())
-            except (OSError, ValueError):
-                return {}
-            params = dict((content.get("provenance") or {}).get("parameters") or {})
-            for key in ("size", "space"):
-                if key not in params and key in content:
-                    params[key] = content[key]
-            return params
-    return {}
+    path = Path(str(name))
+    if not path.is_file():
+        return {}
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    params = dict((content.get("provenance") or {}).get("parameters") or {})
+    for key in ("size", "space"):
+        if key not in params and key in content:
+            params[key] = content[key]
+    return params
 
 
 def resolve_preprocessing(
