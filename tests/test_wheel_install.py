@@ -48,7 +48,8 @@ print(json.dumps({name: getattr(module, "__file__", None) for name, module in sy
 
 def _run(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess:
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, (f"{' '.join(args)} failed ({proc.returncode}):\n"
+                                  f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     return proc
 
 
