@@ -51,6 +51,7 @@ from m2diff_monai.checkpoint import (
 )
 from m2diff_monai.errors import InputError
 from m2diff_monai.io.safety import RunInputs
+from m2diff_monai.shipped import meta_schema_path, resolve_bundle
 from m2diff_monai.export import model_card
 from m2diff_monai.export.torchscript import (
     INPUT_NAMES,
@@ -63,7 +64,6 @@ from m2diff_monai.export.torchscript import (
     trace_denoiser,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_PT = "models/model.pt"
 MODEL_TS = "models/model.ts"
 MODEL_ONNX = "models/model.onnx"
@@ -294,11 +294,11 @@ def validate_metadata(meta: Mapping[str, Any], schema_path: Path | None) -> None
 
 
 def _find_schema(bundle: Path) -> Path | None:
-    for candidate in (bundle / "schema" / "meta_schema.json", bundle.parent / "schema" / "meta_schema.json",
-                      REPO_ROOT / "bundles" / "schema" / "meta_schema.json"):
+    """Beside the source bundle (``bundles/schema`` in a checkout), else the copy an installed wheel ships."""
+    for candidate in (bundle / "schema" / "meta_schema.json", bundle.parent / "schema" / "meta_schema.json"):
         if candidate.is_file():
             return candidate
-    return None
+    return meta_schema_path()
 
 
 # -------------------------------------------------------------------------------------------------- configs
@@ -427,10 +427,9 @@ def exported_checkpoint(loaded: Mapping[str, Any], created: str) -> dict[str, An
 
 # --------------------------------------------------------------------------------------------------- license
 def license_text(bundle: Path) -> str:
-    """The source bundle's LICENSE, else the repository's, else the installed distribution's."""
-    for candidate in (bundle / "LICENSE", REPO_ROOT / "LICENSE"):
-        if candidate.is_file():
-            return candidate.read_text()
+    """The source bundle's LICENSE, else the installed distribution's (a wheel's, or an editable install's)."""
+    if (bundle / "LICENSE").is_file():
+        return (bundle / "LICENSE").read_text()
     try:
         dist = importlib.metadata.distribution("m2diff-monai")
         for name in ("licenses/LICENSE", "LICENSE"):
@@ -439,7 +438,7 @@ def license_text(bundle: Path) -> str:
                 return text
     except importlib.metadata.PackageNotFoundError:
         pass
-    raise InputError("no LICENSE found (bundle folder, repository root or installed package)", path=bundle)
+    raise InputError("no LICENSE found (bundle folder or installed package)", path=bundle)
 
 
 # ---------------------------------------------------------------------------------------------------- export
@@ -508,7 +507,7 @@ def export_bundle(
     input; nothing is left behind on failure."""
     from tqdm.auto import tqdm
 
-    bundle, out = Path(bundle), Path(out)
+    bundle, out = resolve_bundle(bundle), Path(out)
     sampler_defaults = check_sampler_defaults(sampler_defaults)
     if onnx and not onnx_available():
         raise InputError(ONNX_MISSING)
@@ -594,7 +593,7 @@ def export_bundle(
                                                   loaded["config"].get("inference_defaults")),
             "clip_denoised": diffusion.get("clip_denoised"),
         }
-        manifest_info = model_card.read_manifest_provenance(data.get("manifest"), [Path.cwd(), REPO_ROOT])
+        manifest_info = model_card.read_manifest_provenance(data.get("manifest"), [Path.cwd()])
         card = model_card.render_model_card(
             metadata, info, model_card.describe_training_data(data, manifest_info),
             {**prep["values"], "spatial_size": prep["spatial_size"], "sources": prep["sources"]},

@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         "models/model.onnx, docs/README.md (model card) and LICENSE. See docs/export.md.",
     )
     p.add_argument("--bundle", required=True, type=Path,
-                   help="source bundle folder with inference.json and metadata.json (e.g. bundles/m2diff)")
+                   help="source bundle folder with inference.json and metadata.json (e.g. bundles/m2diff), or "
+                        "the name of a bundle an installed wheel ships (m2diff, mfdiff)")
     p.add_argument("--checkpoint", required=True, type=Path, help="training checkpoint (.pt) with its config")
     p.add_argument("--out", required=True, type=Path, help="folder to write the exported bundle to")
     p.add_argument("--weights", choices=("ema", "raw", "network"), default=None, metavar="{ema,raw}",

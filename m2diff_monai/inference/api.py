@@ -50,6 +50,7 @@ from m2diff_monai.inference.preprocess import (
 from m2diff_monai.inference.volume import VolumePrediction, predict_volume
 from m2diff_monai.io.atomic import atomic_path, save_json
 from m2diff_monai.bundle_run import report_outputs
+from m2diff_monai.shipped import resolve_bundle
 from preprocessing.intake import IntakeOptions
 from preprocessing.normalization import recorded_method
 
@@ -178,7 +179,7 @@ def read_bundle_settings(bundle: str | Path | None) -> tuple[dict[str, Any], dic
     (above them, as on the bundle command line). See :mod:`m2diff_monai.inference.defaults`."""
     if bundle is None:
         return {}, {}
-    folder = Path(bundle)
+    folder = resolve_bundle(bundle)  # a folder or file, or the name of a bundle the wheel ships
     path = folder / "inference.json" if folder.is_dir() else folder
     if not path.is_file():
         raise InputError("bundle has no inference.json", path=path)

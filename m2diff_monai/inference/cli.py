@@ -49,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     io = p.add_argument_group("inputs and outputs")
     io.add_argument("--bundle", type=Path, default=None,
-                    help="bundle folder (bundles/m2diff or bundles/mfdiff): default sampler settings from its "
-                         "inference.json; the network itself comes from the checkpoint")
+                    help="bundle folder (bundles/m2diff or bundles/mfdiff), or the name of a bundle an installed "
+                         "wheel ships (m2diff, mfdiff): default sampler settings from its inference.json; the "
+                         "network itself comes from the checkpoint")
     io.add_argument("--checkpoint", required=True, type=Path, help="training checkpoint (.pt)")
     io.add_argument("--ld-pet", type=Path, default=None, help="raw low-dose PET NIfTI (single-subject mode)")
     io.add_argument("--mri", type=Path, default=None, help="raw T1-weighted MRI NIfTI (optional)")

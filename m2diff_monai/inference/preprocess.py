@@ -49,7 +49,6 @@ from preprocessing.normalization import Scaling, recorded_method
 from preprocessing.registration import SPACES, normalize_transform_name, register_to_cube_grid
 from preprocessing.subjects import SubjectRow
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 PIPELINE_DEFAULTS: dict[str, Any] = {"normalization": "shared", "transform": "SyN", "space": "pet"}
 
 
@@ -88,24 +87,22 @@ class TrainingPreprocessing:
 
 
 def _manifest_parameters(data_config: dict[str, Any]) -> dict[str, Any]:
-    """``provenance.parameters`` of the training manifest named in the checkpoint, when it can still be read."""
+    """``provenance.parameters`` of the training manifest named in the checkpoint, when it can still be read
+    (as recorded: absolute, or relative to the working folder, like every path the tools take)."""
     name = data_config.get("manifest")
     if not name:
         return {}
-    candidates = [Path(str(name))]
-    if not candidates[0].is_absolute():
-        candidates.append(REPO_ROOT / str(name))
-    for path in candidates:
-        if path.is_file():
-            from m2diff_monai.data.manifest import manifest_provenance, provenance_parameters
+    path = Path(str(name))
+    if not path.is_file():
+        return {}
+    from m2diff_monai.data.manifest import manifest_provenance, provenance_parameters
 
-            content = manifest_provenance(path) or {}
-            params = provenance_parameters(path)
-            for key in ("size", "space"):
-                if key not in params and key in content:
-                    params[key] = content[key]
-            return params
-    return {}
+    content = manifest_provenance(path) or {}
+    params = provenance_parameters(path)
+    for key in ("size", "space"):
+        if key not in params and key in content:
+            params[key] = content[key]
+    return params
 
 
 def resolve_preprocessing(
