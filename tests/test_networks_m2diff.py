@@ -14,7 +14,6 @@ from m2diff_monai.networks import (
     VARIANTS,
     AttentionBlock,
     IDDPMUNet,
-    M2DiffUNet,
     ResBlock,
     SingleTaskUNet,
     build_network,
@@ -180,8 +179,7 @@ def test_pet_mode_returns_the_pet_branch():
 
 
 def test_variant_structure():
-    v3 = M2DiffUNet.from_variant("V3", **{k: v for k, v in TINY.items() if k != "name"})
-    v6 = M2DiffUNet.from_variant("V6", **{k: v for k, v in TINY.items() if k != "name"})
+    v3, v6 = _tiny("V3"), _tiny("V6")
     assert v6.config["variant"] == "V6" and v3.config["channel_mult"] == [1, 2]
     assert not v3.hff and v6.hff and v6.has_mri_decoder
     # HFF doubles the skip channels entering each decoder ResBlock.

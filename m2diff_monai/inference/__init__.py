@@ -18,7 +18,7 @@ _EXPORTS = {
     "fuse_volumes": "fusion",
     "LoadedModel": "checkpoint",
     "load_model": "checkpoint",
-    "InferenceSettings": "api",
+    "InferenceSettings": "settings",
     "infer_subject": "api",
     "infer_manifest": "api",
 }
