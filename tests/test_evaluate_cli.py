@@ -23,6 +23,7 @@ from scipy import stats as sps
 from m2diff_monai.errors import InputError
 from m2diff_monai.evaluation import cli, complexity, metrics, paper_protocol, run
 from m2diff_monai.evaluation.lpips_metric import LPIPSMetric
+from tiny_networks import tiny_m2diff
 
 NATIVE = (36, 40, 20)
 SIZE = 32
@@ -30,8 +31,7 @@ START = (2, 4, -6)  # cube voxel 0 on the canonical native grid (z padded)
 SPACING = 2.0
 SUBJECTS = ("s01", "s02", "s03")
 REGIONS = ("gm", "wm", "lesion_hot")
-TINY_M2DIFF = {"name": "m2diff", "preset": "demo", "image_size": SIZE, "model_channels": 32, "channel_mult": [1, 2],
-               "num_res_blocks": 1, "attention_resolutions": [], "num_heads": 1}
+TINY_M2DIFF = tiny_m2diff(SIZE)
 
 
 def canonical_affine() -> np.ndarray:

@@ -33,10 +33,10 @@ from m2diff_monai.inference.preprocess import (
 )
 from m2diff_monai.inference.volume import SliceGeometry, _coverage_count, fuse_with_coverage
 from m2diff_monai.networks.factory import build_network, register_network
+from tiny_networks import tiny_m2diff
 
 CUBE = 32
-TINY_M2DIFF = {"name": "m2diff", "preset": "demo", "image_size": CUBE, "model_channels": 32, "channel_mult": [1],
-               "attention_resolutions": [], "num_heads": 1}
+TINY_M2DIFF = tiny_m2diff(CUBE, channel_mult=[1])
 DATA_CONFIG = {"size": CUBE, "normalization": "shared", "transform": "rigid", "space": "pet"}
 FAST = {"steps": 2, "batch_size": 64, "progress": False, "png": False, "device": "cpu"}
 
