@@ -3,6 +3,10 @@
 Every config here is small enough to run a forward pass on one CPU thread in milliseconds: two UNet levels of
 32/64 channels with one ResBlock each. ``attention=True`` adds two-head self-attention at the second level (and
 two heads in MFdiff's Restormer blocks), for tests of the attention paths; otherwise there is none.
+
+Known-answer stand-ins, registered with the network factory on import (so they travel through real checkpoints):
+``inference_test_identity`` is a regressor (``is_diffusion = False``) returning the LD PET, and
+``inference_test_oracle`` a diffusion network whose x̂0 prediction is the LD PET (DDIM with η = 0 ends exactly on it).
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from m2diff_monai.networks.factory import register_network
 
 TINY_SIZE = 16
 
@@ -59,3 +65,33 @@ def randomize_zero_params(net: torch.nn.Module, seed: int = 0) -> torch.nn.Modul
             if not p.abs().any():
                 p.copy_(0.05 * torch.randn(p.shape, generator=gen))
     return net
+
+
+class IdentityRegressor(torch.nn.Module):
+    """Returns the LD PET: a 'model' whose exact answer is known. Records how it was called."""
+
+    is_diffusion = False
+
+    def __init__(self, config: dict) -> None:
+        super().__init__()
+        self.config = dict(config)
+        self.calls: list[dict] = []
+
+    def forward(self, x_t=None, t=None, ld=None, mri=None, mri_available=None):
+        self.calls.append({"mri": None if mri is None else tuple(mri.shape), "x_t": x_t is None})
+        return {"out": ld.clone()}
+
+
+class OracleDenoiser(IdentityRegressor):
+    """Diffusion network predicting x̂0 = LD whatever x_t and t are."""
+
+    is_diffusion = True
+
+    def forward(self, x_t=None, t=None, ld=None, mri=None, mri_available=None):
+        assert x_t is not None and t is not None and t.dtype == torch.long
+        self.calls.append({"mri": None if mri is None else tuple(mri.shape), "t": int(t.max())})
+        return {"out": ld.clone()}
+
+
+register_network("inference_test_identity", IdentityRegressor)
+register_network("inference_test_oracle", OracleDenoiser)
