@@ -1,6 +1,7 @@
 """Builders for small synthetic subjects and the corpus of bad inputs every preprocessing CLI must refuse.
 
-Import from tests as ``from badinputs import make_bad_input_corpus`` (pytest puts ``tests/`` on ``sys.path``).
+Import from tests as ``from badinputs import make_bad_input_corpus`` (``pythonpath = ["tests"]`` in pyproject.toml's
+pytest options).
 
 The anatomy is analytic and defined in world coordinates (mm), so a volume sampled on any grid (LPS, oblique,
 another voxel size) shows the same "brain" at the same world position: a PET and an MRI written on different

@@ -9,26 +9,16 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow, verify_metadata
 
-from m2diff_monai.data.datasets import write_synthetic_manifest
 from m2diff_monai.errors import InputError
 from m2diff_monai.networks.factory import build_network
+from tiny_networks import tiny_m2diff
+
 
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "m2diff"
-TINY_NET = {
-    "name": "m2diff",
-    "preset": "demo",
-    "variant": "V6",
-    "image_size": 16,
-    "model_channels": 32,
-    "channel_mult": [1, 2],
-    "num_res_blocks": 1,
-    "attention_resolutions": [],
-    "num_heads": 1,
-    "dropout": 0.0,
-}
+TINY_NET = tiny_m2diff()
 
 
 def tiny_overrides(manifest: Path, output_dir: Path, **extra) -> dict:
@@ -58,11 +48,6 @@ def run_training(**overrides) -> ConfigWorkflow:
     workflow.run()
     workflow.finalize()
     return workflow
-
-
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory):
-    return write_synthetic_manifest(tmp_path_factory.mktemp("data"), size=16, slices_per_orientation=2)
 
 
 def test_verify_metadata_offline():
@@ -105,10 +90,10 @@ def test_train_config_has_paper_defaults():
     assert demo["inference_defaults"] == {"sampler": "ddim", "steps": 10, "eta": 0.0, "start_step": None}
 
 
-def test_training_run_writes_checkpoints_with_config_and_resume_continues(manifest, tmp_path):
+def test_training_run_writes_checkpoints_with_config_and_resume_continues(slice_manifest, tmp_path):
     out = tmp_path / "run"
     evaluated = {"sampler": "ddim", "steps": 2, "eta": 0.0, "start_step": None}
-    workflow = run_training(**tiny_overrides(manifest, out, inference_defaults=evaluated))
+    workflow = run_training(**tiny_overrides(slice_manifest, out, inference_defaults=evaluated))
     assert workflow.check_properties() == []
     last, best = out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt"
     assert last.is_file() and best.is_file()
@@ -135,7 +120,7 @@ def test_training_run_writes_checkpoints_with_config_and_resume_continues(manife
     adam_steps = {int(s["step"]) for s in ckpt["optimizer"]["state"].values()}
     assert adam_steps == {3}
 
-    resumed = run_training(**tiny_overrides(manifest, out, max_epochs=2, resume=str(last)))
+    resumed = run_training(**tiny_overrides(slice_manifest, out, max_epochs=2, resume=str(last)))
     trainer = resumed.parser.get_parsed_content("train#trainer")
     assert trainer.state.epoch == 2 and trainer.state.iteration == 6
     ckpt2 = torch.load(last, weights_only=True)
@@ -145,9 +130,10 @@ def test_training_run_writes_checkpoints_with_config_and_resume_continues(manife
     assert any(not torch.equal(ckpt["network"][k], ckpt2["network"][k]) for k in ckpt["network"])
 
 
-def test_single_orientation_model_from_config(manifest, tmp_path):
+def test_single_orientation_model_from_config(slice_manifest, tmp_path):
     out = tmp_path / "axial"
-    overrides = tiny_overrides(manifest, out, orientations=["axial"], ema_decay=None, val_interval=2, amp_dtype="bfloat16")
+    overrides = tiny_overrides(slice_manifest, out, orientations=["axial"], ema_decay=None, val_interval=2,
+                               amp_dtype="bfloat16")
     run_training(**overrides)
     ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["iteration"] == 1 and ckpt["config"]["data"]["orientations"] == ["axial"]  # 4 axial slices

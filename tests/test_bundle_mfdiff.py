@@ -11,26 +11,19 @@ import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser, ConfigWorkflow, verify_metadata
 
-from m2diff_monai.data.datasets import write_synthetic_manifest
 from m2diff_monai.engines.workflow import epochs_for_iterations, warmup_lr_scheduler
 from m2diff_monai.errors import InputError
 from m2diff_monai.networks.factory import build_network
+from synthetic_slices import write_synthetic_manifest
+from tiny_networks import tiny_mfdiff
+
 
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "mfdiff"
 TRAIN, FINETUNE, MIXED, DEMO = (str(BUNDLE / f) for f in ("train.json", "finetune.json", "mixed.json", "demo.json"))
-TINY_NET = {
-    "name": "mfdiff",
-    "preset": "demo",
-    "variant": "MFdiff",
-    "image_size": 16,
-    "allow_missing_mri": False,
-    "fusion": {"dim": 8, "num_blocks": 1, "heads": 1, "decoder_blocks": 1},
-    "unet": {"model_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [],
-             "num_heads": 1, "dropout": 0.0},
-}
+TINY_NET = tiny_mfdiff()
 
 
 def tiny_overrides(simulated: Path, invivo: Path, output_root: Path, **extra) -> dict:
@@ -70,9 +63,10 @@ def finish(workflow: ConfigWorkflow) -> ConfigWorkflow:
 
 
 @pytest.fixture(scope="module")
-def manifests(tmp_path_factory):
-    """A 'simulated' and an 'in-vivo' manifest (different seeds, 16², every slice with MRI)."""
-    simulated = write_synthetic_manifest(tmp_path_factory.mktemp("sim"), size=16, slices_per_orientation=2, seed=0)
+def manifests(tmp_path_factory, slice_manifest):
+    """A 'simulated' (the shared slice manifest) and an 'in-vivo' manifest (different seeds, 16², every slice
+    with MRI)."""
+    simulated = slice_manifest
     invivo = write_synthetic_manifest(
         tmp_path_factory.mktemp("invivo"), size=16, subjects={"viv-01": 0, "viv-02": 1}, slices_per_orientation=2,
         seed=1,

@@ -11,34 +11,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from m2diff_monai.data.datasets import write_synthetic_manifest
+from tiny_networks import tiny_m2diff
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "m2diff"
 
 
 @pytest.mark.slow
-def test_torchrun_two_process_gloo_training(tmp_path):
-    manifest = write_synthetic_manifest(tmp_path / "data", size=16, slices_per_orientation=2)
+def test_torchrun_two_process_gloo_training(tmp_path, slice_manifest):
     out = tmp_path / "run"
     overlay = {
         "bundle_root": str(BUNDLE),
-        "manifest_file": str(manifest),
+        "manifest_file": str(slice_manifest),
         "output_dir": str(out),
         "backend": "gloo",
         "device": "$torch.device('cpu')",
-        "network_config": {
-            "name": "m2diff",
-            "preset": "demo",
-            "variant": "V6",
-            "image_size": 16,
-            "model_channels": 32,
-            "channel_mult": [1, 2],
-            "num_res_blocks": 1,
-            "attention_resolutions": [],
-            "num_heads": 1,
-            "dropout": 0.0,
-        },
+        "network_config": tiny_m2diff(),
         "diffusion_config#timesteps": 50,
         "max_epochs": 1,
         "batch_size": 2,

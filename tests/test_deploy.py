@@ -5,8 +5,6 @@ an in-memory volume (m2diff_monai.deploy.runner documents the operator's sequenc
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +12,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose
 
+from badinputs import centred_affine, phantom
 from m2diff_monai.deploy import PETEnhancementInferer, load_bundle_network, run_bundle_on_volume
 from m2diff_monai.deploy.runner import read_bundle_config
 from m2diff_monai.checkpoint import load_model
@@ -22,8 +21,6 @@ from m2diff_monai.inference.volume import predict_volume
 from preprocessing.cubes import prepare_cubes
 from test_export import exported, source  # noqa: F401  (module fixtures: a tiny M2Diff V6 export, 16³ cubes)
 
-sys.path.insert(0, str(Path(__file__).parent))
-from badinputs import centred_affine, phantom  # noqa: E402
 
 FAST = {"steps": 2, "orientations": "axial,coronal", "sampler": "ancestral", "fusion": "mean", "amp": "none"}
 SIZE, SPACING = 16, 3.0

@@ -11,7 +11,7 @@ import torch
 
 from monai.handlers import ValidationHandler
 
-from m2diff_monai.data.datasets import build_dataset, build_loader, load_slice_items, write_synthetic_manifest
+from m2diff_monai.data.datasets import build_dataset, build_loader, load_slice_items
 from m2diff_monai.data.transforms import LoadSliced, slice_transforms
 from m2diff_monai.diffusion import build_diffusion
 from m2diff_monai.engines.ema import build_ema, ema_decay, evaluation_network, load_ema_state
@@ -21,20 +21,13 @@ from m2diff_monai.engines.prepare_batch import DiffusionPrepareBatch, Validation
 from m2diff_monai.engines.workflow import checkpoint_config, handlers_for_rank, loss_output
 from m2diff_monai.errors import InputError
 from m2diff_monai.networks.factory import build_network
+from synthetic_slices import write_synthetic_manifest
+from tiny_networks import tiny_m2diff
+
 
 torch.set_num_threads(1)
 
-TINY_NET = {
-    "name": "m2diff",
-    "preset": "demo",
-    "image_size": 16,
-    "model_channels": 32,
-    "channel_mult": [1, 2],
-    "num_res_blocks": 1,
-    "attention_resolutions": [],
-    "num_heads": 1,
-    "dropout": 0.0,
-}
+TINY_NET = tiny_m2diff()
 
 
 @pytest.fixture(scope="module")
@@ -424,7 +417,6 @@ def test_checkpoint_config_records_the_manifest_preprocessing(tmp_path):
     manifest = tmp_path / "m.json"
     params = {"size": 64, "normalization": "shared", "transform": "SyN", "space": "pet"}
     manifest.write_text(json.dumps({"provenance": {"parameters": params}, "training": []}))
-    net = build_network({"name": "m2diff", "variant": "V1", "image_size": 32, "model_channels": 32,
-                         "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": []})
+    net = build_network(tiny_m2diff(32, "V1"))
     config = checkpoint_config(net, {"timesteps": 50}, {"manifest": str(manifest)})
     assert config["data"]["preprocessing"] == params

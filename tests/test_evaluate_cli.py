@@ -24,6 +24,7 @@ from m2diff_monai.data import grid
 from m2diff_monai.errors import InputError
 from m2diff_monai.evaluation import cli, complexity, metrics, paper_protocol, run
 from m2diff_monai.evaluation.lpips_metric import LPIPSMetric
+from tiny_networks import tiny_m2diff
 
 NATIVE = (36, 40, 20)
 SIZE = 32
@@ -31,8 +32,7 @@ START = (2, 4, -6)  # cube voxel 0 on the canonical native grid (z padded)
 SPACING = 2.0
 SUBJECTS = ("s01", "s02", "s03")
 REGIONS = ("gm", "wm", "lesion_hot")
-TINY_M2DIFF = {"name": "m2diff", "preset": "demo", "image_size": SIZE, "model_channels": 32, "channel_mult": [1, 2],
-               "num_res_blocks": 1, "attention_resolutions": [], "num_heads": 1}
+TINY_M2DIFF = tiny_m2diff(SIZE)
 
 
 def canonical_affine() -> np.ndarray:
@@ -410,19 +410,6 @@ def test_bundle_evaluate_config_runs(cohort, tmp_path):
     assert config["evaluate"]["_target_"] == "m2diff_monai.evaluation.run.run_bundle_evaluation"
 
 
-class _IdentityRegressor(torch.nn.Module):
-    """A 'model' returning its LD input: its prediction equals the LD PET wherever it was sampled."""
-
-    is_diffusion = False
-
-    def __init__(self, config: dict) -> None:
-        super().__init__()
-        self.config = dict(config)
-
-    def forward(self, x_t=None, t=None, ld=None, mri=None, mri_available=None):
-        return {"out": ld.clone()}
-
-
 @pytest.mark.parametrize("space", ["pet", "mri"])
 def test_end_to_end_with_the_pipeline_and_m2diff_infer(tmp_path, space):
     """Real manifest (m2diff-preprocess) and real cohort predictions (m2diff-infer): the names line up, and the
@@ -430,10 +417,10 @@ def test_end_to_end_with_the_pipeline_and_m2diff_infer(tmp_path, space):
     from badinputs import write_subject, write_table
     from m2diff_monai.engines.workflow import checkpoint_config
     from m2diff_monai.inference import api
-    from m2diff_monai.networks.factory import build_network, register_network
+    from m2diff_monai.networks.factory import build_network
     from preprocessing.pipeline import PipelineOptions, run_pipeline
+    from tiny_networks import IdentityRegressor  # noqa: F401  (registers inference_test_identity)
 
-    register_network("evaluate_test_identity", _IdentityRegressor)
     raw = tmp_path / "raw"
     rows = [write_subject(raw, "c01", seed=1, flip_lps=True), write_subject(raw, "c02", seed=2)]
     for row in rows:
@@ -441,7 +428,7 @@ def test_end_to_end_with_the_pipeline_and_m2diff_infer(tmp_path, space):
     manifest = tmp_path / "manifests" / "tiny.json"
     run_pipeline(write_table(raw / "subjects.csv", rows), tmp_path / "prep", manifest,
                  PipelineOptions(transform="rigid", size=SIZE, split=(0.0, 0.0, 1.0), space=space))
-    net = build_network({"name": "evaluate_test_identity"})
+    net = build_network({"name": "inference_test_identity"})
     data = {"size": SIZE, "normalization": "shared", "transform": "rigid", "space": space}
     torch.save({"network": net.state_dict(), "ema": None, "epoch": 1, "iteration": 10,
                 "config": checkpoint_config(net, {"timesteps": 100}, data)}, tmp_path / "id.pt")

@@ -17,6 +17,7 @@ import torch
 from monai.bundle import ConfigParser, verify_metadata
 from monai.data import load_net_with_metadata
 
+from badinputs import centred_affine, phantom
 from m2diff_monai.engines.workflow import checkpoint_config
 from m2diff_monai.export import bundle as export_mod
 from m2diff_monai.export.cli import main
@@ -33,36 +34,24 @@ from m2diff_monai.export.torchscript import (
 from m2diff_monai.inference import api
 from m2diff_monai.checkpoint import LoadedModel, load_model
 from m2diff_monai.networks.factory import build_network
+from tiny_networks import randomize_zero_params, tiny_m2diff, tiny_mfdiff
+
 
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "m2diff"
 SCHEMA = REPO / "bundles" / "schema" / "meta_schema.json"
-TINY_V6 = {"name": "m2diff", "preset": "demo", "variant": "V6", "image_size": 16, "model_channels": 32,
-           "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [8], "num_heads": 2, "dropout": 0.0}
-TINY_MFDIFF = {"name": "mfdiff", "preset": "demo", "image_size": 16, "allow_missing_mri": True,
-               "fusion": {"dim": 8, "num_blocks": 1, "heads": 2, "decoder_blocks": 1},
-               "unet": {"model_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1,
-                        "attention_resolutions": [8], "num_heads": 2, "dropout": 0.0}}
+TINY_V6 = tiny_m2diff(attention=True)
+TINY_MFDIFF = tiny_mfdiff(attention=True, allow_missing_mri=True)
 EXPECTED_FILES = {"configs/metadata.json", "configs/inference.json", "configs/train.json",
                   "configs/multi_gpu_train.json", "configs/logging.conf", "models/model.pt", "models/model.ts",
                   "docs/README.md", "LICENSE"} | ({"configs/evaluate.json"} if (BUNDLE / "evaluate.json").is_file() else set())
 
 
-def randomized(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Zero-initialised output convs would make every output 0; give them small random weights."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            if not p.abs().any():
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-    return net.eval()
-
-
 def write_checkpoint(path: Path, net_config: dict, manifest: Path | None = None, ema: bool = True,
                      with_config: bool = True) -> Path:
-    net = randomized(build_network(net_config))
+    net = randomize_zero_params(build_network(net_config)).eval()
     state = net.state_dict()
     data = {"intensity_range": [0, 1], **({"manifest": str(manifest)} if manifest else {})}
     ckpt = {
@@ -179,7 +168,7 @@ def test_torchscript_equals_eager_at_other_batch_and_image_sizes(exported):
 
 @pytest.mark.parametrize("variant", ["MFdiff", "CMUNet"])
 def test_mfdiff_traces_to_the_eager_result_at_other_sizes(variant):
-    net = randomized(build_network({**TINY_MFDIFF, "variant": variant}))
+    net = randomize_zero_params(build_network({**TINY_MFDIFF, "variant": variant})).eval()
     ts = trace_denoiser(net, check=False)  # compared here on our own, independently of the export's check
     eager = DenoiserForExport(net).eval()
     with torch.no_grad():
@@ -191,7 +180,7 @@ def test_mfdiff_traces_to_the_eager_result_at_other_sizes(variant):
 def test_mri_required_mfdiff_traces_with_every_flag_set():
     """MFdiff built with allow_missing_mri=False (the bundle default) refuses flags of 0: the export's example and
     check inputs must all carry the MRI, and the checked trace must equal the eager network."""
-    net = randomized(build_network({**TINY_MFDIFF, "allow_missing_mri": False}))
+    net = randomize_zero_params(build_network({**TINY_MFDIFF, "allow_missing_mri": False})).eval()
     assert not accepts_missing_mri(net) and accepts_missing_mri(build_network(TINY_MFDIFF))
     ts = trace_denoiser(net, check=True)
     eager = DenoiserForExport(net).eval()
@@ -220,9 +209,6 @@ def test_trace_check_catches_a_shape_baked_into_the_trace():
 
 @pytest.mark.slow
 def test_exported_inference_runs_in_a_fresh_process_on_a_nifti(exported, tmp_path):
-    sys.path.insert(0, str(Path(__file__).parent))
-    from badinputs import centred_affine, phantom
-
     shape = (18, 20, 16)  # 3 mm voxels: the phantom brain fits the tiny model's 16³ cube
     affine = centred_affine(shape, 3.0)
     ld = tmp_path / "ld.nii.gz"
@@ -294,7 +280,7 @@ def test_set_writes_sampler_defaults_into_the_exported_inference_config(source, 
 def test_export_writes_the_stored_sampler_and_the_card_states_it(source, tmp_path):
     """What the training run was evaluated with (``config["inference_defaults"]``) becomes the exported
     ``inference.json``'s sampler; ``--set`` still wins over it."""
-    net = randomized(build_network(TINY_V6))
+    net = randomize_zero_params(build_network(TINY_V6)).eval()
     stored = {"sampler": "ddim", "steps": 7, "eta": 0.0, "start_step": 120}
     data = {"intensity_range": [0, 1], "manifest": str(source["root"] / "demo.json")}
     ckpt = tmp_path / "evaluated.pt"

@@ -1,10 +1,8 @@
 """Volume inference: checkpoint → preprocessing as in training → three-orientation sampling → fusion → the input's
 own grid and units.
 
-Exact checks use stand-in networks registered with the factory (so they travel through real checkpoints):
-``inference_test_identity`` is a regressor (``is_diffusion = False``) that returns the LD PET, and
-``inference_test_oracle`` is a diffusion network whose x̂0 prediction is the LD PET (DDIM with η = 0 then ends
-exactly on it). Sampling paths that need randomness use a tiny M2Diff from the factory.
+Exact checks use the known-answer stand-in networks of ``tiny_networks`` (``inference_test_identity`` returns the
+LD PET; ``inference_test_oracle`` predicts x̂0 = LD PET). Sampling paths that need randomness use a tiny M2Diff.
 """
 
 from __future__ import annotations
@@ -32,43 +30,13 @@ from m2diff_monai.inference.preprocess import (
     resolve_preprocessing,
 )
 from m2diff_monai.inference.volume import SliceGeometry, _coverage_count, fuse_with_coverage
-from m2diff_monai.networks.factory import build_network, register_network
+from m2diff_monai.networks.factory import build_network
+from tiny_networks import tiny_m2diff
 
 CUBE = 32
-TINY_M2DIFF = {"name": "m2diff", "preset": "demo", "image_size": CUBE, "model_channels": 32, "channel_mult": [1],
-               "attention_resolutions": [], "num_heads": 1}
+TINY_M2DIFF = tiny_m2diff(CUBE, channel_mult=[1])
 DATA_CONFIG = {"size": CUBE, "normalization": "shared", "transform": "rigid", "space": "pet"}
 FAST = {"steps": 2, "batch_size": 64, "progress": False, "png": False, "device": "cpu"}
-
-
-class IdentityRegressor(nn.Module):
-    """Returns the LD PET: a 'model' whose exact answer is known. Records how it was called."""
-
-    is_diffusion = False
-
-    def __init__(self, config: dict) -> None:
-        super().__init__()
-        self.config = dict(config)
-        self.calls: list[dict] = []
-
-    def forward(self, x_t=None, t=None, ld=None, mri=None, mri_available=None):
-        self.calls.append({"mri": None if mri is None else tuple(mri.shape), "x_t": x_t is None})
-        return {"out": ld.clone()}
-
-
-class OracleDenoiser(IdentityRegressor):
-    """Diffusion network predicting x̂0 = LD whatever x_t and t are."""
-
-    is_diffusion = True
-
-    def forward(self, x_t=None, t=None, ld=None, mri=None, mri_available=None):
-        assert x_t is not None and t is not None and t.dtype == torch.long
-        self.calls.append({"mri": None if mri is None else tuple(mri.shape), "t": int(t.max())})
-        return {"out": ld.clone()}
-
-
-register_network("inference_test_identity", IdentityRegressor)
-register_network("inference_test_oracle", OracleDenoiser)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -14,7 +14,6 @@ from m2diff_monai.networks import (
     VARIANTS,
     AttentionBlock,
     IDDPMUNet,
-    M2DiffUNet,
     ResBlock,
     SingleTaskUNet,
     build_network,
@@ -22,17 +21,10 @@ from m2diff_monai.networks import (
     register_network,
     timestep_embedding,
 )
+from tiny_networks import randomize_zero_params, tiny_m2diff
 
-TINY = {
-    "name": "m2diff",
-    "image_size": 32,
-    "model_channels": 32,
-    "channel_mult": [1, 2],
-    "num_res_blocks": 1,
-    "attention_resolutions": [16],
-    "num_heads": 2,
-    "dropout": 0.0,
-}
+
+TINY = tiny_m2diff(32, attention=True)
 
 
 def _tiny(variant: str, **overrides) -> torch.nn.Module:
@@ -40,16 +32,6 @@ def _tiny(variant: str, **overrides) -> torch.nn.Module:
     if variant == "V5":
         cfg.setdefault("mri_dropout", 0.1)
     return build_network(cfg)
-
-
-def _randomize_zero_params(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Zero-initialised convs block gradients and signals at init; give them small random weights."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            if not p.abs().any():
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-    return net
 
 
 def _inputs(batch: int = 3, size: int = 32, seed: int = 1):
@@ -77,7 +59,7 @@ def test_timestep_embedding_closed_form():
 def test_attention_block_matches_iddpm_reference_and_parameter_count():
     torch.manual_seed(0)
     channels, heads = 64, 4
-    block = _randomize_zero_params(AttentionBlock(channels, heads))
+    block = randomize_zero_params(AttentionBlock(channels, heads))
     # IDDPM: GroupNorm (2C) + qkv Conv1d(C, 3C, 1) + proj Conv1d(C, C, 1).
     assert count_parameters(block) == 2 * channels + (3 * channels * channels + 3 * channels) + (channels**2 + channels)
     x = torch.randn(2, channels, 6, 5)
@@ -109,7 +91,7 @@ def test_resblock_starts_as_identity_and_resamples():
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_variant_shapes_and_gradients_reach_every_parameter(variant, learn_sigma):
     torch.manual_seed(0)
-    net = _randomize_zero_params(_tiny(variant, learn_sigma=learn_sigma))
+    net = randomize_zero_params(_tiny(variant, learn_sigma=learn_sigma))
     x, t, ld, mri = _inputs()
     out = net(x, t, ld, mri, torch.tensor([1.0, 0.0, 1.0]))
     channels = 2 if learn_sigma else 1
@@ -126,7 +108,7 @@ def test_variant_shapes_and_gradients_reach_every_parameter(variant, learn_sigma
 @pytest.mark.parametrize("variant", ["V2", "V4", "V5", "V6"])
 def test_mri_free_pet_output_ignores_the_mri(variant):
     torch.manual_seed(0)
-    net = _randomize_zero_params(_tiny(variant)).eval()
+    net = randomize_zero_params(_tiny(variant)).eval()
     x, t, ld, mri = _inputs(batch=2)
     flags = torch.tensor([0.0, 1.0])  # sample 0 without MRI, sample 1 with
     with torch.no_grad():
@@ -149,7 +131,7 @@ def test_m2diff_without_mri_skips_the_mri_branch_and_rejects_contradictory_flags
 
 
 def test_v3_pet_branch_never_sees_the_mri():
-    net = _randomize_zero_params(_tiny("V3")).eval()
+    net = randomize_zero_params(_tiny("V3")).eval()
     x, t, ld, mri = _inputs(batch=2)
     with torch.no_grad():
         a = net(x, t, ld, mri)
@@ -159,7 +141,7 @@ def test_v3_pet_branch_never_sees_the_mri():
 
 
 def test_output_mode_mean_is_the_average_of_both_branches():
-    net = _randomize_zero_params(_tiny("V6", output_mode="mean")).eval()
+    net = randomize_zero_params(_tiny("V6", output_mode="mean")).eval()
     x, t, ld, mri = _inputs()
     with torch.no_grad():
         out = net(x, t, ld, mri)
@@ -172,7 +154,7 @@ def test_output_mode_mean_is_the_average_of_both_branches():
 
 
 def test_pet_mode_returns_the_pet_branch():
-    net = _randomize_zero_params(_tiny("V6")).eval()
+    net = randomize_zero_params(_tiny("V6")).eval()
     x, t, ld, mri = _inputs()
     with torch.no_grad():
         out = net(x, t, ld, mri)
@@ -180,8 +162,7 @@ def test_pet_mode_returns_the_pet_branch():
 
 
 def test_variant_structure():
-    v3 = M2DiffUNet.from_variant("V3", **{k: v for k, v in TINY.items() if k != "name"})
-    v6 = M2DiffUNet.from_variant("V6", **{k: v for k, v in TINY.items() if k != "name"})
+    v3, v6 = _tiny("V3"), _tiny("V6")
     assert v6.config["variant"] == "V6" and v3.config["channel_mult"] == [1, 2]
     assert not v3.hff and v6.hff and v6.has_mri_decoder
     # HFF doubles the skip channels entering each decoder ResBlock.
@@ -234,7 +215,7 @@ def test_official_64_preset_matches_the_benchmarked_official_layout():
 
 
 def test_bf16_autocast_forward_on_cpu():
-    net = _randomize_zero_params(_tiny("V6")).eval()
+    net = randomize_zero_params(_tiny("V6")).eval()
     x, t, ld, mri = _inputs()
     with torch.no_grad():
         ref = net(x, t, ld, mri)["out"]
@@ -246,7 +227,7 @@ def test_bf16_autocast_forward_on_cpu():
 
 @pytest.mark.parametrize("variant", ["V1", "V6"])
 def test_channels_last_matches_contiguous(variant):
-    net = _randomize_zero_params(_tiny(variant)).eval()
+    net = randomize_zero_params(_tiny(variant)).eval()
     x, t, ld, mri = _inputs()
     with torch.no_grad():
         ref = net(x, t, ld, mri)
@@ -259,7 +240,7 @@ def test_channels_last_matches_contiguous(variant):
 
 def test_activation_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
-    plain = _randomize_zero_params(_tiny("V6"))
+    plain = randomize_zero_params(_tiny("V6"))
     ckpt = _tiny("V6", use_checkpoint=True)
     ckpt.load_state_dict(plain.state_dict())
     x, t, ld, mri = _inputs()

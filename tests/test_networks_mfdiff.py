@@ -12,17 +12,12 @@ from m2diff_monai.networks.inn import AffineCoupling, DetailBranch, InvertedResi
 from m2diff_monai.networks.mfdiff import PRESETS, VARIANTS, MFdiffNet, resolve_mfdiff_config
 from m2diff_monai.networks.mfdiff_fusion import MFdiffFusion, ModalityFeatureExtractor
 from m2diff_monai.networks.restormer import ChannelAttention, ChannelLayerNorm
+from tiny_networks import TINY_SIZE, randomize_zero_params, tiny_fusion, tiny_mfdiff, tiny_unet
 
-SIZE = 16
-TINY_FUSION = {"dim": 8, "num_blocks": 1, "heads": 2, "decoder_blocks": 1}
-TINY_UNET = {
-    "model_channels": 32,
-    "channel_mult": [1, 2],
-    "num_res_blocks": 1,
-    "attention_resolutions": [8],
-    "num_heads": 2,
-    "dropout": 0.0,
-}
+
+SIZE = TINY_SIZE
+TINY_FUSION = tiny_fusion(heads=2)
+TINY_UNET = tiny_unet(SIZE, attention=True)
 
 
 def tiny_net(variant: str = "MFdiff", **kwargs) -> MFdiffNet:
@@ -39,15 +34,6 @@ def batch(b: int = 2, seed: int = 1) -> dict[str, torch.Tensor]:
         "ld": torch.rand(b, 1, SIZE, SIZE, generator=g),
         "mri": torch.rand(b, 1, SIZE, SIZE, generator=g),
     }
-
-
-def unzero_parameters(net: nn.Module) -> None:
-    """IDDPM zero-initialises output convs, which blocks every gradient upstream at init; undo that."""
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in net.parameters():
-            if not p.any():
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
 
 
 # ---------------------------------------------------------------- Restormer blocks
@@ -172,7 +158,7 @@ def test_fusion_spatial_attention_and_wide_output():
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_ablation_rows_shapes_and_gradients(variant):
     net = tiny_net(variant)
-    unzero_parameters(net)
+    randomize_zero_params(net, seed=3)
     b = batch()
     if net.is_diffusion:
         result = net(b["x_t"], b["t"], ld=b["ld"], mri=b["mri"])
@@ -208,7 +194,7 @@ def test_variant_structure():
 
 def test_the_diffusion_output_depends_on_mri_ld_and_x_t():
     net = tiny_net("MFdiff")
-    unzero_parameters(net)
+    randomize_zero_params(net, seed=3)
     b = batch()
     with torch.no_grad():
         base = net(**b)["out"]
@@ -227,7 +213,7 @@ def test_mri_is_required_unless_configured():
     strict(**b, mri_available=torch.ones(2))  # all available is fine
 
     lenient = tiny_net("MFdiff", allow_missing_mri=True)
-    unzero_parameters(lenient)
+    randomize_zero_params(lenient, seed=3)
     with torch.no_grad():
         without = lenient(b["x_t"], b["t"], ld=b["ld"])["out"]
         flagged = lenient(**b, mri_available=torch.zeros(2))["out"]
@@ -260,7 +246,7 @@ def test_bad_calls_fail_clearly():
 
 def test_bf16_autocast_runs_on_cpu():
     net = tiny_net("MFdiff")
-    unzero_parameters(net)
+    randomize_zero_params(net, seed=3)
     b = batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         result = net(**b)
@@ -274,8 +260,7 @@ def test_bf16_autocast_runs_on_cpu():
 
 
 def test_factory_builds_presets_and_round_trips_the_config():
-    config = {"name": "mfdiff", "preset": "demo", "variant": "CMUNet", "image_size": SIZE,
-              "fusion": TINY_FUSION, "unet": TINY_UNET}
+    config = tiny_mfdiff(SIZE, "CMUNet", attention=True)
     net = build_network(config)
     assert isinstance(net, MFdiffNet) and net.variant == "CMUNet" and net.config["preset"] == "demo"
     assert net.config["fusion"]["inn_layers"] == PRESETS["demo"]["fusion"]["inn_layers"]

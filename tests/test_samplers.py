@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from m2diff_monai.diffusion import GaussianDiffusion, get_named_beta_schedule, sample, space_timesteps
+from m2diff_monai.diffusion import GaussianDiffusion, get_named_beta_schedule, respaced, sample, space_timesteps
 
 T = 1000
 S = 0.5
@@ -162,8 +162,8 @@ def test_network_sees_original_timesteps_and_callback_runs():
     assert [s[0] for s in seen] == space_timesteps(T, 10)[::-1]
     assert all(len(set(s)) == 1 and len(s) == 3 for s in seen)
     assert calls == list(range(9, -1, -1))
-    assert diffusion.respaced(10) is diffusion.respaced(10)  # respaced chain is cached
-    assert diffusion.respaced(T) is diffusion
+    assert respaced(diffusion, 10) is respaced(diffusion, 10)  # respaced chain is cached
+    assert respaced(diffusion, T) is diffusion
 
 
 def test_shared_noise_gives_identical_samples_across_batch():
@@ -237,8 +237,8 @@ def test_truncated_start_is_q_sample_at_t0_and_calls_only_timesteps_up_to_t0():
     assert seen == space_timesteps(401, 10)[::-1] and seen[0] == 400 and seen[-1] == 0
     expected_first = ab[400].sqrt() * start + (1 - ab[400]).sqrt() * noise
     torch.testing.assert_close(first_x[0], expected_first, atol=1e-6, rtol=0)
-    assert diffusion.respaced(10, start_step=400) is diffusion.respaced(10, start_step=400)
-    assert diffusion.respaced(10, start_step=400) is not diffusion.respaced(10)
+    assert respaced(diffusion, 10, start_step=400) is respaced(diffusion, 10, start_step=400)
+    assert respaced(diffusion, 10, start_step=400) is not respaced(diffusion, 10)
 
 
 def test_truncated_start_rejects_incomplete_or_impossible_requests():
@@ -249,7 +249,7 @@ def test_truncated_start_rejects_incomplete_or_impossible_requests():
     with pytest.raises(ValueError, match="both start"):
         sample(diffusion, lambda x, t: x, x.shape, start_step=10)
     with pytest.raises(ValueError, match="start_step"):
-        diffusion.respaced(10, start_step=T)
+        respaced(diffusion, 10, start_step=T)
     with pytest.raises(ValueError, match="cannot divide"):
         sample(diffusion, lambda x, t: x, x.shape, steps=50, start=x, start_step=20)
     with pytest.raises(ValueError, match="start shape"):

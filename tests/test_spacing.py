@@ -27,8 +27,7 @@ from m2diff_monai.inference.preprocess import resolve_preprocessing
 from m2diff_monai.networks.factory import build_network
 from preprocessing import spacing as sp
 from preprocessing.pipeline import PipelineOptions, run_pipeline
-
-import test_inference  # noqa: F401  (registers the inference_test_identity network with the factory)
+from tiny_networks import IdentityRegressor  # noqa: F401  (registers inference_test_identity)
 
 FAST = {"steps": 2, "batch_size": 64, "progress": False, "png": False, "device": "cpu", "fusion": "mean"}
 FOV_SHAPE_2MM = (48, 56, 40)  # 96 x 112 x 80 mm

@@ -59,7 +59,7 @@ class PETEnhancementInferer(Inferer):
 
     ``ld`` (and ``mri``) are normalized cubes on the model's grid (what :class:`~m2diff_monai.deploy.PreparePETd`
     makes from original units); ``brain_mask`` selects the slices to sample, as in training (None: every slice).
-    ``settings``: any :class:`m2diff_monai.inference.api.InferenceSettings` field (``sampler``, ``steps``,
+    ``settings``: any :class:`m2diff_monai.inference.settings.InferenceSettings` field (``sampler``, ``steps``,
     ``orientations``, ``fusion``, ``samples``, ``seed``, ``batch_size``, ``amp``, ...), validated the same way;
     ``device`` is ignored — sampling runs where ``ld`` is. ``data_config``: the checkpoint's data config, for the
     training slices' in-plane size and the ``slice`` normalization's per-slice min–max.
@@ -68,7 +68,7 @@ class PETEnhancementInferer(Inferer):
     def __init__(self, diffusion_config: Mapping[str, Any], data_config: Mapping[str, Any] | None = None,
                  network_image_size: int | None = None, is_diffusion: bool = True,
                  sampling_defaults: Mapping[str, Any] | None = None, **settings: Any) -> None:
-        from m2diff_monai.inference.api import InferenceSettings
+        from m2diff_monai.inference.settings import InferenceSettings
         from m2diff_monai.inference.defaults import layered_settings
         from m2diff_monai.inference.preprocess import resolve_preprocessing
 

@@ -35,7 +35,7 @@ NOT_INFERER_SETTINGS = ("device", "progress", "png", "save_orientations")
 def deploy_config_items(config: Mapping[str, Any]) -> dict[str, Any]:
     """``preprocessing``, ``inferer`` and ``postprocessing`` for an exported ``inference.json`` (``config``: the
     rewritten one, holding ``data_config``/``diffusion_config`` and the literal sampler settings)."""
-    from m2diff_monai.inference.api import SETTING_KEYS
+    from m2diff_monai.inference.settings import SETTING_KEYS
     from m2diff_monai.inference.defaults import SAMPLING_DEFAULTS_KEY
     from m2diff_monai.inference.preprocess import resolve_preprocessing
 

@@ -57,15 +57,3 @@ def training_normalization(data_config: Mapping[str, Any] | None) -> str | None:
         if normalization:
             return str(normalization)
     return None
-
-
-def resolve_clip(diffusion_config: Mapping[str, Any], data_config: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``diffusion_config`` (normalized) with ``clip_denoised: "auto"`` replaced by the concrete range for the
-    training data's normalization; any other value is returned as it is."""
-    from .respace import normalize_diffusion_config
-
-    config = normalize_diffusion_config(dict(diffusion_config))
-    if is_auto(config["clip_denoised"]):
-        lo, hi = auto_clip_range(training_normalization(data_config), config["auto_clip_max"])
-        config["clip_denoised"] = [lo, hi]
-    return config

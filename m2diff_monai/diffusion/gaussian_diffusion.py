@@ -113,7 +113,7 @@ class GaussianDiffusion:
             self.timestep_map = np.asarray(list(timestep_map), dtype=np.int64)
             if self.timestep_map.shape != (self.num_timesteps,):
                 raise ValueError("timestep_map must have one entry per beta")
-        # Overridden by SpacedDiffusion (the unspaced chain it was cut from); used by respaced() and rescaling.
+        # Overridden by SpacedDiffusion (the unspaced chain it was cut from); used by respace.respaced and rescaling.
         self.base_betas = betas
         self.original_num_timesteps = int(self.timestep_map.max()) + 1
 
@@ -140,7 +140,8 @@ class GaussianDiffusion:
         self.fixed_large_log_variance = np.log(self.fixed_large_variance)
 
         self._tensor_cache: dict[tuple[torch.device, torch.dtype], dict[str, torch.Tensor]] = {}
-        self._respaced_cache: dict[str, GaussianDiffusion] = {}
+        # Chains respace.respaced cut from this one (kept here so they live as long as this diffusion).
+        self.respaced_cache: dict[str, GaussianDiffusion] = {}
 
     # ------------------------------------------------------------------ buffers
     def _buffers(self, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -190,39 +191,6 @@ class GaussianDiffusion:
             )
         mean_part, v = torch.split(model_output, model_output.shape[1] // 2, dim=1)
         return mean_part, v
-
-    def respaced(self, steps: int | str | None, start_step: int | None = None) -> "GaussianDiffusion":
-        """This diffusion's unspaced chain respaced to ``steps`` (int N, or an IDDPM string such as "ddim50");
-        cached. ``steps`` equal to the unspaced T returns the unspaced chain itself when this one is unspaced.
-
-        ``start_step`` t₀ (an original timestep) truncates the chain to [0, t₀]: the ``steps`` (None = every step)
-        are spread over 0..t₀ with both ends kept, so the chain starts at exactly t₀ (see ``sample``'s ``start``).
-        """
-        from .respace import SpacedDiffusion, space_timesteps
-
-        total = len(self.base_betas)
-        if start_step is not None:
-            start_step = int(start_step)
-            if not 0 <= start_step < total:
-                raise ValueError(f"start_step must be an original timestep in 0..{total - 1}, got {start_step}")
-        span = total if start_step is None else start_step + 1
-        if steps is None:
-            steps = span
-        key = str(steps) if start_step is None else f"{steps}@{start_step}"
-        if key not in self._respaced_cache:
-            use = space_timesteps(span, str(steps))
-            if len(use) == total and self.num_timesteps == total:
-                self._respaced_cache[key] = self
-            else:
-                self._respaced_cache[key] = SpacedDiffusion(
-                    use,
-                    betas=self.base_betas,
-                    model_mean_type=self.model_mean_type,
-                    model_var_type=self.model_var_type,
-                    clip_denoised=self.clip_range,
-                    rescale_timesteps=self.rescale_timesteps,
-                )
-        return self._respaced_cache[key]
 
     # ------------------------------------------------------------------ forward process
     def q_mean_variance(self, x_start: torch.Tensor, t: torch.Tensor):

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import torch
 
 from .gaussian_diffusion import GaussianDiffusion
+from .respace import respaced
 
 SAMPLERS = ("ancestral", "ddim")
 
@@ -123,9 +124,9 @@ def sample(
     if (start is None) != (start_step is None):
         raise ValueError("a truncated start needs both start (the x_0 estimate) and start_step (t0)")
     if start_step is None:
-        chain = diffusion if steps is None else diffusion.respaced(steps)
+        chain = diffusion if steps is None else respaced(diffusion, steps)
     else:
-        chain = diffusion.respaced(steps, start_step=start_step)
+        chain = respaced(diffusion, steps, start_step=start_step)
     shape = tuple(int(s) for s in shape)
     if device is None:
         device = noise.device if noise is not None else torch.device("cpu")

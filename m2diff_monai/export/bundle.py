@@ -317,7 +317,7 @@ def _rewrite_common(config: dict[str, Any], loaded: Mapping[str, Any]) -> dict[s
 def check_sampler_defaults(defaults: Mapping[str, Any] | None) -> dict[str, Any]:
     """Validated inference-setting overrides for the exported ``inference.json`` (e.g. ``{"start_step": 200}``):
     keys must be ``InferenceSettings`` fields and the values must pass its checks; ``InputError`` otherwise."""
-    from m2diff_monai.inference.api import SETTING_KEYS, InferenceSettings
+    from m2diff_monai.inference.settings import SETTING_KEYS, InferenceSettings
 
     defaults = dict(defaults or {})
     unknown = sorted(set(defaults) - set(SETTING_KEYS))

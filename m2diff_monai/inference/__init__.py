@@ -18,7 +18,7 @@ _EXPORTS = {
     "fuse_volumes": "fusion",
     "LoadedModel": "m2diff_monai.checkpoint",
     "load_model": "m2diff_monai.checkpoint",
-    "InferenceSettings": "api",
+    "InferenceSettings": "settings",
     "infer_subject": "api",
     "infer_manifest": "api",
 }

@@ -12,7 +12,7 @@ Precedence, highest first (the ``sources`` of a resolved setting name the layer)
 2. ``checkpoint``: the checkpoint's ``inference_defaults``;
 3. ``bundle``: the bundle's ``sampling_defaults`` block (and, for ``m2diff-infer --bundle``, the literal top-level
    keys that are not sampler settings: ``batch_size``, ``device``, ...);
-4. ``default``: :class:`m2diff_monai.inference.api.InferenceSettings`.
+4. ``default``: :class:`m2diff_monai.inference.settings.InferenceSettings`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from m2diff_monai.inference.settings import InferenceSettings
 
 # What a checkpoint may fix: how the prediction is sampled and fused. Not the machine (device, amp, batch size),
 # not the outputs (png, save_orientations), not the weights.
@@ -34,8 +36,6 @@ SAMPLING_DEFAULTS_KEY = "sampling_defaults"
 def check_inference_defaults(defaults: Mapping[str, Any] | None) -> dict[str, Any]:
     """Validated ``inference_defaults`` (``{}`` for None): keys among :data:`INFERENCE_DEFAULT_KEYS`, values that
     :class:`InferenceSettings` accepts. Returned as given (JSON-serialisable), ValueError otherwise."""
-    from m2diff_monai.inference.api import InferenceSettings
-
     if defaults is None:
         return {}
     if not isinstance(defaults, Mapping):

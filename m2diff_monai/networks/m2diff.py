@@ -290,16 +290,6 @@ class M2DiffUNet(nn.Module):
             )
             self.mri_head = nn.Conv2d(model_channels, out_channels, 3, padding=1)
 
-    @classmethod
-    def from_variant(cls, variant: str, **config: Any) -> nn.Module:
-        """Build ablation ``variant`` ("V1".."V6") through the factory, so ``net.config`` is set.
-
-        Missing keys take the ``paper-256`` values; V1/V2 return a ``SingleTaskUNet`` (same call and outputs).
-        """
-        from .factory import build_network
-
-        return build_network({**config, "name": "m2diff", "variant": variant})
-
     def forward(
         self,
         x_t: torch.Tensor,
