@@ -12,7 +12,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from m2diff_monai.errors import InputError
+from m2diff_monai.cli_runner import print_error, run_cli
 from m2diff_monai.runtime import configure_threads
 
 PROG = "m2diff-preprocess"
@@ -63,22 +63,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModuleNotFoundError as err:
         if err.name != module_name:
             raise
-        print(f"error: command '{name}' is not available in this installation (no module {module_name})",
-              file=sys.stderr)
+        print_error(PROG, f"command '{name}' is not available in this installation (no module {module_name})")
         return 1
     parser = argparse.ArgumentParser(prog=f"{PROG} {name}", description=description)
     module.configure(parser)
-    args = parser.parse_args(rest)
+    return run_cli(parser, lambda args: _run_command(module, args), rest, prog=PROG)
+
+
+def _run_command(module, args: argparse.Namespace) -> int:
     configure_threads(import_torch=False)
-    try:
-        code = module.main(args)
-    except InputError as err:
-        print(f"error: {err.line()}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return int(code or 0)
+    return int(module.main(args) or 0)
 
 
 if __name__ == "__main__":
