@@ -86,19 +86,23 @@ def test_refuses_to_replace_an_input_or_a_folder_holding_one(tmp_path):
     assert _hidden(tmp_path) == []
 
 
-def test_refuses_to_replace_a_file_or_a_symlink(tmp_path):
+def test_refuses_a_plain_file_and_replaces_a_symlink_not_its_target(tmp_path):
+    plain = tmp_path / "plain"
+    plain.write_text("a file")
+    with pytest.raises(InputError, match="not a folder"):
+        with atomic.staged_folder(plain):
+            pass
+    assert plain.read_text() == "a file"
     target = tmp_path / "elsewhere"
     target.mkdir()
     (target / "precious").write_text("keep")
-    link = tmp_path / "link"
-    link.symlink_to(target)
-    plain = tmp_path / "plain"
-    plain.write_text("a file")
-    for dest in (link, plain):
-        with pytest.raises(InputError, match="not a folder"):
-            with atomic.staged_folder(dest):
-                pass
-    assert (target / "precious").read_text() == "keep" and plain.read_text() == "a file"
+    for name, points_to in (("link", target), ("dangling", tmp_path / "gone")):
+        link = tmp_path / name
+        link.symlink_to(points_to)
+        with atomic.staged_folder(link) as staging:
+            (staging / "new").write_text("new")
+        assert not link.is_symlink() and (link / "new").read_text() == "new"
+    assert sorted(p.name for p in target.iterdir()) == ["precious"] and (target / "precious").read_text() == "keep"
     assert _hidden(tmp_path) == []
 
 

@@ -85,12 +85,13 @@ def publish_folder(staging: str | Path, dest: str | Path, *, inputs: Any | None 
     ``inputs`` (a :class:`~m2diff_monai.io.safety.RunInputs`): refuse with an InputError naming ``option`` when
     ``dest`` is or holds one of the run's inputs; nothing moves then. Whether ``dest`` is something this tool may
     replace at all (an earlier report, an earlier export) is the caller's rule, checked before the work starts.
-    ``lock=False`` when the caller already holds the lock of the whole output root.
+    ``lock=False`` when the caller already holds the lock of the whole output root. A symlink at ``dest`` is
+    replaced as a link (its target is never touched); a plain file at ``dest`` is refused.
     On failure ``dest`` is as before and ``staging`` is left for the caller to remove."""
     staging, dest = Path(staging), Path(dest)
     if inputs is not None:
         inputs.check(dest, option)
-    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+    if not dest.is_symlink() and dest.exists() and not dest.is_dir():
         from m2diff_monai.errors import InputError
 
         raise InputError(f"{option} exists and is not a folder; it is not replaced", path=dest)
@@ -102,7 +103,7 @@ def publish_folder(staging: str | Path, dest: str | Path, *, inputs: Any | None 
 def _swap(staging: Path, dest: Path) -> None:
     from m2diff_monai.io import safety
 
-    if not dest.exists():
+    if not os.path.lexists(dest):
         os.replace(staging, dest)
         return
     aside = Path(tempfile.mkdtemp(prefix=safety.owned_temp_prefix("old", _temp_label(dest.name)), dir=dest.parent))
