@@ -154,6 +154,10 @@ def test_dispatcher_maps_input_errors_and_interrupts_to_exit_codes(monkeypatch, 
     assert len(err.splitlines()) == 1
     (log,) = tmp_path.glob("m2diff-preprocess-*.log")
     assert str(log) in err and "Traceback" in log.read_text() and ", in bug" in log.read_text()
+    for argv in (["--debug", "validate"], ["validate", "--debug"]):
+        assert cli.main(argv) == 1
+        err = capsys.readouterr().err
+        assert "Traceback (most recent call last)" in err and err.splitlines()[-1].endswith("(traceback above)")
 
     _fake_command(monkeypatch, lambda args: int(args.x) + 2)
     assert cli.main(["validate", "--x", "5"]) == 7
