@@ -7,8 +7,8 @@
 
 Predictions are ``DIR/<subject>.nii.gz`` as ``m2diff-infer --manifest ... --out-dir DIR`` writes them.
 Exit codes: 0 success; 1 some subjects failed under ``--keep-going`` (the report covers the others) or an
-internal error (one line naming the log with the traceback; ``--debug`` prints it); 2 bad input or options (one line on stderr naming the subject or file; no report written);
-130 interrupted (no report written).
+internal error (one line naming the log with the traceback; ``--debug`` prints it); 2 bad input or options (one
+line on stderr naming the subject or file; no report written); 130 interrupted (no report written).
 """
 
 from __future__ import annotations
