@@ -9,7 +9,8 @@ folder onto a non-empty one, so an earlier version is first moved aside and dele
 place (if the swap fails it is moved back). The rules of :mod:`m2diff_monai.io.safety` hold here too: the
 destination is checked against the run's inputs before anything moves, temporary folders carry their owner in
 their name (``.tmp.<name>.<host>-p<pid>.*``, ``.old.<name>...``) so an abandoned one can be removed safely, and the
-swap holds a short lock on the parent folder so two runs publishing the same folder leave one complete result, never a mix.
+swap holds a short lock on the parent folder so two runs publishing the same folder leave one complete result,
+never a mix.
 """
 
 from __future__ import annotations
