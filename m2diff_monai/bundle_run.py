@@ -4,7 +4,8 @@ MONAI wraps every failure while instantiating a config component in ``RuntimeErr
 component ...")`` and Python prints the whole 50–70-line chain; the line that helps (our ``InputError``: a missing
 manifest, a missing checkpoint, a bad ``--steps``) sits in the middle. :func:`install` replaces ``sys.excepthook``
 so a bundle run ends in ONE line naming the problem (and, in our messages, the fix), exit status 1.
-``M2DIFF_DEBUG=1`` keeps Python's full traceback.
+``M2DIFF_DEBUG=1`` keeps Python's full traceback. The formatting helpers are the command line tools' own
+(:mod:`m2diff_monai.cli_runner`), so a bundle run and ``m2diff-infer`` report an error alike.
 
 ``m2diff_monai/__init__.py`` calls :func:`install` when the program being run is ``monai.bundle`` — the bundle
 configs' ``$import m2diff_monai...`` lines are the first code of ours such a run executes. Library users and our
@@ -13,13 +14,13 @@ CLIs (which print their own one-line errors) are unaffected.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-DEBUG_VARIABLE = "M2DIFF_DEBUG"
+from m2diff_monai.cli_runner import DEBUG_VARIABLE, debug_requested, exception_chain, one_line
+
 DEBUG_HINT = f"{DEBUG_VARIABLE}=1 shows the full traceback"
 # Exception types whose message is written for users (by us or by the checks we call): shown as they are.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError)
@@ -38,22 +39,6 @@ def running_monai_bundle() -> bool:
     return argv0.endswith("monai/bundle/__main__.py")
 
 
-def exception_chain(error: BaseException) -> list[BaseException]:
-    """``error`` and the exceptions it was raised from or while handling, outermost first (cycles cut)."""
-    chain: list[BaseException] = []
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        chain.append(current)
-        seen.add(id(current))
-        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
-    return chain
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
 def summary_line(error: BaseException) -> str:
     """The single line a failed bundle run ends with: our ``InputError`` anywhere in the chain, else a user-facing
     error type (``ValueError``, ``FileNotFoundError``...), else the innermost exception labelled internal."""
@@ -65,13 +50,13 @@ def summary_line(error: BaseException) -> str:
             return f"error: {candidate.line()} ({DEBUG_HINT})"
     for candidate in chain:
         if isinstance(candidate, USER_ERRORS) and not str(candidate).startswith(MONAI_WRAPPER_PREFIX):
-            return f"error: {_one_line(candidate)} ({DEBUG_HINT})"
+            return f"error: {one_line(candidate)} ({DEBUG_HINT})"
     innermost = chain[-1]
-    return f"internal error: {type(innermost).__name__}: {_one_line(innermost)} ({DEBUG_HINT})"
+    return f"internal error: {type(innermost).__name__}: {one_line(innermost)} ({DEBUG_HINT})"
 
 
 def _hook(kind: type[BaseException], error: BaseException, traceback: TracebackType | None) -> None:
-    if os.environ.get(DEBUG_VARIABLE) or not isinstance(error, Exception):
+    if debug_requested() or not isinstance(error, Exception):
         sys.__excepthook__(kind, error, traceback)  # KeyboardInterrupt and --debug: Python's own report
         return
     try:

@@ -12,7 +12,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from m2diff_monai.errors import InputError
+from m2diff_monai.cli_runner import add_debug_option, print_error, run_cli
 from m2diff_monai.runtime import configure_threads
 
 PROG = "m2diff-preprocess"
@@ -44,6 +44,7 @@ def _top_parser() -> argparse.ArgumentParser:
         epilog=f"Run '{PROG} COMMAND --help' for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    add_debug_option(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     for name, (_, description) in COMMANDS.items():
         sub.add_parser(name, help=description, add_help=False)
@@ -52,33 +53,30 @@ def _top_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = argv[:1] == ["--debug"]  # `m2diff-preprocess --debug run ...` means `run ... --debug`
+    if debug:
+        argv = argv[1:]
     if not argv or argv[0] not in COMMANDS:
         parser = _top_parser()
         parser.parse_args(argv)  # handles --help, --version and unknown commands (exits)
         parser.error("choose a command")  # only reached without any argument
-    name, rest = argv[0], argv[1:]
+    name, rest = argv[0], argv[1:] + (["--debug"] if debug else [])
     module_name, description = COMMANDS[name]
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
         if err.name != module_name:
             raise
-        print(f"error: command '{name}' is not available in this installation (no module {module_name})",
-              file=sys.stderr)
+        print_error(PROG, f"command '{name}' is not available in this installation (no module {module_name})")
         return 1
     parser = argparse.ArgumentParser(prog=f"{PROG} {name}", description=description)
     module.configure(parser)
-    args = parser.parse_args(rest)
+    return run_cli(parser, lambda args: _run_command(module, args), rest, prog=PROG)
+
+
+def _run_command(module, args: argparse.Namespace) -> int:
     configure_threads(import_torch=False)
-    try:
-        code = module.main(args)
-    except InputError as err:
-        print(f"error: {err.line()}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return int(code or 0)
+    return int(module.main(args) or 0)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from m2diff_monai.cli_runner import print_error
 from m2diff_monai.errors import InputError
 from m2diff_monai.io.atomic import save_json, save_nifti, save_text
 
@@ -301,7 +302,7 @@ def main(args: argparse.Namespace) -> int:
             return 0
         summary, records = build_demo(args.out, args.manifest, options)
     except (InputError, ValueError) as err:
-        print(f"error: {err.line() if isinstance(err, InputError) else err}", file=sys.stderr)
+        print_error("m2diff-preprocess", err.line() if isinstance(err, InputError) else str(err))
         return 2
     if summary.failed:
         for line in summary.failed.values():

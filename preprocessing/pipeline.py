@@ -25,9 +25,7 @@ import argparse
 import json
 import multiprocessing
 import os
-import shutil
 import sys
-import tempfile
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -43,7 +41,7 @@ from m2diff_monai.data.grid import voxel_spacing
 from m2diff_monai.data.orientation import parse_orientations
 from m2diff_monai.errors import InputError
 from m2diff_monai.io import safety
-from m2diff_monai.io.atomic import save_json, save_nifti
+from m2diff_monai.io.atomic import save_json, save_nifti, staged_folder
 from m2diff_monai.runtime import allowed_threads
 
 from . import crop as crop_stage
@@ -192,27 +190,11 @@ def process_subject(loaded: LoadedSubject, out_dir: Path, options: PipelineOptio
     sid = loaded.row.subject_id
     subjects_dir = Path(out_dir) / "subjects"
     subjects_dir.mkdir(parents=True, exist_ok=True)
-    safety.remove_abandoned_temps(subjects_dir, ("tmp", "old"), sid)
-    work = Path(tempfile.mkdtemp(prefix=safety.owned_temp_prefix("tmp", sid), dir=subjects_dir))
-    try:
+    # an older version is replaced only once the new one is complete; the run already holds OUT's lock
+    with staged_folder(subjects_dir / sid, lock=False) as work:
         record = _build_subject(loaded, work, options)
         save_json(work / "subject.json", record)
-        _install(work, subjects_dir / sid)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return record
-
-
-def _install(work: Path, final: Path) -> None:
-    """Rename the finished folder into place; an older version is moved aside first and then deleted."""
-    old = None
-    if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=safety.owned_temp_prefix("old", final.name), dir=final.parent))
-        os.replace(final, old / final.name)
-    os.replace(work, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _build_subject(loaded: LoadedSubject, work: Path, options: PipelineOptions) -> dict:

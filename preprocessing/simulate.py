@@ -14,13 +14,13 @@ import argparse
 import csv
 import math
 import os
-import sys
 import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from m2diff_monai.cli_runner import print_error
 from m2diff_monai.errors import InputError
 from m2diff_monai.io.atomic import save_json, save_nifti, save_text
 
@@ -229,7 +229,7 @@ def main(args: argparse.Namespace) -> int:
         params = scanner_params(args)
         params.check()
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print_error("m2diff-preprocess", str(err))
         return 2
     try:
         if args.sd_pet is not None:
@@ -251,7 +251,7 @@ def main(args: argparse.Namespace) -> int:
                                         params=params, backend=args.backend, device=args.device, force=args.force)
             print(f"wrote {out_csv}")
     except InputError as err:
-        print(f"error: {err.line()}", file=sys.stderr)
+        print_error("m2diff-preprocess", err.line())
         return 2
     return 0
 

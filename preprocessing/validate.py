@@ -8,6 +8,7 @@ import io
 import sys
 from pathlib import Path
 
+from m2diff_monai.cli_runner import print_error
 from m2diff_monai.io.atomic import save_text
 from preprocessing.intake import IntakeOptions, validate_subjects
 from preprocessing.subjects import PATH_COLUMNS, read_subjects
@@ -96,7 +97,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"{len(rows)} subject(s), {len(rows) - len(failing)} valid, {len(failing)} with errors, "
           f"{n_warn} warning(s)")
     for line in failing.values():
-        print(f"error: {line}", file=sys.stderr)
+        print_error("m2diff-preprocess", line)
     return 2 if failing else 0
 
 

@@ -250,7 +250,7 @@ def test_missing_prediction_is_one_line_and_writes_nothing(cohort, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and "subject s02" in err and "Partial" in err and "s02.nii.gz" in err
-    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
     code = cli.main(["--manifest", str(cohort["manifest"]), "--pred", f"Partial={preds}", "--out", str(out),
                      "--no-progress", "--no-lpips", "--keep-going", "--no-figures"])

@@ -318,7 +318,7 @@ def run_bad(args: list[str], out: Path, capsys) -> str:
     assert rc == 2
     assert len(err) == 1 and err[0].startswith("m2diff-export: ")
     assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith((f".tmp.{out.name}.", f".old.{out.name}."))]
     return err[0]
 
 
@@ -388,7 +388,7 @@ def test_onnx_option(source, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["--bundle", str(BUNDLE), "--checkpoint", str(source["checkpoint"]), "--onnx"]
     if not onnx_available():  # this environment has no onnx: one clear line, exit non-zero, nothing written
-        assert run_bad(args, out, capsys) == f"m2diff-export: {ONNX_MISSING}"
+        assert run_bad(args, out, capsys) == f"m2diff-export: error: {ONNX_MISSING}"
         return
     import onnx
 

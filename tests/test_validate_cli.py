@@ -35,7 +35,7 @@ def test_each_bad_input_exits_2_with_its_reason_and_writes_nothing(corpus, case)
     before = _snapshot(root)
     result = _run("validate", "--subjects", str(csv_path), *CASE_CLI_ARGS.get(case, []), cwd=root)
     assert result.returncode == 2, result.stdout + result.stderr
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("m2diff-preprocess: error: ")]
     assert len(error_lines) == 1, result.stderr  # one failing subject (or one table problem), one line
     assert fragment in error_lines[0]
     assert "Traceback" not in result.stderr
@@ -103,7 +103,7 @@ def test_top_level_help_lists_every_command_and_a_missing_table_exits_2(tmp_path
     for name in cli.COMMANDS:
         assert name in result.stdout
     missing = _run("validate", "--subjects", str(tmp_path / "none.csv"), cwd=tmp_path)
-    assert missing.returncode == 2 and missing.stderr.startswith("error: file ")
+    assert missing.returncode == 2 and missing.stderr.startswith("m2diff-preprocess: error: file ")
     assert "subjects table does not exist" in missing.stderr
 
 
@@ -127,26 +127,37 @@ def _fake_command(monkeypatch, behaviour):
     monkeypatch.setitem(cli.COMMANDS, "validate", ("fake_m2diff_command", "fake"))
 
 
-def test_dispatcher_maps_input_errors_and_interrupts_to_exit_codes(monkeypatch, capsys):
+def test_dispatcher_maps_input_errors_and_interrupts_to_exit_codes(monkeypatch, capsys, tmp_path):
     def input_error(args):
         raise InputError("broken thing", subject="s1", path="/x/y.nii.gz")
 
     _fake_command(monkeypatch, input_error)
     assert cli.main(["validate"]) == 2
-    assert capsys.readouterr().err == "error: subject s1, file /x/y.nii.gz: broken thing\n"
+    assert capsys.readouterr().err == "m2diff-preprocess: error: subject s1, file /x/y.nii.gz: broken thing\n"
 
     def interrupted(args):
         raise KeyboardInterrupt
 
     _fake_command(monkeypatch, interrupted)
     assert cli.main(["validate"]) == 130
+    assert capsys.readouterr().err == "m2diff-preprocess: interrupted\n"
 
     def bug(args):
-        raise RuntimeError("a bug must show its traceback")
+        raise RuntimeError("a bug must leave its traceback")
 
     _fake_command(monkeypatch, bug)
-    with pytest.raises(RuntimeError):
-        cli.main(["validate"])
+    monkeypatch.setenv("M2DIFF_LOG_DIR", str(tmp_path))
+    monkeypatch.delenv("M2DIFF_DEBUG", raising=False)
+    assert cli.main(["validate"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("m2diff-preprocess: internal error: RuntimeError: a bug must leave its traceback (")
+    assert len(err.splitlines()) == 1
+    (log,) = tmp_path.glob("m2diff-preprocess-*.log")
+    assert str(log) in err and "Traceback" in log.read_text() and ", in bug" in log.read_text()
+    for argv in (["--debug", "validate"], ["validate", "--debug"]):
+        assert cli.main(argv) == 1
+        err = capsys.readouterr().err
+        assert "Traceback (most recent call last)" in err and err.splitlines()[-1].endswith("(traceback above)")
 
     _fake_command(monkeypatch, lambda args: int(args.x) + 2)
     assert cli.main(["validate", "--x", "5"]) == 7

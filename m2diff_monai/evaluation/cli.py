@@ -7,19 +7,18 @@
 
 Predictions are ``DIR/<subject>.nii.gz`` as ``m2diff-infer --manifest ... --out-dir DIR`` writes them.
 Exit codes: 0 success; 1 some subjects failed under ``--keep-going`` (the report covers the others) or an
-internal error; 2 bad input or options (one line on stderr naming the subject or file; no report written);
-130 interrupted (no report written).
+internal error (one line naming the log with the traceback; ``--debug`` prints it); 2 bad input or options (one
+line on stderr naming the subject or file; no report written); 130 interrupted (no report written).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from m2diff_monai.errors import InputError
+from m2diff_monai.cli_runner import run_cli
 from m2diff_monai.runtime import configure_threads
 
 PROG = "m2diff-evaluate"
@@ -107,22 +106,12 @@ def _run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    return run_cli(build_parser(), _evaluate, argv, interrupted="no report written")
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     configure_threads()
-    try:
-        summary = _run(args)
-    except InputError as err:
-        print(f"{PROG}: {err.line()}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; no report written", file=sys.stderr)
-        return 130
-    except Exception as err:  # an internal error: still one line; the report folder is untouched
-        if os.environ.get("M2DIFF_DEBUG"):
-            raise
-        print(f"{PROG}: internal error: {type(err).__name__}: {' '.join(str(err).split())}", file=sys.stderr)
-        return 1
+    summary = _run(args)
     lpips = summary["lpips"]
     if not lpips["available"] and not args.no_lpips:
         print(f"{PROG}: warning: {lpips['reason']}", file=sys.stderr)

@@ -23,11 +23,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -44,7 +41,7 @@ from m2diff_monai.data.orientation import ORIENTATION_AXIS, ORIENTATIONS, parse_
 from m2diff_monai.data.manifest import canonical_split, read_manifest, select_volumes
 from m2diff_monai.errors import InputError
 from m2diff_monai.io import safety
-from m2diff_monai.io.atomic import save_json, save_text
+from m2diff_monai.io.atomic import save_json, save_text, staged_folder
 from m2diff_monai.runtime import configure_threads
 
 TOOL = "m2diff-evaluate"
@@ -817,22 +814,6 @@ def _is_report(folder: Path) -> bool:
         return False
 
 
-def _publish(staging: Path, out_dir: Path) -> None:
-    """Move the finished report into place; a previous report is replaced only once the new one is complete."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}-{time.time_ns()}")
-        os.replace(out_dir, old)
-    try:
-        os.replace(staging, out_dir)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out_dir)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def evaluate_cohort(
     manifest: str | Path,
     predictions: Mapping[str, str | Path] | Sequence[str] | str,
@@ -901,8 +882,8 @@ def evaluate_cohort(
     content = read_manifest(manifest)
     items = select_volumes(content, options.split, options.subjects, manifest, purpose="evaluate")
     out_dir = Path(out_dir)
-    _check_out_dir(out_dir, _run_inputs(manifest, content, pred_dirs, checkpoint_map, timing_map, cka_checkpoint,
-                                        lpips_weights))
+    inputs = _run_inputs(manifest, content, pred_dirs, checkpoint_map, timing_map, cka_checkpoint, lpips_weights)
+    _check_out_dir(out_dir, inputs)
     plan = plan_subjects(items, base, pred_dirs, options.keep_going)
     if not plan.items:
         reasons = {**plan.skipped, **plan.failed}
@@ -922,16 +903,10 @@ def evaluate_cohort(
         cka_model = representation.load_two_branch_model(cka_checkpoint, device=device)
 
     lpips_metric, lpips_status = _lpips(lpips, options)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with staged_folder(out_dir, inputs=inputs) as staging:  # a previous report is replaced only when complete
         summary = _run(plan, base, pred_dirs, options, lpips_metric, lpips_status, staging, manifest,
                        complexity_inputs, cka_model, cka_checkpoint, cka_options, content, started,
                        baseline_settings)
-        _publish(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     summary["out_dir"] = str(out_dir)
     return summary
 

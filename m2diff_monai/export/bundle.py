@@ -27,10 +27,8 @@ import copy
 import datetime
 import importlib.metadata
 import json
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +48,7 @@ from m2diff_monai.checkpoint import (
     write_checkpoint,
 )
 from m2diff_monai.errors import InputError
+from m2diff_monai.io.atomic import new_staging_folder, publish_folder
 from m2diff_monai.io.safety import RunInputs
 from m2diff_monai.shipped import meta_schema_path, resolve_bundle
 from m2diff_monai.export import model_card
@@ -546,10 +545,8 @@ def export_bundle(
             written[f"configs/{fname}"] = content if isinstance(content, str) else _rewrite_common(content, loaded)
     bar.update()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    tmp = new_staging_folder(out)
     try:
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a bundle folder is shared like any other
         for rel, content in written.items():
             target = tmp / rel
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -606,7 +603,7 @@ def export_bundle(
         bar.update()
 
         bar.set_postfix_str("move into place")
-        _move_into_place(tmp, out)
+        publish_folder(tmp, out)  # an earlier export (force) is removed only once the new one is in place
         bar.update()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -616,26 +613,6 @@ def export_bundle(
     return ExportResult(out=out, files=sorted(files), weights=loaded["weights"], version=version, warnings=notes)
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """``tmp`` becomes ``out``; an existing ``out`` (empty, or replaced under ``force``) is removed only after."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    os.rmdir(old)
-    os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 __all__ = [

@@ -5,19 +5,20 @@
         --out exported/mfdiff --set start_step=200 --set steps=10
 
 Exit codes: 0 success, 2 bad input or options (one line on stderr naming the file; nothing written), 1 an
-unexpected internal error (one line; nothing written either: the folder is built under a temporary name).
+unexpected internal error (one line naming the log with the traceback, ``--debug`` prints it; nothing written
+either: the folder is built under a temporary name), 130 interrupted (m2diff_monai.cli_runner).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from m2diff_monai.cli_runner import run_cli
 from m2diff_monai.errors import InputError
 from m2diff_monai.runtime import configure_threads
 
@@ -74,28 +75,18 @@ def parse_settings(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    configure_threads()
-    try:
-        from m2diff_monai.export.bundle import export_bundle
+    return run_cli(build_parser(), _export, argv, interrupted="nothing written")
 
-        result = export_bundle(
-            args.bundle, args.checkpoint, args.out, weights=args.weights, name=args.name, version=args.version,
-            onnx=args.onnx, metrics=args.metrics, force=args.force, check=True, progress=not args.no_progress,
-            sampler_defaults=parse_settings(args.settings),
-        )
-    except InputError as err:
-        print(f"{PROG}: {err.line()}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
-        return 130
-    except Exception as err:  # internal error: one line; the partial folder was removed
-        if os.environ.get("M2DIFF_DEBUG"):
-            raise
-        text = " ".join(str(err).split())
-        print(f"{PROG}: internal error: {type(err).__name__}: {text}", file=sys.stderr)
-        return 1
+
+def _export(args: argparse.Namespace) -> int:
+    configure_threads()
+    from m2diff_monai.export.bundle import export_bundle
+
+    result = export_bundle(
+        args.bundle, args.checkpoint, args.out, weights=args.weights, name=args.name, version=args.version,
+        onnx=args.onnx, metrics=args.metrics, force=args.force, check=True, progress=not args.no_progress,
+        sampler_defaults=parse_settings(args.settings),
+    )
     for note in result.warnings:
         print(f"{PROG}: warning: {note}", file=sys.stderr)
     print(f"exported {result.weights} weights as bundle version {result.version} to {result.out} "

@@ -15,19 +15,19 @@ Job arrays and several GPUs (docs/inference.md)::
     torchrun --nproc_per_node=G -m m2diff_monai.inference.cli ... --manifest M --out-dir DIR   # merges itself
 
 Exit codes: 0 success, 2 bad input or options (one line on stderr naming the file or subject; nothing written
-for that subject), 1 an unexpected internal error.
+for that subject), 1 an unexpected internal error (one line naming the log with the traceback; ``--debug`` prints
+it), 130 interrupted (m2diff_monai.cli_runner).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from m2diff_monai.errors import InputError
+from m2diff_monai.cli_runner import run_cli
 from m2diff_monai.runtime import configure_threads
 from preprocessing.normalization import METHODS, cli_method
 
@@ -180,14 +180,13 @@ def merge_main(argv: Sequence[str]) -> int:
         "sampling settings, or a selected subject has no prediction.",
     )
     parser.add_argument("--out-dir", type=Path, required=True, help="the --out-dir the shards wrote to")
-    args = parser.parse_args(argv)
+    return run_cli(parser, _merge, argv, prog=PROG)
+
+
+def _merge(args: argparse.Namespace) -> int:
     from m2diff_monai.inference.cohort import merge_shards
 
-    try:
-        merged = merge_shards(args.out_dir)
-    except InputError as err:
-        print(f"{PROG} merge: {err.line()}", file=sys.stderr)
-        return 2
+    merged = merge_shards(args.out_dir)
     print(f"{len(merged['subjects'])} subject(s) from {len(merged['shards'])} shard(s); list: "
           f"{Path(args.out_dir) / 'predictions.json'}")
     return 0
@@ -198,33 +197,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["merge"]:
         return merge_main(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    return run_cli(parser, lambda args: _infer(args, parser), argv,
+                   interrupted="nothing written for the subject in progress")
+
+
+def _infer(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
     threads = configure_threads(args.threads)
-    try:
-        if args.summary is not None:
-            from m2diff_monai.io.safety import RunInputs
+    if args.summary is not None:
+        from m2diff_monai.io.safety import RunInputs
 
-            RunInputs([("--checkpoint", args.checkpoint), ("--ld-pet", args.ld_pet), ("--mri", args.mri),
-                       ("--manifest", args.manifest)]).check(args.summary, "--summary")
-        summary = {**_run(args, parser), "threads": threads}
-        if args.summary is not None:
-            from m2diff_monai.io.atomic import save_json
+        RunInputs([("--checkpoint", args.checkpoint), ("--ld-pet", args.ld_pet), ("--mri", args.mri),
+                   ("--manifest", args.manifest)]).check(args.summary, "--summary")
+    summary = {**_run(args, parser), "threads": threads}
+    if args.summary is not None:
+        from m2diff_monai.io.atomic import save_json
 
-            save_json(args.summary, summary)
-    except InputError as err:
-        print(f"{PROG}: {err.line()}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; nothing written for the subject in progress", file=sys.stderr)
-        return 130
-    except Exception as err:  # an internal error: still one line, and no half-written file (atomic writes)
-        if os.environ.get("M2DIFF_DEBUG"):
-            raise
-        text = " ".join(str(err).split())
-        print(f"{PROG}: internal error: {type(err).__name__}: {text}", file=sys.stderr)
-        return 1
+        save_json(args.summary, summary)
     if "subjects" in summary:
         from m2diff_monai.inference.cohort import torchrun_world
 
@@ -239,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{Path(args.out_dir) / listed}")
     else:
         for warning in summary.get("warnings", []):
-            print(f"warning: {warning}", file=sys.stderr)
+            print(f"{PROG}: warning: {warning}", file=sys.stderr)
         print(json.dumps({"subject": summary["subject"], "files": summary["files"], "seconds": summary["seconds"]}))
     return 0
 
