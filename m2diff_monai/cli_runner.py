@@ -85,11 +85,20 @@ def _log_folder() -> Path:
     return Path(os.environ.get(LOG_DIR_VARIABLE) or tempfile.gettempdir())
 
 
+def _package_version() -> str:
+    """The installed distribution's version (read from its metadata, not by importing the package: the package's
+    ``__init__`` imports this module through ``bundle_run``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("m2diff-monai")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def write_error_log(prog: str, error: BaseException) -> Path | None:
     """Write the full traceback, the command line and the versions to a new log file; its path, or None when it
     cannot be written (the one-line report then says so)."""
-    import m2diff_monai
-
     stamp = time.strftime("%Y%m%dT%H%M%S")
     name = re.sub(r"[^A-Za-z0-9_-]", "-", prog)
     try:
@@ -100,7 +109,7 @@ def write_error_log(prog: str, error: BaseException) -> Path | None:
             fh.write(f"{prog} failed at {time.strftime('%Y-%m-%d %H:%M:%S %z')}\n")
             fh.write(f"command: {' '.join(sys.argv)}\n")
             fh.write(f"working folder: {os.getcwd()}\n")
-            fh.write(f"m2diff-monai {m2diff_monai.__version__}, Python {platform.python_version()}, "
+            fh.write(f"m2diff-monai {_package_version()}, Python {platform.python_version()}, "
                      f"{platform.platform()}\n\n")
             fh.write("".join(traceback.format_exception(type(error), error, error.__traceback__)))
     except OSError:

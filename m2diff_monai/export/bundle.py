@@ -435,6 +435,11 @@ def license_text(bundle: Path) -> str:
             text = dist.read_text(name)
             if text:
                 return text
+        # metadata that only lists the file (a source tree's egg-info on the path): read it where it lies
+        for file in dist.files or ():
+            located = Path(str(dist.locate_file(file)))
+            if file.name == "LICENSE" and located.is_file():
+                return located.read_text()
     except importlib.metadata.PackageNotFoundError:
         pass
     raise InputError("no LICENSE found (bundle folder or installed package)", path=bundle)
