@@ -122,10 +122,12 @@ def prediction_path(pred_dir: str | Path, subject: str) -> Path | None:
 
 
 def item_path(base: Path, value: Any) -> Path | None:
+    """A manifest item's relative path resolved against the manifest's folder; None when the key is empty."""
     return base / str(value) if value not in (None, "") else None
 
 
 def has_reference(item: dict, base: Path) -> bool:
+    """Whether the item has an SD reference file to score against (the source SD PET or the preprocessed cube)."""
     return any(item_path(base, item.get(k)) is not None and item_path(base, item.get(k)).is_file()
                for k in ("source_sd_pet", "sd_pet"))
 
