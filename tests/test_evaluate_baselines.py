@@ -21,7 +21,7 @@ from scipy import ndimage
 from scipy import stats as sps
 
 from m2diff_monai.data.manifest import VOLUME_PATH_KEYS, provenance, write_manifest
-from m2diff_monai.evaluation import baselines, cli, metrics, quantitation, run
+from m2diff_monai.evaluation import baselines, cli, metrics, quantitation, run, scoring
 
 SHAPE = (30, 32, 22)
 SPACING = (2.0, 2.0, 2.5)
@@ -176,7 +176,7 @@ def test_lesion_recovery_equals_a_hand_computation():
     reference[1:3, 1:3, 1] = [[10.0, 20.0], [30.0, 40.0]]
     volume[1:3, 1:3, 1] = [[8.0, 18.0], [20.0, 30.0]]
     volume[5, 5, 5] = 1000.0  # outside the lesion: ignored
-    regions = {"lesion_hot": (lesion, run._box(lesion)), "gm": (lesion, run._box(lesion)),
+    regions = {"lesion_hot": (lesion, scoring.mask_box(lesion)), "gm": (lesion, scoring.mask_box(lesion)),
                "lesion_cold": (np.zeros_like(lesion), None)}
     row = quantitation.lesion_recovery(volume, reference, regions)
     assert row["recovery_mean_lesion_hot"] == pytest.approx((76.0 / 4) / (100.0 / 4))

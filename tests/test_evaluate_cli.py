@@ -22,7 +22,7 @@ from scipy import stats as sps
 
 from m2diff_monai.data import grid
 from m2diff_monai.errors import InputError
-from m2diff_monai.evaluation import cli, complexity, metrics, paper_protocol, run
+from m2diff_monai.evaluation import cli, complexity, inputs, metrics, paper_protocol, run, scoring
 from m2diff_monai.evaluation.lpips_metric import LPIPSMetric
 from tiny_networks import tiny_m2diff
 
@@ -386,12 +386,12 @@ def test_cka_heatmaps_from_a_tiny_m2diff(cohort, tmp_path, capsys):
 
 
 def test_method_map_parsing():
-    assert run.parse_method_map(["A=x", "B=y"], "--pred") == {"A": "x", "B": "y"}
-    assert run.parse_method_map("A=x,B=y", "--pred") == {"A": "x", "B": "y"}
-    assert run.parse_method_map({"A": "x"}, "--pred") == {"A": "x"}
+    assert inputs.parse_method_map(["A=x", "B=y"], "--pred") == {"A": "x", "B": "y"}
+    assert inputs.parse_method_map("A=x,B=y", "--pred") == {"A": "x", "B": "y"}
+    assert inputs.parse_method_map({"A": "x"}, "--pred") == {"A": "x"}
     for bad in (["A"], ["A=x", "A=y"], ["SD=x"], ["a b=x"]):
         with pytest.raises(InputError):
-            run.parse_method_map(bad, "--pred")
+            inputs.parse_method_map(bad, "--pred")
 
 
 def test_bundle_evaluate_config_runs(cohort, tmp_path):
@@ -457,7 +457,7 @@ def test_region_metrics_equal_evaluate_volume(cohort):
     a = cohort["arrays"]["s02"]
     regions = {r: a[r] for r in REGIONS}
     full = metrics.evaluate_volume(a["good"], a["sd"], a["brain"], regions, orientations=("axial",))
-    fast = run.region_metrics(a["good"], a["sd"], {r: (m, run._box(m)) for r, m in regions.items()})
+    fast = scoring.region_metrics(a["good"], a["sd"], {r: (m, scoring.mask_box(m)) for r, m in regions.items()})
     assert set(fast) == {k for k in full if k.startswith(("bias_", "mean_pred_", "mean_target_"))}
     for key, value in fast.items():
         assert value == pytest.approx(full[key], rel=1e-12, nan_ok=True), key

@@ -374,7 +374,7 @@ def before_runs(before: dict[str, str]) -> dict[str, str]:
 # -------------------------------------------------------------------------------------------- class 5
 def test_manifest_subject_id_with_dotdot_is_refused_by_evaluate_and_inference(eval_cohort, tmp_path, capsys):
     from m2diff_monai.evaluation import cli as evaluate_cli
-    from m2diff_monai.evaluation.run import prediction_path
+    from m2diff_monai.evaluation.inputs import prediction_path
     from m2diff_monai.inference.cli import main as infer_main
 
     manifest = rewrite_manifest_subject(eval_cohort["manifest"], eval_cohort["manifest"].parent / "escape.json",

@@ -288,7 +288,7 @@ def test_explicit_spacing_and_reruns(mixed_cohort, tmp_path):
 
 
 def test_cohort_inference_and_evaluation_map_4mm_cubes_back_to_the_2mm_scan(mixed_cohort, tmp_path):
-    from m2diff_monai.evaluation.run import load_subject
+    from m2diff_monai.evaluation.volumes import load_subject
 
     manifest = mixed_cohort["manifest"]
     ckpt = identity_checkpoint(tmp_path / "id4.pt", size=16, spacing=(4.0, 4.0, 4.0))

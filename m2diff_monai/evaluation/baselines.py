@@ -247,6 +247,26 @@ def _search(grid: Sequence[float], cases: Sequence[TuningCase],
     return float(grid[int(np.argmax(scores))]), [round(s, 4) for s in scores]
 
 
+def _noise_filter(name: str, ld: np.ndarray, mask: np.ndarray, factor: float, sigma: float,
+                  settings: BaselineSettings) -> np.ndarray:
+    """The NLM or BM4D row of ``ld`` with its noise-σ factor (both scale the LD's estimated σ)."""
+    make = nlm_baseline if name == "nlm" else bm4d_baseline
+    return make(ld, mask, factor, sigma, settings)
+
+
+def _tune_noise_factor(name: str, label: str, grid: Sequence[float], default: float, cases: Sequence[TuningCase],
+                       sigmas: Mapping[str, float], settings: BaselineSettings, chosen: ChosenSettings) -> float:
+    """The σ factor of NLM (``h``) or BM4D: searched on ``cases`` when the grid has several values (its curve is
+    recorded in ``chosen``), the grid's only value when it has one (these filters are slow: nothing to score),
+    the documented default without a validation case or grid."""
+    if cases and len(grid) > 1:
+        value, scores = _search(grid, cases, lambda c, v: _noise_filter(name, c.ld, c.mask, v, sigmas[c.subject],
+                                                                        settings))
+        chosen.curves[name] = {label: list(grid), "mean_psnr": scores}
+        return value
+    return grid[0] if cases and grid else default
+
+
 def choose_settings(names: Sequence[str], cases: Sequence[TuningCase],
                     settings: BaselineSettings = BaselineSettings(), split: str = "val") -> ChosenSettings:
     """Pick each baseline's free setting on ``cases`` (validation subjects); defaults when there are none."""
@@ -272,23 +292,12 @@ def choose_settings(names: Sequence[str], cases: Sequence[TuningCase],
             else:
                 chosen.fwhm_mm = settings.default_fwhm_mm
         elif name == "nlm":
-            if cases and len(settings.nlm_h_factors) > 1:
-                chosen.nlm_h_factor, scores = _search(
-                    settings.nlm_h_factors, cases,
-                    lambda c, v: nlm_baseline(c.ld, c.mask, v, sigmas[c.subject], settings))
-                chosen.curves["nlm"] = {"h_factor": list(settings.nlm_h_factors), "mean_psnr": scores}
-            else:
-                chosen.nlm_h_factor = (settings.nlm_h_factors[0] if cases and settings.nlm_h_factors else
-                                       settings.default_nlm_h_factor)
+            chosen.nlm_h_factor = _tune_noise_factor(name, "h_factor", settings.nlm_h_factors,
+                                                     settings.default_nlm_h_factor, cases, sigmas, settings, chosen)
         elif name == "bm3d":
-            if cases and len(settings.bm4d_sigma_factors) > 1:
-                chosen.bm4d_sigma_factor, scores = _search(
-                    settings.bm4d_sigma_factors, cases,
-                    lambda c, v: bm4d_baseline(c.ld, c.mask, v, sigmas[c.subject], settings))
-                chosen.curves["bm3d"] = {"sigma_factor": list(settings.bm4d_sigma_factors), "mean_psnr": scores}
-            else:
-                chosen.bm4d_sigma_factor = (settings.bm4d_sigma_factors[0] if settings.bm4d_sigma_factors else
-                                            settings.default_bm4d_sigma_factor)
+            chosen.bm4d_sigma_factor = _tune_noise_factor(name, "sigma_factor", settings.bm4d_sigma_factors,
+                                                          settings.default_bm4d_sigma_factor, cases, sigmas,
+                                                          settings, chosen)
         chosen.seconds[f"tuning_{name}"] = round(time.perf_counter() - t0, 3)
     return chosen
 
@@ -330,12 +339,9 @@ def apply_baselines(ld: np.ndarray, mask: np.ndarray, spacing: Sequence[float], 
         t0 = time.perf_counter()
         if name == "gaussian":
             out[BASELINE_ROWS[name]] = gaussian_baseline(ld, float(chosen.fwhm_mm), spacing)
-        elif name == "nlm":
-            out[BASELINE_ROWS[name]] = nlm_baseline(ld, mask, float(chosen.nlm_h_factor), float(sigma),
-                                                    chosen.settings)
-        elif name == "bm3d":
-            out[BASELINE_ROWS[name]] = bm4d_baseline(ld, mask, float(chosen.bm4d_sigma_factor), float(sigma),
-                                                     chosen.settings)
+        else:
+            factor = chosen.nlm_h_factor if name == "nlm" else chosen.bm4d_sigma_factor
+            out[BASELINE_ROWS[name]] = _noise_filter(name, ld, mask, float(factor), float(sigma), chosen.settings)
         seconds[BASELINE_ROWS[name]] = round(time.perf_counter() - t0, 3)
     return out, seconds
 
