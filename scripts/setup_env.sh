@@ -27,4 +27,6 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$VENV/bin/python"
     || { echo "[setup] installation failed" >&2; exit 1; }
   "$VENV/bin/python" -c "import torch; print(f'[setup] installed torch {torch.__version__}', f'(CUDA {torch.version.cuda})' if torch.version.cuda else '(CPU build)')"
   echo "$want" > "$stamp"
+elif [ -n "${M2DIFF_TORCH:-}" ]; then
+  echo "[setup] $VENV is installed already; M2DIFF_TORCH=$M2DIFF_TORCH applies to a new venv (rm -rf $VENV first)"
 fi
