@@ -9,6 +9,7 @@ CUDA) runs the tests, and need neither torchvision nor lpips, which a CPU instal
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,3 +89,29 @@ def test_trunk_loading_is_strict(model):
     del state["features.8.bias"]
     with pytest.raises(RuntimeError, match="features.8.bias"):
         AlexLPIPS().load_trunk(state)
+
+
+def test_metric_without_heads_says_so(monkeypatch):
+    from m2diff_monai.evaluation import lpips_net
+    from m2diff_monai.evaluation.lpips_metric import LPIPSMetric
+
+    monkeypatch.setattr(lpips_net, "HEADS_LOCATIONS", (("torchmetrics", "no/such/alex.pth"),))
+    metric = LPIPSMetric(_allow_random_backbone=True)
+    assert not metric.available and metric.model is None
+    assert metric.reason == ("LPIPS unavailable: lpips v0.1 AlexNet heads not found (torchmetrics/no/such/alex.pth); "
+                             "reinstall torchmetrics")
+
+
+def test_the_metric_imports_neither_torchvision_nor_lpips():
+    """What lets a CPU install (no usable torchvision) compute LPIPS; checked in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom m2diff_monai.evaluation.lpips_metric import LPIPSMetric\n"
+            "import numpy as np\nm = LPIPSMetric(_allow_random_backbone=True)\n"
+            "assert m.available, m.reason\nassert np.isfinite(m(np.eye(40), np.ones((40, 40))))\n"
+            "print(sorted(k for k in sys.modules if k.split('.')[0] in ('torchvision', 'lpips')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -67,7 +67,11 @@ class LPIPSMetric:
         self.model = None
         self.available = False
         self.random_backbone = False
-        from m2diff_monai.evaluation.lpips_net import HEADS_LOCATIONS, AlexLPIPS, lpips_heads_path
+        from m2diff_monai.evaluation.lpips_net import (  # here: importing this module must not import torch
+            HEADS_LOCATIONS,
+            AlexLPIPS,
+            lpips_heads_path,
+        )
 
         self.weights_path = find_alexnet_weights(weights_path)
         heads = lpips_heads_path()
@@ -83,9 +87,13 @@ class LPIPSMetric:
                 "(nothing is downloaded)"
             )
             return
+        model = AlexLPIPS()
         try:
-            model = AlexLPIPS()
             model.load_heads(heads)
+        except Exception as err:  # a damaged install must not crash an evaluation run either
+            self.reason = " ".join(f"LPIPS unavailable: cannot load the lpips heads {heads}: {err}".split())
+            return
+        try:
             if self.weights_path is not None:
                 import torch
 
