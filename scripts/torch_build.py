@@ -1,8 +1,8 @@
 """Which torch build ``scripts/setup_env.sh`` installs, and from where (standard library only: it runs in a
 new virtual environment before anything is installed).
 
-Why: pip's default torch on Linux x86_64 is a CUDA build (≈ 5.5 GB in the venv with its NVIDIA libraries); a
-machine without an NVIDIA GPU needs only the CPU build (≈ 0.9 GB). ``M2DIFF_TORCH`` chooses:
+Why: pip's default torch on Linux x86_64 is a CUDA build (5.3 GB in the venv with its NVIDIA libraries and
+triton); a machine without an NVIDIA GPU needs only the CPU build (0.75 GB). ``M2DIFF_TORCH`` chooses:
 
 - ``auto`` (default): ``keep`` when the venv already has torch (never swap gigabytes behind the user's back),
   else ``cuda`` when ``nvidia-smi -L`` lists a GPU, else ``cpu``;
