@@ -42,7 +42,7 @@ def nvidia_gpu(timeout: float = 20.0) -> tuple[bool, str]:
     if exe is None:
         return False, "nvidia-smi not found"
     try:
-        done = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run([exe, "-L"], check=False, capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as err:
         return False, f"nvidia-smi failed: {err}"
     gpus = [line.strip() for line in done.stdout.splitlines() if line.strip().startswith("GPU ")]
@@ -101,8 +101,8 @@ def local_cpu_wheels(folders: list[str], spec: str) -> list[str]:
 def pip_find_links() -> list[str]:
     """The ``find-links`` folders of pip's configuration (files and ``PIP_FIND_LINKS``), as pip reports them."""
     try:
-        listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
-                                timeout=60).stdout
+        listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], check=False,
+                                capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.TimeoutExpired):
         listed = ""
     folders = []

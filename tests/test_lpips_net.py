@@ -14,7 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from m2diff_monai.evaluation.lpips_net import AlexLPIPS, alexnet_features, lpips_heads_path
+from m2diff_monai.evaluation.lpips_net import (
+    AlexLPIPS,
+    alexnet_features,
+    lpips_heads_path,
+)
 
 # lpips 0.1.4's weights/v0.1/alex.pth (torchmetrics ships the same bytes)
 LPIPS_V01_ALEX_SHA256 = "df73285e35b22355a2df87cdb6b70b343713b667eddbda73e1977e0c860835c0"
@@ -44,7 +48,9 @@ def _images() -> tuple[torch.Tensor, torch.Tensor]:
     u, v = torch.meshgrid(torch.arange(72.0), torch.arange(64.0), indexing="ij")
     a = torch.stack([torch.sin(0.11 * u + c) * torch.cos(0.07 * v - c) for c in (0.0, 0.4, 0.9)])
     b = torch.stack([torch.sin(0.13 * u + c) * torch.cos(0.05 * v + c) for c in (0.1, 0.3, 0.7)])
-    return torch.stack([a, a, b, 0.5 * a]).float(), torch.stack([a, 0.8 * a + 0.1, b.flip(-1), torch.tanh(2 * a)]).float()
+    first = torch.stack([a, a, b, 0.5 * a])
+    second = torch.stack([a, 0.8 * a + 0.1, b.flip(-1), torch.tanh(2 * a)])
+    return first.float(), second.float()
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +117,7 @@ def test_the_metric_imports_neither_torchvision_nor_lpips():
             "import numpy as np\nm = LPIPSMetric(_allow_random_backbone=True)\n"
             "assert m.available, m.reason\nassert np.isfinite(m(np.eye(40), np.ones((40, 40))))\n"
             "print(sorted(k for k in sys.modules if k.split('.')[0] in ('torchvision', 'lpips')))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"

@@ -74,7 +74,7 @@ def test_auto_without_gpu_prefers_the_cpu_index_then_a_local_wheel_then_says_it_
                                    index_ok=lambda url: False, find_links=lambda: [str(tmp_path)])
     assert (mode, args) == ("cpu", ["torch==2.13.0+cpu"]) and "unreachable" in reason
     mode, reason, args = tb.choose("cpu", SPEC, has_torch=None, gpu=no_gpu, cpu_index="https://cpu.example/whl",
-                                   index_ok=lambda url: False, find_links=lambda: [])
+                                   index_ok=lambda url: False, find_links=list)
     assert (mode, args) == ("cuda", [f"torch{SPEC}"]) and "no CPU build reachable" in reason
 
 
@@ -112,7 +112,7 @@ def _run_as_setup_env_does(tmp_path: Path, gpu: bool, **env) -> list[str]:
            "M2DIFF_TORCH_CPU_INDEX": REFUSED_INDEX, "HOME": str(tmp_path), **env}
     shell = (f'eval "$({sys.executable} -S {SCRIPT} --spec "{SPEC}")" && printf "%s\\n" "$M2DIFF_TORCH_MODE" '
              '"$M2DIFF_TORCH_REASON" "${M2DIFF_TORCH_PIP_ARGS[@]}"')
-    done = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run(["bash", "-c", shell], check=False, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     return done.stdout.splitlines()
 
@@ -129,6 +129,6 @@ def test_script_output_drives_setup_env(tmp_path):
     assert "nvidia-smi lists no GPU (exit 6: No devices were found)" in reason and REFUSED_INDEX in reason
     mode, reason, *args = _run_as_setup_env_does(tmp_path, gpu=True, M2DIFF_TORCH="cpu", PIP_FIND_LINKS=str(wheels))
     assert (mode, args) == ("cpu", ["torch==2.13.0+cpu"]) and reason.startswith("M2DIFF_TORCH=cpu")
-    done = subprocess.run([sys.executable, "-S", str(SCRIPT), "--spec", SPEC], capture_output=True, text=True,
-                          env={**os.environ, "M2DIFF_TORCH": "gpu"}, timeout=60)
+    done = subprocess.run([sys.executable, "-S", str(SCRIPT), "--spec", SPEC], check=False, capture_output=True,
+                          text=True, env={**os.environ, "M2DIFF_TORCH": "gpu"}, timeout=60)
     assert done.returncode == 2 and "M2DIFF_TORCH must be one of auto, cpu, cuda, keep" in done.stderr
