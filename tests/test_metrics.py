@@ -148,15 +148,16 @@ def offline_hub(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def alexnet_features_file(tmp_path_factory):
-    """A torchvision-format AlexNet state dict with random weights (only ``features.*``: what LPIPS uses)."""
+    """A torchvision-format AlexNet state dict with random weights (``features.*``, what LPIPS uses, and a
+    classifier layer, which it must ignore); the names are pinned to torchvision's in test_lpips_net.py."""
     import torch
-    import torchvision
+
+    from m2diff_monai.evaluation.lpips_net import alexnet_features
 
     torch.manual_seed(0)
-    full = torchvision.models.alexnet(weights=None).state_dict()
-    state = {k: v for k, v in full.items() if k.startswith("features")}
+    state = {f"features.{k}": v for k, v in alexnet_features().state_dict().items()}
     path = tmp_path_factory.mktemp("weights") / "alexnet-owt-7be5be79.pth"
-    torch.save(state, path)
+    torch.save({**state, "classifier.1.weight": torch.zeros(4096, 9216)}, path)
     return path, state
 
 
@@ -190,7 +191,7 @@ def test_lpips_loads_backbone_from_file_and_env(offline_hub, alexnet_features_fi
     path, state = alexnet_features_file
     metric = LPIPSMetric(weights_path=path)
     assert metric.available and not metric.random_backbone and metric.reason == ""
-    loaded = metric.model.net.slice3._modules["6"].weight
+    loaded = metric.model.features[6].weight
     np.testing.assert_array_equal(loaded.numpy(), state["features.6.weight"].numpy())
     img = np.random.default_rng(1).random((40, 36)).astype(np.float32)
     assert np.isfinite(metric(img, 0.5 * img))

@@ -1,11 +1,12 @@
 """LPIPS (AlexNet) for PET slices, without ever downloading weights.
 
-The ``lpips`` wheel ships only its small linear heads; the AlexNet backbone is torchvision's ImageNet
-checkpoint ``alexnet-owt-7be5be79.pth``, which ``lpips.LPIPS(pnet_rand=False)`` downloads at run time
-(impossible offline, notes/facts.md §6). So the network is built with a random backbone
-(``pnet_rand=True``: no download) and the backbone's state dict is loaded here from ``weights_path`` when
-given (and only from there), else from the environment variable ``M2DIFF_LPIPS_ALEXNET_WEIGHTS``, else from
-torch's hub cache (``$TORCH_HOME/hub/checkpoints/alexnet-owt-7be5be79.pth``) if an online run left it there.
+The network is :class:`m2diff_monai.evaluation.lpips_net.AlexLPIPS`, lpips v0.1 (AlexNet) rebuilt without
+torchvision (which fails to import beside a CPU build of torch), equal to ``lpips.LPIPS(net="alex")``. Its
+small linear heads ship with torchmetrics; the AlexNet backbone is torchvision's ImageNet checkpoint
+``alexnet-owt-7be5be79.pth``, which lpips downloads at run time (impossible offline, notes/facts.md §6). So the
+backbone's state dict is loaded here from ``weights_path`` when given (and only from there), else from the
+environment variable ``M2DIFF_LPIPS_ALEXNET_WEIGHTS``, else from torch's hub cache
+(``$TORCH_HOME/hub/checkpoints/alexnet-owt-7be5be79.pth``) if an online run left it there.
 
 Without weights the metric is ``available = False`` with a one-line ``reason`` and returns NaN: never a crash,
 never a silently random backbone (``_allow_random_backbone`` exists for tests of the code path only).
@@ -20,7 +21,6 @@ result is the mean over those slices.
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +29,6 @@ from m2diff_monai.evaluation.metrics import resolve_data_range
 
 ALEXNET_WEIGHTS_FILENAME = "alexnet-owt-7be5be79.pth"
 WEIGHTS_ENV_VAR = "M2DIFF_LPIPS_ALEXNET_WEIGHTS"
-# torchvision AlexNet ``features`` index → lpips.pretrained_networks.alexnet slice holding it
-_FEATURE_SLICE = {0: 1, 3: 2, 6: 3, 8: 4, 10: 5}
 
 
 def _hub_weights_path() -> Path:
@@ -48,20 +46,6 @@ def find_alexnet_weights(weights_path: str | os.PathLike | None = None) -> Path 
         if candidate is not None and Path(candidate).is_file():
             return Path(candidate)
     return None
-
-
-def _backbone_state(state: dict) -> dict:
-    """torchvision AlexNet state dict (``features.<i>.*``) → keys of lpips' sliced backbone (``slice<k>.<i>.*``)."""
-    mapped = {}
-    for key, value in state.items():
-        parts = key.split(".")
-        if parts[0] != "features":
-            continue
-        index = int(parts[1])
-        if index not in _FEATURE_SLICE:
-            raise KeyError(f"unexpected AlexNet feature layer {key!r}")
-        mapped[f"slice{_FEATURE_SLICE[index]}.{index}.{parts[2]}"] = value
-    return mapped
 
 
 class LPIPSMetric:
@@ -83,7 +67,18 @@ class LPIPSMetric:
         self.model = None
         self.available = False
         self.random_backbone = False
+        from m2diff_monai.evaluation.lpips_net import (  # here: importing this module must not import torch
+            HEADS_LOCATIONS,
+            AlexLPIPS,
+            lpips_heads_path,
+        )
+
         self.weights_path = find_alexnet_weights(weights_path)
+        heads = lpips_heads_path()
+        if heads is None:
+            where = " or ".join(f"{package}/{relative}" for package, relative in HEADS_LOCATIONS)
+            self.reason = f"LPIPS unavailable: lpips v0.1 AlexNet heads not found ({where}); reinstall torchmetrics"
+            return
         if self.weights_path is None and not _allow_random_backbone:
             where = f"{weights_path} does not exist; " if weights_path is not None else ""
             self.reason = (
@@ -92,15 +87,17 @@ class LPIPSMetric:
                 "(nothing is downloaded)"
             )
             return
+        model = AlexLPIPS()
         try:
-            backbone = None
-            if self.weights_path is not None:  # read (and validate) the file before paying for the network
+            model.load_heads(heads)
+        except Exception as err:  # a damaged install must not crash an evaluation run either
+            self.reason = " ".join(f"LPIPS unavailable: cannot load the lpips heads {heads}: {err}".split())
+            return
+        try:
+            if self.weights_path is not None:
                 import torch
 
-                backbone = _backbone_state(torch.load(self.weights_path, map_location="cpu", weights_only=True))
-            model = self._build()
-            if backbone is not None:
-                model.net.load_state_dict(backbone, strict=True)
+                model.load_trunk(torch.load(self.weights_path, map_location="cpu", weights_only=True))
             else:
                 self.random_backbone = True
         except Exception as err:  # a corrupt or foreign file must not crash an evaluation run
@@ -110,14 +107,6 @@ class LPIPSMetric:
         self.model = model.to(device).eval()
         self.available = True
         self.reason = "random AlexNet backbone (tests only)" if self.random_backbone else ""
-
-    @staticmethod
-    def _build():
-        import lpips
-
-        with warnings.catch_warnings():  # torchvision's deprecation notes about lpips' `pretrained=` argument
-            warnings.simplefilter("ignore", UserWarning)
-            return lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False)
 
     def slice_values(
         self,

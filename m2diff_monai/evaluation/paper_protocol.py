@@ -275,7 +275,8 @@ def slice_scores(preds: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray
 def lpips_slices(model, preds: np.ndarray, targets: np.ndarray, batch_size: int = 16,
                  device: str = "cpu") -> np.ndarray:
     """LPIPS of masked [0, 1] slices fed as the official call did: ``model(pred, target)`` on one-channel images
-    (repeated to RGB, which equals lpips' broadcasting), no [−1, 1] mapping. ``model``: an ``lpips.LPIPS``."""
+    (repeated to RGB, which equals lpips' broadcasting), no [−1, 1] mapping. ``model``: an ``lpips.LPIPS`` or
+    its rebuild :class:`~m2diff_monai.evaluation.lpips_net.AlexLPIPS`."""
     import torch
 
     values = np.full(len(targets), np.nan)
