@@ -29,7 +29,8 @@ EMBEDDED_CONFIGS = {"network_config": "network", "diffusion_config": "diffusion"
 # what a source inference.json must declare to be exported (the structure both share)
 REQUIRED_IDS = ("bundle_root", "checkpoint", *EMBEDDED_CONFIGS, "network_def", "model", "preprocessing", "inferer",
                 "postprocessing", "inference")
-# every id whose value export may change; the others are copied as they are (tests/test_bundle_shape.py)
+# the ids whose value export may change besides the top-level inference settings (``InferenceSettings`` fields:
+# --set, stored defaults); every other id is copied as it is (tests/test_bundle_shape.py)
 REWRITTEN_IDS = ("bundle_root", "checkpoint", *EMBEDDED_CONFIGS, "sampling_defaults")
 
 
