@@ -300,6 +300,43 @@ def load_model(
     )
 
 
+# ------------------------------------------------------------------------------- a bundle's network_def and model
+EXPORTED_MODEL_PT = "models/model.pt"
+NO_CHECKPOINT = "inference needs a checkpoint: add --checkpoint PATH"
+
+
+def bundle_network(network_config: Mapping[str, Any] | None = None,
+                   checkpoint: str | Path | None = None) -> torch.nn.Module:
+    """A bundle's ``network_def``: the network built from ``network_config`` (an exported bundle embeds it), else
+    from the stored config of ``checkpoint`` (a source bundle, whose ``network_config`` is null)."""
+    if network_config:
+        return build_network(dict(network_config))
+    if not checkpoint:
+        raise InputError(NO_CHECKPOINT)
+    return rebuild_network(read_checkpoint(checkpoint, mmap=True)["config"], checkpoint)
+
+
+def bundle_model(
+    network: torch.nn.Module,
+    checkpoint: str | Path | None,
+    diffusion_config: Mapping[str, Any] | None = None,
+    data_config: Mapping[str, Any] | None = None,
+    use_ema: bool = True,
+) -> LoadedModel:
+    """A bundle's ``model``: ``network`` (its ``network_def``) with the weights of ``checkpoint``, as the
+    ``LoadedModel`` the inference entry point takes. ``diffusion_config``/``data_config``: an exported bundle's
+    embedded configs; None (a source bundle) takes the checkpoint's. ``use_ema``: the EMA weights when present
+    (an exported ``models/model.pt`` holds one set, which is used either way), else the raw ones."""
+    if not checkpoint:
+        raise InputError(NO_CHECKPOINT)
+    path = Path(checkpoint)
+    if not path.exists() and path.as_posix().endswith(EXPORTED_MODEL_PT):
+        raise InputError(f"the exported bundle's {EXPORTED_MODEL_PT} is not here; run from the exported bundle "
+                         "folder or pass --bundle_root EXPORTED_DIR (or --checkpoint PATH)", path=path)
+    return load_model(path, device=None, weights=EMA if use_ema else RAW, fallback=True, network=network,
+                      diffusion=diffusion_config, data_config=data_config or None)
+
+
 def model_from_network(
     network: torch.nn.Module,
     diffusion_config: Mapping[str, Any] | None = None,
@@ -327,6 +364,8 @@ __all__ = [
     "WEIGHT_ALIASES",
     "WEIGHT_CHOICES",
     "LoadedModel",
+    "bundle_model",
+    "bundle_network",
     "resolved_diffusion",
     "file_sha256",
     "load_model",

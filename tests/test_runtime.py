@@ -140,8 +140,12 @@ def test_bundle_run_missing_manifest_ends_in_one_line(tmp_path):
 
 
 def test_bundle_run_bad_steps_and_debug_traceback(tmp_path):
+    from test_export import TINY_V6, write_checkpoint
+
+    # a real checkpoint: the bundle's ``model`` loads it before the entry point checks the settings
+    checkpoint = write_checkpoint(tmp_path / "tiny.pt", TINY_V6)
     args = ["inference", "--config_file", str(REPO / "bundles/m2diff/inference.json"), "--steps", "0",
-            "--checkpoint", str(tmp_path / "none.pt"), "--ld_pet", str(tmp_path / "x.nii.gz"),
+            "--checkpoint", str(checkpoint), "--ld_pet", str(tmp_path / "x.nii.gz"),
             "--output", str(tmp_path / "out.nii.gz")]
     result = run_bundle(args, tmp_path)
     assert result.returncode != 0

@@ -65,7 +65,7 @@ class PETEnhancementInferer(Inferer):
     training slices' in-plane size and the ``slice`` normalization's per-slice min–max.
     """
 
-    def __init__(self, diffusion_config: Mapping[str, Any], data_config: Mapping[str, Any] | None = None,
+    def __init__(self, diffusion_config: Mapping[str, Any] | None, data_config: Mapping[str, Any] | None = None,
                  network_image_size: int | None = None, is_diffusion: bool = True,
                  sampling_defaults: Mapping[str, Any] | None = None, **settings: Any) -> None:
         from m2diff_monai.inference.settings import InferenceSettings
@@ -73,6 +73,11 @@ class PETEnhancementInferer(Inferer):
         from m2diff_monai.inference.preprocess import resolve_preprocessing
 
         super().__init__()
+        if diffusion_config is None:  # a source bundle's inference.json leaves the embedded configs null
+            from m2diff_monai.errors import InputError
+
+            raise InputError("the inferer needs the bundle's diffusion_config: export the bundle with m2diff-export "
+                             "(a source bundle leaves it null)")
         # as m2diff-infer: a non-null setting wins over the bundle's sampling_defaults (which export fills with the
         # sampler the checkpoint was evaluated with), which win over the package defaults
         values, _ = layered_settings(bundle=sampling_defaults, options=settings)

@@ -27,32 +27,6 @@ from m2diff_monai.deploy.inferer import as_project_network
 from m2diff_monai.deploy.transforms import MASK_KEY
 
 LD_KEY, MRI_KEY, PRED_KEY = "image", "mri", "pred"
-# sampler settings the inferer takes from the bundle's literal keys (device: where the input is; the rest are
-# file-output options of m2diff-infer)
-NOT_INFERER_SETTINGS = ("device", "progress", "png", "save_orientations")
-
-
-def deploy_config_items(config: Mapping[str, Any]) -> dict[str, Any]:
-    """``preprocessing``, ``inferer`` and ``postprocessing`` for an exported ``inference.json`` (``config``: the
-    rewritten one, holding ``data_config``/``diffusion_config`` and the literal sampler settings)."""
-    from m2diff_monai.inference.settings import SETTING_KEYS
-    from m2diff_monai.inference.defaults import SAMPLING_DEFAULTS_KEY
-    from m2diff_monai.inference.preprocess import resolve_preprocessing
-
-    network = dict(config.get("network_config") or {})
-    prep = resolve_preprocessing(dict(config.get("data_config") or {}), {}, network.get("image_size"))
-    settings = {k: f"@{k}" for k in SETTING_KEYS if k in config and k not in NOT_INFERER_SETTINGS}
-    if SAMPLING_DEFAULTS_KEY in config:
-        settings["sampling_defaults"] = f"@{SAMPLING_DEFAULTS_KEY}"
-    return {
-        "preprocessing": {"_target_": "Compose", "transforms": [
-            {"_target_": "m2diff_monai.deploy.PreparePETd", "keys": [LD_KEY], "mri_key": MRI_KEY,
-             "normalization": prep.normalization, "size": prep.size}]},
-        "inferer": {"_target_": "m2diff_monai.deploy.PETEnhancementInferer", "diffusion_config": "@diffusion_config",
-                    "data_config": "@data_config", **settings},
-        "postprocessing": {"_target_": "Compose", "transforms": [
-            {"_target_": "m2diff_monai.deploy.RestorePETd", "keys": [PRED_KEY]}]},
-    }
 
 
 def read_bundle_config(bundle: str | Path):

@@ -84,6 +84,20 @@ class PreparePETd(MapTransform):
         return out
 
 
+def prepare_pet(data_config: Mapping[str, Any] | None, network_config: Mapping[str, Any] | None = None,
+                keys: Sequence[Hashable] = ("image",), mri_key: str | None = "mri",
+                spacing_mm: Sequence[float] | None = None) -> PreparePETd:
+    """The bundle's ``preprocessing`` step: :class:`PreparePETd` with the normalization and grid size the model was
+    trained with, resolved from the bundle's ``data_config`` (which ``m2diff-export`` embeds, preprocessing
+    frozen) and ``network_config`` the way ``m2diff-infer`` resolves them."""
+    from m2diff_monai.inference.preprocess import resolve_preprocessing
+
+    image_size = dict(network_config or {}).get("image_size")
+    prep = resolve_preprocessing(dict(data_config or {}), {}, image_size)
+    return PreparePETd(keys, mri_key=mri_key, normalization=prep.normalization, size=prep.size,
+                       spacing_mm=spacing_mm)
+
+
 class RestorePETd(MapTransform):
     """Enhanced cube(s) in normalized units → original units with the LD PET's scaling from :class:`PreparePETd`
     (``original = normalized · scale + offset``, as ``m2diff-infer`` maps its predictions back)."""

@@ -4,9 +4,9 @@ Layout written (MONAI model-zoo convention)::
 
     OUT/configs/metadata.json        source metadata, updated: version, changelog, versions, network_data_format,
                                      the network/diffusion config, export facts (eval_metrics with --metrics)
-    OUT/configs/inference.json       runs from OUT alone: bundle_root ".", checkpoint models/model.pt, network
-                                     built from the embedded config (``network_def``) and loaded by
-                                     :func:`load_exported_model`
+    OUT/configs/inference.json       the source's inference.json, same ids, with paths and defaults rewritten so
+                                     it runs from OUT alone (:mod:`.configs`): bundle_root ".", checkpoint
+                                     models/model.pt, the checkpoint's configs embedded
     OUT/configs/train.json, multi_gpu_train.json, evaluate.json (if present), logging.conf
     OUT/models/model.pt              checkpoint dict in the ARCHITECTURE format holding only the chosen weights
                                      (EMA by default) under "network", "ema": None, and the config with the
@@ -19,13 +19,14 @@ Layout written (MONAI model-zoo convention)::
 The folder is built under a temporary name next to OUT and renamed into place only when complete, so a failed
 export leaves nothing. An existing non-empty OUT is replaced only with ``force`` and only when it is an earlier
 export that holds no input (docs/safety.md).
+
+Modules: :mod:`.inputs` (the source bundle, the checkpoint, the license), :mod:`.metadata`, :mod:`.configs`,
+:mod:`.torchscript`, :mod:`.model_card`; this one checks the options and writes the folder.
 """
 
 from __future__ import annotations
 
-import copy
 import datetime
-import importlib.metadata
 import json
 import re
 import shutil
@@ -34,43 +35,43 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import m2diff_monai
-from m2diff_monai.checkpoint import (
-    EMA,
-    RAW,
-    LoadedModel,
-    file_sha256,
-    load_model,
-    new_checkpoint,
-    read_checkpoint,
-    write_checkpoint,
-)
+from m2diff_monai.checkpoint import bundle_model, read_checkpoint, write_checkpoint
 from m2diff_monai.errors import InputError
-from m2diff_monai.io.atomic import new_staging_folder, publish_folder
-from m2diff_monai.io.safety import RunInputs
-from m2diff_monai.shipped import meta_schema_path, resolve_bundle
 from m2diff_monai.export import model_card
+from m2diff_monai.export.configs import (
+    MODEL_PT,
+    check_sampler_defaults,
+    effective_sampler,
+    exported_checkpoint,
+    rewrite_config,
+    rewrite_inference_config,
+)
+from m2diff_monai.export.inputs import (
+    OPTIONAL_CONFIGS,
+    freeze_preprocessing,
+    license_text,
+    load_checkpoint_for_export,
+    read_source_bundle,
+)
+from m2diff_monai.export.metadata import build_metadata, find_schema, network_data_format, validate_metadata
 from m2diff_monai.export.torchscript import (
-    INPUT_NAMES,
     ONNX_MISSING,
-    accepts_missing_mri,
     export_onnx,
     onnx_available,
     save_torchscript,
-    spatial_multiple,
     trace_denoiser,
 )
+from m2diff_monai.io.atomic import new_staging_folder, publish_folder
+from m2diff_monai.io.safety import RunInputs
+from m2diff_monai.shipped import resolve_bundle
 
-MODEL_PT = "models/model.pt"
 MODEL_TS = "models/model.ts"
 MODEL_ONNX = "models/model.onnx"
-REQUIRED_CONFIGS = ("inference.json", "metadata.json")
-OPTIONAL_CONFIGS = ("train.json", "multi_gpu_train.json", "evaluate.json", "logging.conf")
-EXPORTED_ROOT = "."
-CHECKPOINT_EXPR = f"$@bundle_root + '/{MODEL_PT}'"
 VERSION_RE = re.compile(r"^\d+\.\d+\.\d+([.+-][0-9A-Za-z.+-]+)?$")
+# What bundles exported before the source inference.json declared its own parts name as their ``model``
+# (``m2diff_monai.export.bundle.load_exported_model``): kept so those folders still run.
+load_exported_model = bundle_model
 
 
 @dataclass
@@ -82,370 +83,6 @@ class ExportResult:
     warnings: list[str]
 
 
-# ----------------------------------------------------------------------------------------- loading the inputs
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        content = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise InputError(f"not valid JSON ({err})", path=path) from None
-    if not isinstance(content, dict):
-        raise InputError("expected a JSON object", path=path)
-    return content
-
-
-def read_source_bundle(bundle: str | Path) -> dict[str, Any]:
-    """``{file name: parsed JSON or text}`` of the source bundle's configs; InputError for a bundle without
-    ``inference.json`` / ``metadata.json`` or with unreadable JSON."""
-    folder = Path(bundle)
-    if not folder.is_dir():
-        raise InputError("bundle folder does not exist", path=folder)
-    configs: dict[str, Any] = {}
-    for name in REQUIRED_CONFIGS:
-        if not (folder / name).is_file():
-            raise InputError(f"bundle folder has no {name}", path=folder)
-    for name in REQUIRED_CONFIGS + OPTIONAL_CONFIGS:
-        path = folder / name
-        if path.is_file():
-            configs[name] = path.read_text() if name.endswith(".conf") else _read_json(path)
-    return configs
-
-
-def load_checkpoint_for_export(checkpoint: str | Path, weights: str | None = None) -> dict[str, Any]:
-    """Read and check the checkpoint, rebuild its network with the chosen weights (``m2diff_monai.checkpoint``;
-    None: EMA when present, else raw; an explicit choice must exist).
-
-    Returns ``{"network", "weights", "state", "config": {"network", "diffusion", "data", "inference_defaults"},
-    "epoch", "iteration", "path", "sha256"}``; InputError (one line naming the file) for every way the checkpoint
-    can be wrong.
-    """
-    from m2diff_monai.inference.defaults import check_stored_defaults
-
-    path = Path(checkpoint)
-    model = load_model(path, device="cpu", weights=weights)
-    return {
-        "network": model.network,
-        "weights": model.weights,
-        "state": {k: v.detach().cpu().clone() for k, v in model.network.state_dict().items()},
-        "config": {
-            "network": copy.deepcopy(model.network_config),
-            "diffusion": model.diffusion_config,
-            "data": copy.deepcopy(model.data_config),
-            "inference_defaults": check_stored_defaults(model.inference_defaults, path),
-        },
-        "epoch": model.epoch,
-        "iteration": model.iteration,
-        "path": path,
-        "sha256": file_sha256(path),
-    }
-
-
-def freeze_preprocessing(data_config: Mapping[str, Any], image_size: int | None) -> dict[str, Any]:
-    """The preprocessing parameters inference will use, resolved now (checkpoint → training manifest provenance
-    → defaults) and stored as ``data["preprocessing"]``, so the exported bundle does not need the manifest."""
-    from m2diff_monai.inference.preprocess import resolve_preprocessing
-
-    prep = resolve_preprocessing(dict(data_config), {}, image_size)
-    frozen = {"size": prep.size, "normalization": prep.normalization, "transform": prep.transform,
-              "space": prep.space, "seed": prep.seed,
-              "spacing": "native" if prep.spacing is None else list(prep.spacing)}
-    return {"values": frozen, "spatial_size": prep.spatial_size, "sources": dict(prep.sources)}
-
-
-# ------------------------------------------------------------------------------------------------- metadata
-def _installed_version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def output_description(network_config: Mapping[str, Any], diffusion: Mapping[str, Any], is_diffusion: bool,
-                       out_channels: int) -> dict[str, str]:
-    if not is_diffusion:
-        return {"0": "estimated standard-dose PET slice (normalized units; direct regression)"}
-    mean = diffusion.get("model_mean_type")
-    first = {"x0": "estimate of the standard-dose PET slice x0 (normalized units)",
-             "eps": "predicted noise epsilon of x_t"}.get(str(mean), f"model output ({mean})")
-    channels = {"0": first}
-    if out_channels == 2:
-        channels["1"] = "variance interpolation v in [-1, 1] (IDDPM learned range, log-space)"
-    return channels
-
-
-def network_data_format(network: torch.nn.Module, diffusion: Mapping[str, Any],
-                        data_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The five traced inputs and the output, with shapes (``"M*n"``: any multiple of the downsampling factor M)
-    and value ranges."""
-    multiple = spatial_multiple(network)
-    spatial = [f"{multiple}*n", f"{multiple}*n"]
-    from m2diff_monai.diffusion.clip import MINMAX_NORMALIZATIONS, training_normalization
-
-    intensity = [float(v) for v in (data_config.get("intensity_range") or [0, 1])]
-    # shared normalization leaves hot spots above 1 (not clipped): the LD PET's range is open above
-    normalization = training_normalization(data_config)
-    pet_range = intensity if normalization in MINMAX_NORMALIZATIONS else []
-    is_diffusion = bool(getattr(network, "is_diffusion", True))
-    timesteps = int(diffusion.get("timesteps", 1000))
-    net_config = dict(getattr(network, "config", {}) or {})
-    learn_sigma = bool(net_config.get("learn_sigma", (net_config.get("unet") or {}).get("learn_sigma", False)))
-    out_channels = int(getattr(network, "out_channels", 2 if learn_sigma else 1))
-
-    def image(modality: str, what: str, value_range: list[float]) -> dict[str, Any]:
-        return {"type": "image", "format": "magnitude", "modality": modality, "num_channels": 1,
-                "spatial_shape": list(spatial), "dtype": "float32", "value_range": value_range,
-                "is_patch_data": False, "channel_def": {"0": what}}
-
-    ignored = "" if is_diffusion else "; ignored by this regression model"
-    return {
-        "inputs": {
-            "x_t": image("PT", f"noisy standard-dose PET slice at step t (normalized units, unbounded){ignored}", []),
-            "t": {"type": "tensor", "format": "timestep", "modality": "n/a", "num_channels": 1, "spatial_shape": [],
-                  "dtype": "int64", "value_range": [0, timesteps - 1], "is_patch_data": False,
-                  "channel_def": {"0": f"diffusion timestep per sample, original 0..T-1 range (T={timesteps})"
-                                       f"{ignored}"}},
-            "ld": image("PT", "low-dose PET slice, normalized"
-                        + ("" if pet_range else " (shared scale: ~1 at the 99.5th brain percentile, hot spots above)"),
-                        pet_range),
-            "mri": image("MR", "T1-weighted MRI slice, normalized; zeros when unavailable", intensity),
-            "mri_available": {"type": "tensor", "format": "flag", "modality": "n/a", "num_channels": 1,
-                              "spatial_shape": [], "dtype": "float32", "value_range": [0, 1],
-                              "is_patch_data": False,
-                              "channel_def": {"0": "1 where the sample's MRI is given, 0 where it is not"
-                                              if accepts_missing_mri(network) else
-                                              "must be 1: this model needs every sample's MRI"}},
-        },
-        "outputs": {
-            "out": {"type": "image", "format": "magnitude", "modality": "PT", "num_channels": out_channels,
-                    "spatial_shape": list(spatial), "dtype": "float32", "value_range": [], "is_patch_data": False,
-                    "channel_def": output_description(net_config, diffusion, is_diffusion, out_channels)},
-        },
-    }
-
-
-def build_metadata(
-    source: Mapping[str, Any],
-    loaded: Mapping[str, Any],
-    version: str,
-    name: str | None,
-    created: str,
-    eval_metrics: Mapping[str, float] | None,
-    onnx: bool,
-) -> dict[str, Any]:
-    meta = copy.deepcopy(dict(source))
-    network = loaded["network"]
-    config = loaded["config"]
-    note = (f"exported by m2diff-export from {loaded['path'].name} (epoch {loaded['epoch']}, iteration "
-            f"{loaded['iteration']}, {loaded['weights']} weights) on {created[:10]}")
-    old = dict(meta.get("changelog") or {})
-    if version in old:
-        note = f"{old.pop(version)}; {note}"
-    meta["version"] = version
-    meta["changelog"] = {version: note, **old}
-    meta["monai_version"] = _installed_version("monai") or meta.get("monai_version", "")
-    meta["pytorch_version"] = torch.__version__.split("+")[0]
-    meta["numpy_version"] = _installed_version("numpy") or meta.get("numpy_version", "")
-    required = dict(meta.get("required_packages_version") or {})
-    required["m2diff-monai"] = m2diff_monai.__version__
-    for package in list(required):
-        installed = _installed_version(package) if package != "m2diff-monai" else None
-        if installed:
-            required[package] = installed
-    meta["required_packages_version"] = required
-    if onnx:
-        meta["optional_packages_version"] = {**dict(meta.get("optional_packages_version") or {}),
-                                             "onnx": _installed_version("onnx") or ""}
-    if name:
-        meta["name"] = name
-    nd = network_data_format(network, config["diffusion"], config["data"])
-    meta["network_data_format"] = nd
-    meta["pred_classes"] = "channel " + "; channel ".join(f"{k}: {v}" for k, v in nd["outputs"]["out"]["channel_def"].items())
-    meta["image_classes"] = ("inputs " + ", ".join(INPUT_NAMES) + " (see network_data_format); ld and mri are "
-                             "slices normalized like the training data")
-    meta["data_type"] = "NIfTI volumes (bundle inference); 2D slice tensors (models/model.ts)"
-    if eval_metrics:
-        meta["eval_metrics"] = dict(eval_metrics)
-    meta["network_config"] = copy.deepcopy(config["network"])
-    meta["diffusion_config"] = copy.deepcopy(config["diffusion"])
-    meta["export"] = {
-        "tool": f"m2diff-export {m2diff_monai.__version__}",
-        "created": created,
-        "source_checkpoint": loaded["path"].name,
-        "source_checkpoint_sha256": loaded["sha256"],
-        "weights": loaded["weights"],
-        "epoch": loaded["epoch"],
-        "iteration": loaded["iteration"],
-        "torchscript_inputs": list(INPUT_NAMES),
-    }
-    return meta
-
-
-def validate_metadata(meta: Mapping[str, Any], schema_path: Path | None) -> None:
-    """Validate against the local MONAI schema copy when there is one (what ``verify_metadata`` checks)."""
-    if schema_path is None or not schema_path.is_file():
-        return
-    import jsonschema
-
-    schema = json.loads(schema_path.read_text())
-    try:
-        jsonschema.validate(instance=json.loads(json.dumps(meta)), schema=schema)
-    except jsonschema.ValidationError as err:
-        raise RuntimeError(f"exported metadata does not satisfy {schema_path}: {err.message}") from None
-
-
-def _find_schema(bundle: Path) -> Path | None:
-    """Beside the source bundle (``bundles/schema`` in a checkout), else the copy an installed wheel ships."""
-    for candidate in (bundle / "schema" / "meta_schema.json", bundle.parent / "schema" / "meta_schema.json"):
-        if candidate.is_file():
-            return candidate
-    return meta_schema_path()
-
-
-# -------------------------------------------------------------------------------------------------- configs
-def _rewrite_common(config: dict[str, Any], loaded: Mapping[str, Any]) -> dict[str, Any]:
-    """bundle_root → the exported folder; config dicts that describe the model → the embedded ones."""
-    out = copy.deepcopy(config)
-    if "bundle_root" in out:
-        out["bundle_root"] = EXPORTED_ROOT
-    if "network_config" in out:
-        out["network_config"] = copy.deepcopy(loaded["config"]["network"])
-    if "diffusion_config" in out:
-        out["diffusion_config"] = copy.deepcopy(loaded["config"]["diffusion"])
-    return out
-
-
-def check_sampler_defaults(defaults: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Validated inference-setting overrides for the exported ``inference.json`` (e.g. ``{"start_step": 200}``):
-    keys must be ``InferenceSettings`` fields and the values must pass its checks; ``InputError`` otherwise."""
-    from m2diff_monai.inference.settings import SETTING_KEYS, InferenceSettings
-
-    defaults = dict(defaults or {})
-    unknown = sorted(set(defaults) - set(SETTING_KEYS))
-    if unknown:
-        raise InputError(f"--set: unknown inference settings {unknown}; allowed: {', '.join(SETTING_KEYS)}")
-    try:
-        InferenceSettings(**{k: v for k, v in defaults.items() if v is not None})
-    except (TypeError, ValueError) as err:
-        raise InputError(f"--set: {err}") from None
-    return defaults
-
-
-def rewrite_inference_config(
-    config: Mapping[str, Any], loaded: Mapping[str, Any], sampler_defaults: Mapping[str, Any] | None = None
-) -> dict[str, Any]:
-    """The source ``inference.json`` made self-contained: checkpoint ``$@bundle_root + '/models/model.pt'``,
-    the network built from the embedded ``network_config`` (``network_def``) and loaded by
-    :func:`load_exported_model`, whose result replaces the checkpoint path given to the inference entry point.
-    The checkpoint's stored ``inference_defaults`` (the sampler its training run was evaluated with) go into the
-    ``sampling_defaults`` block (their top-level keys are set to null so they apply); ``sampler_defaults``
-    (``--set``) replace the literal top-level settings keys (``steps``, ``start_step``, ...) and so win."""
-    from m2diff_monai.inference.defaults import SAMPLING_DEFAULTS_KEY, STATED_NULLS
-
-    out = _rewrite_common(dict(config), loaded)
-    stored = dict(loaded["config"].get("inference_defaults") or {})
-    if stored:
-        block = dict(out.get(SAMPLING_DEFAULTS_KEY) or {})
-        for key, value in stored.items():
-            block[key] = STATED_NULLS.get(key, value) if value is None else value
-            if key not in (sampler_defaults or {}):
-                out[key] = None
-        out[SAMPLING_DEFAULTS_KEY] = block
-    out.update(copy.deepcopy(dict(sampler_defaults or {})))
-    imports = list(out.get("imports") or [])
-    for module in ("$import m2diff_monai.networks.factory", "$import m2diff_monai.export.bundle"):
-        if module not in imports:
-            imports.append(module)
-    out["imports"] = imports
-    out["bundle_root"] = EXPORTED_ROOT
-    out["checkpoint"] = CHECKPOINT_EXPR
-    out["network_config"] = copy.deepcopy(loaded["config"]["network"])
-    out["diffusion_config"] = copy.deepcopy(loaded["config"]["diffusion"])
-    out["data_config"] = copy.deepcopy(loaded["config"]["data"])
-    out["network_def"] = {"_target_": "m2diff_monai.networks.factory.build_network", "config": "@network_config"}
-    out["model"] = {
-        "_target_": "m2diff_monai.export.bundle.load_exported_model",
-        "network": "@network_def",
-        "checkpoint": "@checkpoint",
-        "diffusion_config": "@diffusion_config",
-        "data_config": "@data_config",
-        "use_ema": "@use_ema",
-    }
-    out.setdefault("use_ema", True)
-    from m2diff_monai.deploy.runner import deploy_config_items  # MONAI Deploy's ids (docs/export.md)
-
-    out.update(deploy_config_items(out))
-    entry = out.get("inference")
-    if isinstance(entry, dict):
-        if "checkpoint" in entry:
-            entry["checkpoint"] = "@model"
-        for key in [*(sampler_defaults or {}), *stored]:  # a source bundle that predates a setting still passes it
-            entry.setdefault(key, f"@{key}")
-        if SAMPLING_DEFAULTS_KEY in out:
-            entry.setdefault(SAMPLING_DEFAULTS_KEY, f"@{SAMPLING_DEFAULTS_KEY}")
-    return out
-
-
-def effective_sampler(inference_config: Mapping[str, Any], stored: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The sampler an exported ``inference.json`` runs with no option given (its explicit keys > the stored
-    defaults > its ``sampling_defaults`` > the package defaults), for the model card."""
-    from m2diff_monai.inference.api import resolve_settings, split_bundle_settings
-
-    fallback, explicit = split_bundle_settings(dict(inference_config))
-    settings = resolve_settings(None, dict(stored or {}), fallback, **explicit)
-    return {k: getattr(settings, k) for k in ("sampler", "steps", "eta", "start_step", "samples")}
-
-
-def load_exported_model(
-    network: torch.nn.Module,
-    checkpoint: str | Path,
-    diffusion_config: Mapping[str, Any],
-    data_config: Mapping[str, Any] | None = None,
-    use_ema: bool = True,
-) -> LoadedModel:
-    """What the exported ``inference.json`` hands to the inference entry point: ``network`` (built from the
-    embedded config) with the weights of ``checkpoint`` (``models/model.pt``, read by ``m2diff_monai.checkpoint``),
-    as a ``LoadedModel``. An exported ``model.pt`` holds one set of weights (``"ema": None``); a training
-    checkpoint given instead (``--checkpoint``) gives its EMA when ``use_ema`` (either set when only one exists)."""
-    path = Path(checkpoint)
-    if not path.exists() and path.as_posix().endswith(MODEL_PT):
-        raise InputError(f"the exported bundle's {MODEL_PT} is not here; run from the exported bundle folder or pass "
-                         "--bundle_root EXPORTED_DIR (or --checkpoint PATH)", path=path)
-    return load_model(path, device=None, weights=EMA if use_ema else RAW, fallback=True, network=network,
-                      diffusion=diffusion_config, data_config=data_config)
-
-
-def exported_checkpoint(loaded: Mapping[str, Any], created: str) -> dict[str, Any]:
-    """``models/model.pt``: the project checkpoint format with only the chosen weights (as ``network``)."""
-    return new_checkpoint(
-        loaded["state"], copy.deepcopy(loaded["config"]), ema_state=None, epoch=loaded["epoch"],
-        iteration=loaded["iteration"],
-        export={"weights": loaded["weights"], "source_checkpoint": loaded["path"].name,
-                "source_checkpoint_sha256": loaded["sha256"], "created": created,
-                "tool": f"m2diff-export {m2diff_monai.__version__}"},
-    )
-
-
-# --------------------------------------------------------------------------------------------------- license
-def license_text(bundle: Path) -> str:
-    """The source bundle's LICENSE, else the installed distribution's (a wheel's, or an editable install's)."""
-    if (bundle / "LICENSE").is_file():
-        return (bundle / "LICENSE").read_text()
-    try:
-        dist = importlib.metadata.distribution("m2diff-monai")
-        for name in ("licenses/LICENSE", "LICENSE"):
-            text = dist.read_text(name)
-            if text:
-                return text
-        # metadata that only lists the file (a source tree's egg-info on the path): read it where it lies
-        for file in dist.files or ():
-            located = Path(str(dist.locate_file(file)))
-            if file.name == "LICENSE" and located.is_file():
-                return located.read_text()
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    raise InputError("no LICENSE found (bundle folder or installed package)", path=bundle)
-
-
-# ---------------------------------------------------------------------------------------------------- export
 FILE_DESCRIPTIONS = {
     "configs/metadata.json": "MONAI bundle metadata: versions, changelog, network_data_format, network config",
     "configs/inference.json": "raw LD PET (+ T1) NIfTI → enhanced NIfTI; runs from this folder",
@@ -540,14 +177,13 @@ def export_bundle(
 
     bar.set_postfix_str("configs")
     metadata = build_metadata(configs["metadata.json"], loaded, version, name, created, eval_metrics, onnx)
-    validate_metadata(metadata, _find_schema(bundle))
+    validate_metadata(metadata, find_schema(bundle))
     written: dict[str, Any] = {"configs/metadata.json": metadata,
                                "configs/inference.json": rewrite_inference_config(configs["inference.json"], loaded,
                                                                                  sampler_defaults)}
     for fname in OPTIONAL_CONFIGS:
         if fname in configs:
-            content = configs[fname]
-            written[f"configs/{fname}"] = content if isinstance(content, str) else _rewrite_common(content, loaded)
+            written[f"configs/{fname}"] = rewrite_config(configs[fname], loaded)
     bar.update()
 
     tmp = new_staging_folder(out)
@@ -588,8 +224,7 @@ def export_bundle(
             "source_checkpoint": loaded["path"].name,
             "epoch": loaded["epoch"],
             "iteration": loaded["iteration"],
-            "output_description": "; ".join(
-                f"channel {k}: {v}" for k, v in metadata["network_data_format"]["outputs"]["out"]["channel_def"].items()),
+            "output_description": metadata["pred_classes"],
             "files": {f: FILE_DESCRIPTIONS.get(f, "") for f in sorted(files)},
             "sampler_defaults": effective_sampler(written["configs/inference.json"],
                                                   loaded["config"].get("inference_defaults")),
@@ -616,8 +251,6 @@ def export_bundle(
     finally:
         bar.close()
     return ExportResult(out=out, files=sorted(files), weights=loaded["weights"], version=version, warnings=notes)
-
-
 
 
 __all__ = [

@@ -376,5 +376,12 @@ def render_model_card(
     return "\n".join(lines).rstrip() + "\n"
 
 
-__all__ = ["describe_training_data", "evaluated_samplers", "headline_metrics", "load_metrics", "markdown_table", "read_manifest_provenance",
-           "render_model_card"]
+__all__ = [
+    "describe_training_data",
+    "evaluated_samplers",
+    "headline_metrics",
+    "load_metrics",
+    "markdown_table",
+    "read_manifest_provenance",
+    "render_model_card",
+]
