@@ -87,10 +87,8 @@ def merge_manifests(paths: list[Path], out: Path, notes: str | None = None) -> d
         other = manifest["provenance"]["parameters"]
         if other != params:
             keys = sorted(k for k in set(params) | set(other) if params.get(k) != other.get(k))
-            raise InputError(
-                f"parameters differ from {first_path} ({', '.join(f'{k}: {params.get(k)!r} vs {other.get(k)!r}' for k in keys)})",
-                path=path,
-            )
+            differences = ", ".join(f"{k}: {params.get(k)!r} vs {other.get(k)!r}" for k in keys)
+            raise InputError(f"parameters differ from {first_path} ({differences})", path=path)
         shard = manifest["provenance"].get("shard")
         if shard:
             i, n = shard
@@ -129,7 +127,9 @@ def merge_manifests(paths: list[Path], out: Path, notes: str | None = None) -> d
     )
     merged = {
         "name": out.stem,
-        "description": f"m2diff-monai preprocessed data ({len(lists['volumes'])} subjects, merged from {len(loaded)} manifests)",
+        "description": (
+            f"m2diff-monai preprocessed data ({len(lists['volumes'])} subjects, merged from {len(loaded)} manifests)"
+        ),
         "space": first.get("space", params.get("space", "pet")),
         "size": first.get("size", params.get("size", 256)),
         "orientations": orientations,
@@ -143,7 +143,12 @@ def merge_manifests(paths: list[Path], out: Path, notes: str | None = None) -> d
 
 def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--manifests", required=True, nargs="+", type=Path, help="shard manifests to join")
-    parser.add_argument("--out", required=True, type=Path, help="merged manifest, e.g. data_manifests/NAME.json (never one of --manifests: docs/safety.md)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="merged manifest, e.g. data_manifests/NAME.json (never one of --manifests: docs/safety.md)",
+    )
     parser.add_argument("--notes", default=None, help="provenance notes (default: the shards' notes)")
     return parser
 

@@ -107,7 +107,7 @@ def _parse(reader, csv_path: Path, base: Path, require: tuple[str, ...],
         where = f"{csv_path.name} line {line}"
         if len(values) > len(columns):
             raise InputError(f"{where} has {len(values)} fields but the header has {len(columns)}", path=csv_path)
-        cells = {c: v.strip() for c, v in zip(columns, values)}
+        cells = {c: v.strip() for c, v in zip(columns, values, strict=False)}  # a short row lacks its last cells
         subject_id = cells.get("subject_id", "")
         if not subject_id:
             raise InputError(f"{where}: empty subject_id", path=csv_path)

@@ -10,7 +10,7 @@ conditions (LD PET, MRI, …) in a closure. The output has 1×C or 2×C channels
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
