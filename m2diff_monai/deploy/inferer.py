@@ -68,9 +68,9 @@ class PETEnhancementInferer(Inferer):
     def __init__(self, diffusion_config: Mapping[str, Any], data_config: Mapping[str, Any] | None = None,
                  network_image_size: int | None = None, is_diffusion: bool = True,
                  sampling_defaults: Mapping[str, Any] | None = None, **settings: Any) -> None:
+        from m2diff_monai.inference.settings import InferenceSettings
         from m2diff_monai.inference.defaults import layered_settings
         from m2diff_monai.inference.preprocess import resolve_preprocessing
-        from m2diff_monai.inference.settings import InferenceSettings
 
         super().__init__()
         # as m2diff-infer: a non-null setting wins over the bundle's sampling_defaults (which export fills with the

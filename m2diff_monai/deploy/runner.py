@@ -35,9 +35,9 @@ NOT_INFERER_SETTINGS = ("device", "progress", "png", "save_orientations")
 def deploy_config_items(config: Mapping[str, Any]) -> dict[str, Any]:
     """``preprocessing``, ``inferer`` and ``postprocessing`` for an exported ``inference.json`` (``config``: the
     rewritten one, holding ``data_config``/``diffusion_config`` and the literal sampler settings)."""
+    from m2diff_monai.inference.settings import SETTING_KEYS
     from m2diff_monai.inference.defaults import SAMPLING_DEFAULTS_KEY
     from m2diff_monai.inference.preprocess import resolve_preprocessing
-    from m2diff_monai.inference.settings import SETTING_KEYS
 
     network = dict(config.get("network_config") or {})
     prep = resolve_preprocessing(dict(config.get("data_config") or {}), {}, network.get("image_size"))
@@ -83,16 +83,9 @@ def load_bundle_network(bundle: str | Path, parser: Any = None, device: torch.de
     return network.eval()
 
 
-def run_bundle_on_volume(
-    bundle: str | Path,
-    ld: torch.Tensor | np.ndarray,
-    mri: torch.Tensor | np.ndarray | None = None,
-    *,
-    parser: Any = None,
-    network: torch.nn.Module | None = None,
-    device: torch.device | str = "cpu",
-    overrides: Mapping[str, Any] | None = None,
-) -> Any:
+def run_bundle_on_volume(bundle: str | Path, ld: torch.Tensor | np.ndarray, mri: torch.Tensor | np.ndarray | None = None,
+                         *, parser: Any = None, network: torch.nn.Module | None = None,
+                         device: torch.device | str = "cpu", overrides: Mapping[str, Any] | None = None) -> Any:
     """One LD PET volume (original units, on the model's grid; a ``MetaTensor`` keeps its affine) + optional T1
     → the enhanced volume in original units, shaped like ``ld``: preprocessing → inferer → postprocessing.
     ``overrides``: config ids to set before parsing (e.g. ``{"steps": 10}``)."""
