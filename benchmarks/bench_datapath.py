@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.data import DataLoader, Dataset
-from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Lambdad
+from monai.transforms import Compose, EnsureChannelFirstd, Lambdad, LoadImaged
 
 from m2diff_monai.data.datasets import build_dataset, build_loader, load_slice_items
 from m2diff_monai.data.manifest import provenance, write_manifest
@@ -41,8 +41,17 @@ def write_items(root: Path, size: int, items: int) -> Path:
     for e in entries:
         if not e["mri_available"]:
             e["mri"] = ""
-    return write_manifest(root / "manifest.json", {"name": "bench", "training": entries, "validation": [], "test": [],
-                                                   "volumes": [], "provenance": provenance("benchmarks/bench_datapath.py", {})})
+    return write_manifest(
+        root / "manifest.json",
+        {
+            "name": "bench",
+            "training": entries,
+            "validation": [],
+            "test": [],
+            "volumes": [],
+            "provenance": provenance("benchmarks/bench_datapath.py", {}),
+        },
+    )
 
 
 def time_loader(loader, passes: int) -> float:
@@ -86,7 +95,9 @@ def main() -> None:
         items = load_slice_items(manifest, "training")
         for w in workers:
             loader = build_loader(build_dataset(items, slice_transforms(), cache="none"), args.batch, True, w)
-            rows.append({"path": "LoadSliced (this project)", "workers": w, "slices_per_s": time_loader(loader, args.passes)})
+            rows.append(
+                {"path": "LoadSliced (this project)", "workers": w, "slices_per_s": time_loader(loader, args.passes)}
+            )
             loader = monai_loadimage_loader(items, args.batch, w)
             rows.append({"path": "MONAI LoadImaged(NumpyReader)", "workers": w,
                          "slices_per_s": time_loader(loader, args.passes)})

@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     regions = {"half": brain & (target > 0.5)}
     wall, cpu, row = timed(lambda: M.evaluate_volume(pred, target, brain, regions, **kw), args.repeats)
     report("evaluate_volume (all but LPIPS)", wall, cpu, "   (target ≤ 10 s at 256³)")
-    print(f"       psnr {row['psnr']:.2f}  ssim {row['ssim']:.4f}  nmse {row['nmse']:.4f}  ssim_2d {row['ssim_2d']:.4f}")
+    print(
+        f"       psnr {row['psnr']:.2f}  ssim {row['ssim']:.4f}  nmse {row['nmse']:.4f}  ssim_2d {row['ssim_2d']:.4f}"
+    )
     if args.lpips_random:
         from m2diff_monai.evaluation.lpips_metric import LPIPSMetric
 

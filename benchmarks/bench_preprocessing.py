@@ -83,7 +83,9 @@ def run_one(resolution: int, workers: int, n: int, transform: str) -> dict:
         "subject_s_mean": round(sum(per_stage.values()), 2),
         "stage_s_mean": {k: round(v, 3) for k, v in per_stage.items()},
         "peak_MB_main": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "peak_MB_worker": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1) if workers > 1 else None,
+        "peak_MB_worker": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
+        if workers > 1
+        else None,
         "mattes_mi_before_after": [
             [round(r["registration"]["similarity"]["mattes_mi"][k], 3) for k in ("before", "after")] for r in records
         ],

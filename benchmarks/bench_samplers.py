@@ -19,8 +19,30 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from m2diff_monai.diffusion import build_diffusion, sample  # noqa: E402
+from m2diff_monai.diffusion import GaussianDiffusion, build_diffusion, sample  # noqa: E402
 from m2diff_monai.io.atomic import save_json  # noqa: E402
+
+
+def _median_seconds(diffusion: GaussianDiffusion, sampler: str, shape: tuple[int, ...], steps: int, repeats: int,
+                    device: torch.device) -> float:
+    """Median wall time of one full sampling run (after a warm-up run) with a constant-output model."""
+    constant = torch.zeros((shape[0], diffusion.model_output_channels(), *shape[2:]), device=device)
+
+    def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return constant
+
+    def run() -> None:
+        sample(diffusion, model_fn, shape, sampler=sampler, steps=steps, device=device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    run()  # warm-up (buffer cache, respacing cache)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -40,27 +62,13 @@ def main(argv: list[str] | None = None) -> dict:
     results = []
     for var_type, sampler in (("fixed_large", "ancestral"), ("learned_range", "ancestral"), ("fixed_large", "ddim")):
         diffusion = build_diffusion({"model_var_type": var_type})
-        constant = torch.zeros((args.batch, diffusion.model_output_channels(), args.size, args.size), device=device)
-
-        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return constant
-
-        def run() -> None:
-            sample(diffusion, model_fn, shape, sampler=sampler, steps=args.steps, device=device)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-
-        run()  # warm-up (buffer cache, respacing cache)
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
-        per_step_ms = statistics.median(times) / args.steps * 1000
+        seconds = _median_seconds(diffusion, sampler, shape, args.steps, args.repeats, device)
+        per_step_ms = seconds / args.steps * 1000
         row = {"sampler": sampler, "model_var_type": var_type, "ms_per_step": round(per_step_ms, 4),
                "us_per_megapixel_step": round(per_step_ms * 1000 / (args.batch * args.size**2 / 1e6), 2)}
         results.append(row)
-        print(f"{sampler:9s} {var_type:13s} {row['ms_per_step']:8.3f} ms/step  {row['us_per_megapixel_step']:8.1f} µs/Mpx·step")
+        print(f"{sampler:9s} {var_type:13s} {row['ms_per_step']:8.3f} ms/step  "
+              f"{row['us_per_megapixel_step']:8.1f} µs/Mpx·step")
     report = {"device": str(device), "shape": list(shape), "steps": args.steps, "threads": torch.get_num_threads(),
               "results": results}
     if args.json is not None:

@@ -38,7 +38,9 @@ def _load(path: Path | None) -> MetaTensor | None:
     if path is None:
         return None
     image = nib.load(str(path))
-    return MetaTensor(torch.from_numpy(np.asarray(image.dataobj, dtype=np.float32)), affine=torch.as_tensor(image.affine))
+    return MetaTensor(
+        torch.from_numpy(np.asarray(image.dataobj, dtype=np.float32)), affine=torch.as_tensor(image.affine)
+    )
 
 
 class VolumeLoader(Operator):
@@ -126,8 +128,16 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     PETEnhancementApp(options).run()
     image = nib.load(str(options.out))
-    print(json.dumps({"out": str(options.out), "shape": list(image.shape), "seconds": round(time.perf_counter() - start, 2),
-                      "max": float(np.asarray(image.dataobj).max())}))
+    print(
+        json.dumps(
+            {
+                "out": str(options.out),
+                "shape": list(image.shape),
+                "seconds": round(time.perf_counter() - start, 2),
+                "max": float(np.asarray(image.dataobj).max()),
+            }
+        )
+    )
     return 0
 
 

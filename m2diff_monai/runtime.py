@@ -17,6 +17,7 @@ point and the bundle imports call it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -109,10 +110,8 @@ def configure_threads(threads: int | None = None, import_torch: bool = True) -> 
     if torch is not None:
         torch.set_num_threads(count)
         if _configured is None:
-            try:
+            with contextlib.suppress(RuntimeError):  # the pool already started (e.g. the host ran torch work first)
                 torch.set_num_interop_threads(count)
-            except RuntimeError:  # the pool already started (e.g. the host program ran torch work first)
-                pass
     _configured = {"threads": count, "source": source}
     logger.info("using %d CPU thread(s) (%s)", count, source)
     return dict(_configured)

@@ -21,7 +21,9 @@ SIZE_MULTIPLE = 16  # the networks downsample 4 times (2**4); every supported si
 def validate_size(size: int) -> int:
     size = int(size)
     if size <= 0 or size % SIZE_MULTIPLE:
-        raise ValueError(f"--size must be a positive multiple of {SIZE_MULTIPLE} (the networks halve it 4 times), got {size}")
+        raise ValueError(
+            f"--size must be a positive multiple of {SIZE_MULTIPLE} (the networks halve it 4 times), got {size}"
+        )
     return size
 
 
@@ -42,7 +44,9 @@ def crop_box(mask: np.ndarray, size: int, subject: str | None = None, path: str 
     gives the voxel ``spacing`` the size counts in, when known)."""
     size = validate_size(size)
     if not mask.any():
-        raise InputError("no brain found in the PET (empty brain mask); is this a brain PET?", subject=subject, path=path)
+        raise InputError(
+            "no brain found in the PET (empty brain mask); is this a brain PET?", subject=subject, path=path
+        )
     start = []
     for axis in range(3):
         other = tuple(a for a in range(3) if a != axis)

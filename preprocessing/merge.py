@@ -64,20 +64,9 @@ def merge_qc_summaries(loaded: list[tuple[Path, dict]], out: Path) -> Path | Non
     return target
 
 
-def merge_manifests(paths: list[Path], out: Path, notes: str | None = None) -> dict:
-    """Merge ``paths`` into ``out`` (written atomically, validated); return the merged manifest."""
-    if not paths:
-        raise InputError("no manifests to merge")
-    out = Path(out)
-    loaded = []
-    for path in paths:
-        path = Path(path)
-        loaded.append((path, manifest_stage.read_manifest(path)))  # InputError naming the file when invalid
-
-    qc_sources = [(path, _qc_summary_path(path, manifest)) for path, manifest in loaded]
-    qc_target = _qc_target(qc_sources, out)
-    guard_merge([p for p, _ in loaded], out, [qc_target, qc_target.with_suffix(".md")],
-                [s for _, s in qc_sources if s is not None and s.is_file()])
+def _check_mergeable(loaded: list[tuple[Path, dict]]) -> None:
+    """Refuse manifests made with other parameters, a shard given twice or from another N, and a subject in two
+    manifests; warn when shards are missing."""
     first_path, first = loaded[0]
     params = first["provenance"]["parameters"]
     owner: dict[str, Path] = {}
@@ -87,10 +76,8 @@ def merge_manifests(paths: list[Path], out: Path, notes: str | None = None) -> d
         other = manifest["provenance"]["parameters"]
         if other != params:
             keys = sorted(k for k in set(params) | set(other) if params.get(k) != other.get(k))
-            raise InputError(
-                f"parameters differ from {first_path} ({', '.join(f'{k}: {params.get(k)!r} vs {other.get(k)!r}' for k in keys)})",
-                path=path,
-            )
+            differences = ", ".join(f"{k}: {params.get(k)!r} vs {other.get(k)!r}" for k in keys)
+            raise InputError(f"parameters differ from {first_path} ({differences})", path=path)
         shard = manifest["provenance"].get("shard")
         if shard:
             i, n = shard
@@ -111,6 +98,25 @@ def merge_manifests(paths: list[Path], out: Path, notes: str | None = None) -> d
             _warn(f"shard(s) {', '.join(f'{i}/{shard_n}' for i in missing)} not given; the merged manifest lacks "
                   "their subjects")
 
+
+def merge_manifests(paths: list[Path], out: Path, notes: str | None = None) -> dict:
+    """Merge ``paths`` into ``out`` (written atomically, validated); return the merged manifest."""
+    if not paths:
+        raise InputError("no manifests to merge")
+    out = Path(out)
+    loaded = []
+    for path in paths:
+        path = Path(path)
+        loaded.append((path, manifest_stage.read_manifest(path)))  # InputError naming the file when invalid
+
+    qc_sources = [(path, _qc_summary_path(path, manifest)) for path, manifest in loaded]
+    qc_target = _qc_target(qc_sources, out)
+    guard_merge([p for p, _ in loaded], out, [qc_target, qc_target.with_suffix(".md")],
+                [s for _, s in qc_sources if s is not None and s.is_file()])
+    _check_mergeable(loaded)
+    first = loaded[0][1]
+    params = first["provenance"]["parameters"]
+
     out_dir = out.resolve().parent
     lists: dict[str, list[dict]] = {k: [] for k in manifest_stage.LIST_KEYS}
     for path, manifest in loaded:
@@ -129,7 +135,9 @@ def merge_manifests(paths: list[Path], out: Path, notes: str | None = None) -> d
     )
     merged = {
         "name": out.stem,
-        "description": f"m2diff-monai preprocessed data ({len(lists['volumes'])} subjects, merged from {len(loaded)} manifests)",
+        "description": (
+            f"m2diff-monai preprocessed data ({len(lists['volumes'])} subjects, merged from {len(loaded)} manifests)"
+        ),
         "space": first.get("space", params.get("space", "pet")),
         "size": first.get("size", params.get("size", 256)),
         "orientations": orientations,
@@ -143,7 +151,12 @@ def merge_manifests(paths: list[Path], out: Path, notes: str | None = None) -> d
 
 def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--manifests", required=True, nargs="+", type=Path, help="shard manifests to join")
-    parser.add_argument("--out", required=True, type=Path, help="merged manifest, e.g. data_manifests/NAME.json (never one of --manifests: docs/safety.md)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="merged manifest, e.g. data_manifests/NAME.json (never one of --manifests: docs/safety.md)",
+    )
     parser.add_argument("--notes", default=None, help="provenance notes (default: the shards' notes)")
     return parser
 

@@ -112,7 +112,9 @@ def minmax_scaling(volume: np.ndarray) -> Scaling:
     return Scaling(scale=_safe_scale(hi - lo), offset=lo)
 
 
-def mri_scaling(mri: np.ndarray, mask: np.ndarray | None, percentiles: tuple[float, float] = MRI_PERCENTILES) -> Scaling:
+def mri_scaling(
+    mri: np.ndarray, mask: np.ndarray | None, percentiles: tuple[float, float] = MRI_PERCENTILES
+) -> Scaling:
     values = mri[mask] if mask is not None and mask.any() else mri[mri > 0] if (mri > 0).any() else mri.ravel()
     lo, hi = (float(v) for v in np.percentile(values, percentiles))
     return Scaling(scale=_safe_scale(hi - lo), offset=lo)
@@ -152,7 +154,7 @@ class SliceRange:
     hi: np.ndarray  # (N,) float64
 
     @classmethod
-    def of(cls, stack: np.ndarray) -> "SliceRange":
+    def of(cls, stack: np.ndarray) -> SliceRange:
         flat = np.asarray(stack).reshape(len(stack), -1)
         return cls(lo=flat.min(axis=1).astype(np.float64), hi=flat.max(axis=1).astype(np.float64))
 

@@ -58,7 +58,9 @@ def save_montage(
         ax = axes[row, -1]
         contour = _display(extract_slice(pet_for_contour, orientation, k))
         if "mri" in volumes:
-            ax.imshow(_display(extract_slice(volumes["mri"], orientation, k)), cmap="gray", vmin=0, vmax=1, origin="lower")
+            ax.imshow(
+                _display(extract_slice(volumes["mri"], orientation, k)), cmap="gray", vmin=0, vmax=1, origin="lower"
+            )
             if contour.max() > 0.3:
                 ax.contour(contour, levels=[0.3, 0.6], colors=["cyan", "yellow"], linewidths=0.7, origin="lower")
             label = "MRI + PET contours"

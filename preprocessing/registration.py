@@ -35,7 +35,9 @@ def normalize_transform_name(name: str) -> str:
         raise ValueError(f"unknown transform {name!r}; choose from SyN, affine, rigid") from None
 
 
-def normalized_mutual_information(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None, bins: int = 64) -> float:
+def normalized_mutual_information(
+    a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None, bins: int = 64
+) -> float:
     """Studholme's NMI = (H(A) + H(B)) / H(A, B), in [1, 2]; higher means better aligned.
 
     Written here (a joint histogram is a few lines of numpy) because ANTs only exposes Mattes MI, whose value

@@ -163,7 +163,7 @@ def simulate_subjects(table: Path, out_dir: Path, *, drf: float | None, seed: in
     guard_simulate_table(Path(table), rows, Path(out_dir))
     with open(table, newline="", encoding="utf-8-sig") as fh:
         raw = [r for r in csv.DictReader(fh) if any((v or "").strip() for v in r.values())]
-    columns = [c.strip() for c in raw[0].keys()] if raw else []
+    columns = [c.strip() for c in raw[0]] if raw else []
     for extra in ("split", "drf"):
         if extra not in columns:
             columns.append(extra)

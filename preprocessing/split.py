@@ -75,7 +75,7 @@ def assign_splits(
     order = [free[i] for i in np.random.default_rng(seed).permutation(len(free))]
     counts = _counts(len(order), tuple(ratios))  # type: ignore[arg-type]
     bounds = np.cumsum([0] + counts)
-    for split, lo, hi in zip(SPLITS, bounds[:-1], bounds[1:]):
+    for split, lo, hi in zip(SPLITS, bounds[:-1], bounds[1:], strict=True):
         for sid in order[lo:hi]:
             result[sid] = split
     return result

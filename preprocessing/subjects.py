@@ -74,8 +74,8 @@ def read_subjects(csv_path: str | Path, require: Sequence[str] = ("ld_pet",),
         raise InputError(f"subjects table is not valid CSV ({err})", path=csv_path) from None
 
 
-def _parse(reader, csv_path: Path, base: Path, require: tuple[str, ...],
-           problems: dict[str, InputError] | None = None) -> list[SubjectRow]:
+def _header(reader, csv_path: Path) -> tuple[list[str], list[str]]:
+    """The checked header: all column names, and the ``mask_<name>`` ones."""
     header = next(reader, None)
     while header is not None and not any(c.strip() for c in header):
         header = next(reader, None)
@@ -96,7 +96,12 @@ def _parse(reader, csv_path: Path, base: Path, require: tuple[str, ...],
         if not ID_PATTERN.fullmatch(col[len(MASK_PREFIX):]):
             raise InputError(f"mask column {col!r} needs a name of letters, digits, '-' or '_' after 'mask_'",
                              path=csv_path)
+    return columns, mask_columns
 
+
+def _parse(reader, csv_path: Path, base: Path, require: tuple[str, ...],
+           problems: dict[str, InputError] | None = None) -> list[SubjectRow]:
+    columns, mask_columns = _header(reader, csv_path)
     rows: list[SubjectRow] = []
     first_line: dict[str, int] = {}
     folded: dict[str, str] = {}  # casefolded id -> id as written
@@ -107,7 +112,7 @@ def _parse(reader, csv_path: Path, base: Path, require: tuple[str, ...],
         where = f"{csv_path.name} line {line}"
         if len(values) > len(columns):
             raise InputError(f"{where} has {len(values)} fields but the header has {len(columns)}", path=csv_path)
-        cells = {c: v.strip() for c, v in zip(columns, values)}
+        cells = {c: v.strip() for c, v in zip(columns, values, strict=False)}  # a short row lacks its last cells
         subject_id = cells.get("subject_id", "")
         if not subject_id:
             raise InputError(f"{where}: empty subject_id", path=csv_path)

@@ -105,8 +105,10 @@ def format_table(columns, rows) -> str:
     """Plain left-aligned text table (no tabulate dependency); messages are never truncated."""
     widths = [max([len(c)] + [len(str(r[i])) for r in rows]) for i, c in enumerate(columns)]
     widths[-1] = 0  # last column unpadded
-    lines = ["  ".join(str(v).ljust(w) for v, w in zip(line, widths)).rstrip() for line in [columns, *rows]]
-    lines.insert(1, "  ".join("-" * max(w, len(c)) for w, c in zip(widths, columns)))
+    lines = [
+        "  ".join(str(v).ljust(w) for v, w in zip(line, widths, strict=True)).rstrip() for line in [columns, *rows]
+    ]
+    lines.insert(1, "  ".join("-" * max(w, len(c)) for w, c in zip(widths, columns, strict=True)))
     return "\n".join(lines)
 
 

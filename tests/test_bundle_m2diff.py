@@ -13,7 +13,6 @@ from m2diff_monai.errors import InputError
 from m2diff_monai.networks.factory import build_network
 from tiny_networks import tiny_m2diff
 
-
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,7 +73,11 @@ def test_train_config_has_paper_defaults():
     assert parser["diffusion_config"]["model_var_type"] == "fixed_large"
     # "auto" = the official (-1, 1) for the paper's min-max data, a wide range for shared data (diffusion.clip)
     assert parser["diffusion_config"]["clip_denoised"] == "auto" and parser["inference_defaults"] is None
-    assert parser["max_epochs"] == 100 and parser["learning_rate"] == 1e-4 and parser["optimizer"]["_target_"] == "torch.optim.Adam"
+    assert (
+        parser["max_epochs"] == 100
+        and parser["learning_rate"] == 1e-4
+        and parser["optimizer"]["_target_"] == "torch.optim.Adam"
+    )
     assert (parser["lambda_task"], parser["lambda_bias"], parser["mri_drop_prob"]) == (0.4, 0.2, 0.3)
     # the official training loop's L_bias and MRI dropout, wired to both the loss and the batch preparation
     assert (parser["bias_loss"], parser["mri_dropout"]) == ("official_xprev", "official")

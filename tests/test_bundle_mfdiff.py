@@ -17,7 +17,6 @@ from m2diff_monai.networks.factory import build_network
 from synthetic_slices import write_synthetic_manifest
 from tiny_networks import tiny_mfdiff
 
-
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,7 +121,10 @@ def test_configs_have_paper_defaults():
     mixed = ConfigParser()
     mixed.read_config([TRAIN, MIXED])
     assert mixed.get_parsed_content("max_iterations") == 70000
-    assert mixed.get_parsed_content("mixed_manifest_files") == ["data_manifests/demo.json", "data_manifests/invivo.json"]
+    assert mixed.get_parsed_content("mixed_manifest_files") == [
+        "data_manifests/demo.json",
+        "data_manifests/invivo.json",
+    ]
 
 
 def test_iteration_budget_and_warmup_helpers():

@@ -65,7 +65,9 @@ def test_torchrun_two_process_gloo_training(tmp_path, slice_manifest):
         if result.returncode == 0:
             break
         first = first or result.stdout[-2000:] + result.stderr[-2000:]
-    assert result.returncode == 0, f"first attempt:\n{first}\nsecond attempt:\n" + result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0, (
+        f"first attempt:\n{first}\nsecond attempt:\n" + result.stdout[-3000:] + result.stderr[-3000:]
+    )
     if first is not None:
         print(f"torchrun failed once, passed on retry; first attempt:\n{first}")
     ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)

@@ -10,8 +10,14 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from preprocessing.phantom import (HELDOUT_VARIATION, jacobian_determinant, load_anatomy, make_subject,
-                                   random_displacement, warp)
+from preprocessing.phantom import (
+    HELDOUT_VARIATION,
+    jacobian_determinant,
+    load_anatomy,
+    make_subject,
+    random_displacement,
+    warp,
+)
 from preprocessing.simulation import ScannerParams
 
 FAST_ARGS = ["--downsample", "2", "--iterations", "1", "--subsets", "7", "--transform", "rigid", "--workers", "1"]
@@ -152,7 +158,7 @@ def test_heldout_anatomy_is_outside_the_training_distribution(anatomy):
     train = [make_subject(anatomy, np.random.default_rng(s), "healthy") for s in rng_seeds]
     held = [make_subject(anatomy, np.random.default_rng(s), "healthy", variation=HELDOUT_VARIATION)
             for s in rng_seeds]
-    for t, h in zip(train, held):
+    for t, h in zip(train, held, strict=True):
         assert {"ventricle_expansion", "atrophy", "asymmetry"} <= set(h.info)
         assert not {"ventricle_expansion", "atrophy", "asymmetry"} & set(t.info)
         assert h.info["jacobian_min"] > 0  # still invertible

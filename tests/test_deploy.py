@@ -13,14 +13,13 @@ from monai.data import MetaTensor
 from monai.transforms import Compose
 
 from badinputs import centred_affine, phantom
+from m2diff_monai.checkpoint import load_model
 from m2diff_monai.deploy import PETEnhancementInferer, load_bundle_network, run_bundle_on_volume
 from m2diff_monai.deploy.runner import read_bundle_config
-from m2diff_monai.checkpoint import load_model
 from m2diff_monai.inference.inferer import DiffusionSamplerInferer
 from m2diff_monai.inference.volume import predict_volume
 from preprocessing.cubes import prepare_cubes
 from test_export import exported, source  # noqa: F401  (module fixtures: a tiny M2Diff V6 export, 16³ cubes)
-
 
 FAST = {"steps": 2, "orientations": "axial,coronal", "sampler": "ancestral", "fusion": "mean", "amp": "none"}
 SIZE, SPACING = 16, 3.0
@@ -43,7 +42,9 @@ def test_exported_config_declares_the_ids_the_deploy_operator_reads(exported):  
     inferer = parser.get_parsed_content("inferer")
     assert isinstance(inferer, PETEnhancementInferer)
     # a null top-level setting means "not set": the sampler the checkpoint was evaluated with (sampling_defaults)
-    expected = {k: config[k] if config.get(k) is not None else config["sampling_defaults"][k] for k in ("steps", "fusion")}
+    expected = {
+        k: config[k] if config.get(k) is not None else config["sampling_defaults"][k] for k in ("steps", "fusion")
+    }
     assert (inferer.settings.steps, inferer.settings.fusion) == (expected["steps"], expected["fusion"])
     # network_data_format keeps describing model.ts honestly (the 2D denoiser), not the volume application
     assert list(parser["_meta_"]["network_data_format"]["inputs"])[0] == "x_t"

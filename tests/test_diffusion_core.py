@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -98,7 +99,9 @@ def test_posterior_matches_gaussian_product_formula():
     mean0, var0, logvar0 = diffusion.q_posterior_mean_variance(x0, x_t, torch.zeros(len(steps), dtype=torch.long))
     torch.testing.assert_close(mean0, x0)
     assert torch.all(var0 == 0)
-    assert logvar0.flatten()[0].item() == pytest.approx(math.log(betas[1] * (1 - alphas_cumprod[0]) / (1 - alphas_cumprod[1])))
+    assert logvar0.flatten()[0].item() == pytest.approx(
+        math.log(betas[1] * (1 - alphas_cumprod[0]) / (1 - alphas_cumprod[1]))
+    )
 
 
 def test_buffers_are_cached_per_device_and_dtype():
@@ -115,7 +118,9 @@ def test_buffers_are_cached_per_device_and_dtype():
 
 
 def test_buffers_first_built_under_inference_mode_still_serve_training():
-    diffusion = GaussianDiffusion(get_named_beta_schedule("linear", 100), model_mean_type="eps", model_var_type="learned_range")
+    diffusion = GaussianDiffusion(
+        get_named_beta_schedule("linear", 100), model_mean_type="eps", model_var_type="learned_range"
+    )
     x0 = torch.rand(2, 1, 4, 4)
     t = torch.tensor([0, 50])
     with torch.inference_mode():
@@ -138,7 +143,8 @@ def test_normal_kl_zero_for_equal_and_matches_closed_form():
     logvar2 = torch.tensor([0.5, -1.0, 0.0], dtype=torch.float64)
     ours = normal_kl(mean, logvar, mean2, logvar2)
     reference = torch.distributions.kl_divergence(
-        torch.distributions.Normal(mean, torch.exp(0.5 * logvar)), torch.distributions.Normal(mean2, torch.exp(0.5 * logvar2))
+        torch.distributions.Normal(mean, torch.exp(0.5 * logvar)),
+        torch.distributions.Normal(mean2, torch.exp(0.5 * logvar2)),
     )
     torch.testing.assert_close(ours, reference)
     ours.sum().backward()
@@ -150,7 +156,9 @@ def test_approx_cdf_close_to_exact():
     assert (approx_standard_normal_cdf(x) - torch.special.ndtr(x)).abs().max().item() < 3e-4
 
 
-@pytest.mark.parametrize("mean,log_scale", [(0.0, math.log(0.1)), (0.37, math.log(0.02)), (-0.9, math.log(0.5)), (0.999, -6.0)])
+@pytest.mark.parametrize(
+    "mean,log_scale", [(0.0, math.log(0.1)), (0.37, math.log(0.02)), (-0.9, math.log(0.5)), (0.999, -6.0)]
+)
 def test_discretized_nll_bins_sum_to_one(mean, log_scale):
     levels = torch.linspace(-1, 1, 256, dtype=torch.float64)
     log_probs = discretized_gaussian_log_likelihood(
@@ -185,7 +193,7 @@ def test_space_timesteps_known_iddpm_outputs():
     for count in ("100", "25", "ddim25", "ddim100", "1000"):
         steps = space_timesteps(1000, count)
         assert len(steps) == int(count.removeprefix("ddim"))
-        assert steps[0] == 0 and all(b > a for a, b in zip(steps, steps[1:]))
+        assert steps[0] == 0 and all(b > a for a, b in itertools.pairwise(steps))
     assert space_timesteps(1000, "100")[-1] == 999
     with pytest.raises(ValueError):
         space_timesteps(100, "200")
@@ -222,7 +230,11 @@ def test_rescale_timesteps_gives_float_on_1000_scale():
 def test_learned_range_endpoints_are_log_beta_and_log_posterior_variance(spacing):
     betas = get_named_beta_schedule("linear", T)
     kwargs = dict(model_mean_type="x0", model_var_type="learned_range", clip_denoised=False)
-    diffusion = GaussianDiffusion(betas, **kwargs) if spacing is None else SpacedDiffusion(space_timesteps(T, spacing), betas=betas, **kwargs)
+    diffusion = (
+        GaussianDiffusion(betas, **kwargs)
+        if spacing is None
+        else SpacedDiffusion(space_timesteps(T, spacing), betas=betas, **kwargs)
+    )
     n = diffusion.num_timesteps
     t = torch.tensor([0, 1, n // 2, n - 1])
     x_t = torch.randn(4, 1, 3, 3, dtype=torch.float64)
@@ -232,7 +244,11 @@ def test_learned_range_endpoints_are_log_beta_and_log_posterior_variance(spacing
     step_betas = 1.0 - ab / ab_prev
     post = step_betas * (1 - ab_prev) / (1 - ab)
     log_post_clipped = np.log(np.append(post[1], post[1:]))
-    for v, expected in ((1.0, np.log(step_betas)), (-1.0, log_post_clipped), (0.0, 0.5 * (np.log(step_betas) + log_post_clipped))):
+    for v, expected in (
+        (1.0, np.log(step_betas)),
+        (-1.0, log_post_clipped),
+        (0.0, 0.5 * (np.log(step_betas) + log_post_clipped)),
+    ):
         out = diffusion.p_mean_variance(torch.cat([x0, torch.full_like(x0, v)], dim=1), x_t, t)
         np.testing.assert_allclose(out["log_variance"][:, 0, 0, 0].numpy(), expected[t.numpy()], rtol=1e-9)
         torch.testing.assert_close(out["variance"], out["log_variance"].exp())
@@ -245,7 +261,9 @@ def test_fixed_variances_and_eps_x0_equivalence():
     x_t = torch.randn(3, 1, 4, 4, generator=generator, dtype=torch.float64)
     x0_pred = 0.5 * torch.randn(3, 1, 4, 4, generator=generator, dtype=torch.float64)
     ab = np.cumprod(1 - betas)[t.numpy()]
-    eps_pred = (x_t - torch.from_numpy(np.sqrt(ab)).view(-1, 1, 1, 1) * x0_pred) / torch.from_numpy(np.sqrt(1 - ab)).view(-1, 1, 1, 1)
+    eps_pred = (x_t - torch.from_numpy(np.sqrt(ab)).view(-1, 1, 1, 1) * x0_pred) / torch.from_numpy(
+        np.sqrt(1 - ab)
+    ).view(-1, 1, 1, 1)
     x0_model = GaussianDiffusion(betas, model_mean_type="x0", model_var_type="fixed_large", clip_denoised=False)
     eps_model = GaussianDiffusion(betas, model_mean_type="eps", model_var_type="fixed_small", clip_denoised=False)
     out_x0 = x0_model.p_mean_variance(x0_pred, x_t, t)

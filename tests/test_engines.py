@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from monai.handlers import ValidationHandler
 
 from m2diff_monai.data.datasets import build_dataset, build_loader, load_slice_items
@@ -23,7 +22,6 @@ from m2diff_monai.errors import InputError
 from m2diff_monai.networks.factory import build_network
 from synthetic_slices import write_synthetic_manifest
 from tiny_networks import tiny_m2diff
-
 
 torch.set_num_threads(1)
 

@@ -206,7 +206,7 @@ def test_ttests_match_scipy(report):
     row = tt[(tt["metric"] == "psnr") & (tt["method_a"] == "LD") & (tt["method_b"] == "Good")].iloc[0]
     assert row["p"] == pytest.approx(expected.pvalue, rel=1e-9)
     assert row["t"] == pytest.approx(expected.statistic, rel=1e-9)
-    pairs = set(zip(tt["method_a"], tt["method_b"]))
+    pairs = set(zip(tt["method_a"], tt["method_b"], strict=True))
     assert {("LD", "Good"), ("LD", "Same"), ("Good", "Same")} <= pairs  # vs LD, and between methods
     nm = tt[(tt["metric"] == "nmse") & (tt["method_a"] == "Good") & (tt["method_b"] == "Same")].iloc[0]
     ref = sps.ttest_rel(df.pivot(index="subject", columns="method", values="nmse")["Good"],

@@ -18,6 +18,7 @@ from monai.bundle import ConfigParser, verify_metadata
 from monai.data import load_net_with_metadata
 
 from badinputs import centred_affine, phantom
+from m2diff_monai.checkpoint import LoadedModel, load_model
 from m2diff_monai.engines.workflow import checkpoint_config
 from m2diff_monai.export import bundle as export_mod
 from m2diff_monai.export.cli import main
@@ -32,10 +33,8 @@ from m2diff_monai.export.torchscript import (
     trace_denoiser,
 )
 from m2diff_monai.inference import api
-from m2diff_monai.checkpoint import LoadedModel, load_model
 from m2diff_monai.networks.factory import build_network
 from tiny_networks import randomize_zero_params, tiny_m2diff, tiny_mfdiff
-
 
 torch.set_num_threads(1)
 
@@ -44,9 +43,17 @@ BUNDLE = REPO / "bundles" / "m2diff"
 SCHEMA = REPO / "bundles" / "schema" / "meta_schema.json"
 TINY_V6 = tiny_m2diff(attention=True)
 TINY_MFDIFF = tiny_mfdiff(attention=True, allow_missing_mri=True)
-EXPECTED_FILES = {"configs/metadata.json", "configs/inference.json", "configs/train.json",
-                  "configs/multi_gpu_train.json", "configs/logging.conf", "models/model.pt", "models/model.ts",
-                  "docs/README.md", "LICENSE"} | ({"configs/evaluate.json"} if (BUNDLE / "evaluate.json").is_file() else set())
+EXPECTED_FILES = {
+    "configs/metadata.json",
+    "configs/inference.json",
+    "configs/train.json",
+    "configs/multi_gpu_train.json",
+    "configs/logging.conf",
+    "models/model.pt",
+    "models/model.ts",
+    "docs/README.md",
+    "LICENSE",
+} | ({"configs/evaluate.json"} if (BUNDLE / "evaluate.json").is_file() else set())
 
 
 def write_checkpoint(path: Path, net_config: dict, manifest: Path | None = None, ema: bool = True,

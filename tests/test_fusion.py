@@ -11,9 +11,9 @@ from scipy.ndimage import gaussian_filter, gaussian_filter1d
 from m2diff_monai.data.orientation import ORIENTATION_AXIS
 from m2diff_monai.inference.fusion import (
     FUSION_METHODS,
+    describe_fusion,
     filter_orientation_volume,
     fuse_volumes,
-    describe_fusion,
     stripe_filter_slice,
     stripe_plan,
 )

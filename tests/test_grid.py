@@ -20,7 +20,7 @@ SHAPE = (7, 6, 5)
 def _affine(permutation, signs, zooms=(2.0, 2.5, 3.0), rotation_deg=(0.0, 0.0, 0.0), origin=(10.0, -20.0, 30.0)):
     """Voxel axes mapped to a permutation of world axes with flips, voxel sizes and an oblique rotation."""
     linear = np.zeros((3, 3))
-    for axis, (world, sign) in enumerate(zip(permutation, signs)):
+    for axis, (world, sign) in enumerate(zip(permutation, signs, strict=True)):
         linear[world, axis] = sign * zooms[axis]
     affine = np.eye(4)
     affine[:3, :3] = Rotation.from_euler("xyz", rotation_deg, degrees=True).as_matrix() @ linear

@@ -48,9 +48,21 @@ def test_help_exits_zero(capsys):
 @pytest.mark.slow
 def test_cli_end_to_end_with_tiny_model(tmp_path, subject, tiny_checkpoint):
     out = tmp_path / "out" / "pred.nii.gz"
-    proc = _infer("--bundle", "bundles/m2diff", "--checkpoint", str(tiny_checkpoint), "--ld-pet", str(subject["ld_pet"]),
-                  "--mri", str(subject["mri"]), "--out", str(out), "--summary", str(tmp_path / "run.json"),
-                  *FAST_ARGS)
+    proc = _infer(
+        "--bundle",
+        "bundles/m2diff",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--ld-pet",
+        str(subject["ld_pet"]),
+        "--mri",
+        str(subject["mri"]),
+        "--out",
+        str(out),
+        "--summary",
+        str(tmp_path / "run.json"),
+        *FAST_ARGS,
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "run.json").read_text())["threads"] == {"threads": 1, "source": "--threads"}
     raw, pred = nib.load(subject["ld_pet"]), nib.load(out)
@@ -97,9 +109,23 @@ def test_cli_cohort_mode(tmp_path):
     run_pipeline(write_table(raw / "subjects.csv", rows), tmp_path / "prep", manifest,
                  PipelineOptions(transform="rigid", size=CUBE, split=(0.0, 0.0, 1.0)))
     out_dir = tmp_path / "preds"
-    code = main(["--bundle", str(ROOT / "bundles" / "m2diff"), "--checkpoint", str(identity_checkpoint(tmp_path / "id.pt")),
-                 "--manifest", str(manifest), "--split", "test", "--out-dir", str(out_dir), "--samples", "2",
-                 *FAST_ARGS])
+    code = main(
+        [
+            "--bundle",
+            str(ROOT / "bundles" / "m2diff"),
+            "--checkpoint",
+            str(identity_checkpoint(tmp_path / "id.pt")),
+            "--manifest",
+            str(manifest),
+            "--split",
+            "test",
+            "--out-dir",
+            str(out_dir),
+            "--samples",
+            "2",
+            *FAST_ARGS,
+        ]
+    )
     assert code == 0
     for row in rows:
         source = nib.load(raw / row["ld_pet"])

@@ -17,12 +17,12 @@ import torch
 from torch import nn
 
 from badinputs import centred_affine, write_subject, write_table
+from m2diff_monai.checkpoint import load_model, read_checkpoint
+from m2diff_monai.data.grid import SourceGrid
 from m2diff_monai.engines.workflow import checkpoint_config
 from m2diff_monai.errors import InputError
 from m2diff_monai.inference import api
-from m2diff_monai.checkpoint import load_model, read_checkpoint
 from m2diff_monai.inference.inferer import DiffusionSamplerInferer
-from m2diff_monai.data.grid import SourceGrid
 from m2diff_monai.inference.preprocess import (
     TrainingPreprocessing,
     prepare_from_manifest_item,
@@ -73,7 +73,9 @@ def subjects(tmp_path_factory) -> dict[str, dict[str, Path]]:
     return out
 
 
-def _sampled_region(ld_path: Path, mri_path: Path | None, normalization: str = "shared") -> tuple[np.ndarray, np.ndarray]:
+def _sampled_region(
+    ld_path: Path, mri_path: Path | None, normalization: str = "shared"
+) -> tuple[np.ndarray, np.ndarray]:
     """Voxels of the raw LD grid that at least one orientation sampled (brain slices), from an independent
     preparation of the same subject."""
     settings = TrainingPreprocessing(size=CUBE, normalization=normalization, transform="rigid")
@@ -281,8 +283,10 @@ def test_inferer_shared_noise_and_seeds():
     torch.testing.assert_close(independent(ld, net), first)  # reproducible per draw
 
 
-@pytest.mark.parametrize("sampler,steps,start_step", [("ddim", 10, None), ("ddim", None, None), ("ancestral", None, None),
-                                                     ("ddim", 10, 200), ("ancestral", 50, 200)])
+@pytest.mark.parametrize(
+    "sampler,steps,start_step",
+    [("ddim", 10, None), ("ddim", None, None), ("ancestral", None, None), ("ddim", 10, 200), ("ancestral", 50, 200)],
+)
 def test_inferer_eps_path_with_an_oracle_recovers_the_target(sampler, steps, start_step):
     """The ε parameterisation end to end (MFdiff's path): a network returning the exact ε of a known x_0 makes every
     sampler land on x_0; a failing ε-model is then a training matter, not a sampling bug."""

@@ -5,6 +5,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+
 from badinputs import (
     MRI_SHAPE,
     MRI_VOXEL_MM,
@@ -17,7 +18,6 @@ from badinputs import (
     save,
     write_subject,
 )
-
 from m2diff_monai.errors import InputError
 from preprocessing.intake import (
     Finding,

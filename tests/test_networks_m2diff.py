@@ -23,7 +23,6 @@ from m2diff_monai.networks import (
 )
 from tiny_networks import randomize_zero_params, tiny_m2diff
 
-
 TINY = tiny_m2diff(32, attention=True)
 
 
@@ -247,7 +246,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
     for net in (plain, ckpt):
         out = net(x, t, ld, mri)
         (out["pet"].square().mean() + out["mri"].square().mean()).backward()
-    for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
+    for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 

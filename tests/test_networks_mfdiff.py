@@ -14,7 +14,6 @@ from m2diff_monai.networks.mfdiff_fusion import MFdiffFusion, ModalityFeatureExt
 from m2diff_monai.networks.restormer import ChannelAttention, ChannelLayerNorm
 from tiny_networks import TINY_SIZE, randomize_zero_params, tiny_fusion, tiny_mfdiff, tiny_unet
 
-
 SIZE = TINY_SIZE
 TINY_FUSION = tiny_fusion(heads=2)
 TINY_UNET = tiny_unet(SIZE, attention=True)
@@ -109,10 +108,10 @@ def test_detail_branch_is_invertible(coupling):
 def test_paper_coupling_is_equation_4():
     torch.manual_seed(0)
     layer = AffineCoupling(4, form="paper")
-    f, l = torch.randn(1, 4, 6, 6), torch.randn(1, 4, 6, 6)
-    first, second = layer(f, l)
-    torch.testing.assert_close(first, l)  # D_l = F_l (handed over as the next coupling's conditioning half)
-    torch.testing.assert_close(second, f * torch.exp(layer.rho(l)) + layer.eta(l))
+    f_half, l_half = torch.randn(1, 4, 6, 6), torch.randn(1, 4, 6, 6)
+    first, second = layer(f_half, l_half)
+    torch.testing.assert_close(first, l_half)  # D_l = F_l (handed over as the next coupling's conditioning half)
+    torch.testing.assert_close(second, f_half * torch.exp(layer.rho(l_half)) + layer.eta(l_half))
 
 
 def test_inverted_residual_block_has_no_batchnorm_and_expand_ratio_2():

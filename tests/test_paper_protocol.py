@@ -11,7 +11,6 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from m2diff_monai.evaluation import paper_protocol as P
 from m2diff_monai.evaluation.lpips_metric import LPIPSMetric
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # set and restored (tests/conftest.py)
 
 

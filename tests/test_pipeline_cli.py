@@ -44,7 +44,10 @@ def cohort(tmp_path_factory) -> Path:
 
 
 def _keys(manifest: dict) -> dict:
-    out = {k: sorted((i["subject"], i["orientation"], i["slice"]) for i in manifest[k]) for k in ("training", "validation", "test")}
+    out = {
+        k: sorted((i["subject"], i["orientation"], i["slice"]) for i in manifest[k])
+        for k in ("training", "validation", "test")
+    }
     out["volumes"] = sorted((v["subject"], v["split"]) for v in manifest["volumes"])
     return out
 
@@ -92,7 +95,7 @@ def test_run_outputs_rerun_skips_and_force_redoes(cohort, tmp_path):
 
     forced = cli("run", "--subjects", cohort, "--out", out, "--manifest", man, *FAST, "--force")
     assert "processed 3, skipped 0" in forced.stdout
-    assert all(p.stat().st_mtime_ns != b for p, b in zip(watched, before))
+    assert all(p.stat().st_mtime_ns != b for p, b in zip(watched, before, strict=True))
     assert not list((out / "subjects").glob(".*"))  # no temporary folders left
 
     changed = cli("run", "--subjects", cohort, "--out", out, "--manifest", man, *FAST, "--slices-per-subject", "3")
@@ -105,8 +108,30 @@ def test_workers_shards_and_merge_match_a_full_run(cohort, tmp_path):
     full = tmp_path / "m" / "full.json"
     cli("run", "--subjects", cohort, "--out", tmp_path / "full", "--manifest", full, *FAST, "--workers", "2")
     shard_out = tmp_path / "sharded"
-    s1 = cli("run", "--subjects", cohort, "--out", shard_out, "--manifest", tmp_path / "m" / "s1.json", *FAST, "--shard", "1/2")
-    s2 = cli("run", "--subjects", cohort, "--out", shard_out, "--manifest", tmp_path / "m" / "s2.json", *FAST, "--shard", "2/2")
+    s1 = cli(
+        "run",
+        "--subjects",
+        cohort,
+        "--out",
+        shard_out,
+        "--manifest",
+        tmp_path / "m" / "s1.json",
+        *FAST,
+        "--shard",
+        "1/2",
+    )
+    s2 = cli(
+        "run",
+        "--subjects",
+        cohort,
+        "--out",
+        shard_out,
+        "--manifest",
+        tmp_path / "m" / "s2.json",
+        *FAST,
+        "--shard",
+        "2/2",
+    )
     assert "processed 2" in s1.stdout and "processed 1" in s2.stdout  # sorted ids: s01,s03 | s02
     merged = tmp_path / "merged" / "all.json"
     cli("merge", "--manifests", tmp_path / "m" / "s1.json", tmp_path / "m" / "s2.json", "--out", merged)
@@ -132,12 +157,28 @@ def test_workers_shards_and_merge_match_a_full_run(cohort, tmp_path):
     with open(tmp_path / "apart" / "cohort_qc_summary.csv") as fh:
         assert [r["subject"] for r in csv.DictReader(fh)] == ["s01", "s02", "s03"]
 
-    dup = cli("merge", "--manifests", tmp_path / "m" / "s1.json", tmp_path / "m" / "s1.json", "--out", tmp_path / "d.json", check_rc=2)
+    dup = cli(
+        "merge",
+        "--manifests",
+        tmp_path / "m" / "s1.json",
+        tmp_path / "m" / "s1.json",
+        "--out",
+        tmp_path / "d.json",
+        check_rc=2,
+    )
     assert "already given" in dup.stderr or "duplicate subject" in dup.stderr
     conflicting = json.loads((tmp_path / "m" / "s2.json").read_text())
     conflicting["provenance"]["parameters"]["size"] = 64
     (tmp_path / "m" / "s2b.json").write_text(json.dumps(conflicting))
-    bad = cli("merge", "--manifests", tmp_path / "m" / "s1.json", tmp_path / "m" / "s2b.json", "--out", tmp_path / "c.json", check_rc=2)
+    bad = cli(
+        "merge",
+        "--manifests",
+        tmp_path / "m" / "s1.json",
+        tmp_path / "m" / "s2b.json",
+        "--out",
+        tmp_path / "c.json",
+        check_rc=2,
+    )
     assert "parameters differ" in bad.stderr and "size" in bad.stderr
     assert not (tmp_path / "d.json").exists() and not (tmp_path / "c.json").exists()
 
@@ -146,7 +187,9 @@ def test_bad_shard_and_size_are_rejected(cohort, tmp_path):
     for args, fragment in ((["--shard", "0/2"], "1 <= I <= N"), (["--shard", "3/2"], "1 <= I <= N"),
                            (["--shard", "a/b"], "I/N"), (["--size", "100"], "multiple of 16"),
                            (["--spacing", "2,2"], "--spacing must be auto, native, X or X,Y,Z")):  # fmt: skip
-        proc = cli("run", "--subjects", cohort, "--out", tmp_path / "o", "--manifest", tmp_path / "m.json", *args, check_rc=2)
+        proc = cli(
+            "run", "--subjects", cohort, "--out", tmp_path / "o", "--manifest", tmp_path / "m.json", *args, check_rc=2
+        )
         assert fragment in proc.stderr
     assert parse_shard("2/3") == (2, 3)
     assert not (tmp_path / "o").exists()
@@ -240,8 +283,11 @@ def test_api_mri_space_and_inference_only_subject(tmp_path):
 
     with open(table) as fh:
         text = fh.read()
-    (root / "explicit.csv").write_text(text.replace("subject_id,ld_pet,sd_pet,mri", "subject_id,ld_pet,sd_pet,mri,split")
-                                       .replace("t1.nii.gz\n", "t1.nii.gz,train\n"))
+    (root / "explicit.csv").write_text(
+        text.replace("subject_id,ld_pet,sd_pet,mri", "subject_id,ld_pet,sd_pet,mri,split").replace(
+            "t1.nii.gz\n", "t1.nii.gz,train\n"
+        )
+    )
     summary = run_pipeline(root / "explicit.csv", tmp_path / "out2", tmp_path / "m2.json",
                            PipelineOptions(transform="rigid", size=32, keep_going=True))
     assert "needs a standard-dose PET" in summary.failed["b01"] and summary.skipped == ["a01"]

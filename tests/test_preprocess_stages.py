@@ -202,7 +202,11 @@ def test_split_tiny_cohorts_explicit_and_targetless():
 # ---------------------------------------------------------------------------------------------------- manifest
 def _fake_subject(root: Path, sid: str, with_sd: bool, with_mri: bool) -> tuple[dict, Path]:
     folder = root / "subjects" / sid
-    files = {"ld_pet": "ld_pet.nii.gz", "brain_mask": "brain_mask.nii.gz", "regions": {"lesion": "regions/lesion.nii.gz"}}
+    files = {
+        "ld_pet": "ld_pet.nii.gz",
+        "brain_mask": "brain_mask.nii.gz",
+        "regions": {"lesion": "regions/lesion.nii.gz"},
+    }
     mods = ["ld_pet"] + (["sd_pet"] if with_sd else []) + (["mri"] if with_mri else [])
     if with_sd:
         files["sd_pet"] = "sd_pet.nii.gz"
@@ -286,7 +290,7 @@ def test_rebase_keeps_paths_pointing_at_the_same_files(tmp_path):
     m = manifest.build_manifest("x", [(record, folder, "train")], tmp_path / "m1" / "x.json",
                                 manifest.provenance({"orientations": ["axial"]}))
     moved = manifest.rebase(m, tmp_path / "m1", tmp_path / "deeper" / "m2")
-    for a, b in zip(m["training"] + m["volumes"], moved["training"] + moved["volumes"]):
+    for a, b in zip(m["training"] + m["volumes"], moved["training"] + moved["volumes"], strict=True):
         for key in ("ld_pet", "mri", "brain_mask"):
             if key in a and a[key]:
                 assert (tmp_path / "m1" / a[key]).resolve() == (tmp_path / "deeper" / "m2" / b[key]).resolve()

@@ -44,10 +44,9 @@ def test_failure_leaves_the_earlier_output_and_no_temp(tmp_path):
     dest = tmp_path / "bundle"
     dest.mkdir()
     (dest / "model.pt").write_text("earlier")
-    with pytest.raises(RuntimeError, match="trace failed"):
-        with atomic.staged_folder(dest) as staging:
-            (staging / "model.pt").write_text("half")
-            raise RuntimeError("trace failed")
+    with pytest.raises(RuntimeError, match="trace failed"), atomic.staged_folder(dest) as staging:
+        (staging / "model.pt").write_text("half")
+        raise RuntimeError("trace failed")
     assert (dest / "model.pt").read_text() == "earlier"
     assert _hidden(tmp_path) == []
 
@@ -79,9 +78,8 @@ def test_refuses_to_replace_an_input_or_a_folder_holding_one(tmp_path):
     ld.write_bytes(b"input")
     inputs = RunInputs([("--ld-pet", ld)])
     for dest in (data, ld):
-        with pytest.raises(InputError, match="--out would"):
-            with atomic.staged_folder(dest, inputs=inputs) as staging:
-                (staging / "x").write_text("")
+        with pytest.raises(InputError, match="--out would"), atomic.staged_folder(dest, inputs=inputs) as staging:
+            (staging / "x").write_text("")
     assert ld.read_bytes() == b"input" and sorted(p.name for p in data.iterdir()) == ["ld.nii.gz"]
     assert _hidden(tmp_path) == []
 
@@ -89,9 +87,8 @@ def test_refuses_to_replace_an_input_or_a_folder_holding_one(tmp_path):
 def test_refuses_a_plain_file_and_replaces_a_symlink_not_its_target(tmp_path):
     plain = tmp_path / "plain"
     plain.write_text("a file")
-    with pytest.raises(InputError, match="not a folder"):
-        with atomic.staged_folder(plain):
-            pass
+    with pytest.raises(InputError, match="not a folder"), atomic.staged_folder(plain):
+        pass
     assert plain.read_text() == "a file"
     target = tmp_path / "elsewhere"
     target.mkdir()

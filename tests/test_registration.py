@@ -13,8 +13,8 @@ from m2diff_monai.data import grid
 from m2diff_monai.data.grid import ants_to_nib, nib_to_ants
 from preprocessing.registration import (
     apply_transforms,
-    normalized_mutual_information,
     normalize_transform_name,
+    normalized_mutual_information,
     register,
     register_to_cube_grid,
 )
@@ -25,7 +25,9 @@ def _downsample(img: nib.Nifti1Image, factor: int) -> nib.Nifti1Image:
     data = np.asarray(img.dataobj, dtype=np.float32)
     shape = [s // factor * factor for s in data.shape]
     data = data[: shape[0], : shape[1], : shape[2]]
-    data = data.reshape(shape[0] // factor, factor, shape[1] // factor, factor, shape[2] // factor, factor).mean((1, 3, 5))
+    data = data.reshape(shape[0] // factor, factor, shape[1] // factor, factor, shape[2] // factor, factor).mean(
+        (1, 3, 5)
+    )
     affine = img.affine.copy()
     affine[:3, 3] = img.affine[:3, :3] @ np.full(3, (factor - 1) / 2) + img.affine[:3, 3]
     affine[:3, :3] = img.affine[:3, :3] * factor

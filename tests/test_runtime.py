@@ -114,7 +114,7 @@ def test_summary_line_value_error_and_internal_error():
         try:
             raise ValueError("steps must be >= 1 or 'all', got 0")
         except ValueError:
-            raise RuntimeError("Failed to instantiate component 'x'")  # implicit __context__
+            raise RuntimeError("Failed to instantiate component 'x'")  # noqa: B904 (tests the implicit __context__)
     except RuntimeError as wrapped:
         assert bundle_run.summary_line(wrapped).startswith("error: steps must be >= 1")
     assert bundle_run.summary_line(KeyError("k")).startswith("internal error: KeyError: 'k'")

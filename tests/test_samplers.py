@@ -96,10 +96,14 @@ def analytic_std(steps: int | None, kind: str, eta: float = 0.0, keep: list[int]
     return math.sqrt(variance)
 
 
-def run(mean_type: str, var_type: str, sampler: str, steps, eta: float = 0.0, seed: int = 0, **model_kwargs) -> torch.Tensor:
+def run(
+    mean_type: str, var_type: str, sampler: str, steps, eta: float = 0.0, seed: int = 0, **model_kwargs
+) -> torch.Tensor:
     diffusion = GaussianDiffusion(BETAS, model_mean_type=mean_type, model_var_type=var_type, clip_denoised=False)
     generator = torch.Generator().manual_seed(seed)
-    return sample(diffusion, oracle(mean_type, **model_kwargs), SHAPE, sampler=sampler, steps=steps, eta=eta, generator=generator)
+    return sample(
+        diffusion, oracle(mean_type, **model_kwargs), SHAPE, sampler=sampler, steps=steps, eta=eta, generator=generator
+    )
 
 
 # relative standard error of a std estimated from 20k samples ≈ 1/√(2·20000) = 0.5%
@@ -168,7 +172,9 @@ def test_network_sees_original_timesteps_and_callback_runs():
 
 def test_shared_noise_gives_identical_samples_across_batch():
     diffusion = GaussianDiffusion(BETAS, model_var_type="fixed_large", clip_denoised=False)
-    x = sample(diffusion, oracle("x0"), (4, 1, 16, 16), steps=20, shared_noise=True, generator=torch.Generator().manual_seed(1))
+    x = sample(
+        diffusion, oracle("x0"), (4, 1, 16, 16), steps=20, shared_noise=True, generator=torch.Generator().manual_seed(1)
+    )
     assert torch.equal(x, x[:1].expand_as(x))
     assert x.std().item() > 0.1
     y = sample(diffusion, oracle("x0"), (4, 1, 16, 16), steps=20, generator=torch.Generator().manual_seed(1))
@@ -182,8 +188,12 @@ def test_reproducible_with_generator_and_deterministic_ddim_from_noise():
     b = sample(diffusion, fn, (2, 1, 8, 8), steps=25, generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     noise = torch.randn(2, 1, 8, 8)
-    c = sample(diffusion, fn, noise.shape, sampler="ddim", steps=25, noise=noise, generator=torch.Generator().manual_seed(1))
-    d = sample(diffusion, fn, noise.shape, sampler="ddim", steps=25, noise=noise, generator=torch.Generator().manual_seed(2))
+    c = sample(
+        diffusion, fn, noise.shape, sampler="ddim", steps=25, noise=noise, generator=torch.Generator().manual_seed(1)
+    )
+    d = sample(
+        diffusion, fn, noise.shape, sampler="ddim", steps=25, noise=noise, generator=torch.Generator().manual_seed(2)
+    )
     torch.testing.assert_close(c, d, rtol=0, atol=0)
 
 

@@ -186,7 +186,8 @@ def test_cli_single_image_and_subjects_table(tmp_path, brain, capsys):
         "b,b_sd.nii.gz,b_sd.nii.gz,,,\n")
     out = tmp_path / "out"
     assert _run_cli(["--subjects", str(tmp_path / "in" / "subjects.csv"), "--out", str(out), *fast]) == 0
-    rows = list(csv.DictReader(open(out / "subjects.csv")))
+    with open(out / "subjects.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
     assert rows[0]["ld_pet"] == "a/ld_pet.nii.gz" and rows[0]["drf"] == "4"
     assert (out / rows[0]["sd_pet"]).resolve() == (tmp_path / "in" / "a_sd.nii.gz").resolve()
     assert (out / rows[0]["mask_brain"]).exists()

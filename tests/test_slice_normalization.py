@@ -17,7 +17,7 @@ from torch import nn
 
 from badinputs import write_subject, write_table
 from m2diff_monai.data.datasets import load_slice_items
-from m2diff_monai.data.orientation import ORIENTATIONS, axis_of, volume_to_slices
+from m2diff_monai.data.orientation import ORIENTATIONS, axis_of
 from m2diff_monai.data.transforms import slice_transforms
 from m2diff_monai.engines.workflow import checkpoint_config
 from m2diff_monai.errors import InputError

@@ -45,7 +45,7 @@ def smooth_pet(points: np.ndarray) -> np.ndarray:
     x, y, z = points
     a, b, c = SEMI_AXES
     head = 1000.0 * np.exp(-((x / a) ** 2 + (y / b) ** 2 + (z / c) ** 2))
-    d2 = sum((p - q) ** 2 for p, q in zip((x, y, z), HOT_CENTRE))
+    d2 = sum((p - q) ** 2 for p, q in zip((x, y, z), HOT_CENTRE, strict=True))
     return (head + 500.0 * np.exp(-d2 / (2 * HOT_SIGMA**2))).astype(np.float32)
 
 
@@ -223,7 +223,7 @@ def mixed_cohort(tmp_path_factory) -> dict:
     rows = [write_subject(raw, "m01", seed=1, pet_voxel_mm=2.0, with_mask=True),
             write_subject(raw, "m02", seed=2, pet_voxel_mm=4.0, with_mri=False),
             write_subject(raw, "m03", seed=3, pet_voxel_mm=4.0, with_mri=False)]
-    for row, split in zip(rows, ("test", "train", "val")):
+    for row, split in zip(rows, ("test", "train", "val"), strict=True):
         row["split"] = split
     table = write_table(raw / "subjects.csv", rows)
     manifest = root / "manifests" / "mixed.json"

@@ -47,7 +47,7 @@ def test_good_table_with_relative_and_absolute_paths(table_dir: Path):
 
 
 def test_paths_resolve_against_the_table_folder_not_the_cwd(table_dir: Path, monkeypatch):
-    csv = _write(table_dir / "data" / "subjects.csv", "subject_id,ld_pet,sd_pet,mri\ns1,s1/ld.nii.gz,,\n")
+    _write(table_dir / "data" / "subjects.csv", "subject_id,ld_pet,sd_pet,mri\ns1,s1/ld.nii.gz,,\n")
     monkeypatch.chdir(table_dir)  # s1/ld.nii.gz does not exist relative to the cwd
     rows = read_subjects(Path("data/subjects.csv"))
     assert rows[0].ld_pet == (table_dir / "data" / "s1" / "ld.nii.gz").resolve()

@@ -7,8 +7,8 @@ import types
 from pathlib import Path
 
 import pytest
-from badinputs import BAD_CASES, CASE_CLI_ARGS, GOOD_CASES, make_bad_input_corpus, make_good_input_corpus
 
+from badinputs import BAD_CASES, CASE_CLI_ARGS, GOOD_CASES, make_bad_input_corpus, make_good_input_corpus
 from m2diff_monai.errors import InputError
 from preprocessing import cli
 

@@ -95,7 +95,7 @@ def from_canonical(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
 def _corners(shape: Sequence[int]) -> np.ndarray:
     """Homogeneous index coordinates (4, 8) of a grid's corner voxel centres."""
     hi = [int(s) - 1.0 for s in shape[:3]]
-    points = np.array(list(itertools.product(*zip([0.0] * 3, hi))), dtype=np.float64)
+    points = np.array(list(itertools.product(*zip([0.0] * 3, hi, strict=True))), dtype=np.float64)
     return np.vstack([points.T, np.ones(8)])
 
 

@@ -15,7 +15,6 @@ from .gaussian_diffusion import MODEL_MEAN_TYPES, MODEL_VAR_TYPES, GaussianDiffu
 from .respace import SpacedDiffusion, space_timesteps
 from .schedules import SCHEDULE_NAMES, get_named_beta_schedule
 
-
 DIFFUSION_CONFIG_DEFAULTS: dict[str, Any] = {
     "schedule": "linear",
     "timesteps": 1000,
@@ -49,7 +48,9 @@ def normalize_diffusion_config(config: dict | None) -> dict[str, Any]:
         merged["clip_denoised"] = None if clip is None else [clip[0], clip[1]]
     merged["auto_clip_max"] = float(merged["auto_clip_max"])
     if not merged["auto_clip_max"] > 1.0:
-        raise ValueError(f"auto_clip_max must be > 1 (a multiple of the normalization scale), got {merged['auto_clip_max']}")
+        raise ValueError(
+            f"auto_clip_max must be > 1 (a multiple of the normalization scale), got {merged['auto_clip_max']}"
+        )
     merged["rescale_timesteps"] = bool(merged["rescale_timesteps"])
     if merged["respacing"] is not None:
         merged["respacing"] = str(merged["respacing"])

@@ -18,7 +18,7 @@ Schedule buffers are float64 numpy arrays (exact math); per call they are gather
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch

@@ -8,7 +8,8 @@ marginals q(x_{t_i} | x_0) are unchanged, and calls the network with the origina
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 

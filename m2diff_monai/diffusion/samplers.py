@@ -10,7 +10,7 @@ conditions (LD PET, MRI, …) in a closure. The output has 1×C or 2×C channels
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -73,6 +73,33 @@ def _randn(
     return one.expand(tuple(shape))
 
 
+def _chain_start(
+    chain: GaussianDiffusion,
+    shape: tuple[int, ...],
+    noise: torch.Tensor | None,
+    start: torch.Tensor | None,
+    shared_noise: bool,
+    generator: torch.Generator | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The chain's first x: x_T (``noise`` or a fresh draw), or x_{t0} = q_sample(``start``, t0) with it as ε."""
+    if noise is None:
+        x = _randn(shape, shared_noise, generator, device, dtype)
+    else:
+        if tuple(noise.shape) != shape:
+            raise ValueError(f"noise shape {tuple(noise.shape)} != requested shape {shape}")
+        x = noise.to(device=device, dtype=dtype)
+    if shared_noise:
+        x = x[:1].expand(shape)
+    if start is not None:
+        if tuple(start.shape) != shape:
+            raise ValueError(f"start shape {tuple(start.shape)} != requested shape {shape}")
+        first = torch.full((shape[0],), chain.num_timesteps - 1, dtype=torch.long, device=device)
+        x = chain.q_sample(start.to(device=device, dtype=dtype), first, x)
+    return x.contiguous()
+
+
 def sample(
     diffusion: GaussianDiffusion,
     model_fn: ModelFn,
@@ -133,21 +160,7 @@ def sample(
     device = torch.device(device)
 
     with torch.no_grad():
-        if noise is None:
-            x = _randn(shape, shared_noise, generator, device, dtype)
-        else:
-            if tuple(noise.shape) != shape:
-                raise ValueError(f"noise shape {tuple(noise.shape)} != requested shape {shape}")
-            x = noise.to(device=device, dtype=dtype)
-        if shared_noise:
-            x = x[:1].expand(shape)
-        if start is not None:
-            if tuple(start.shape) != shape:
-                raise ValueError(f"start shape {tuple(start.shape)} != requested shape {shape}")
-            first = torch.full((shape[0],), chain.num_timesteps - 1, dtype=torch.long, device=device)
-            x = chain.q_sample(start.to(device=device, dtype=dtype), first, x)
-        x = x.contiguous()
-
+        x = _chain_start(chain, shape, noise, start, shared_noise, generator, device, dtype)
         indices = range(chain.num_timesteps - 1, -1, -1)
         if progress:
             from tqdm.auto import tqdm

@@ -7,7 +7,7 @@ M2Diff/MFdiff sampler need the raw β array, so the schedule is a plain function
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -47,8 +47,8 @@ def build_ema(network: torch.nn.Module, decay: float | None = 0.9999, warmup: bo
 
     The first update copies the weights (AveragedModel's rule); later updates are
     ``ema = d·ema + (1 − d)·weights`` for parameters; buffers are copied (these UNets have no running
-    statistics, and integer buffers cannot be averaged). ``ema.module`` is a plain copy of the network, used for validation and
-    saved as the checkpoint's ``"ema"`` state dict.
+    statistics, and integer buffers cannot be averaged). ``ema.module`` is a plain copy of the network, used for
+    validation and saved as the checkpoint's ``"ema"`` state dict.
     """
     if not decay:
         return None

@@ -13,7 +13,6 @@ from typing import Any
 import torch
 from torch import nn
 
-
 # M2Diff's L_bias: "official_xprev" = the official training loop's term (MSE of the two branches' one-step samples
 # x_{t−1} from a second forward pass); "x0_mse" = MSE of the two branches' x̂0 on the step's own forward pass.
 BIAS_LOSSES = ("official_xprev", "x0_mse")

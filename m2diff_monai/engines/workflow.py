@@ -6,7 +6,6 @@ Device/seed set-up, the checkpoint configuration, channels-last, and torchrun/DD
 
 from __future__ import annotations
 
-
 import os
 import random
 from collections.abc import Sequence
@@ -22,8 +21,8 @@ from m2diff_monai.data.datasets import load_slice_items  # noqa: F401 (re-export
 from m2diff_monai.data.manifest import provenance_parameters
 from m2diff_monai.diffusion import normalize_diffusion_config, resolve_clip
 from m2diff_monai.engines.ema import unwrap
-from m2diff_monai.runtime import configure_threads
 from m2diff_monai.engines.precision import resolve_precision
+from m2diff_monai.runtime import configure_threads
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}  # explicit names; "auto" also accepted
 
@@ -203,7 +202,9 @@ def epochs_for_iterations(max_iterations: int | None, epoch_length: int | None, 
     return epochs
 
 
-def warmup_lr_scheduler(optimizer: torch.optim.Optimizer, warmup_iterations: int | None = 0) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_lr_scheduler(
+    optimizer: torch.optim.Optimizer, warmup_iterations: int | None = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear learning-rate warm-up per optimizer step, DDPM's ``lr · min((step + 1) / warmup, 1)``; 0/None
     keeps the learning rate constant. Step it per iteration (MONAI ``LrScheduleHandler(epoch_level=False)``)."""
     warmup = int(warmup_iterations or 0)

@@ -40,8 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--pred", action="append", default=[], metavar="METHOD=DIR", required=True,
                     help="a method's prediction folder holding <subject>.nii.gz (repeat for more methods; "
                          "the order is the table order, after LD)")
-    io.add_argument("--out", required=True, type=Path, help="report folder (replaced atomically only if it is an earlier report; never when it is or holds an "
-                         "input: docs/safety.md)")
+    io.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="report folder (replaced atomically only if it is an earlier report; never when it is or holds an "
+        "input: docs/safety.md)",
+    )
     m = p.add_argument_group("metrics")
     m.add_argument("--space", choices=("native", "preprocessed"), default="native",
                    help="native: the LD PET's own grid, original units; preprocessed: the preprocessed cube")

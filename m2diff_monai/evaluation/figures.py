@@ -96,6 +96,51 @@ def _draw_contour(ax, region: np.ndarray, colour: str) -> None:
         ax.contour(region.T.astype(np.float32), levels=[0.5], colors=[colour], linewidths=0.8, origin="lower")
 
 
+def _draw_outlines(ax, brain: np.ndarray | None, regions: Mapping[str, np.ndarray]) -> None:
+    """Outline the brain mask (when given) and each named region on one reference slice."""
+    if brain is not None:
+        _draw_contour(ax, brain, BRAIN_CONTOUR)
+    for i, (name, region) in enumerate(regions.items()):
+        _draw_contour(ax, region, _contour_colour(name, i))
+
+
+def _outline_legend(fig, brain: bool, regions: Sequence[str], reference: str) -> None:
+    """A legend below the panel for the outlines drawn by :func:`_draw_outlines` (none when nothing is outlined)."""
+    from matplotlib.lines import Line2D
+
+    handles = ([Line2D([], [], color=BRAIN_CONTOUR, lw=1.2, label="brain mask")] if brain else []) + [
+        Line2D([], [], color=_contour_colour(n, i), lw=1.2, label=n) for i, n in enumerate(regions)]
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8,
+                   title=f"contours on {reference}", title_fontsize=8, frameon=False)
+
+
+def _error_map_names(names: Sequence[str], input_key: str, reference: str, error_maps: str) -> list[str]:
+    """The volumes that get an error-map column: the first method or each, else the input when there is none."""
+    if error_maps not in ("first", "each"):
+        raise ValueError(f"error_maps must be 'first' or 'each', got {error_maps!r}")
+    methods = [n for n in names if n not in (input_key, reference)]
+    if not methods and input_key in names:
+        methods = [input_key]
+    return methods[:1] if error_maps == "first" else methods
+
+
+def _panel_arrays(
+    volumes: Mapping[str, np.ndarray], error_against: str, contours: Mapping[str, np.ndarray] | None
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The volumes as float32 and the contour masks as bool, checked to be 3D on the reference's grid."""
+    if error_against not in volumes:
+        raise KeyError(f"reference {error_against!r} not among the volumes {list(volumes)}")
+    arrays = {name: np.asarray(v, dtype=np.float32) for name, v in volumes.items()}
+    reference = arrays[error_against]
+    if any(v.shape != reference.shape or v.ndim != 3 for v in arrays.values()):
+        raise ValueError(f"volumes must be 3D and share one shape, got {[v.shape for v in arrays.values()]}")
+    masks = {name: np.asarray(c, bool) for name, c in (contours or {}).items()}
+    if any(c.shape != reference.shape for c in masks.values()):
+        raise ValueError("contour masks must share the volumes' shape")
+    return arrays, masks
+
+
 def figure_panel(
     volumes: Mapping[str, np.ndarray],
     out_png: str | Path,
@@ -123,23 +168,10 @@ def figure_panel(
     second set of rows at the full range.
     """
     from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
 
-    if error_against not in volumes:
-        raise KeyError(f"reference {error_against!r} not among the volumes {list(volumes)}")
-    if error_maps not in ("first", "each"):
-        raise ValueError(f"error_maps must be 'first' or 'each', got {error_maps!r}")
-    arrays = {name: np.asarray(v, dtype=np.float32) for name, v in volumes.items()}
+    arrays, contours = _panel_arrays(volumes, error_against, contours)
     reference = arrays[error_against]
-    if any(v.shape != reference.shape or v.ndim != 3 for v in arrays.values()):
-        raise ValueError(f"volumes must be 3D and share one shape, got {[v.shape for v in arrays.values()]}")
-    contours = {name: np.asarray(c, bool) for name, c in (contours or {}).items()}
-    if any(c.shape != reference.shape for c in contours.values()):
-        raise ValueError("contour masks must share the volumes' shape")
-    methods = [n for n in arrays if n not in (input_key, error_against)]
-    if not methods and input_key in arrays:
-        methods = [input_key]
-    error_names = methods[:1] if error_maps == "first" else methods
+    error_names = _error_map_names(list(arrays), input_key, error_against, error_maps)
     dr = resolve_data_range(reference, mask, data_range)
     inside = np.asarray(mask, bool) if mask is not None else np.ones(reference.shape, bool)
     vmax = float(np.percentile(reference[inside], 99.5)) or dr
@@ -174,10 +206,8 @@ def figure_panel(
             if name != error_against and first_window:
                 lines.append(_slice_scores(img, ref_k, mask_k, dr))
             if name == error_against:
-                if mask is not None:
-                    _draw_contour(ax, np.take(inside, k, axis=axis), BRAIN_CONTOUR)
-                for i, (cname, region) in enumerate(contours.items()):
-                    _draw_contour(ax, np.take(region, k, axis=axis), _contour_colour(cname, i))
+                _draw_outlines(ax, None if mask is None else np.take(inside, k, axis=axis),
+                               {cname: np.take(region, k, axis=axis) for cname, region in contours.items()})
             ax.set_title("\n".join(line for line in lines if line), fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
@@ -204,11 +234,7 @@ def figure_panel(
         bar = fig.colorbar(last_error, ax=band.ravel().tolist(), shrink=0.8, pad=0.01)
         bar.set_label(f"|error| ({units})", fontsize=8)
         bar.ax.tick_params(labelsize=7)
-    handles = ([Line2D([], [], color=BRAIN_CONTOUR, lw=1.2, label="brain mask")] if mask is not None else []) + [
-        Line2D([], [], color=_contour_colour(n, i), lw=1.2, label=n) for i, n in enumerate(contours)]
-    if handles:
-        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8,
-                        title=f"contours on {error_against}", title_fontsize=8, frameon=False)
+    _outline_legend(fig, mask is not None, list(contours), error_against)
     if title:
         fig.suptitle(title + ("; slices through the hottest reference voxel in " + ", ".join(contours)
                               if hottest is not None else ""), fontsize=10)

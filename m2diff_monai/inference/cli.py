@@ -6,7 +6,8 @@ Single subject::
 
 Cohort (a preprocessed manifest's ``volumes``)::
 
-    m2diff-infer --bundle bundles/m2diff --checkpoint CKPT --manifest data_manifests/NAME.json --split test --out-dir DIR
+    m2diff-infer --bundle bundles/m2diff --checkpoint CKPT --manifest data_manifests/NAME.json \
+        --split test --out-dir DIR
 
 Job arrays and several GPUs (docs/inference.md)::
 

@@ -43,8 +43,8 @@ from m2diff_monai.data.grid import SourceGrid
 from m2diff_monai.errors import InputError
 from preprocessing import crop as crop_stage
 from preprocessing import spacing as spacing_stage
-from preprocessing.intake import IntakeOptions, load_subject
 from preprocessing.cubes import prepare_cubes
+from preprocessing.intake import IntakeOptions, load_subject
 from preprocessing.normalization import Scaling, recorded_method
 from preprocessing.registration import SPACES, normalize_transform_name, register_to_cube_grid
 from preprocessing.subjects import SubjectRow

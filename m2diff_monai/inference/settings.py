@@ -52,6 +52,27 @@ def _as_bool(value: Any, name: str) -> bool:
     return bool(value)
 
 
+def _as_steps(value: Any) -> int | None:
+    """Sampling steps from an int or text (the bundle CLI passes strings); None = all of the chain's steps."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text not in ("", "all", "none", "full") and not text.isdigit():
+            raise ValueError(f"steps must be a whole number >= 1 or 'all', got {value!r}")
+        value = None if text in ("", "all", "none", "full") else int(text)
+    if value is not None and int(value) < 1:
+        raise ValueError(f"steps must be >= 1 or 'all', got {value}")
+    return None if value is None else int(value)
+
+
+def _as_start_step(value: Any) -> int | None:
+    """The truncated start's t0 from an int or text; None = start from pure noise."""
+    if isinstance(value, str):
+        value = None if value.strip().lower() in ("", "none", "null", "noise") else int(value)
+    if value is not None and int(value) < 1:
+        raise ValueError(f"start step must be >= 1 (or none: start from noise), got {value}")
+    return None if value is None else int(value)
+
+
 @dataclass(frozen=True)
 class InferenceSettings:
     """Sampling and output options (CLI flags and bundle keys share these names)."""
@@ -86,21 +107,8 @@ class InferenceSettings:
         set_(self, "clip_denoised", parse_clip_option(self.clip_denoised))
         if self.sampler not in ("ancestral", "ddim"):
             raise ValueError(f"sampler must be ancestral or ddim, got {self.sampler!r}")
-        steps = self.steps
-        if isinstance(steps, str):
-            text = steps.strip().lower()
-            if text not in ("", "all", "none", "full") and not text.isdigit():
-                raise ValueError(f"steps must be a whole number >= 1 or 'all', got {steps!r}")
-            steps = None if text in ("", "all", "none", "full") else int(text)
-        if steps is not None and int(steps) < 1:
-            raise ValueError(f"steps must be >= 1 or 'all', got {steps}")
-        set_(self, "steps", None if steps is None else int(steps))
-        start_step = self.start_step
-        if isinstance(start_step, str):
-            start_step = None if start_step.strip().lower() in ("", "none", "null", "noise") else int(start_step)
-        if start_step is not None and int(start_step) < 1:
-            raise ValueError(f"start step must be >= 1 (or none: start from noise), got {start_step}")
-        set_(self, "start_step", None if start_step is None else int(start_step))
+        set_(self, "steps", _as_steps(self.steps))
+        set_(self, "start_step", _as_start_step(self.start_step))
         set_(self, "orientations", parse_orientations(self.orientations))
         if self.fusion not in FUSION_METHODS:
             raise ValueError(f"fusion must be one of {', '.join(FUSION_METHODS)}, got {self.fusion!r}")

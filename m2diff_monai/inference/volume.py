@@ -72,7 +72,9 @@ class SliceGeometry:
         if self.identity:
             return batch
         out = np.zeros((batch.shape[0], self.size, self.size), dtype=batch.dtype)
-        out[:, self.dst_rows[:, None], self.dst_cols[None, :]] = batch[:, self.src_rows[:, None], self.src_cols[None, :]]
+        out[:, self.dst_rows[:, None], self.dst_cols[None, :]] = batch[
+            :, self.src_rows[:, None], self.src_cols[None, :]
+        ]
         return out
 
     def inverse(self, batch: np.ndarray) -> np.ndarray:
@@ -80,7 +82,9 @@ class SliceGeometry:
         if self.identity:
             return batch
         out = np.zeros((batch.shape[0], *self.shape), dtype=batch.dtype)
-        out[:, self.src_rows[:, None], self.src_cols[None, :]] = batch[:, self.dst_rows[:, None], self.dst_cols[None, :]]
+        out[:, self.src_rows[:, None], self.src_cols[None, :]] = batch[
+            :, self.dst_rows[:, None], self.dst_cols[None, :]
+        ]
         return out
 
 

@@ -394,6 +394,6 @@ class UNetDecoder(nn.Module):
     ) -> torch.Tensor:
         if len(skips) != len(self.blocks):
             raise ValueError(f"decoder needs {len(self.blocks)} skip groups, got {len(skips)}")
-        for block, group in zip(self.blocks, skips):
+        for block, group in zip(self.blocks, skips, strict=True):
             h = _run(block, torch.cat([h, *group], dim=1), emb, self.use_checkpoint)
         return h

@@ -300,9 +300,12 @@ class M2DiffUNet(nn.Module):
     ) -> dict[str, torch.Tensor]:
         _check_spatial(x_t, self.levels)
         batch = x_t.shape[0]
-        if mri is None and mri_available is not None:
-            if bool(resolve_mri_available(None, mri_available, batch, x_t.device).any()):
-                raise ValueError("mri_available says MRI is present but mri is None")
+        if (
+            mri is None
+            and mri_available is not None
+            and bool(resolve_mri_available(None, mri_available, batch, x_t.device).any())
+        ):
+            raise ValueError("mri_available says MRI is present but mri is None")
         # Statically known "all available" (mri given, no flags): no per-sample selection needed.
         avail = None
         if mri is not None and mri_available is not None:
@@ -319,11 +322,11 @@ class M2DiffUNet(nn.Module):
         elif mri is None:
             pet_groups = [(sp, sp) for sp in reversed(skips_pet)]
         elif avail is None:
-            pet_groups = [(sp, sm) for sp, sm in zip(reversed(skips_pet), reversed(skips_mri))]
+            pet_groups = [(sp, sm) for sp, sm in zip(reversed(skips_pet), reversed(skips_mri), strict=True)]
         else:
             keep = avail.reshape(-1, 1, 1, 1)
             pet_groups = [
-                (sp, torch.where(keep, sm, sp)) for sp, sm in zip(reversed(skips_pet), reversed(skips_mri))
+                (sp, torch.where(keep, sm, sp)) for sp, sm in zip(reversed(skips_pet), reversed(skips_mri), strict=True)
             ]
         pet = self.pet_head(self.pet_decoder(h_pet, emb, pet_groups))
         outputs = {"pet": pet, "out": pet}
@@ -331,7 +334,7 @@ class M2DiffUNet(nn.Module):
         if self.has_mri_decoder and mri is not None:
             h_mri = self.mri_middle(h_mri, emb)
             if self.hff:
-                mri_groups = [(sm, sp) for sm, sp in zip(reversed(skips_mri), reversed(skips_pet))]
+                mri_groups = [(sm, sp) for sm, sp in zip(reversed(skips_mri), reversed(skips_pet), strict=True)]
             else:
                 mri_groups = [(sm,) for sm in reversed(skips_mri)]
             mri_out = self.mri_head(self.mri_decoder(h_mri, emb, mri_groups))

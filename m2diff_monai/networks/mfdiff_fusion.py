@@ -114,6 +114,6 @@ class MFdiffFusion(nn.Module):
         if mri_mask is not None:
             mask = mri_mask.reshape(-1, 1, 1, 1)
             mri_features = [f * mask.to(f.dtype) for f in mri_features]
-        fused = [layer(p + m) for layer, p, m in zip(self.fusion_layers, pet_features, mri_features)]
+        fused = [layer(p + m) for layer, p, m in zip(self.fusion_layers, pet_features, mri_features, strict=True)]
         out = self.head(self.decoder(self.reduce(torch.cat(fused, dim=1))))
         return torch.sigmoid(out) if self.output_activation == "sigmoid" else out

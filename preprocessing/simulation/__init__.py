@@ -2,7 +2,8 @@
 randoms, Poisson counts, binomial thinning) and OSEM reconstruction, batched over all axial planes.
 
 Entry points: :func:`simulate_volume` (canonical numpy volumes) and :func:`simulate_image` (a NIfTI image on its own
-grid, any orientation; reoriented with :mod:`m2diff_monai.data.grid`). See ``docs/simulation-and-demo.md`` for the model and its assumptions.
+grid, any orientation; reoriented with :mod:`m2diff_monai.data.grid`). See ``docs/simulation-and-demo.md`` for the
+model and its assumptions.
 """
 
 from __future__ import annotations

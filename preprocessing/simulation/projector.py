@@ -61,7 +61,10 @@ class Geometry:
         return (np.arange(self.n_bins, dtype=np.float64) - (self.n_bins - 1) / 2.0) * self.bin_mm
 
     def key(self) -> str:
-        text = f"v{_FORMAT_VERSION}:{self.nx}:{self.ny}:{self.dx:.6f}:{self.dy:.6f}:{self.n_angles}:{self.n_bins}:{self.bin_mm:.6f}"
+        text = (
+            f"v{_FORMAT_VERSION}:{self.nx}:{self.ny}:{self.dx:.6f}:{self.dy:.6f}:"
+            f"{self.n_angles}:{self.n_bins}:{self.bin_mm:.6f}"
+        )
         return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 

@@ -89,8 +89,9 @@ class TorchOps:
     name = "torch"
 
     def __init__(self, ops: SubsetOperators, blur: SinogramBlur, device: str | None = None):
-        import torch
         import warnings
+
+        import torch
 
         self.torch = torch
         self.ops, self.blur_spec = ops, blur
