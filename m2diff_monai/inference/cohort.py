@@ -155,7 +155,7 @@ def torchrun_world() -> tuple[int, int, int] | None:
 
 def resolve_shard(shard: str | tuple[int, int] | Shard | None) -> Shard:
     """``--shard I/N`` or the torchrun environment (not both) → :class:`Shard`."""
-    from preprocessing.pipeline import parse_shard
+    from preprocessing.options import parse_shard
 
     if isinstance(shard, Shard):
         return shard
