@@ -81,7 +81,7 @@ def hypometabolism_map(anatomy: Anatomy, rng: np.random.Generator) -> tuple[np.n
 def _sphere_profile(shape, spacing, centre_vox, radius_mm: float) -> np.ndarray:
     """Soft-edged (1 mm ramp) sphere indicator."""
     grids = np.ogrid[tuple(slice(0, n) for n in shape)]
-    r = np.sqrt(sum(((g - c) * s) ** 2 for g, c, s in zip(grids, centre_vox, spacing)))
+    r = np.sqrt(sum(((g - c) * s) ** 2 for g, c, s in zip(grids, centre_vox, spacing, strict=True)))
     return np.clip(radius_mm - r + 0.5, 0.0, 1.0).astype(np.float32)
 
 

@@ -40,7 +40,7 @@ def random_displacement(shape: tuple[int, int, int], spacing: tuple[float, float
         disp = disp + np.stack([ndimage.map_coordinates(disp[c], coords, order=1, mode="nearest") for c in range(3)])
     full = []
     for c in range(3):
-        up = ndimage.zoom(disp[c], [n / m for n, m in zip(shape, coarse)], order=1, grid_mode=False)
+        up = ndimage.zoom(disp[c], [n / m for n, m in zip(shape, coarse, strict=True)], order=1, grid_mode=False)
         full.append(up * (coarse_mm / spacing[c]))
     return np.stack(full).astype(np.float32)
 
@@ -75,9 +75,9 @@ def warp(volume: np.ndarray, displacement: np.ndarray, order: int = 1) -> np.nda
 
 def smooth_field(shape, spacing, rng: np.random.Generator, smoothness_mm: float, amplitude: float) -> np.ndarray:
     """A smooth zero-mean random field with max |value| = ``amplitude`` (bias fields, uptake heterogeneity)."""
-    coarse = tuple(max(4, int(math.ceil(n * s / 8.0))) for n, s in zip(shape, spacing))
+    coarse = tuple(max(4, int(math.ceil(n * s / 8.0))) for n, s in zip(shape, spacing, strict=True))
     f = ndimage.gaussian_filter(rng.standard_normal(coarse), smoothness_mm / 8.0, mode="nearest")
-    f = ndimage.zoom(f, [n / m for n, m in zip(shape, coarse)], order=1, grid_mode=False)
+    f = ndimage.zoom(f, [n / m for n, m in zip(shape, coarse, strict=True)], order=1, grid_mode=False)
     f -= f.mean()
     return (f * (amplitude / max(np.abs(f).max(), 1e-12))).astype(np.float32)
 
@@ -100,8 +100,8 @@ def rigid_matrix(angles_deg: tuple[float, float, float], translation_mm: tuple[f
 def radial_expansion(shape, spacing, centre_vox, amount: float, sigma_mm: float) -> np.ndarray:
     """Pull-back displacement (voxels) that stretches a Gaussian neighbourhood of ``centre_vox`` by ``amount``.
 
-    ``u(x) = −a (x − c) exp(−|x − c|² / 2σ²)``: the volume at ``x`` is read from nearer the centre, so what lies
-    there grows; its Jacobian at the centre is ``(1 − a)³`` and stays positive for ``a < 1``.
+    ``u(x) = −a (x − c) exp(−|x − c|² / 2σ²)``: the volume at ``x`` is read from nearer the centre, so what
+    lies there grows; its Jacobian at the centre is ``(1 − a)³`` and stays positive for ``a < 1``.
     """
     sp = np.asarray(spacing, np.float32)[:, None, None, None]
     offset = (np.indices(shape, dtype=np.float32) - np.asarray(centre_vox, np.float32)[:, None, None, None]) * sp
@@ -110,7 +110,8 @@ def radial_expansion(shape, spacing, centre_vox, amount: float, sigma_mm: float)
 
 
 def compose(first: np.ndarray, then: np.ndarray) -> np.ndarray:
-    """Pull-back displacement of ``x → φ_first(φ_then(x))``: warp by ``first`` in template space, then by ``then``."""
+    """Pull-back displacement of ``x → φ_first(φ_then(x))``: warp by ``first`` in template space, then by
+    ``then``."""
     coords = np.indices(then.shape[1:], dtype=np.float32) + then
     return (then + np.stack([ndimage.map_coordinates(first[c], coords, order=1, mode="nearest")
                              for c in range(3)])).astype(np.float32)

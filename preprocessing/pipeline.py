@@ -117,7 +117,8 @@ def _run_one(row: SubjectRow, out_dir: Path, options: PipelineOptions) -> tuple[
         return row.subject_id, None, line, True
     except Exception as err:  # an internal error must not take the other subjects down under --keep-going
         detail = "".join(traceback.format_exception(type(err), err, err.__traceback__))
-        return row.subject_id, None, f"subject {row.subject_id}: internal error: {type(err).__name__}: {err}\n{detail}", False
+        line = f"subject {row.subject_id}: internal error: {type(err).__name__}: {err}\n{detail}"
+        return row.subject_id, None, line, False
 
 
 def run_pipeline(subjects_csv: Path, out_dir: Path, manifest_path: Path, options: PipelineOptions) -> RunSummary:
@@ -201,7 +202,8 @@ def _run_locked(rows: list[SubjectRow], problems: dict[str, InputError], subject
     done = sorted(records)
     qc_dir = out_dir / "qc"
     suffix = f"_shard-{options.shard[0]}-of-{options.shard[1]}" if options.shard else ""
-    rows_out = [qc_stage.summary_row(sid, "skipped" if sid in summary.skipped else "processed", splits[sid], records[sid])
+    rows_out = [qc_stage.summary_row(sid, "skipped" if sid in summary.skipped else "processed", splits[sid],
+                                     records[sid])
                 for sid in done]
     rows_out += [qc_stage.summary_row(sid, "failed", splits.get(sid, ""), error=msg.splitlines()[0])
                  for sid, msg in sorted(summary.failed.items())]
@@ -226,7 +228,8 @@ def _run_parallel(todo, out_dir, options, records, summary, fail, bar) -> None:
     if os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
         threads = min(threads, int(os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"]))
     context = multiprocessing.get_context("spawn")  # no fork of a process that may hold ITK/OpenMP threads
-    with ProcessPoolExecutor(options.workers, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
+    with ProcessPoolExecutor(options.workers, mp_context=context, initializer=_init_worker,
+                             initargs=(threads,)) as pool:
         pending = {pool.submit(_run_one, row, out_dir, options) for row in todo}
         try:
             while pending:
@@ -274,7 +277,8 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="shared: one LD-derived scale for LD and SD (default); volume: per-volume min-max; "
                              "slice: every 2D slice min-max on its own (the official M2Diff loader)")
     parser.add_argument("--workers", type=int, default=d.workers, help="subjects processed in parallel processes")
-    parser.add_argument("--shard", default=None, help="I/N (1-based): process only the id-sorted subjects with index %% N == I-1")
+    parser.add_argument("--shard", default=None,
+                        help="I/N (1-based): process only the id-sorted subjects with index %% N == I-1")
     parser.add_argument("--keep-going", action="store_true",
                         help="report bad subjects (a bad table row too) and finish the others (exit 1); table "
                              "structure errors still stop the run")
@@ -322,7 +326,8 @@ def main(args: argparse.Namespace) -> int:
     for sid, roles in summary.changed.items():
         print(f"subject {sid}: {', '.join(roles)} changed since its last run; redone", file=sys.stderr)
     print(
-        f"processed {len(summary.processed)}, skipped {len(summary.skipped)} (up to date), failed {len(summary.failed)}; "
+        f"processed {len(summary.processed)}, skipped {len(summary.skipped)} (up to date), "
+        f"failed {len(summary.failed)}; "
         f"manifest {summary.manifest}; QC summary {summary.qc_summary}"
     )
     return summary.exit_code

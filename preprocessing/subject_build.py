@@ -151,7 +151,8 @@ def _build_subject(loaded: LoadedSubject, work: Path, options: PipelineOptions) 
         t = done("slices", t)
 
         files["qc"] = "qc.png"
-        qc_stage.save_montage(work / files["qc"], cubes, mask_cube, title=f"{sid} ({options.space} space, {options.transform})")
+        qc_stage.save_montage(work / files["qc"], cubes, mask_cube,
+                              title=f"{sid} ({options.space} space, {options.transform})")
         done("qc", t)
     finally:
         bar.close()
@@ -176,7 +177,8 @@ def _build_subject(loaded: LoadedSubject, work: Path, options: PipelineOptions) 
         "created": manifest_stage.now_iso(),
         "parameters": options.subject_parameters(),
         "inputs": inputs,
-        "source": {k: (str(v) if v else None) for k, v in (("ld_pet", row.ld_pet), ("sd_pet", row.sd_pet), ("mri", row.mri))},
+        "source": {k: (str(v) if v else None)
+                   for k, v in (("ld_pet", row.ld_pet), ("sd_pet", row.sd_pet), ("mri", row.mri))},
         "drf": row.drf,
         "space": options.space,
         "source_shape": [int(v) for v in native_ld.shape[:3]],

@@ -8,8 +8,9 @@ the whole cohort, written as ``OUT_DIR/<subject>.nii.gz`` plus ``OUT_DIR/predict
 
 From a prepared subject on (sampling, mapping back, the files, the run record) both use :mod:`.subject`: every
 output file is written to a temporary name and renamed only when all of a subject's files are complete; the
-cohort's checks and output plan, shards and ranks are :mod:`.cohort`'s. Settings (resolved here): explicit options > the checkpoint's stored ``inference_defaults`` (what training evaluated) > the
-bundle's ``inference.json`` > :class:`InferenceSettings` (:mod:`m2diff_monai.inference.defaults`).
+cohort's checks and output plan, shards and ranks are :mod:`.cohort`'s. Settings (resolved here): explicit
+options > the checkpoint's stored ``inference_defaults`` (what training evaluated) > the bundle's
+``inference.json`` > :class:`InferenceSettings` (:mod:`m2diff_monai.inference.defaults`).
 """
 
 from __future__ import annotations
@@ -172,7 +173,8 @@ def infer_subject(
     prepared = prepare_subject(ld_pet, mri if (use_mri or prep.space == "mri") else None, prep, sid, intake)
     try:
         t_prep = time.perf_counter()
-        result = predict_and_write(prepared, model, cfg, prep, paths, device, build_inferer(model, cfg, device), use_mri)
+        inferer = build_inferer(model, cfg, device)
+        result = predict_and_write(prepared, model, cfg, prep, paths, device, inferer, use_mri)
     finally:
         prepared.cleanup()
     result.seconds = {"load_model": round(t_load - start, 3), "preprocess": round(t_prep - t_load, 3),
@@ -216,8 +218,8 @@ def infer_manifest(
     def my_share(config: InferenceSettings) -> tuple[tuple, tuple]:
         planned_all = cohort.plan_cohort_outputs(manifest, content, items, out_dir, config, checkpoint,
                                                  share.summary_name)
-        pairs = [(it, p) for it, p in zip(items, planned_all) if id(it) in mine]
-        return tuple(zip(*pairs)) if pairs else ((), ())
+        pairs = [(it, p) for it, p in zip(items, planned_all, strict=True) if id(it) in mine]
+        return tuple(zip(*pairs, strict=True)) if pairs else ((), ())
 
     my_share(before_load)  # every output checked before any work
     device = resolve_device(cohort.shard_device(before_load.device, share))
@@ -232,7 +234,7 @@ def infer_manifest(
         prep = cohort.with_manifest_normalization(content, prep)
         inferer = build_inferer(model, cfg, device)
         results = []
-        for item, (sid, paths) in zip(my_items, planned):
+        for item, (_, paths) in zip(my_items, planned, strict=True):
             prepared = prepare_cohort_item(item, manifest.resolve().parent, prep)
             use_mri = prepared.mri is not None and not cfg.no_mri
             result = predict_and_write(prepared, model, cfg, prep, paths, device, inferer, use_mri)
