@@ -184,11 +184,9 @@ def shard_device(device: str, shard: Shard) -> str:
 
 def checkpoint_fingerprint(path: str | os.PathLike | None) -> dict | None:
     """Content fingerprint of the checkpoint file, so shards of different weights under one name do not merge."""
-    from m2diff_monai.io.safety import fingerprint
-
     if not path or not Path(path).is_file():
         return None
-    return fingerprint(path)
+    return safety.fingerprint(path)
 
 
 def barrier_then_merge(shard: Shard, out_dir: Path) -> dict[str, Any] | None:
@@ -293,9 +291,7 @@ def merge_shards(out_dir: str | os.PathLike, expected: int | None = None) -> dic
     merged["shards"] = [{"shard": f"{i}/{count}", "summary": found[(i, count)].name, "seconds": s.get("seconds"),
                          "device": s["settings"].get("device")} for i, s in enumerate(summaries, start=1)]
     merged["seconds"] = max(float(s.get("seconds") or 0.0) for s in summaries)
-    from m2diff_monai.io.safety import output_lock
-
-    with output_lock(out_dir, "m2diff-infer merge", "--out-dir", LOCK_NAME):  # not while an unsharded run writes
+    with safety.output_lock(out_dir, "m2diff-infer merge", "--out-dir", LOCK_NAME):  # not while an unsharded run writes
         save_json(out_dir / SUMMARY_NAME, merged)
     return merged
 
