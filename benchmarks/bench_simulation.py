@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from preprocessing.phantom import load_anatomy  # noqa: E402
+from preprocessing.phantom_anatomy import load_anatomy  # noqa: E402
 from preprocessing.simulation import ScannerParams, simulate_volume  # noqa: E402
 from preprocessing.simulation.forward_model import PlaneStackScanner  # noqa: E402
 from preprocessing.simulation.recon import osem  # noqa: E402

@@ -8,7 +8,7 @@ its own grid with a random rigid misalignment → raw NIfTI and ``DIR/raw/subjec
 the same settings (``DIR/raw/<id>/subject.json`` is each subject's done marker, written last).
 
 Held-out anatomy: ``--heldout N`` (default 2) more subjects, ``heldout-NNN``, in the ``test`` split (so every
-evaluation of the test split scores them) but drawn from :data:`preprocessing.phantom.HELDOUT_VARIATION` —
+evaluation of the test split scores them) but drawn from :data:`preprocessing.phantom_anatomy.HELDOUT_VARIATION` —
 stronger warps, other head sizes, enlarged ventricles, atrophy, asymmetry — which no training or validation subject
 comes from. Their ids say which test subjects they are. Every T1 is scanner-like (skull, scalp, neck, bias field,
 noise; ``--t1-style stripped`` for the old skull-stripped template T1).
@@ -119,7 +119,8 @@ def generate_subject(raw_dir: Path, sid: str, kind: str, split: str, options: De
     """Make (or reuse) one raw subject; return its subjects-table row and timings."""
     import nibabel as nib
 
-    from .phantom import VARIATIONS, load_anatomy, make_subject
+    from .phantom import make_subject
+    from .phantom_anatomy import VARIATIONS, load_anatomy
     from .simulation import simulate_volume
 
     folder = raw_dir / sid

@@ -10,14 +10,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from preprocessing.phantom import (
-    HELDOUT_VARIATION,
-    jacobian_determinant,
-    load_anatomy,
-    make_subject,
-    random_displacement,
-    warp,
-)
+from preprocessing.phantom import make_subject
+from preprocessing.phantom_anatomy import HELDOUT_VARIATION, load_anatomy
+from preprocessing.phantom_warps import jacobian_determinant, random_displacement, warp
 from preprocessing.simulation import ScannerParams
 
 FAST_ARGS = ["--downsample", "2", "--iterations", "1", "--subsets", "7", "--transform", "rigid", "--workers", "1"]

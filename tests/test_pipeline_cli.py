@@ -13,7 +13,9 @@ from monai.data import load_decathlon_datalist
 
 from badinputs import TABLE_STRUCTURE_CASES, make_bad_input_corpus, write_subject, write_table
 from preprocessing.intake import IntakeOptions, load_subject
-from preprocessing.pipeline import PipelineOptions, parse_shard, process_subject, run_pipeline
+from preprocessing.options import parse_shard
+from preprocessing.pipeline import PipelineOptions, run_pipeline
+from preprocessing.subject_build import process_subject
 from preprocessing.subjects import read_subjects
 
 REPO = Path(__file__).resolve().parents[1]

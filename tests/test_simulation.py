@@ -26,7 +26,7 @@ def _cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def brain():
     """MNI152 anatomy at 4 mm: FDG-like activity (GM 4 × WM) and the brain mask."""
-    from preprocessing.phantom import load_anatomy
+    from preprocessing.phantom_anatomy import load_anatomy
 
     a = load_anatomy(2, 2)
     activity = (a.gm * 4.0 + a.wm) * 2500.0

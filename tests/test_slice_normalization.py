@@ -21,7 +21,7 @@ from m2diff_monai.data.orientation import ORIENTATIONS, axis_of
 from m2diff_monai.data.transforms import slice_transforms
 from m2diff_monai.engines.workflow import checkpoint_config
 from m2diff_monai.errors import InputError
-from m2diff_monai.inference import api
+from m2diff_monai.inference import api, cohort
 from m2diff_monai.inference.preprocess import TrainingPreprocessing, prepare_subject, resolve_preprocessing
 from m2diff_monai.inference.volume import brain_slice_indices
 from m2diff_monai.networks.factory import build_network, register_network
@@ -246,12 +246,12 @@ def test_manifest_that_records_paper_loads_as_volume(tmp_path):
     prep = resolve_preprocessing({"manifest": str(manifest)}, {}, 128)
     assert prep.normalization == "volume" and prep.sources["normalization"] == "manifest provenance"
     volume_model = TrainingPreprocessing(size=64, normalization="volume", sources={"normalization": "checkpoint"})
-    api._check_manifest_matches(json.loads(manifest.read_text()), volume_model, manifest)  # paper == volume
+    cohort.check_manifest_matches(json.loads(manifest.read_text()), volume_model, manifest)  # paper == volume
     slice_model = TrainingPreprocessing(size=64, normalization="slice", sources={"normalization": "checkpoint"})
     with pytest.raises(InputError, match="normalization=volume but the model was trained with normalization=slice"):
-        api._check_manifest_matches(json.loads(manifest.read_text()), slice_model, manifest)
+        cohort.check_manifest_matches(json.loads(manifest.read_text()), slice_model, manifest)
     unknown = TrainingPreprocessing(size=64, sources={"normalization": "default"})
-    assert api._with_manifest_normalization(json.loads(manifest.read_text()), unknown).normalization == "volume"
+    assert cohort.with_manifest_normalization(json.loads(manifest.read_text()), unknown).normalization == "volume"
 
 
 def test_command_lines_accept_slice_and_volume_and_refuse_paper(capsys):

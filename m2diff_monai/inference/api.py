@@ -6,9 +6,11 @@ normalization and the canonical reorientation → float32 NIfTI on the LD PET's 
 ``infer_manifest``: the same from a manifest's already-preprocessed cubes (``volumes`` items), one model load for
 the whole cohort, written as ``OUT_DIR/<subject>.nii.gz`` plus ``OUT_DIR/predictions.json``.
 
-Every output file is written to a temporary name and renamed only when all of a subject's files are complete.
-Settings: explicit options > the checkpoint's stored ``inference_defaults`` (what training evaluated) > the
-bundle's ``inference.json`` > :class:`InferenceSettings` (:mod:`m2diff_monai.inference.defaults`).
+From a prepared subject on (sampling, mapping back, the files, the run record) both use :mod:`.subject`: every
+output file is written to a temporary name and renamed only when all of a subject's files are complete; the
+cohort's checks and output plan, shards and ranks are :mod:`.cohort`'s. Settings (resolved here): explicit
+options > the checkpoint's stored ``inference_defaults`` (what training evaluated) > the bundle's
+``inference.json`` > :class:`InferenceSettings` (:mod:`m2diff_monai.inference.defaults`).
 """
 
 from __future__ import annotations
@@ -16,46 +18,36 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 import m2diff_monai
-from m2diff_monai.data.manifest import canonical_split, read_manifest, select_volumes
-from m2diff_monai.data.orientation import ORIENTATION_AXIS
-from m2diff_monai.engines.precision import runtime_record
-from m2diff_monai.errors import InputError
-from m2diff_monai.io import safety
-from m2diff_monai.inference import cohort
-from m2diff_monai.checkpoint import RAW, LoadedModel, load_model
-from m2diff_monai.inference.defaults import (
-    INFERENCE_DEFAULT_KEYS,
-    SAMPLING_DEFAULTS_KEY,
-    check_stored_defaults,
-    layered_settings,
-)
-from m2diff_monai.inference.fusion import describe_fusion
-from m2diff_monai.inference.inferer import DiffusionSamplerInferer, resolve_amp
-from m2diff_monai.inference.preprocess import (
-    PreparedSubject,
-    TrainingPreprocessing,
-    prepare_cohort_item,
-    prepare_subject,
-    resolve_preprocessing,
-)
-from m2diff_monai.inference.settings import SETTING_KEYS, InferenceSettings
-from m2diff_monai.inference.volume import VolumePrediction, predict_volume
-from m2diff_monai.io.atomic import atomic_path, save_json
 from m2diff_monai.bundle_run import report_outputs
+from m2diff_monai.checkpoint import LoadedModel
+from m2diff_monai.data.manifest import canonical_split, read_manifest, select_volumes
+from m2diff_monai.errors import InputError
+from m2diff_monai.inference import cohort
+from m2diff_monai.inference.defaults import INFERENCE_DEFAULT_KEYS, SAMPLING_DEFAULTS_KEY, layered_settings
+from m2diff_monai.inference.preprocess import prepare_cohort_item, prepare_subject, resolve_preprocessing
+from m2diff_monai.inference.settings import SETTING_KEYS, InferenceSettings
+from m2diff_monai.inference.subject import (
+    NIFTI_SUFFIXES,
+    build_inferer,
+    check_model_inputs,
+    checkpoint_file,
+    load_for_inference,
+    output_paths,
+    predict_and_write,
+    resolve_device,
+    run_record,
+    sampling_diffusion_config,
+    subject_summary,
+)
+from m2diff_monai.io import safety
+from m2diff_monai.io.atomic import save_json
 from m2diff_monai.shipped import resolve_bundle
 from preprocessing.intake import IntakeOptions
-from preprocessing.normalization import recorded_method
-
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 def read_bundle_settings(bundle: str | Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -120,216 +112,10 @@ def resolve_settings(
     return settings
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for, but no CUDA device is available")
-    return device
-
-
-def output_paths(output: str | Path, settings: InferenceSettings) -> dict[str, Path]:
-    """``PRED.nii.gz`` → the prediction, ``PRED_std.nii.gz`` (K > 1), ``PRED_<orientation>.nii.gz``, ``PRED.png``."""
-    output = Path(output)
-    name = output.name
-    suffix = next((s for s in NIFTI_SUFFIXES if name.lower().endswith(s)), None)
-    if suffix is None:
-        raise InputError("output must be a NIfTI file name ending in .nii.gz or .nii", path=output)
-    stem = output.with_name(name[: -len(suffix)])
-    paths = {"prediction": output}
-    if settings.samples > 1:
-        paths["std"] = Path(f"{stem}_std{suffix}")
-    if settings.save_orientations:
-        for o in settings.orientations:
-            paths[o] = Path(f"{stem}_{o}{suffix}")
-    if settings.png:
-        paths["png"] = Path(f"{stem}.png")
-    return paths
-
-
-@dataclass
-class SubjectResult:
-    subject: str
-    files: dict[str, str]
-    seconds: dict[str, float]
-    warnings: list[str] = field(default_factory=list)
-    sampled_slices: dict[str, int] = field(default_factory=dict)
-
-
-def _check_model_inputs(model: LoadedModel, has_mri: bool, subject: str, path: str | Path | None) -> None:
-    if model.requires_mri and not has_mri:
-        raise InputError(
-            f"this {model.network_config.get('name', 'model')} {model.network_config.get('variant', '')} checkpoint "
-            "needs an MRI (it was built with allow_missing_mri=false); give --mri, or use an MRI-free model",
-            subject=subject, path=path,
-        )
-
-
-def sampling_diffusion_config(model: LoadedModel, settings: InferenceSettings) -> dict[str, Any]:
-    """The checkpoint's diffusion config, with ``settings.clip_denoised`` (when given) in place of its clip range;
-    ``"auto"`` resolves from the checkpoint's training-data normalization."""
-    from m2diff_monai.diffusion import resolve_clip
-
-    config = dict(model.diffusion_config)
-    if settings.clip_denoised is not None:
-        config["clip_denoised"] = settings.clip_denoised
-    return resolve_clip(config, model.data_config)
-
-
-def _build_inferer(model: LoadedModel, settings: InferenceSettings, device: torch.device) -> DiffusionSamplerInferer:
-    try:
-        return DiffusionSamplerInferer(
-            sampling_diffusion_config(model, settings),
-            sampler=settings.sampler,
-            steps=settings.steps,
-            eta=settings.eta,
-            start_step=settings.start_step,
-            shared_noise=settings.shared_noise,
-            amp_dtype=resolve_amp(settings.amp, device),
-            seed=settings.seed,
-        )
-    except ValueError as err:
-        raise InputError(f"sampler settings: {err}", path=model.path or None) from None
-
-
-def _run(
-    prepared: PreparedSubject,
-    model: LoadedModel,
-    settings: InferenceSettings,
-    preprocessing: TrainingPreprocessing,
-    paths: dict[str, Path],
-    device: torch.device,
-    inferer: DiffusionSamplerInferer,
-    use_mri: bool,
-) -> SubjectResult:
-    """Sample, map back, write every file of one subject atomically (all or nothing)."""
-    t0 = time.perf_counter()
-    mri = prepared.mri if use_mri else None
-    _check_model_inputs(model, mri is not None, prepared.subject, prepared.source.path)
-    try:
-        prediction = predict_volume(
-            model.network,
-            inferer,
-            prepared.ld,
-            mri,
-            brain_mask=prepared.mask,
-            orientations=settings.orientations,
-            fusion=settings.fusion,
-            samples=settings.samples,
-            batch_size=settings.batch_size,
-            device=device,
-            progress=settings.progress,
-            spatial_size=preprocessing.spatial_size,
-            slice_minmax=preprocessing.normalization == "slice",
-        )
-    except ValueError as err:  # e.g. a cube size the network's downsampling cannot take
-        raise InputError(f"the model cannot run on this input ({err})", subject=prepared.subject,
-                         path=prepared.source.path) from None
-    t1 = time.perf_counter()
-    images = _output_images(prepared, prediction, paths)
-    with ExitStack() as stack:  # every file lands together, or none does
-        import nibabel as nib
-
-        for key, image in images.items():
-            tmp = stack.enter_context(atomic_path(paths[key]))
-            nib.save(image, str(tmp))
-        if "png" in paths:
-            tmp = stack.enter_context(atomic_path(paths["png"]))
-            save_views_png(tmp, prepared, prediction, use_mri=mri is not None, settings=settings)
-    t2 = time.perf_counter()
-    return SubjectResult(
-        subject=prepared.subject,
-        files={k: str(v) for k, v in paths.items()},
-        seconds={"sampling": round(t1 - t0, 3), "writing": round(t2 - t1, 3)},
-        warnings=list(prepared.warnings),
-        sampled_slices=dict(prediction.sampled_slices),
-    )
-
-
-def _output_images(prepared: PreparedSubject, prediction: VolumePrediction, paths: dict[str, Path]) -> dict:
-    """Normalized cubes → original units on the source grid (``original = normalized * scale + offset``; the
-    std scales by ``scale`` only). Voxels outside the cube are normalized 0 (background), like unsampled ones.
-    ``slice`` normalization: the prediction is already in cube units (each slice mapped back with its LD slice's
-    range before fusion), so the same cube scaling completes the way back."""
-
-    def original(cube: np.ndarray) -> np.ndarray:
-        return prepared.denormalize(prepared.to_source(cube, fill=0.0))
-
-    images = {"prediction": prepared.source.image(original(prediction.fused))}
-    if "std" in paths and prediction.std is not None:
-        std = prepared.to_source(prediction.std, fill=0.0) * np.float32(prepared.scaling.scale)
-        images["std"] = prepared.source.image(np.maximum(std, 0.0))
-    for o in ORIENTATION_AXIS:
-        if o in paths and o in prediction.per_orientation:
-            images[o] = prepared.source.image(original(prediction.per_orientation[o]))
-    return images
-
-
-def save_views_png(path: str | Path, prepared: PreparedSubject, prediction: VolumePrediction, use_mri: bool,
-                   settings: InferenceSettings) -> None:
-    """Rows axial / coronal / sagittal through the brain's centre; columns LD PET | prediction (| std for K > 1),
-    normalized units, one window for LD and prediction (0 to the LD's 99.5th brain percentile; titles give each
-    volume's brain maximum). Neurological display (subject's right on the right)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    mask = prepared.mask
-    centre = [int(round(c)) for c in np.argwhere(mask).mean(axis=0)] if mask.any() else [s // 2 for s in mask.shape]
-    columns = [("LD PET", prepared.ld, "hot"), ("prediction", prediction.fused, "hot")]
-    if prediction.std is not None:
-        columns.append(("std (uncertainty)", prediction.std, "viridis"))
-    inside = prepared.ld[mask] if mask.any() else prepared.ld.ravel()
-    vmax = float(np.percentile(inside, 99.5)) if inside.size else 1.0
-    vmax = vmax if vmax > 0 else 1.0
-    # The window saturates hot spots (99.5th percentile of the LD): each title states the volume's maximum in the
-    # brain, so a lesion kept (prediction max ≈ LD max) and one flattened (max ≈ 1) are told apart.
-    columns = [(f"{title} (max {float((vol[mask] if mask.any() else vol).max()):.2f})", vol, cmap)
-               for title, vol, cmap in columns]
-    fig, axes = plt.subplots(3, len(columns), figsize=(2.8 * len(columns), 8.0), squeeze=False)
-    for row, orientation in enumerate(("axial", "coronal", "sagittal")):
-        axis = ORIENTATION_AXIS[orientation]
-        for col, (title, volume, cmap) in enumerate(columns):
-            ax = axes[row, col]
-            plane = np.take(volume, centre[axis], axis=axis).T
-            top = vmax if cmap == "hot" else max(float(plane.max()), 1e-6)
-            ax.imshow(plane, cmap=cmap, vmin=0.0, vmax=top, origin="lower", interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(title, fontsize=9)
-        axes[row, 0].set_ylabel(f"{orientation} {centre[axis]}")
-    steps = "all" if settings.steps is None else settings.steps
-    if settings.start_step is not None:
-        steps = f"{steps} (from LD at t={settings.start_step})"
-    fusion = describe_fusion(settings.fusion, prediction.fused.shape) if len(prediction.per_orientation) > 1 else ""
-    fig.suptitle(f"{prepared.subject}: {settings.sampler} {steps} steps, {fusion or 'one orientation'}, "
-                 f"K={settings.samples}"
-                 f"{'' if use_mri else ', MRI-free'}", fontsize=9)
-    fig.tight_layout()
-    try:
-        fig.savefig(str(path), format="png", dpi=80)
-    finally:
-        plt.close(fig)
-
-
 def _preprocessing_overrides(size=None, normalization=None, transform=None, space=None, spatial_size=None,
                              spacing=None) -> dict:
     return {"size": size, "normalization": normalization, "transform": transform, "space": space,
             "spatial_size": spatial_size, "spacing": spacing}
-
-
-def _load(checkpoint: str | Path | LoadedModel, device: torch.device, use_ema: bool) -> LoadedModel:
-    """The model on ``device``: EMA weights when asked for and present, else raw; its stored sampler checked."""
-    if isinstance(checkpoint, LoadedModel):
-        model = checkpoint
-        model.network.to(device).eval()
-    else:
-        model = load_model(checkpoint, device=device, weights=None if use_ema else RAW)
-    model.inference_defaults = check_stored_defaults(model.inference_defaults, model.path or None)
-    return model
 
 
 def infer_subject(
@@ -366,18 +152,18 @@ def infer_subject(
     before_load = resolve_settings(bundle, None, bundle_fallback, **settings)  # device and weights to load with
     sid = subject or _subject_name(ld_pet)
     _check_distinct(output_paths(output, before_load),
-                    [("--ld-pet", ld_pet), ("--mri", mri), ("--checkpoint", _checkpoint_file(checkpoint))])
+                    [("--ld-pet", ld_pet), ("--mri", mri), ("--checkpoint", checkpoint_file(checkpoint))])
     device = resolve_device(before_load.device)
     start = time.perf_counter()
-    model = _load(checkpoint, device, before_load.use_ema)
+    model = load_for_inference(checkpoint, device, before_load.use_ema)
     cfg = resolve_settings(bundle, model.inference_defaults, bundle_fallback, **settings)
     paths = output_paths(output, cfg)
-    _check_distinct(paths, [("--ld-pet", ld_pet), ("--mri", mri), ("--checkpoint", _checkpoint_file(checkpoint))])
+    _check_distinct(paths, [("--ld-pet", ld_pet), ("--mri", mri), ("--checkpoint", checkpoint_file(checkpoint))])
     prep = resolve_preprocessing(model.data_config,
                                  _preprocessing_overrides(size, normalization, transform, space, spacing=spacing),
                                  model.image_size)
     use_mri = mri is not None and not cfg.no_mri
-    _check_model_inputs(model, use_mri or (prep.space == "mri" and mri is not None), sid, ld_pet)
+    check_model_inputs(model, use_mri or (prep.space == "mri" and mri is not None), sid, ld_pet)
     try:
         intake = IntakeOptions(frame=frame, sum_frames=sum_frames, qform_policy=qform_policy)
     except ValueError as err:
@@ -387,12 +173,13 @@ def infer_subject(
     prepared = prepare_subject(ld_pet, mri if (use_mri or prep.space == "mri") else None, prep, sid, intake)
     try:
         t_prep = time.perf_counter()
-        result = _run(prepared, model, cfg, prep, paths, device, _build_inferer(model, cfg, device), use_mri)
+        inferer = build_inferer(model, cfg, device)
+        result = predict_and_write(prepared, model, cfg, prep, paths, device, inferer, use_mri)
     finally:
         prepared.cleanup()
     result.seconds = {"load_model": round(t_load - start, 3), "preprocess": round(t_prep - t_load, 3),
                       **result.seconds, "total": round(time.perf_counter() - start, 3)}
-    return _summary(result, model, cfg, prep, device, mri_used=use_mri, extra=prepared.info)
+    return subject_summary(result, model, cfg, prep, device, mri_used=use_mri, extra=prepared.info)
 
 
 def infer_manifest(
@@ -429,27 +216,28 @@ def infer_manifest(
     mine = {id(it) for it in share.select(items)}
 
     def my_share(config: InferenceSettings) -> tuple[tuple, tuple]:
-        planned_all = _plan_cohort_outputs(manifest, content, items, out_dir, config, checkpoint, share.summary_name)
-        pairs = [(it, p) for it, p in zip(items, planned_all) if id(it) in mine]
-        return tuple(zip(*pairs)) if pairs else ((), ())
+        planned_all = cohort.plan_cohort_outputs(manifest, content, items, out_dir, config, checkpoint,
+                                                 share.summary_name)
+        pairs = [(it, p) for it, p in zip(items, planned_all, strict=True) if id(it) in mine]
+        return tuple(zip(*pairs, strict=True)) if pairs else ((), ())
 
     my_share(before_load)  # every output checked before any work
     device = resolve_device(cohort.shard_device(before_load.device, share))
     with safety.output_lock(out_dir, "m2diff-infer", "--out-dir", share.lock_name):
         start = time.perf_counter()
-        model = _load(checkpoint, device, before_load.use_ema)
+        model = load_for_inference(checkpoint, device, before_load.use_ema)
         cfg = resolve_settings(bundle, model.inference_defaults, bundle_fallback, **settings)
         # the checkpoint's stored sampler may add outputs (e.g. _std): check the final names too
         my_items, planned = my_share(cfg)
         prep = resolve_preprocessing(model.data_config, {}, model.image_size)
-        _check_manifest_matches(content, prep, manifest)
-        prep = _with_manifest_normalization(content, prep)
-        inferer = _build_inferer(model, cfg, device)
+        cohort.check_manifest_matches(content, prep, manifest)
+        prep = cohort.with_manifest_normalization(content, prep)
+        inferer = build_inferer(model, cfg, device)
         results = []
-        for item, (sid, paths) in zip(my_items, planned):
+        for item, (_, paths) in zip(my_items, planned, strict=True):
             prepared = prepare_cohort_item(item, manifest.resolve().parent, prep)
             use_mri = prepared.mri is not None and not cfg.no_mri
-            result = _run(prepared, model, cfg, prep, paths, device, inferer, use_mri)
+            result = predict_and_write(prepared, model, cfg, prep, paths, device, inferer, use_mri)
             results.append({**asdict(result), "mri_used": use_mri, "split": item.get("split"),
                             "source_ld_pet": prepared.source.path})
         summary = {
@@ -457,7 +245,7 @@ def infer_manifest(
             "version": m2diff_monai.__version__,
             "manifest": str(manifest),
             "split": split,
-            **_run_record(model, cfg, prep, device),
+            **run_record(model, cfg, prep, device),
             "subjects": results,
             "seconds": round(time.perf_counter() - start, 3),
         }
@@ -470,39 +258,6 @@ def infer_manifest(
     return summary
 
 
-def _check_manifest_matches(content: dict, prep: TrainingPreprocessing, manifest: Path) -> None:
-    """The cubes must have been made like the training data; only parameters the checkpoint states are checked."""
-    params = dict((content.get("provenance") or {}).get("parameters") or {})
-    params.setdefault("size", content.get("size"))
-    recorded = params.get("spacing")
-    if prep.spacing is not None and recorded is not None and not np.allclose(recorded, prep.spacing):
-        return  # cubes at another voxel size: prepare_cohort_item prepares the subjects from their source files
-    for key in ("size", "normalization", "space"):
-        known = prep.sources.get(key) in ("checkpoint", "option")
-        recorded = params.get(key)
-        if key == "normalization" and recorded is not None:
-            try:
-                recorded = recorded_method(recorded)  # legacy "paper" = "volume"
-            except ValueError as err:
-                raise InputError(f"manifest provenance: {err}", path=manifest) from None
-        if known and recorded is not None and str(recorded) != str(getattr(prep, key)):
-            raise InputError(f"manifest was preprocessed with {key}={recorded} but the model was trained with "
-                             f"{key}={getattr(prep, key)}; preprocess the cohort again with the training settings",
-                             path=manifest)
-
-
-def _with_manifest_normalization(content: dict, prep: TrainingPreprocessing) -> TrainingPreprocessing:
-    """A model whose normalization is known from nowhere (the default) takes the cohort manifest's: with ``slice``
-    the per-slice min–max happens at sampling time, so it must be known (the cubes themselves carry their scale)."""
-    recorded = ((content.get("provenance") or {}).get("parameters") or {}).get("normalization")
-    if recorded is None or prep.sources.get("normalization") != "default":
-        return prep
-    from dataclasses import replace
-
-    return replace(prep, normalization=recorded_method(recorded),
-                   sources={**prep.sources, "normalization": "cohort manifest"})
-
-
 def _subject_name(path: str | Path) -> str:
     name = Path(path).name
     for suffix in NIFTI_SUFFIXES:
@@ -511,68 +266,10 @@ def _subject_name(path: str | Path) -> str:
     return name
 
 
-def _checkpoint_file(checkpoint: str | Path | LoadedModel) -> str | Path | None:
-    return checkpoint.path if isinstance(checkpoint, LoadedModel) else checkpoint
-
-
 def _check_distinct(paths: dict[str, Path], inputs: Sequence[tuple[str, str | Path | None]],
                     option: str = "--out") -> None:
     """No output file may be an input (:mod:`m2diff_monai.io.safety`)."""
     safety.RunInputs(inputs).check_all(paths.values(), option)
-
-
-def _plan_cohort_outputs(manifest: Path, content: dict, items: list[dict], out_dir: Path, cfg: InferenceSettings,
-                         checkpoint: str | Path | LoadedModel,
-                         summary_name: str = "predictions.json") -> list[tuple[str, dict[str, Path]]]:
-    """``(subject, output paths)`` per item, checked before any work: subject ids are safe file names, every file
-    stays in ``out_dir`` and none is the checkpoint, the manifest or a file the manifest lists."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError("--out-dir exists and is not a folder", path=out_dir)
-    inputs = safety.RunInputs([("--checkpoint", _checkpoint_file(checkpoint))])
-    inputs.add_manifest(manifest, content)
-    planned = []
-    seen: dict[str, str] = {}
-    for item in items:
-        sid = safety.check_name(item.get("subject"), "manifest subject id", manifest)
-        if sid.casefold() in seen:  # two items would write one prediction (case-insensitive file systems too)
-            raise InputError(f"manifest subject id {sid!r} repeats {seen[sid.casefold()]!r}: both predictions "
-                             "would be one file", path=manifest)
-        seen[sid.casefold()] = sid
-        paths = output_paths(safety.child(out_dir, f"{sid}.nii.gz", "--out-dir", "subject id"), cfg)
-        inputs.check_all(paths.values(), "--out-dir", root=out_dir)
-        planned.append((sid, paths))
-    inputs.check(out_dir / "predictions.json", "--out-dir")
-    if summary_name != "predictions.json":
-        inputs.check(out_dir / summary_name, "--out-dir")
-    return planned
-
-
-def _run_record(model: LoadedModel, cfg: InferenceSettings, prep: TrainingPreprocessing,
-                device: torch.device) -> dict[str, Any]:
-    """What produced a prediction (weights, resolved settings and where each came from, clip range,
-    preprocessing), shared by the single-subject and cohort summaries so both record the same."""
-    return {
-        "checkpoint": model.path,
-        "weights": model.weights,
-        "settings": {**cfg.as_dict(), "device": str(device), **runtime_record(cfg.amp, device)},
-        "settings_sources": dict(getattr(cfg, "sources", {})),
-        "clip_denoised": sampling_diffusion_config(model, cfg)["clip_denoised"],
-        "preprocessing": prep.as_dict(),
-    }
-
-
-def _summary(result: SubjectResult, model: LoadedModel, cfg: InferenceSettings, prep: TrainingPreprocessing,
-             device: torch.device, mri_used: bool, extra: dict) -> dict[str, Any]:
-    return {
-        "subject": result.subject,
-        "files": result.files,
-        "seconds": result.seconds,
-        "sampled_slices": result.sampled_slices,
-        "warnings": result.warnings,
-        "mri_used": mri_used,
-        **_run_record(model, cfg, prep, device),
-        **({"registration": extra["registration"]} if "registration" in extra else {}),
-    }
 
 
 def run_bundle_inference(

@@ -1,5 +1,9 @@
-"""Cohort inference beyond one process: job-array shards, torchrun ranks, and the merge of their summaries.
+"""Cohort inference: a manifest's items checked and planned, job-array shards, torchrun ranks, and the merge of
+their summaries (:func:`m2diff_monai.inference.api.infer_manifest` runs them).
 
+- before any work: the cohort's cubes must have been made like the training data (:func:`check_manifest_matches`;
+  a model of unknown normalization takes the manifest's, :func:`with_manifest_normalization`), and every output
+  file is planned and checked (:func:`plan_cohort_outputs`);
 - ``--shard I/N`` (1-based, as ``m2diff-preprocess run --shard``): the selected subjects are sorted by id and shard
   I takes those at positions ≡ I−1 (mod N). Every shard writes its own ``predictions.shard-I-of-N.json`` under its
   own lock ``.m2diff-infer.shard-I-of-N.lock``, so N shards may share one ``--out-dir``; ``m2diff-infer merge
@@ -22,10 +26,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from m2diff_monai.checkpoint import LoadedModel
 from m2diff_monai.errors import InputError
+from m2diff_monai.inference.preprocess import TrainingPreprocessing
+from m2diff_monai.inference.settings import InferenceSettings
+from m2diff_monai.inference.subject import checkpoint_file, output_paths
+from m2diff_monai.io import safety
 from m2diff_monai.io.atomic import save_json
+from preprocessing.normalization import recorded_method
 
 SUMMARY_NAME = "predictions.json"
 LOCK_NAME = ".m2diff-infer.lock"
@@ -38,6 +49,68 @@ SETTINGS_NOT_COMPARED = ("device", "progress", "threads")  # precision is compar
 BARRIER_TIMEOUT = datetime.timedelta(hours=48)
 
 
+
+# ------------------------------------------------------------------------------- a manifest's cohort
+def check_manifest_matches(content: dict, prep: TrainingPreprocessing, manifest: Path) -> None:
+    """The cubes must have been made like the training data; only parameters the checkpoint states are checked."""
+    params = dict((content.get("provenance") or {}).get("parameters") or {})
+    params.setdefault("size", content.get("size"))
+    recorded = params.get("spacing")
+    if prep.spacing is not None and recorded is not None and not np.allclose(recorded, prep.spacing):
+        return  # cubes at another voxel size: prepare_cohort_item prepares the subjects from their source files
+    for key in ("size", "normalization", "space"):
+        known = prep.sources.get(key) in ("checkpoint", "option")
+        recorded = params.get(key)
+        if key == "normalization" and recorded is not None:
+            try:
+                recorded = recorded_method(recorded)  # legacy "paper" = "volume"
+            except ValueError as err:
+                raise InputError(f"manifest provenance: {err}", path=manifest) from None
+        if known and recorded is not None and str(recorded) != str(getattr(prep, key)):
+            raise InputError(f"manifest was preprocessed with {key}={recorded} but the model was trained with "
+                             f"{key}={getattr(prep, key)}; preprocess the cohort again with the training settings",
+                             path=manifest)
+
+
+def with_manifest_normalization(content: dict, prep: TrainingPreprocessing) -> TrainingPreprocessing:
+    """A model whose normalization is known from nowhere (the default) takes the cohort manifest's: with ``slice``
+    the per-slice min–max happens at sampling time, so it must be known (the cubes themselves carry their scale)."""
+    recorded = ((content.get("provenance") or {}).get("parameters") or {}).get("normalization")
+    if recorded is None or prep.sources.get("normalization") != "default":
+        return prep
+    from dataclasses import replace
+
+    return replace(prep, normalization=recorded_method(recorded),
+                   sources={**prep.sources, "normalization": "cohort manifest"})
+
+
+def plan_cohort_outputs(manifest: Path, content: dict, items: list[dict], out_dir: Path, cfg: InferenceSettings,
+                         checkpoint: str | Path | LoadedModel,
+                         summary_name: str = "predictions.json") -> list[tuple[str, dict[str, Path]]]:
+    """``(subject, output paths)`` per item, checked before any work: subject ids are safe file names, every file
+    stays in ``out_dir`` and none is the checkpoint, the manifest or a file the manifest lists."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError("--out-dir exists and is not a folder", path=out_dir)
+    inputs = safety.RunInputs([("--checkpoint", checkpoint_file(checkpoint))])
+    inputs.add_manifest(manifest, content)
+    planned = []
+    seen: dict[str, str] = {}
+    for item in items:
+        sid = safety.check_name(item.get("subject"), "manifest subject id", manifest)
+        if sid.casefold() in seen:  # two items would write one prediction (case-insensitive file systems too)
+            raise InputError(f"manifest subject id {sid!r} repeats {seen[sid.casefold()]!r}: both predictions "
+                             "would be one file", path=manifest)
+        seen[sid.casefold()] = sid
+        paths = output_paths(safety.child(out_dir, f"{sid}.nii.gz", "--out-dir", "subject id"), cfg)
+        inputs.check_all(paths.values(), "--out-dir", root=out_dir)
+        planned.append((sid, paths))
+    inputs.check(out_dir / "predictions.json", "--out-dir")
+    if summary_name != "predictions.json":
+        inputs.check(out_dir / summary_name, "--out-dir")
+    return planned
+
+
+# ------------------------------------------------------------------------------------ shards and ranks
 @dataclass(frozen=True)
 class Shard:
     """Shard ``index`` (1-based) of ``count``; ``distributed``: it is a torchrun rank (``local_rank`` set)."""
@@ -82,7 +155,7 @@ def torchrun_world() -> tuple[int, int, int] | None:
 
 def resolve_shard(shard: str | tuple[int, int] | Shard | None) -> Shard:
     """``--shard I/N`` or the torchrun environment (not both) → :class:`Shard`."""
-    from preprocessing.pipeline import parse_shard
+    from preprocessing.options import parse_shard
 
     if isinstance(shard, Shard):
         return shard
@@ -111,11 +184,9 @@ def shard_device(device: str, shard: Shard) -> str:
 
 def checkpoint_fingerprint(path: str | os.PathLike | None) -> dict | None:
     """Content fingerprint of the checkpoint file, so shards of different weights under one name do not merge."""
-    from m2diff_monai.io.safety import fingerprint
-
     if not path or not Path(path).is_file():
         return None
-    return fingerprint(path)
+    return safety.fingerprint(path)
 
 
 def barrier_then_merge(shard: Shard, out_dir: Path) -> dict[str, Any] | None:
@@ -220,11 +291,19 @@ def merge_shards(out_dir: str | os.PathLike, expected: int | None = None) -> dic
     merged["shards"] = [{"shard": f"{i}/{count}", "summary": found[(i, count)].name, "seconds": s.get("seconds"),
                          "device": s["settings"].get("device")} for i, s in enumerate(summaries, start=1)]
     merged["seconds"] = max(float(s.get("seconds") or 0.0) for s in summaries)
-    from m2diff_monai.io.safety import output_lock
-
-    with output_lock(out_dir, "m2diff-infer merge", "--out-dir", LOCK_NAME):  # not while an unsharded run writes
+    with safety.output_lock(out_dir, "m2diff-infer merge", "--out-dir", LOCK_NAME):  # not while an unsharded run writes
         save_json(out_dir / SUMMARY_NAME, merged)
     return merged
 
 
-__all__ = ["Shard", "barrier_then_merge", "merge_shards", "resolve_shard", "shard_device", "torchrun_world"]
+__all__ = [
+    "Shard",
+    "barrier_then_merge",
+    "check_manifest_matches",
+    "merge_shards",
+    "plan_cohort_outputs",
+    "resolve_shard",
+    "shard_device",
+    "torchrun_world",
+    "with_manifest_normalization",
+]

@@ -1,6 +1,6 @@
 """One subject in memory, prepared exactly as the training data were, and the way back to its own grid.
 
-Why a module here: ``preprocessing.pipeline.process_subject`` writes a whole subject folder (slices, QC, ANTs
+Why a module here: ``preprocessing.subject_build.process_subject`` writes a whole subject folder (slices, QC, ANTs
 transforms) and needs an SD PET for its mask; inference needs the normalized cube, the brain mask, the LD scaling
 and the crop geometry in memory, for a subject with only an LD PET (and maybe a T1). This module composes the
 pipeline's stage functions (intake, registration, mask, normalization, crop) in the pipeline's order; it does not
