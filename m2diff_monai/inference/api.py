@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from nibabel.affines import voxel_sizes
 
 import m2diff_monai
 from m2diff_monai.data.orientation import ORIENTATION_AXIS, parse_orientations
@@ -31,6 +32,7 @@ from m2diff_monai.errors import InputError
 from m2diff_monai.io import safety
 from m2diff_monai.inference import cohort
 from m2diff_monai.inference.checkpoint import LoadedModel, load_model
+from m2diff_monai.inference.consistency import consistency_sigma
 from m2diff_monai.inference.defaults import INFERENCE_DEFAULT_KEYS, SAMPLING_DEFAULTS_KEY, layered_settings
 from m2diff_monai.inference.fusion import FUSION_METHODS, describe_fusion
 from m2diff_monai.inference.inferer import AMP_CHOICES, DiffusionSamplerInferer, resolve_amp
@@ -106,6 +108,9 @@ class InferenceSettings:
     fusion: str = "wavelet-stripe-residual"
     samples: int = 1
     shared_noise: bool = False
+    # None: off (both papers). FWHM (mm) of the Gaussian below which the fused volume takes the LD PET's band
+    # (inference/consistency.py; the demo recipes turn it on).
+    ld_consistency_fwhm: float | None = None
     seed: int | None = 0
     batch_size: int = 16
     device: str = "auto"
@@ -145,6 +150,12 @@ class InferenceSettings:
         if int(self.samples) < 1:
             raise ValueError(f"samples must be >= 1, got {self.samples}")
         set_(self, "samples", int(self.samples))
+        fwhm = self.ld_consistency_fwhm
+        if isinstance(fwhm, str):
+            fwhm = None if fwhm.strip().lower() in ("", "none", "null", "off") else float(fwhm)
+        if fwhm is not None and not float(fwhm) > 0:
+            raise ValueError(f"ld_consistency_fwhm must be a FWHM > 0 mm (or none: off), got {fwhm}")
+        set_(self, "ld_consistency_fwhm", None if fwhm is None else float(fwhm))
         if int(self.batch_size) < 1:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
         set_(self, "batch_size", int(self.batch_size))
@@ -330,6 +341,7 @@ def _run(
             progress=settings.progress,
             spatial_size=preprocessing.spatial_size,
             slice_minmax=preprocessing.normalization == "slice",
+            ld_consistency_sigma=consistency_sigma(settings.ld_consistency_fwhm, voxel_sizes(prepared.cube_affine)),
         )
     except ValueError as err:  # e.g. a cube size the network's downsampling cannot take
         raise InputError(f"the model cannot run on this input ({err})", subject=prepared.subject,
