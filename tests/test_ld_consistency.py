@@ -122,3 +122,31 @@ def test_the_stored_setting_undoes_a_coarse_uptake_error_end_to_end(tmp_path, su
             "--no-progress", "--orientations", "axial", "--fusion", "mean", "--device", "cpu", "--steps", "2"]
     assert infer_main([*base, "--out", str(tmp_path / "flag_off.nii.gz"), "--ld-consistency-fwhm", "none"]) == 0
     assert _level(tmp_path / "flag_off.nii.gz", subject, sampled) == pytest.approx(SHRINK, abs=0.01)
+
+
+def test_the_model_card_says_the_consistency_is_on():
+    from m2diff_monai.export.model_card import sampler_sentence
+
+    text = sampler_sentence({"sampler": "ddim", "steps": 2, "start_step": None, "ld_consistency_fwhm": 7.0})
+    assert "FWHM 7 mm" in text and "pure noise" in text
+    assert "FWHM" not in sampler_sentence({"sampler": "ddim", "steps": 2, "start_step": None})
+
+
+def test_the_exported_bundles_inferer_applies_it_at_the_checkpoints_spacing():
+    """The deploy path (an exported bundle's ``PETEnhancementInferer``) converts the FWHM with the checkpoint's
+    training spacing and undoes the 0.9× uptake error like ``m2diff-infer`` does."""
+    from m2diff_monai.deploy import PETEnhancementInferer
+
+    rng = np.random.default_rng(1)
+    ld = torch.from_numpy(1.0 + 0.1 * rng.standard_normal((1, 1, 16, 16, 16)).astype(np.float32))
+    data = {"size": 16, "normalization": "shared", "transform": "rigid", "space": "pet", "spacing": [4.0, 4.0, 4.0]}
+    network = build_network({"name": "consistency_test_shrink"})
+    common = {"orientations": "axial", "fusion": "mean", "steps": 2, "batch_size": 16, "progress": False}
+    off = PETEnhancementInferer({"timesteps": 100}, data, **common)(ld, network)
+    on = PETEnhancementInferer({"timesteps": 100}, data, ld_consistency_fwhm=9.4, **common)(ld, network)
+    assert float(off.mean() / ld.mean()) == pytest.approx(SHRINK, abs=0.005)
+    assert float(on.mean() / ld.mean()) == pytest.approx(1.0, abs=0.005)
+    # exactly the consistency of the network's output at σ = 9.4 mm / 2.3548 / 4 mm ≈ 1 voxel: fine band kept
+    expected = ld_consistency(off[0, 0].numpy(), ld[0, 0].numpy(), consistency_sigma(9.4, (4.0, 4.0, 4.0)))
+    assert np.allclose(on[0, 0].numpy(), expected, atol=1e-4)
+    assert not np.allclose(on[0, 0].numpy(), ld[0, 0].numpy(), atol=0.01)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from monai.inferers import Inferer
 
+from m2diff_monai.inference.consistency import consistency_sigma
 from m2diff_monai.inference.inferer import DiffusionSamplerInferer, resolve_amp
 from m2diff_monai.inference.volume import predict_volume
 
