@@ -10,6 +10,7 @@ import torch
 from monai.bundle import ConfigParser, ConfigWorkflow, verify_metadata
 
 from m2diff_monai.errors import InputError
+from m2diff_monai.inference.defaults import check_inference_defaults
 from m2diff_monai.networks.factory import build_network
 from tiny_networks import tiny_m2diff
 
@@ -90,7 +91,11 @@ def test_train_config_has_paper_defaults():
     net = build_network(demo["network_config"])
     assert net.config["image_size"] == 64  # the 4 mm / 64³ demo cohort of the main job
     # the sampler scripts/main_job.sh evaluates with is stored in the demo's checkpoints
-    assert demo["inference_defaults"] == {"sampler": "ddim", "steps": 10, "eta": 0.0, "start_step": None}
+    assert demo["inference_defaults"] == {"sampler": "ddim", "steps": 2, "eta": 0.0, "start_step": None,
+                                          "ld_consistency_fwhm": 7.0}
+    check_inference_defaults(demo["inference_defaults"])
+    # the last epoch validates, so the run writes the best.pt that scripts/main_job.sh samples with
+    assert demo["max_epochs"] % demo["val_interval"] == 0
 
 
 def test_training_run_writes_checkpoints_with_config_and_resume_continues(slice_manifest, tmp_path):

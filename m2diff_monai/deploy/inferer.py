@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from monai.inferers import Inferer
 
+from m2diff_monai.inference.consistency import consistency_sigma
 from m2diff_monai.inference.inferer import DiffusionSamplerInferer, resolve_amp
 from m2diff_monai.inference.volume import predict_volume
 
@@ -88,6 +89,22 @@ class PETEnhancementInferer(Inferer):
         DiffusionSamplerInferer(self.diffusion_config, sampler=self.settings.sampler, steps=self.settings.steps,
                                 start_step=self.settings.start_step)  # bad sampler settings fail here, not later
 
+    def _consistency_sigma(self, inputs: torch.Tensor) -> tuple[float, ...] | None:
+        """σ (voxels) of the LD consistency on the cube: the checkpoint's training spacing (the cube's, by
+        construction), else the voxel size of the input MetaTensor's affine."""
+        if self.settings.ld_consistency_fwhm is None:
+            return None
+        affine = getattr(inputs, "affine", None)
+        if self.preprocessing.spacing is not None:
+            spacing = tuple(self.preprocessing.spacing)
+        elif affine is not None:
+            from nibabel.affines import voxel_sizes
+
+            spacing = tuple(voxel_sizes(np.asarray(affine, dtype=np.float64).reshape(-1, 4, 4)[0]))
+        else:
+            raise ValueError("ld_consistency_fwhm needs the cube's voxel size: give a MetaTensor with its affine")
+        return consistency_sigma(self.settings.ld_consistency_fwhm, spacing)
+
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, mri: torch.Tensor | None = None,
                  brain_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
         cfg = self.settings
@@ -105,6 +122,7 @@ class PETEnhancementInferer(Inferer):
             brain_mask=None if mask is None else mask > 0.5, orientations=cfg.orientations, fusion=cfg.fusion,
             samples=cfg.samples, batch_size=cfg.batch_size, device=device, progress=False,
             spatial_size=self.preprocessing.spatial_size, slice_minmax=self.preprocessing.normalization == "slice",
+            ld_consistency_sigma=self._consistency_sigma(inputs),
         )
         fused = torch.from_numpy(prediction.fused).reshape(inputs.shape).to(device)
         if hasattr(inputs, "meta"):  # a MetaTensor keeps its affine and metadata

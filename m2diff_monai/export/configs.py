@@ -110,7 +110,7 @@ def effective_sampler(inference_config: Mapping[str, Any], stored: Mapping[str, 
 
     fallback, explicit = split_bundle_settings(dict(inference_config))
     settings = resolve_settings(None, dict(stored or {}), fallback, **explicit)
-    return {k: getattr(settings, k) for k in ("sampler", "steps", "eta", "start_step", "samples")}
+    return {k: getattr(settings, k) for k in ("sampler", "steps", "eta", "start_step", "samples", "ld_consistency_fwhm")}
 
 
 def exported_checkpoint(loaded: Mapping[str, Any], created: str) -> dict[str, Any]:

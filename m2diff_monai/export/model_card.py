@@ -230,6 +230,9 @@ def sampler_sentence(defaults: Mapping[str, Any]) -> str:
         text += ", starting from pure noise"
     if defaults.get("samples") not in (None, 1):
         text += f", mean of K = {defaults['samples']} draws"
+    if defaults.get("ld_consistency_fwhm") is not None:
+        text += (f", then the LD PET's band below a Gaussian of FWHM {defaults['ld_consistency_fwhm']:g} mm "
+                 "(low-frequency consistency; not in the papers; `--ld_consistency_fwhm none` turns it off)")
     return text + ". Any of them can be overridden on the command line."
 
 

@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "holds [default: wavelet-stripe-residual]")
     s.add_argument("--samples", type=int, default=None,
                    help="K draws; K > 1 writes their mean and a *_std per-voxel uncertainty map [default: 1]")
+    s.add_argument("--ld-consistency-fwhm", default=None, metavar="MM",
+                   help="the fused volume takes the LD PET's band below a Gaussian of this FWHM (mm): keeps the "
+                        "coarse uptake and lesion means the network shifts, adds LD noise below the cut-off; "
+                        "'none' = off (the papers) [default: none; the demo recipes store theirs]")
     s.add_argument("--shared-noise", action="store_true", default=None,
                    help="one noise path for every slice (less inter-slice flicker)")
     s.add_argument("--seed", type=int, default=None, help="random seed [default: 0]")
@@ -136,6 +140,7 @@ def _settings(args: argparse.Namespace) -> dict:
         "fusion": args.fusion,
         "samples": args.samples,
         "shared_noise": args.shared_noise,
+        "ld_consistency_fwhm": args.ld_consistency_fwhm,
         "seed": args.seed,
         "batch_size": args.batch_size,
         "device": args.device,

@@ -27,6 +27,7 @@ from m2diff_monai.inference.settings import InferenceSettings
 # not the outputs (png, save_orientations), not the weights.
 INFERENCE_DEFAULT_KEYS: tuple[str, ...] = (
     "sampler", "steps", "eta", "start_step", "orientations", "fusion", "samples", "shared_noise",
+    "ld_consistency_fwhm",
 )
 # The bundles' inference.json keep these null at the top level (null = "not set": the checkpoint's value or the
 # ``sampling_defaults`` block applies) so that a bundle run and ``m2diff-infer`` resolve them the same way.

@@ -64,6 +64,15 @@ def _as_steps(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
+def _as_fwhm(value: Any) -> float | None:
+    """``ld_consistency_fwhm``: None/"none"/"off" → off; otherwise a FWHM in mm, > 0."""
+    if isinstance(value, str):
+        value = None if value.strip().lower() in ("", "none", "null", "off") else float(value)
+    if value is not None and not float(value) > 0:
+        raise ValueError(f"ld_consistency_fwhm must be a FWHM > 0 mm (or none: off), got {value}")
+    return None if value is None else float(value)
+
+
 def _as_start_step(value: Any) -> int | None:
     """The truncated start's t0 from an int or text; None = start from pure noise."""
     if isinstance(value, str):
@@ -89,6 +98,9 @@ class InferenceSettings:
     fusion: str = "wavelet-stripe-residual"
     samples: int = 1
     shared_noise: bool = False
+    # None: off (both papers). FWHM (mm) of the Gaussian below which the fused volume takes the LD PET's band
+    # (inference/consistency.py; the demo recipes turn it on).
+    ld_consistency_fwhm: float | None = None
     seed: int | None = 0
     batch_size: int = 16
     device: str = "auto"
@@ -115,6 +127,7 @@ class InferenceSettings:
         if int(self.samples) < 1:
             raise ValueError(f"samples must be >= 1, got {self.samples}")
         set_(self, "samples", int(self.samples))
+        set_(self, "ld_consistency_fwhm", _as_fwhm(self.ld_consistency_fwhm))
         if int(self.batch_size) < 1:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
         set_(self, "batch_size", int(self.batch_size))

@@ -16,11 +16,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from nibabel.affines import voxel_sizes
 
 from m2diff_monai.checkpoint import RAW, LoadedModel, load_model
 from m2diff_monai.data.orientation import ORIENTATION_AXIS
 from m2diff_monai.engines.precision import runtime_record
 from m2diff_monai.errors import InputError
+from m2diff_monai.inference.consistency import consistency_sigma
 from m2diff_monai.inference.defaults import check_stored_defaults
 from m2diff_monai.inference.fusion import describe_fusion
 from m2diff_monai.inference.inferer import DiffusionSamplerInferer, resolve_amp
@@ -134,6 +136,7 @@ def predict_and_write(
             progress=settings.progress,
             spatial_size=preprocessing.spatial_size,
             slice_minmax=preprocessing.normalization == "slice",
+            ld_consistency_sigma=consistency_sigma(settings.ld_consistency_fwhm, voxel_sizes(prepared.cube_affine)),
         )
     except ValueError as err:  # e.g. a cube size the network's downsampling cannot take
         raise InputError(f"the model cannot run on this input ({err})", subject=prepared.subject,

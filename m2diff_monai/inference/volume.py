@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from m2diff_monai.data.orientation import axis_of, slices_to_volume, volume_to_slices
+from m2diff_monai.inference.consistency import ld_consistency
 from m2diff_monai.inference.fusion import fuse_volumes
 from m2diff_monai.inference.inferer import DiffusionSamplerInferer
 from preprocessing.normalization import SliceRange, minmax_slices
@@ -195,9 +196,13 @@ def predict_volume(
     fusion_kwargs: dict | None = None,
     on_draw: Callable[[int], None] | None = None,
     slice_minmax: bool = False,
+    ld_consistency_sigma: float | Sequence[float] | None = None,
 ) -> VolumePrediction:
     """Predict a normalized cube in each orientation and fuse; with ``samples`` K > 1, the mean and std of K
     fused draws (running Welford sums: memory does not grow with K).
+
+    ``ld_consistency_sigma`` (voxels): each fused draw takes the LD PET's band below this Gaussian
+    (:mod:`.consistency`); the per-orientation volumes stay as sampled.
 
     Draw k uses seed ``inferer.seed + DRAW_SEED_STRIDE·k`` so each draw is reproducible on its own.
     ``slice_minmax``: the ``slice`` normalization's per-slice min–max and LD-range way back (module docstring).
@@ -231,6 +236,8 @@ def predict_volume(
             for o, vol in per_orientation.items():
                 orientation_sums[o] += vol
             fused = fuse_with_coverage(per_orientation, count, fusion, **(fusion_kwargs or {}))
+            if ld_consistency_sigma is not None:
+                fused = ld_consistency(fused, ld, ld_consistency_sigma)
             delta = fused - mean
             mean += delta / (k + 1)
             if m2 is not None:
