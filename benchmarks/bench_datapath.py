@@ -36,8 +36,15 @@ def write_items(root: Path, size: int, items: int) -> Path:
             path = root / names[key]
             path.parent.mkdir(parents=True, exist_ok=True)
             np.save(path, rng.random((1, size, size), dtype=np.float32))
-        entries.append({**names, "mri_available": int(i % 10 < 7), "subject": f"sub-{i // 64:03d}",
-                        "orientation": "axial", "slice": i % 64})
+        entries.append(
+            {
+                **names,
+                "mri_available": int(i % 10 < 7),
+                "subject": f"sub-{i // 64:03d}",
+                "orientation": "axial",
+                "slice": i % 64,
+            }
+        )
     for e in entries:
         if not e["mri_available"]:
             e["mri"] = ""
@@ -68,11 +75,13 @@ def time_loader(loader, passes: int) -> float:
 def monai_loadimage_loader(items, batch_size: int, workers: int):
     keys = ["ld_pet", "sd_pet", "mri"]
     data = [{**i, "mri": i["mri"] or i["ld_pet"]} for i in items]  # LoadImaged cannot express "no MRI"
-    transform = Compose([
-        LoadImaged(keys=keys, reader="NumpyReader", image_only=True),
-        Lambdad(keys="mri_available", func=lambda v: torch.tensor(float(v))),
-        EnsureChannelFirstd(keys=keys, channel_dim=0),
-    ])
+    transform = Compose(
+        [
+            LoadImaged(keys=keys, reader="NumpyReader", image_only=True),
+            Lambdad(keys="mri_available", func=lambda v: torch.tensor(float(v))),
+            EnsureChannelFirstd(keys=keys, channel_dim=0),
+        ]
+    )
     return DataLoader(Dataset(data, transform), batch_size=batch_size, shuffle=True, num_workers=workers)
 
 
@@ -83,8 +92,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--workers", default="0,2")
     parser.add_argument("--passes", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads of the main process (collation with 0 workers); workers always use 1")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of the main process (collation with 0 workers); workers always use 1",
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -99,15 +112,28 @@ def main() -> None:
                 {"path": "LoadSliced (this project)", "workers": w, "slices_per_s": time_loader(loader, args.passes)}
             )
             loader = monai_loadimage_loader(items, args.batch, w)
-            rows.append({"path": "MONAI LoadImaged(NumpyReader)", "workers": w,
-                         "slices_per_s": time_loader(loader, args.passes)})
+            rows.append(
+                {
+                    "path": "MONAI LoadImaged(NumpyReader)",
+                    "workers": w,
+                    "slices_per_s": time_loader(loader, args.passes),
+                }
+            )
     print(f"data path, {args.size}² slices (3 npy files per item), batch {args.batch}, {args.items} items")
     print(f"{'path':32s} {'workers':>7s} {'slices/s':>10s}")
     for r in rows:
         print(f"{r['path']:32s} {r['workers']:7d} {r['slices_per_s']:10.0f}")
     if args.json:
-        save_json(args.json, {"size": args.size, "batch": args.batch, "items": args.items, "rows": rows,
-                              "torch_threads": torch.get_num_threads()})
+        save_json(
+            args.json,
+            {
+                "size": args.size,
+                "batch": args.batch,
+                "items": args.items,
+                "rows": rows,
+                "torch_threads": torch.get_num_threads(),
+            },
+        )
 
 
 if __name__ == "__main__":

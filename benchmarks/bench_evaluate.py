@@ -54,22 +54,42 @@ def build(root: Path, size: int, methods: int, seed: int = 0) -> tuple[Path, dic
         return path.relative_to(root).as_posix()
 
     noise = rng.standard_normal(sd.shape, dtype=np.float32) * 900
-    item = {"subject": "bench01", "split": "test", "scale": 1.0, "offset": 0.0, "mri": "", "mri_available": 0,
-            "source_mri": "", "space": "pet", "drf": 100,
-            "source_ld_pet": save(root / "raw" / "ld.nii.gz", np.clip(sd + noise, 0, None)),
-            "source_sd_pet": save(root / "raw" / "sd.nii.gz", sd),
-            "brain_mask": save(root / "prep" / "brain_mask.nii.gz", brain, np.uint8),
-            "regions": {n: save(root / "prep" / "regions" / f"{n}.nii.gz", brain & (r > 0.2 * i + 0.1), np.uint8)
-                        for i, n in enumerate(REGIONS)},
-            "preprocessed_dir": "prep"}
+    item = {
+        "subject": "bench01",
+        "split": "test",
+        "scale": 1.0,
+        "offset": 0.0,
+        "mri": "",
+        "mri_available": 0,
+        "source_mri": "",
+        "space": "pet",
+        "drf": 100,
+        "source_ld_pet": save(root / "raw" / "ld.nii.gz", np.clip(sd + noise, 0, None)),
+        "source_sd_pet": save(root / "raw" / "sd.nii.gz", sd),
+        "brain_mask": save(root / "prep" / "brain_mask.nii.gz", brain, np.uint8),
+        "regions": {
+            n: save(root / "prep" / "regions" / f"{n}.nii.gz", brain & (r > 0.2 * i + 0.1), np.uint8)
+            for i, n in enumerate(REGIONS)
+        },
+        "preprocessed_dir": "prep",
+    }
     item["ld_pet"] = item["sd_pet"] = item["source_ld_pet"]
     predictions = {}
     for m in range(methods):
         predictions[f"M{m}"] = root / "preds" / f"M{m}"
         save(predictions[f"M{m}"] / "bench01.nii.gz", sd + noise * (0.1 + 0.05 * m))
     manifest = root / "bench.json"
-    write_manifest(manifest, {"name": "bench", "volumes": [item], "training": [], "validation": [], "test": [],
-                              "provenance": provenance("benchmarks/bench_evaluate.py", {"size": size})})
+    write_manifest(
+        manifest,
+        {
+            "name": "bench",
+            "volumes": [item],
+            "training": [],
+            "validation": [],
+            "test": [],
+            "provenance": provenance("benchmarks/bench_evaluate.py", {"size": size}),
+        },
+    )
     return manifest, predictions
 
 
@@ -85,12 +105,15 @@ def time_baselines(size: int, names: list[str], bm4d_default: bool = False, seed
     ld = np.clip(sd + rng.standard_normal(sd.shape, dtype=np.float32) * 900, 0, None)
     spacing = (2.0, 2.0, 2.0)
     sigma = baselines.estimate_noise_sigma(ld, brain)
-    runs = {"gaussian": lambda: baselines.gaussian_baseline(ld, 4.0, spacing),
-            "nlm": lambda: baselines.nlm_baseline(ld, brain, 0.8, sigma),
-            "bm3d": lambda: baselines.bm4d_baseline(ld, brain, 1.0, sigma)}
+    runs = {
+        "gaussian": lambda: baselines.gaussian_baseline(ld, 4.0, spacing),
+        "nlm": lambda: baselines.nlm_baseline(ld, brain, 0.8, sigma),
+        "bm3d": lambda: baselines.bm4d_baseline(ld, brain, 1.0, sigma),
+    }
     if bm4d_default:
         runs["bm3d_default_profile"] = lambda: baselines.bm4d_baseline(
-            ld, brain, 1.0, sigma, baselines.BaselineSettings(bm4d_fast_profile=False))
+            ld, brain, 1.0, sigma, baselines.BaselineSettings(bm4d_fast_profile=False)
+        )
     box = baselines._box(brain, baselines.BaselineSettings().margin_voxels)
     out = {}
     for name, call in runs.items():
@@ -98,10 +121,16 @@ def time_baselines(size: int, names: list[str], bm4d_default: bool = False, seed
             continue
         t, c = time.perf_counter(), time.process_time()
         call()
-        out[name] = {"wall_s": round(time.perf_counter() - t, 3), "cpu_s": round(time.process_time() - c, 3),
-                     "box_voxels": int(np.prod([b.stop - b.start for b in box]))}
-        print(f"  {size}³ {name}: {out[name]['wall_s']:.2f} s wall, {out[name]['cpu_s']:.2f} s CPU "
-              f"(filtered box {out[name]['box_voxels']} voxels)", flush=True)
+        out[name] = {
+            "wall_s": round(time.perf_counter() - t, 3),
+            "cpu_s": round(time.process_time() - c, 3),
+            "box_voxels": int(np.prod([b.stop - b.start for b in box])),
+        }
+        print(
+            f"  {size}³ {name}: {out[name]['wall_s']:.2f} s wall, {out[name]['cpu_s']:.2f} s CPU "
+            f"(filtered box {out[name]['box_voxels']} voxels)",
+            flush=True,
+        )
     return out
 
 
@@ -124,18 +153,34 @@ def main(argv: list[str] | None = None) -> int:
         manifest, predictions = build(Path(tmp), args.size, args.methods)
         print(f"built {args.size}³ subject in {time.perf_counter() - t:.1f} s", flush=True)
         start, start_cpu = time.perf_counter(), time.process_time()
-        summary = evaluate_cohort(manifest, predictions, Path(tmp) / "report", lpips=False,
-                                  figures=not args.no_figures, progress=False, baselines=args.baselines or None)
+        summary = evaluate_cohort(
+            manifest,
+            predictions,
+            Path(tmp) / "report",
+            lpips=False,
+            figures=not args.no_figures,
+            progress=False,
+            baselines=args.baselines or None,
+        )
         wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
     parts = summary["seconds"]["subjects"]["bench01"]
-    result = {"size": args.size, "methods_scored": args.methods + 1, "figures": not args.no_figures,
-              "wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "subject_parts_wall_s": parts,
-              "baselines": summary["baselines"]["rows"], "baseline_seconds": baseline_times}
-    print(f"{args.size}³, LD + {args.methods} method(s): {wall:.2f} s wall, {cpu:.2f} s CPU "
-          f"(load {parts['load']:.2f} s, baselines {parts['baselines']:.2f} s, metrics {parts['metrics']:.2f} s, "
-          f"figure {parts['figure']:.2f} s wall; per-subject CPU: load {parts['cpu_load']:.2f} s, baselines "
-          f"{parts['cpu_baselines']:.2f} s, metrics {parts['cpu_metrics']:.2f} s, "
-          f"figure {parts['cpu_figure']:.2f} s)")
+    result = {
+        "size": args.size,
+        "methods_scored": args.methods + 1,
+        "figures": not args.no_figures,
+        "wall_s": round(wall, 3),
+        "cpu_s": round(cpu, 3),
+        "subject_parts_wall_s": parts,
+        "baselines": summary["baselines"]["rows"],
+        "baseline_seconds": baseline_times,
+    }
+    print(
+        f"{args.size}³, LD + {args.methods} method(s): {wall:.2f} s wall, {cpu:.2f} s CPU "
+        f"(load {parts['load']:.2f} s, baselines {parts['baselines']:.2f} s, metrics {parts['metrics']:.2f} s, "
+        f"figure {parts['figure']:.2f} s wall; per-subject CPU: load {parts['cpu_load']:.2f} s, baselines "
+        f"{parts['cpu_baselines']:.2f} s, metrics {parts['cpu_metrics']:.2f} s, "
+        f"figure {parts['cpu_figure']:.2f} s)"
+    )
     if args.json:
         save_json(args.json, result)
     return 0

@@ -71,10 +71,20 @@ def main(argv: list[str] | None = None) -> int:
                 times.append(time.perf_counter() - start)
                 cpu.append(time.process_time() - start_cpu)
             err = float(np.linalg.norm((fused - clean)[brain]) / np.linalg.norm(clean[brain]))
-            rows.append({"size": size, "method": method, "seconds": statistics.median(times),
-                         "cpu_seconds": statistics.median(cpu), "rel_error": err})
-            print(f"{size:>4}³  {method:<15} {rows[-1]['seconds']:8.2f} s wall {rows[-1]['cpu_seconds']:8.2f} s CPU"
-                  f"   rel. error vs truth {err:.4f}", flush=True)
+            rows.append(
+                {
+                    "size": size,
+                    "method": method,
+                    "seconds": statistics.median(times),
+                    "cpu_seconds": statistics.median(cpu),
+                    "rel_error": err,
+                }
+            )
+            print(
+                f"{size:>4}³  {method:<15} {rows[-1]['seconds']:8.2f} s wall {rows[-1]['cpu_seconds']:8.2f} s CPU"
+                f"   rel. error vs truth {err:.4f}",
+                flush=True,
+            )
         if args.quality:
             axis = ORIENTATION_AXIS["axial"]
             before = stripe_energy(vols["axial"], clean, axis, brain)

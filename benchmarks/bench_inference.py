@@ -61,10 +61,16 @@ def mni_subject(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def step_seconds(net, inferer_kwargs, ld, mri, batch, device, repeats, probe_steps=2) -> float:
     """Median seconds of one sampler step for ``batch`` slices (a ``probe_steps``-step run, divided)."""
-    x = torch.from_numpy(np.ascontiguousarray(ld[:, :, ld.shape[2] // 2 - batch // 2:][:, :, :batch])).permute(2, 0, 1)
+    x = torch.from_numpy(np.ascontiguousarray(ld[:, :, ld.shape[2] // 2 - batch // 2 :][:, :, :batch])).permute(2, 0, 1)
     x = x[:, None].contiguous().to(device)
-    m = None if mri is None else torch.from_numpy(np.ascontiguousarray(
-        mri[:, :, mri.shape[2] // 2 - batch // 2:][:, :, :batch])).permute(2, 0, 1)[:, None].contiguous().to(device)
+    m = (
+        None
+        if mri is None
+        else torch.from_numpy(np.ascontiguousarray(mri[:, :, mri.shape[2] // 2 - batch // 2 :][:, :, :batch]))
+        .permute(2, 0, 1)[:, None]
+        .contiguous()
+        .to(device)
+    )
     inferer = DiffusionSamplerInferer(**inferer_kwargs, steps=probe_steps)
     inferer(x, net, mri=m)  # warm-up
     times = []
@@ -103,10 +109,17 @@ def main(argv: list[str] | None = None) -> dict:
     mri = None if args.no_mri else t1
     slices = {o: len(brain_slice_indices(mask, o, args.size)) for o in ORIENTATIONS}
     torch.manual_seed(0)
-    net = build_network({"name": "m2diff", "preset": args.preset, "variant": args.variant,
-                         "image_size": args.size}).to(device).eval()
-    inferer_kwargs = {"diffusion_config": {"timesteps": 1000}, "sampler": args.sampler,
-                      "amp_dtype": resolve_amp(args.amp, device), "seed": 0}
+    net = (
+        build_network({"name": "m2diff", "preset": args.preset, "variant": args.variant, "image_size": args.size})
+        .to(device)
+        .eval()
+    )
+    inferer_kwargs = {
+        "diffusion_config": {"timesteps": 1000},
+        "sampler": args.sampler,
+        "amp_dtype": resolve_amp(args.amp, device),
+        "seed": 0,
+    }
 
     start = time.perf_counter()
     fuse_volumes({o: ld for o in ORIENTATIONS}, method=args.fusion)
@@ -117,15 +130,19 @@ def main(argv: list[str] | None = None) -> dict:
     per_step = {}
     for batch in batch_list:
         per_step[batch] = step_seconds(net, inferer_kwargs, ld, mri, batch, device, args.repeats)
-        print(f"batch {batch:4d}: {per_step[batch]:.3f} s per sampler step ({per_step[batch] / batch * 1000:.1f} ms "
-              "per slice)", flush=True)
+        print(
+            f"batch {batch:4d}: {per_step[batch]:.3f} s per sampler step ({per_step[batch] / batch * 1000:.1f} ms "
+            "per slice)",
+            flush=True,
+        )
     estimates = []
     for steps in steps_list:
         for batch in batch_list:
             calls = sum(math.ceil(n / batch) for n in slices.values())
             seconds = calls * steps * per_step[batch] + fusion_seconds
-            estimates.append({"steps": steps, "batch": batch, "seconds_per_subject": round(seconds, 1),
-                              "kind": "estimated"})
+            estimates.append(
+                {"steps": steps, "batch": batch, "seconds_per_subject": round(seconds, 1), "kind": "estimated"}
+            )
     measured = []
     for spec in [s for s in args.full.split(",") if s]:
         steps, batch = (int(v) for v in spec.split(":"))
@@ -133,21 +150,43 @@ def main(argv: list[str] | None = None) -> dict:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
-        predict_volume(net, inferer, ld, mri, brain_mask=mask, orientations=ORIENTATIONS, fusion=args.fusion,
-                       batch_size=batch, device=device, progress=True)
+        predict_volume(
+            net,
+            inferer,
+            ld,
+            mri,
+            brain_mask=mask,
+            orientations=ORIENTATIONS,
+            fusion=args.fusion,
+            batch_size=batch,
+            device=device,
+            progress=True,
+        )
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = round(time.perf_counter() - start, 1)
         # CUDA: peak tensor memory of this run; CPU: the process's peak resident set so far.
-        peak_mb = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
-        measured.append({"steps": steps, "batch": batch, "seconds_per_subject": seconds, "kind": "measured",
-                         "peak_memory_mb": round(peak_mb)})
+        peak_mb = (
+            torch.cuda.max_memory_allocated(device)
+            if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        ) / 2**20
+        measured.append(
+            {
+                "steps": steps,
+                "batch": batch,
+                "seconds_per_subject": seconds,
+                "kind": "measured",
+                "peak_memory_mb": round(peak_mb),
+            }
+        )
 
-    print(f"\n{args.preset} M2Diff {args.variant} ({count_parameters(net) / 1e6:.2f} M params), {args.size}^3 cube, "
-          f"{sum(slices.values())} brain slices {slices}, {args.sampler}, "
-          f"{'MRI-free' if args.no_mri else 'with MRI'}, device {device}, threads {torch.get_num_threads()}, "
-          f"fusion {args.fusion} {fusion_seconds:.1f} s")
+    print(
+        f"\n{args.preset} M2Diff {args.variant} ({count_parameters(net) / 1e6:.2f} M params), {args.size}^3 cube, "
+        f"{sum(slices.values())} brain slices {slices}, {args.sampler}, "
+        f"{'MRI-free' if args.no_mri else 'with MRI'}, device {device}, threads {torch.get_num_threads()}, "
+        f"fusion {args.fusion} {fusion_seconds:.1f} s"
+    )
     print(f"{'steps':>6} {'batch':>6} {'s/subject':>10}  kind")
     for row in estimates + measured:
         print(f"{row['steps']:>6} {row['batch']:>6} {row['seconds_per_subject']:>10.1f}  {row['kind']}")

@@ -45,8 +45,9 @@ def run_one(name: str, preset: str, batch: int, args: argparse.Namespace) -> dic
     device = torch.device(args.device)
     size = args.size or SIZES.get(preset, 128)
     net = build_network({"name": "mfdiff", "preset": preset, "variant": args.variant, "image_size": size}).to(device)
-    diffusion = build_diffusion({"timesteps": 1000, "schedule": "linear", "model_mean_type": "eps",
-                                 "model_var_type": "fixed_large"})
+    diffusion = build_diffusion(
+        {"timesteps": 1000, "schedule": "linear", "model_mean_type": "eps", "model_var_type": "fixed_large"}
+    )
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
     data = {k: torch.rand(batch, 1, size, size, generator=g).to(device) for k in ("ld_pet", "sd_pet", "mri")}
@@ -131,8 +132,12 @@ def main() -> None:
             for name in names:
                 row = {"preset": preset, "batch": batch, "config": name}
                 try:
-                    proc = subprocess.run([sys.executable, __file__, f"--single={name}|{preset}|{batch}",
-                                           *passthrough], capture_output=True, text=True, timeout=args.timeout)
+                    proc = subprocess.run(
+                        [sys.executable, __file__, f"--single={name}|{preset}|{batch}", *passthrough],
+                        capture_output=True,
+                        text=True,
+                        timeout=args.timeout,
+                    )
                 except subprocess.TimeoutExpired:
                     rows.append({**row, "error": f"timeout {args.timeout:.0f} s"})
                     continue
@@ -140,18 +145,29 @@ def main() -> None:
                 if line is None:
                     rows.append({**row, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]})
                 else:
-                    rows.append({**row, **json.loads(line[len("RESULT "):])})
+                    rows.append({**row, **json.loads(line[len("RESULT ") :])})
                 print(f"done: {rows[-1]}", file=sys.stderr, flush=True)
-    print(f"MFdiff ({args.variant}) training step, device {args.device}, {args.threads} threads, "
-          f"median of {args.steps} steps after {args.warmup} warm-up")
+    print(
+        f"MFdiff ({args.variant}) training step, device {args.device}, {args.threads} threads, "
+        f"median of {args.steps} steps after {args.warmup} warm-up"
+    )
     print(f"{'preset':10s} {'size':>4s} {'batch':>5s} {'config':20s} {'step s':>8s} {'vs plain':>8s} {'peak MB':>8s}")
     for r in rows:
         head = f"{r['preset']:10s} {r.get('size', 0):4d} {r['batch']:5d} {r['config']:20s}"
         if "error" in r:
             print(f"{head} failed: {r['error']}")
             continue
-        base = next((b["step_s_median"] for b in rows if b["preset"] == r["preset"] and b["batch"] == r["batch"]
-                     and b["config"] == "plain fp32 eager" and "step_s_median" in b), None)
+        base = next(
+            (
+                b["step_s_median"]
+                for b in rows
+                if b["preset"] == r["preset"]
+                and b["batch"] == r["batch"]
+                and b["config"] == "plain fp32 eager"
+                and "step_s_median" in b
+            ),
+            None,
+        )
         rel = f"{r['step_s_median'] / base:8.2f}" if base else "     n/a"
         print(f"{head} {r['step_s_median']:8.3f} {rel} {r['peak_mb']:8.0f}")
     if args.json:

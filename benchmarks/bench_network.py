@@ -61,8 +61,13 @@ def _saved_activation_bytes(net, call) -> int:
 
 def bench_one(args: argparse.Namespace, variant: str, precision: str, memory_format: str) -> dict:
     device = torch.device(args.device)
-    config = {"name": "m2diff", "preset": args.preset, "variant": variant, "learn_sigma": args.learn_sigma,
-              "use_checkpoint": args.checkpointing}
+    config = {
+        "name": "m2diff",
+        "preset": args.preset,
+        "variant": variant,
+        "learn_sigma": args.learn_sigma,
+        "use_checkpoint": args.checkpointing,
+    }
     if args.image_size:
         config["image_size"] = args.image_size
     torch.manual_seed(0)
@@ -149,9 +154,11 @@ def main(argv: list[str] | None = None) -> int:
                 row = bench_one(args, variant.strip(), precision.strip(), memory_format.strip())
                 rows.append(row)
                 peak = "-" if row["peak_MB"] is None else f"{row['peak_MB']:.0f}"
-                print(f"{row['variant']:<7} {row['params_M']:>9.3f} {precision:<9} {memory_format:<13} "
-                      f"{row['forward_s']:>8.3f} {row['train_step_s']:>8.3f} {row['act_MB']:>8.0f} {peak:>8}",
-                      flush=True)
+                print(
+                    f"{row['variant']:<7} {row['params_M']:>9.3f} {precision:<9} {memory_format:<13} "
+                    f"{row['forward_s']:>8.3f} {row['train_step_s']:>8.3f} {row['act_MB']:>8.0f} {peak:>8}",
+                    flush=True,
+                )
     if args.json:
         save_json(args.json, {"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows})
     return 0

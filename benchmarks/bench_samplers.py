@@ -23,8 +23,9 @@ from m2diff_monai.diffusion import GaussianDiffusion, build_diffusion, sample  #
 from m2diff_monai.io.atomic import save_json  # noqa: E402
 
 
-def _median_seconds(diffusion: GaussianDiffusion, sampler: str, shape: tuple[int, ...], steps: int, repeats: int,
-                    device: torch.device) -> float:
+def _median_seconds(
+    diffusion: GaussianDiffusion, sampler: str, shape: tuple[int, ...], steps: int, repeats: int, device: torch.device
+) -> float:
     """Median wall time of one full sampling run (after a warm-up run) with a constant-output model."""
     constant = torch.zeros((shape[0], diffusion.model_output_channels(), *shape[2:]), device=device)
 
@@ -64,13 +65,24 @@ def main(argv: list[str] | None = None) -> dict:
         diffusion = build_diffusion({"model_var_type": var_type})
         seconds = _median_seconds(diffusion, sampler, shape, args.steps, args.repeats, device)
         per_step_ms = seconds / args.steps * 1000
-        row = {"sampler": sampler, "model_var_type": var_type, "ms_per_step": round(per_step_ms, 4),
-               "us_per_megapixel_step": round(per_step_ms * 1000 / (args.batch * args.size**2 / 1e6), 2)}
+        row = {
+            "sampler": sampler,
+            "model_var_type": var_type,
+            "ms_per_step": round(per_step_ms, 4),
+            "us_per_megapixel_step": round(per_step_ms * 1000 / (args.batch * args.size**2 / 1e6), 2),
+        }
         results.append(row)
-        print(f"{sampler:9s} {var_type:13s} {row['ms_per_step']:8.3f} ms/step  "
-              f"{row['us_per_megapixel_step']:8.1f} µs/Mpx·step")
-    report = {"device": str(device), "shape": list(shape), "steps": args.steps, "threads": torch.get_num_threads(),
-              "results": results}
+        print(
+            f"{sampler:9s} {var_type:13s} {row['ms_per_step']:8.3f} ms/step  "
+            f"{row['us_per_megapixel_step']:8.1f} µs/Mpx·step"
+        )
+    report = {
+        "device": str(device),
+        "shape": list(shape),
+        "steps": args.steps,
+        "threads": torch.get_num_threads(),
+        "results": results,
+    }
     if args.json is not None:
         save_json(args.json, report)
     return report

@@ -36,25 +36,34 @@ def bench_simulate(resolution: int, backend: str) -> dict:
     mask = (anatomy.gm + anatomy.wm) > 0.5
     params = ScannerParams()
     t0 = time.perf_counter()
-    scanner = PlaneStackScanner(activity, anatomy.spacing, np.where(anatomy.head > 0, 0.0096, 0).astype(np.float32),
-                                params, backend)
+    scanner = PlaneStackScanner(
+        activity, anatomy.spacing, np.where(anatomy.head > 0, 0.0096, 0).astype(np.float32), params, backend
+    )
     setup = time.perf_counter() - t0
     t0 = time.perf_counter()
     osem(scanner.model, scanner.expected, 1)
     one_iteration = time.perf_counter() - t0
     t0 = time.perf_counter()
-    result = simulate_volume(activity, anatomy.spacing, 100, seed=0, mode="nested", params=params,
-                             calibration_mask=mask, backend=backend)
+    result = simulate_volume(
+        activity, anatomy.spacing, 100, seed=0, mode="nested", params=params, calibration_mask=mask, backend=backend
+    )
     total = time.perf_counter() - t0
     g = scanner.geometry
-    return {"resolution_mm": resolution, "backend": backend, "shape": list(activity.shape),
-            "planes": int(scanner.planes.size), "angles": g.n_angles, "bins": g.n_bins,
-            "nnz": int(scanner.operators.forward[0].nnz * params.subsets),
-            "setup_s (matrix cached)": round(setup, 2),
-            "osem_iterations_per_s": round(1.0 / one_iteration, 3),
-            "simulate_sd_ld_s": round(total, 2),
-            "ld_vs_sd_psnr_db": round(float(10 * np.log10(result.sd[mask].max() ** 2
-                                                          / np.mean((result.ld[mask] - result.sd[mask]) ** 2))), 2)}
+    return {
+        "resolution_mm": resolution,
+        "backend": backend,
+        "shape": list(activity.shape),
+        "planes": int(scanner.planes.size),
+        "angles": g.n_angles,
+        "bins": g.n_bins,
+        "nnz": int(scanner.operators.forward[0].nnz * params.subsets),
+        "setup_s (matrix cached)": round(setup, 2),
+        "osem_iterations_per_s": round(1.0 / one_iteration, 3),
+        "simulate_sd_ld_s": round(total, 2),
+        "ld_vs_sd_psnr_db": round(
+            float(10 * np.log10(result.sd[mask].max() ** 2 / np.mean((result.ld[mask] - result.sd[mask]) ** 2))), 2
+        ),
+    }
 
 
 def bench_demo_subject(resolution: int) -> dict:
@@ -65,8 +74,11 @@ def bench_demo_subject(resolution: int) -> dict:
         t0 = time.perf_counter()
         record = generate_subject(Path(tmp), "bench-001", "hypometabolism+lesions", "train", options)
         total = time.perf_counter() - t0
-    return {"resolution_mm": resolution, "demo_subject_s": round(total, 2), **{
-        f"{k}_s": v for k, v in record["seconds"].items()}}
+    return {
+        "resolution_mm": resolution,
+        "demo_subject_s": round(total, 2),
+        **{f"{k}_s": v for k, v in record["seconds"].items()},
+    }
 
 
 def bench_demo_build(workers: int) -> dict:
@@ -81,8 +93,12 @@ def bench_demo_build(workers: int) -> dict:
         raw = time.perf_counter() - t0
         build_demo(Path(tmp) / "demo", Path(tmp) / "demo.json", options, progress=False)
         total = time.perf_counter() - t0
-    return {"subjects": options.subjects, "workers": workers, "raw_cohort_s": round(raw, 1),
-            "demo_build_total_s": round(total, 1)}
+    return {
+        "subjects": options.subjects,
+        "workers": workers,
+        "raw_cohort_s": round(raw, 1),
+        "demo_build_total_s": round(total, 1),
+    }
 
 
 def main(argv=None) -> int:
@@ -95,22 +111,32 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("M2DIFF_CACHE_DIR", tempfile.mkdtemp(prefix="m2diff-bench-cache-"))
     resolutions = [int(r) for r in args.resolutions.split(",") if r]
-    results = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "node": platform.node()},
-               "simulate": [], "demo_subject": [], "demo_build": None}
+    results = {
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "node": platform.node()},
+        "simulate": [],
+        "demo_subject": [],
+        "demo_build": None,
+    }
     for r in resolutions:
         for b in args.backends.split(","):
             row = bench_simulate(r, b)
             results["simulate"].append(row)
-            print(f"simulate {r} mm [{b}]: {row['simulate_sd_ld_s']:.1f} s per subject (SD+LD+calibration), "
-                  f"{row['osem_iterations_per_s']:.2f} OSEM it/s, LD vs SD PSNR {row['ld_vs_sd_psnr_db']} dB")
+            print(
+                f"simulate {r} mm [{b}]: {row['simulate_sd_ld_s']:.1f} s per subject (SD+LD+calibration), "
+                f"{row['osem_iterations_per_s']:.2f} OSEM it/s, LD vs SD PSNR {row['ld_vs_sd_psnr_db']} dB"
+            )
         row = bench_demo_subject(r)
         results["demo_subject"].append(row)
-        print(f"demo subject {r} mm: {row['demo_subject_s']:.1f} s (phantom {row['phantom_s']} s, "
-              f"simulation {row['simulation_s']} s)")
+        print(
+            f"demo subject {r} mm: {row['demo_subject_s']:.1f} s (phantom {row['phantom_s']} s, "
+            f"simulation {row['simulation_s']} s)"
+        )
     if args.demo_build:
         results["demo_build"] = bench_demo_build(args.workers)
-        print(f"demo build (12 subjects, {args.workers} workers): {results['demo_build']['demo_build_total_s']} s "
-              f"(raw cohort {results['demo_build']['raw_cohort_s']} s)")
+        print(
+            f"demo build (12 subjects, {args.workers} workers): {results['demo_build']['demo_build_total_s']} s "
+            f"(raw cohort {results['demo_build']['raw_cohort_s']} s)"
+        )
     print("\n| measure | value |\n|---|---|")
     for row in results["simulate"]:
         print(f"| simulate {row['resolution_mm']} mm [{row['backend']}] s/subject | {row['simulate_sd_ld_s']} |")

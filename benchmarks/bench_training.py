@@ -134,8 +134,12 @@ def run_one(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-INTERLEAVED = {"fp32": (False, False), "bf16": (True, False), "fp32 compile": (False, True),
-               "bf16 compile": (True, True)}
+INTERLEAVED = {
+    "fp32": (False, False),
+    "bf16": (True, False),
+    "fp32 compile": (False, True),
+    "bf16 compile": (True, True),
+}
 
 
 def run_interleaved(args: argparse.Namespace) -> dict[str, Any]:
@@ -161,11 +165,17 @@ def run_interleaved(args: argparse.Namespace) -> dict[str, Any]:
     for name in names:
         amp, compiled = INTERLEAVED[name]
         seed_everything(0)  # every configuration starts from the same weights
-        net = build_network({"name": "m2diff", "preset": args.preset, "variant": args.variant,
-                             "image_size": args.size}).to(device)
+        net = build_network(
+            {"name": "m2diff", "preset": args.preset, "variant": args.variant, "image_size": args.size}
+        ).to(device)
         step_net = torch.compile(net) if compiled else net
-        runs[name] = {"net": step_net, "params": count_parameters(net), "amp": amp, "times": [],
-                      "optimizer": torch.optim.Adam(net.parameters(), lr=1e-4)}
+        runs[name] = {
+            "net": step_net,
+            "params": count_parameters(net),
+            "amp": amp,
+            "times": [],
+            "optimizer": torch.optim.Adam(net.parameters(), lr=1e-4),
+        }
 
     def one_step(run: dict[str, Any]) -> float:
         sync(device)
@@ -193,28 +203,50 @@ def run_interleaved(args: argparse.Namespace) -> dict[str, Any]:
         for run in runs.values():
             run["times"].append(one_step(run))
     load_after = os.getloadavg()[0]
-    rows = [{"config": name, "params_m": run["params"] / 1e6, "warmup_s": compile_s[name], **step_summary(run["times"]),
-             "times": run["times"]} for name, run in runs.items()]
+    rows = [
+        {
+            "config": name,
+            "params_m": run["params"] / 1e6,
+            "warmup_s": compile_s[name],
+            **step_summary(run["times"]),
+            "times": run["times"],
+        }
+        for name, run in runs.items()
+    ]
     base = next((r["step_s_median"] for r in rows if r["config"] == "fp32"), None)
     for r in rows:
         r["vs_fp32_eager"] = r["step_s_median"] / base if base else None
-    return {"preset": args.preset, "variant": args.variant, "size": args.size, "batch": args.batch,
-            "device": str(device), "threads": torch.get_num_threads(), "steps": args.steps,
-            "auto_precision": precision_label(resolve_precision("auto", device)),
-            "loadavg_1min_before": load_before, "loadavg_1min_after": load_after,
-            "cpu_count": os.cpu_count(), "torch": torch.__version__, "rows": rows}
+    return {
+        "preset": args.preset,
+        "variant": args.variant,
+        "size": args.size,
+        "batch": args.batch,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "steps": args.steps,
+        "auto_precision": precision_label(resolve_precision("auto", device)),
+        "loadavg_1min_before": load_before,
+        "loadavg_1min_after": load_after,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "rows": rows,
+    }
 
 
 def print_interleaved(result: dict[str, Any]) -> None:
-    print(f"training step (plain loop), M2Diff {result['variant']} preset {result['preset']} at {result['size']}², "
-          f"batch {result['batch']}, {result['device']}, {result['threads']} threads, interleaved, median of "
-          f"{result['steps']} steps; load average {result['loadavg_1min_before']:.2f} → "
-          f"{result['loadavg_1min_after']:.2f} on {result['cpu_count']} CPUs; 'auto' precision here: "
-          f"{result['auto_precision']}")
+    print(
+        f"training step (plain loop), M2Diff {result['variant']} preset {result['preset']} at {result['size']}², "
+        f"batch {result['batch']}, {result['device']}, {result['threads']} threads, interleaved, median of "
+        f"{result['steps']} steps; load average {result['loadavg_1min_before']:.2f} → "
+        f"{result['loadavg_1min_after']:.2f} on {result['cpu_count']} CPUs; 'auto' precision here: "
+        f"{result['auto_precision']}"
+    )
     print(f"{'config':14s} {'params M':>9s} {'step s':>8s} {'min s':>8s} {'vs fp32':>8s}")
     for r in result["rows"]:
-        print(f"{r['config']:14s} {r['params_m']:9.2f} {r['step_s_median']:8.3f} {r['step_s_min']:8.3f} "
-              f"{r['vs_fp32_eager']:8.2f}")
+        print(
+            f"{r['config']:14s} {r['params_m']:9.2f} {r['step_s_median']:8.3f} {r['step_s_min']:8.3f} "
+            f"{r['vs_fp32_eager']:8.2f}"
+        )
 
 
 def main() -> None:
@@ -230,8 +262,11 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--configs", default=None, help="comma-separated subset of: " + ", ".join(CONFIGS))
     parser.add_argument("--json", default=None)
-    parser.add_argument("--interleaved", action="store_true",
-                        help="alternate fp32/bf16 (eager, and compiled with --compile) step by step in one process")
+    parser.add_argument(
+        "--interleaved",
+        action="store_true",
+        help="alternate fp32/bf16 (eager, and compiled with --compile) step by step in one process",
+    )
     parser.add_argument("--single", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -250,19 +285,24 @@ def main() -> None:
 
     names = args.configs.split(",") if args.configs else [n for n in CONFIGS if args.compile or "compile" not in n]
     rows = []
-    passthrough = [f"--{k}={getattr(args, k)}" for k in ("preset", "variant", "size", "batch", "steps", "warmup",
-                                                        "threads", "device")]
+    passthrough = [
+        f"--{k}={getattr(args, k)}"
+        for k in ("preset", "variant", "size", "batch", "steps", "warmup", "threads", "device")
+    ]
     for name in names:
-        proc = subprocess.run([sys.executable, __file__, f"--single={name}", *passthrough],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, f"--single={name}", *passthrough], capture_output=True, text=True
+        )
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
             rows.append({"config": name, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]})
             continue
-        rows.append({"config": name, **json.loads(line[len("RESULT "):])})
+        rows.append({"config": name, **json.loads(line[len("RESULT ") :])})
     base = next((r["step_s_median"] for r in rows if r["config"] == "plain fp32 eager" and "step_s_median" in r), None)
-    print(f"training step, M2Diff {args.variant} preset {args.preset} at {args.size}², batch {args.batch}, "
-          f"device {args.device}, {args.threads} threads, median of {args.steps} steps")
+    print(
+        f"training step, M2Diff {args.variant} preset {args.preset} at {args.size}², batch {args.batch}, "
+        f"device {args.device}, {args.threads} threads, median of {args.steps} steps"
+    )
     print(f"{'config':32s} {'step s':>8s} {'vs plain':>8s} {'peak MB':>9s}")
     for r in rows:
         if "error" in r:

@@ -53,8 +53,10 @@ def subject_bias(item: dict, base: Path, fusions: list[str]) -> dict[str, float]
     per_orientation = {o: oracle_orientation(ld, sd, mask, o) for o in ORIENTATIONS}
     count = _coverage_count(mask, ORIENTATIONS, ld.shape)
     row: dict[str, float] = {}
-    volumes = {**{f"only_{o}": v for o, v in per_orientation.items()},
-               **{f"fused_{f}": fuse_with_coverage(per_orientation, count, f) for f in fusions}}
+    volumes = {
+        **{f"only_{o}": v for o, v in per_orientation.items()},
+        **{f"fused_{f}": fuse_with_coverage(per_orientation, count, f) for f in fusions},
+    }
     for name, volume in volumes.items():
         for region, region_mask in regions.items():
             row[f"{name}/{region}"] = relative_bias(volume, sd, region_mask)
@@ -83,11 +85,17 @@ def main() -> None:
     summary = {}
     for key in keys:
         values = np.array([r[key] for r in rows.values() if key in r and np.isfinite(r[key])])
-        summary[key] = {"n": int(values.size), "mean": float(values.mean()), "min": float(values.min()),
-                        "max": float(values.max())}
+        summary[key] = {
+            "n": int(values.size),
+            "mean": float(values.mean()),
+            "min": float(values.min()),
+            "max": float(values.max()),
+        }
     params = (content.get("provenance") or {}).get("parameters") or {}
-    print(f"{len(rows)} subjects, manifest {args.manifest} (normalization {params.get('normalization')}); "
-          "relative mean bias (pred - SD) / SD of the slice-oracle mapped back with the LD slice range")
+    print(
+        f"{len(rows)} subjects, manifest {args.manifest} (normalization {params.get('normalization')}); "
+        "relative mean bias (pred - SD) / SD of the slice-oracle mapped back with the LD slice range"
+    )
     print(f"{'volume/region':40s} {'n':>3s} {'mean':>8s} {'min':>8s} {'max':>8s}")
     for key, s in summary.items():
         print(f"{key:40s} {s['n']:3d} {s['mean']:+8.3f} {s['min']:+8.3f} {s['max']:+8.3f}")

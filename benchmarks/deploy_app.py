@@ -75,8 +75,9 @@ class PETEnhancementOperator(Operator):
         volumes = op_input.receive("volumes")
         ld = volumes["ld"].to(self.device)
         mri = None if volumes["mri"] is None else volumes["mri"].to(self.device)
-        out = run_bundle_on_volume(self.bundle, ld, mri, parser=self.parser, network=self.network,
-                                   device=self.device, overrides=self.overrides)
+        out = run_bundle_on_volume(
+            self.bundle, ld, mri, parser=self.parser, network=self.network, device=self.device, overrides=self.overrides
+        )
         op_output.emit(out, "enhanced")
 
 

@@ -145,8 +145,9 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", *, mmap: bool =
             detail = " ".join(str(err).split())[:200]
             raise InputError(f"cannot read the checkpoint ({type(err).__name__}: {detail})", path=path) from None
     if not isinstance(checkpoint, dict):
-        raise InputError(f"checkpoint holds a {type(checkpoint).__name__}, not the project's checkpoint dict",
-                         path=path)
+        raise InputError(
+            f"checkpoint holds a {type(checkpoint).__name__}, not the project's checkpoint dict", path=path
+        )
     config = checkpoint.get("config")
     if not isinstance(config, dict) or not isinstance(config.get("network"), dict):
         raise InputError("checkpoint has no config['network'] (was it written by m2diff-monai training?)", path=path)
@@ -211,8 +212,9 @@ def stored_inference_defaults(config: Mapping[str, Any], path: str | Path | None
     if stored is None:
         return {}
     if not isinstance(stored, Mapping):
-        raise InputError(f"invalid inference_defaults in the checkpoint (a {type(stored).__name__}, not a dict)",
-                         path=path)
+        raise InputError(
+            f"invalid inference_defaults in the checkpoint (a {type(stored).__name__}, not a dict)", path=path
+        )
     return copy.deepcopy(dict(stored))
 
 
@@ -283,8 +285,9 @@ def load_model(
         network = rebuild_network(config, path)
     load_weights(network, state, path=path, what=f"{choice} weights")
     data = dict(data_config if data_config is not None else config.get("data") or {})
-    resolved = resolved_diffusion({"diffusion": diffusion if diffusion is not None else config.get("diffusion"),
-                                 "data": data}, path)
+    resolved = resolved_diffusion(
+        {"diffusion": diffusion if diffusion is not None else config.get("diffusion"), "data": data}, path
+    )
     exported = checkpoint.get("export") or {}
     return LoadedModel(
         network=_frozen(network, device),
@@ -305,8 +308,9 @@ EXPORTED_MODEL_PT = "models/model.pt"
 NO_CHECKPOINT = "inference needs a checkpoint: add --checkpoint PATH"
 
 
-def bundle_network(network_config: Mapping[str, Any] | None = None,
-                   checkpoint: str | Path | None = None) -> torch.nn.Module:
+def bundle_network(
+    network_config: Mapping[str, Any] | None = None, checkpoint: str | Path | None = None
+) -> torch.nn.Module:
     """A bundle's ``network_def``: the network built from ``network_config`` (an exported bundle embeds it), else
     from the stored config of ``checkpoint`` (a source bundle, whose ``network_config`` is null)."""
     if network_config:
@@ -331,10 +335,20 @@ def bundle_model(
         raise InputError(NO_CHECKPOINT)
     path = Path(checkpoint)
     if not path.exists() and path.as_posix().endswith(EXPORTED_MODEL_PT):
-        raise InputError(f"the exported bundle's {EXPORTED_MODEL_PT} is not here; run from the exported bundle "
-                         "folder or pass --bundle_root EXPORTED_DIR (or --checkpoint PATH)", path=path)
-    return load_model(path, device=None, weights=EMA if use_ema else RAW, fallback=True, network=network,
-                      diffusion=diffusion_config, data_config=data_config or None)
+        raise InputError(
+            f"the exported bundle's {EXPORTED_MODEL_PT} is not here; run from the exported bundle "
+            "folder or pass --bundle_root EXPORTED_DIR (or --checkpoint PATH)",
+            path=path,
+        )
+    return load_model(
+        path,
+        device=None,
+        weights=EMA if use_ema else RAW,
+        fallback=True,
+        network=network,
+        diffusion=diffusion_config,
+        data_config=data_config or None,
+    )
 
 
 def model_from_network(

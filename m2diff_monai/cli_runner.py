@@ -109,8 +109,9 @@ def write_error_log(prog: str, error: BaseException) -> Path | None:
             fh.write(f"{prog} failed at {time.strftime('%Y-%m-%d %H:%M:%S %z')}\n")
             fh.write(f"command: {' '.join(sys.argv)}\n")
             fh.write(f"working folder: {os.getcwd()}\n")
-            fh.write(f"m2diff-monai {_package_version()}, Python {platform.python_version()}, "
-                     f"{platform.platform()}\n\n")
+            fh.write(
+                f"m2diff-monai {_package_version()}, Python {platform.python_version()}, {platform.platform()}\n\n"
+            )
             fh.write("".join(traceback.format_exception(type(error), error, error.__traceback__)))
     except OSError:
         return None
@@ -121,8 +122,11 @@ def write_error_log(prog: str, error: BaseException) -> Path | None:
 def add_debug_option(parser: argparse.ArgumentParser) -> None:
     """``--debug`` on ``parser`` (once)."""
     if "--debug" not in parser._option_string_actions:
-        parser.add_argument("--debug", action="store_true",
-                            help=f"on an error, also print the full traceback (same as {DEBUG_VARIABLE}=1)")
+        parser.add_argument(
+            "--debug",
+            action="store_true",
+            help=f"on an error, also print the full traceback (same as {DEBUG_VARIABLE}=1)",
+        )
 
 
 def run_guarded(prog: str, body: Callable[[], int | None], *, debug: bool = False, interrupted: str = "") -> int:
@@ -150,8 +154,14 @@ def run_guarded(prog: str, body: Callable[[], int | None], *, debug: bool = Fals
         return EXIT_INTERNAL
 
 
-def run_cli(parser: argparse.ArgumentParser, command: Callable[[argparse.Namespace], int | None],
-            argv: Sequence[str] | None = None, *, prog: str | None = None, interrupted: str = "") -> int:
+def run_cli(
+    parser: argparse.ArgumentParser,
+    command: Callable[[argparse.Namespace], int | None],
+    argv: Sequence[str] | None = None,
+    *,
+    prog: str | None = None,
+    interrupted: str = "",
+) -> int:
     """Parse ``argv`` with ``parser`` (plus ``--debug``) and run ``command(args)`` under :func:`run_guarded`.
 
     Argument errors end in argparse's usage and ``PROG: error: ...`` with exit 2, as do ``parser.error`` calls

@@ -45,9 +45,11 @@ def resolve_bundle(bundle: str | Path) -> Path:
     names = shipped_bundle_names()
     if str(bundle) in names:
         return shipped_bundles_dir() / str(bundle)  # type: ignore[operator]  # names non-empty ⇒ folder exists
-    shipped = (f"shipped bundle names: {', '.join(names)}" if names else
-               "this install ships no bundles (a checkout or an editable install: give the folder, e.g. "
-               "bundles/m2diff)")
+    shipped = (
+        f"shipped bundle names: {', '.join(names)}"
+        if names
+        else "this install ships no bundles (a checkout or an editable install: give the folder, e.g. bundles/m2diff)"
+    )
     raise InputError(f"no bundle folder or shipped bundle of this name ({shipped})", path=path)
 
 
@@ -63,15 +65,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     root = shipped_bundles_dir()
     if root is None:
-        print("m2diff_monai.shipped: this install ships no bundles (use the checkout's bundles/ folder)",
-              file=sys.stderr)
+        print(
+            "m2diff_monai.shipped: this install ships no bundles (use the checkout's bundles/ folder)", file=sys.stderr
+        )
         return 2
     if not args:
         print(root)
         return 0
     if args[0] not in shipped_bundle_names():
-        print(f"m2diff_monai.shipped: no shipped bundle {args[0]!r} (have: {', '.join(shipped_bundle_names())})",
-              file=sys.stderr)
+        print(
+            f"m2diff_monai.shipped: no shipped bundle {args[0]!r} (have: {', '.join(shipped_bundle_names())})",
+            file=sys.stderr,
+        )
         return 2
     print(root / args[0])
     return 0

@@ -20,8 +20,10 @@ PROG = "m2diff-preprocess"
 # name -> (module, one-line description shown by the top-level --help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("preprocessing.validate", "check a subjects table and every file it lists; writes nothing"),
-    "run": ("preprocessing.pipeline",
-            "preprocess subjects: register, mask, normalize, crop, slice, split, write a manifest"),
+    "run": (
+        "preprocessing.pipeline",
+        "preprocess subjects: register, mask, normalize, crop, slice, split, write a manifest",
+    ),
     "merge": ("preprocessing.merge", "join the manifests of shards run with --shard I/N"),
     "simulate": ("preprocessing.simulate", "make low-dose PET from standard-dose PET at a dose reduction factor"),
     "demo": ("preprocessing.demo", "build the embedded demo cohort, preprocessed, with data_manifests/demo.json"),

@@ -38,8 +38,13 @@ class CropBox:
         return {"start": [int(s) for s in self.start], "size": int(self.size)}
 
 
-def crop_box(mask: np.ndarray, size: int, subject: str | None = None, path: str | None = None,
-             spacing: tuple[float, ...] | None = None) -> CropBox:
+def crop_box(
+    mask: np.ndarray,
+    size: int,
+    subject: str | None = None,
+    path: str | None = None,
+    spacing: tuple[float, ...] | None = None,
+) -> CropBox:
     """The cube centred on ``mask``'s bounding box; InputError when the brain is larger than the cube (the message
     gives the voxel ``spacing`` the size counts in, when known)."""
     size = validate_size(size)

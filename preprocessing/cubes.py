@@ -67,8 +67,9 @@ def prepare_cubes(
     cubes = Cubes(
         ld=ld_scaling.apply(crop_stage.crop_or_pad(ld, box)),
         sd=None if sd is None else sd_scaling.apply(crop_stage.crop_or_pad(sd, box)),
-        mri=None if mri is None else normalize_mri(crop_stage.crop_or_pad(mri, box), mri_scale,
-                                                   clip=normalization != "slice")
+        mri=None
+        if mri is None
+        else normalize_mri(crop_stage.crop_or_pad(mri, box), mri_scale, clip=normalization != "slice")
         * brain_window(crop_stage.crop_or_pad(mask, box), voxel_spacing(affine)),  # no non-brain tissue
         mask=crop_stage.crop_or_pad(mask, box),
         grid_mask=mask,

@@ -48,10 +48,12 @@ from .simulation import ScannerParams
 
 MASK_NAMES = ("gm", "wm", "hypometabolism", "lesion_hot", "lesion_cold")
 DEMO_DRF = 100.0
-DEMO_NOTES = ("Simulated PET on real MNI152 anatomy (demo cohort): MNI152 2009 T1/GM/WM maps (nilearn) warped into "
-              "distinct subjects; FDG-like activity with hypometabolism and lesions in some subjects; SD and LD PET "
-              "from a 2D per-plane PET model (Joseph projector, attenuation, PSF, scatter, randoms, Poisson counts, "
-              "binomial thinning) reconstructed with OSEM. Not patient data.")
+DEMO_NOTES = (
+    "Simulated PET on real MNI152 anatomy (demo cohort): MNI152 2009 T1/GM/WM maps (nilearn) warped into "
+    "distinct subjects; FDG-like activity with hypometabolism and lesions in some subjects; SD and LD PET "
+    "from a 2D per-plane PET model (Joseph projector, attenuation, PSF, scatter, randoms, Poisson counts, "
+    "binomial thinning) reconstructed with OSEM. Not patient data."
+)
 
 
 @dataclass(frozen=True)
@@ -79,8 +81,15 @@ class DemoOptions:
 
     def fingerprint(self) -> dict[str, Any]:
         """What makes a generated subject valid for reuse (not: counts of subjects, workers, size, transform)."""
-        return {"resolution": self.resolution, "downsample": self.downsample, "drf": float(self.drf),
-                "seed": self.seed, "scanner": asdict(self.scanner), "t1_style": self.t1_style, "version": 2}
+        return {
+            "resolution": self.resolution,
+            "downsample": self.downsample,
+            "drf": float(self.drf),
+            "seed": self.seed,
+            "scanner": asdict(self.scanner),
+            "t1_style": self.t1_style,
+            "version": 2,
+        }
 
 
 HELDOUT_PREFIX = "heldout-"
@@ -109,8 +118,12 @@ def subject_plan(n: int, heldout: int = 0) -> list[tuple[str, str, str]]:
 
 
 def _subject_files(sid: str, masks: list[str]) -> dict[str, str]:
-    files = {"sd_pet": f"{sid}/pet_sd.nii.gz", "ld_pet": f"{sid}/pet_ld.nii.gz", "mri": f"{sid}/t1.nii.gz",
-             "activity": f"{sid}/activity.nii.gz"}
+    files = {
+        "sd_pet": f"{sid}/pet_sd.nii.gz",
+        "ld_pet": f"{sid}/pet_ld.nii.gz",
+        "mri": f"{sid}/t1.nii.gz",
+        "activity": f"{sid}/activity.nii.gz",
+    }
     files.update({f"mask_{m}": f"{sid}/mask_{m}.nii.gz" for m in masks})
     return files
 
@@ -129,8 +142,12 @@ def generate_subject(raw_dir: Path, sid: str, kind: str, split: str, options: De
         try:
             record = json.loads(marker.read_text())
             files_ok = all((raw_dir / p).exists() for p in record["files"].values())
-            if (record.get("fingerprint") == options.fingerprint() and record.get("kind") == kind
-                    and record.get("split") == split and files_ok):
+            if (
+                record.get("fingerprint") == options.fingerprint()
+                and record.get("kind") == kind
+                and record.get("split") == split
+                and files_ok
+            ):
                 return {**record, "reused": True}
         except (OSError, ValueError, KeyError):
             pass
@@ -142,9 +159,17 @@ def generate_subject(raw_dir: Path, sid: str, kind: str, split: str, options: De
     phantom = make_subject(anatomy, rng, kind, variation=VARIATIONS[variation], t1_style=options.t1_style)
     t1_done = time.perf_counter()
     brain = (phantom.masks["gm"] + phantom.masks["wm"]) > 0
-    sim = simulate_volume(phantom.activity, anatomy.spacing, options.drf, seed=seed + 1, mode="nested",
-                          params=options.scanner, mu_map=phantom.mu_map, calibration_mask=brain,
-                          backend=options.backend)
+    sim = simulate_volume(
+        phantom.activity,
+        anatomy.spacing,
+        options.drf,
+        seed=seed + 1,
+        mode="nested",
+        params=options.scanner,
+        mu_map=phantom.mu_map,
+        calibration_mask=brain,
+        backend=options.backend,
+    )
     t_sim = time.perf_counter() - t1_done
 
     present = [m for m in MASK_NAMES if m in phantom.masks and phantom.masks[m].any()]
@@ -169,11 +194,20 @@ def generate_subject(raw_dir: Path, sid: str, kind: str, split: str, options: De
         img.set_qform(phantom.affine, code=1)
         save_nifti(raw_dir / files[f"mask_{m}"], img)
     record = {
-        "subject_id": sid, "kind": kind, "split": split, "anatomy": variation, "drf": float(options.drf), "files": files,
-        "fingerprint": options.fingerprint(), "phantom": phantom.info,
+        "subject_id": sid,
+        "kind": kind,
+        "split": split,
+        "anatomy": variation,
+        "drf": float(options.drf),
+        "files": files,
+        "fingerprint": options.fingerprint(),
+        "phantom": phantom.info,
         "simulation": {k: v for k, v in sim.info.items() if k not in ("params",)},
-        "seconds": {"phantom": round(t1_done - t0, 3), "simulation": round(t_sim, 3),
-                    "total": round(time.perf_counter() - t0, 3)},
+        "seconds": {
+            "phantom": round(t1_done - t0, 3),
+            "simulation": round(t_sim, 3),
+            "total": round(time.perf_counter() - t0, 3),
+        },
     }
     save_json(marker, record)
     return {**record, "reused": False}
@@ -184,8 +218,17 @@ def subjects_table(raw_dir: Path, records: list[dict[str, Any]]) -> Path:
     import csv
     import io
 
-    columns = ["subject_id", "ld_pet", "sd_pet", "mri", "split", "drf", *[f"mask_{m}" for m in MASK_NAMES],
-               "activity", "pathology"]
+    columns = [
+        "subject_id",
+        "ld_pet",
+        "sd_pet",
+        "mri",
+        "split",
+        "drf",
+        *[f"mask_{m}" for m in MASK_NAMES],
+        "activity",
+        "pathology",
+    ]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
@@ -235,44 +278,91 @@ def build_demo(out_dir: Path, manifest_path: Path, options: DemoOptions, progres
     out_dir = Path(out_dir)
     table, records = generate_raw_cohort(out_dir / "raw", options, progress)
     voxel = options.resolution * options.downsample
-    notes = (f"{DEMO_NOTES} Grid {voxel} mm, DRF {options.drf:g}, seed {options.seed}, "
-             f"{options.subjects} subjects + {options.heldout} held-out-anatomy test subjects "
-             f"({HELDOUT_PREFIX}*), T1 style {options.t1_style}.")
-    pipeline_options = PipelineOptions(transform=options.transform, size=options.grid_size(), seed=options.seed,
-                                       spacing=options.spacing, workers=max(1, options.workers),
-                                       normalization=options.normalization, notes=notes)
+    notes = (
+        f"{DEMO_NOTES} Grid {voxel} mm, DRF {options.drf:g}, seed {options.seed}, "
+        f"{options.subjects} subjects + {options.heldout} held-out-anatomy test subjects "
+        f"({HELDOUT_PREFIX}*), T1 style {options.t1_style}."
+    )
+    pipeline_options = PipelineOptions(
+        transform=options.transform,
+        size=options.grid_size(),
+        seed=options.seed,
+        spacing=options.spacing,
+        workers=max(1, options.workers),
+        normalization=options.normalization,
+        notes=notes,
+    )
     summary = run_pipeline(table, out_dir / "preprocessed", Path(manifest_path), pipeline_options)
     return summary, records
 
 
 def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.description = __doc__.split("\n\n")[0]
-    parser.add_argument("--out", type=Path, required=True, help="output folder (raw/, preprocessed/); a rerun reuses it, never writing over an input (docs/safety.md)")
-    parser.add_argument("--manifest", type=Path, default=Path("data_manifests/demo.json"),
-                        help="manifest to write (default %(default)s)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output folder (raw/, preprocessed/); a rerun reuses it, never writing over an input (docs/safety.md)",
+    )
+    parser.add_argument(
+        "--manifest",
+        type=Path,
+        default=Path("data_manifests/demo.json"),
+        help="manifest to write (default %(default)s)",
+    )
     parser.add_argument("--subjects", type=int, default=12, help="number of subjects (default %(default)s: 8/2/2)")
-    parser.add_argument("--heldout", type=int, default=2,
-                        help="extra test subjects with held-out anatomy, heldout-NNN (default %(default)s)")
-    parser.add_argument("--t1-style", choices=("head", "stripped"), default="head",
-                        help="head: scanner-like T1 with skull, scalp and neck (default); stripped: template brain")
-    parser.add_argument("--resolution", type=int, choices=(1, 2), default=2,
-                        help="grid in mm: 2 (default, minutes on 2 cores) or 1 (the full-resolution cohort)")
-    parser.add_argument("--size", type=int, default=None,
-                        help="preprocessed cube edge (default 128 at 2 mm, 256 at 1 mm)")
+    parser.add_argument(
+        "--heldout",
+        type=int,
+        default=2,
+        help="extra test subjects with held-out anatomy, heldout-NNN (default %(default)s)",
+    )
+    parser.add_argument(
+        "--t1-style",
+        choices=("head", "stripped"),
+        default="head",
+        help="head: scanner-like T1 with skull, scalp and neck (default); stripped: template brain",
+    )
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        choices=(1, 2),
+        default=2,
+        help="grid in mm: 2 (default, minutes on 2 cores) or 1 (the full-resolution cohort)",
+    )
+    parser.add_argument(
+        "--size", type=int, default=None, help="preprocessed cube edge (default 128 at 2 mm, 256 at 1 mm)"
+    )
     parser.add_argument("--drf", type=float, default=DEMO_DRF, help="dose reduction factor (default %(default)g)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the cohort (default %(default)s)")
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
-                        help="subjects generated and preprocessed in parallel (default %(default)s)")
-    parser.add_argument("--downsample", type=int, default=1,
-                        help="coarsen the template grid by this factor (2: 4 mm; for quick tests)")
-    parser.add_argument("--transform", default="rigid",
-                        help="T1→PET registration: rigid (default: one subject's T1 and PET differ by a rigid "
-                             "motion; SyN deforms a with-skull T1's scalp into the PET brain) | affine | SyN")
-    parser.add_argument("--normalization", default="shared", type=cli_method, metavar="|".join(METHODS),
-                        help="preprocessing normalization (default %(default)s; see m2diff-preprocess run --help)")
-    parser.add_argument("--spacing", default="auto",
-                        help="voxel size the cubes are resampled to: auto (default: the cohort's median, i.e. the "
-                             "demo grid), X or X,Y,Z mm, or native; --size counts voxels at this spacing")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="subjects generated and preprocessed in parallel (default %(default)s)",
+    )
+    parser.add_argument(
+        "--downsample", type=int, default=1, help="coarsen the template grid by this factor (2: 4 mm; for quick tests)"
+    )
+    parser.add_argument(
+        "--transform",
+        default="rigid",
+        help="T1→PET registration: rigid (default: one subject's T1 and PET differ by a rigid "
+        "motion; SyN deforms a with-skull T1's scalp into the PET brain) | affine | SyN",
+    )
+    parser.add_argument(
+        "--normalization",
+        default="shared",
+        type=cli_method,
+        metavar="|".join(METHODS),
+        help="preprocessing normalization (default %(default)s; see m2diff-preprocess run --help)",
+    )
+    parser.add_argument(
+        "--spacing",
+        default="auto",
+        help="voxel size the cubes are resampled to: auto (default: the cohort's median, i.e. the "
+        "demo grid), X or X,Y,Z mm, or native; --size counts voxels at this spacing",
+    )
     parser.add_argument("--raw-only", action="store_true", help="only generate the raw cohort (no preprocessing)")
     add_scanner_arguments(parser)
     parser.set_defaults(func=main)
@@ -291,11 +381,22 @@ def main(args: argparse.Namespace) -> int:
             raise InputError(f"--heldout must be >= 0, got {args.heldout}")
         params = scanner_params(args)
         params.check()
-        options = DemoOptions(subjects=args.subjects, resolution=args.resolution, size=args.size, drf=args.drf,
-                              seed=args.seed, workers=args.workers, downsample=args.downsample,
-                              transform=args.transform, spacing=args.spacing, backend=args.backend,
-                              normalization=args.normalization, scanner=params,
-                              heldout=args.heldout, t1_style=args.t1_style)
+        options = DemoOptions(
+            subjects=args.subjects,
+            resolution=args.resolution,
+            size=args.size,
+            drf=args.drf,
+            seed=args.seed,
+            workers=args.workers,
+            downsample=args.downsample,
+            transform=args.transform,
+            spacing=args.spacing,
+            backend=args.backend,
+            normalization=args.normalization,
+            scanner=params,
+            heldout=args.heldout,
+            t1_style=args.t1_style,
+        )
         t0 = time.perf_counter()
         if args.raw_only:
             table, records = generate_raw_cohort(args.out / "raw", options)
@@ -309,10 +410,19 @@ def main(args: argparse.Namespace) -> int:
         for line in summary.failed.values():
             print(line.splitlines()[0], file=sys.stderr)
         return 1
-    print(f"demo cohort: {len(records)} subjects, manifest {summary.manifest} "
-          f"({time.perf_counter() - t0:.0f} s)")
+    print(f"demo cohort: {len(records)} subjects, manifest {summary.manifest} ({time.perf_counter() - t0:.0f} s)")
     return 0
 
 
-__all__ = ["DemoOptions", "HELDOUT_PREFIX", "MASK_NAMES", "build_demo", "configure", "generate_raw_cohort", "generate_subject",
-           "main", "subject_plan", "subjects_table"]
+__all__ = [
+    "DemoOptions",
+    "HELDOUT_PREFIX",
+    "MASK_NAMES",
+    "build_demo",
+    "configure",
+    "generate_raw_cohort",
+    "generate_subject",
+    "main",
+    "subject_plan",
+    "subjects_table",
+]

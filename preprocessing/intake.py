@@ -59,8 +59,13 @@ class IntakeOptions:
             raise ValueError(f"min_overlap must be in [0, 1], got {self.min_overlap}")
 
 
-def load_volume(path: str | Path, subject: str, role: str, options: IntakeOptions = IntakeOptions(),
-                warnings_out: list[str] | None = None) -> nib.Nifti1Image:
+def load_volume(
+    path: str | Path,
+    subject: str,
+    role: str,
+    options: IntakeOptions = IntakeOptions(),
+    warnings_out: list[str] | None = None,
+) -> nib.Nifti1Image:
     """Read ``path`` completely, check it, and return a 3D float32 image in canonical RAS+ orientation.
 
     Raises :class:`InputError` (naming ``subject`` and ``path``) for anything that would make later stages
@@ -105,8 +110,10 @@ def _load(path: Path, subject: str, role: str, options: IntakeOptions) -> tuple[
     out = _canonical(data, affine, source)
     sheared = grid.grid_distance(out.header.get_qform(), out.affine, out.shape)
     if sheared > QFORM_SFORM_TOLERANCE_VOXELS * float(zooms.min()):
-        warn(f"the affine has a shear the qform cannot hold (up to {sheared:.3g} mm): tools that read the qform "
-             "(SimpleITK/ANTs) would see a different geometry")
+        warn(
+            f"the affine has a shear the qform cannot hold (up to {sheared:.3g} mm): tools that read the qform "
+            "(SimpleITK/ANTs) would see a different geometry"
+        )
     return out, warnings
 
 
@@ -148,17 +155,23 @@ def _choose_affine(img, shape: tuple[int, ...], policy: str, fail, warn) -> tupl
     if zooms.min() == 0 or det < 1e-6 * np.prod(zooms):
         raise fail(f"the {source} affine is singular (voxel sizes {_fmt_zooms(zooms)} mm, determinant {det:.3g})")
     if source == "header":
-        warn("neither qform nor sform is set: orientation unknown; assuming nibabel's default "
-             f"({''.join(nib.aff2axcodes(affine))}, voxel sizes from pixdim)")
+        warn(
+            "neither qform nor sform is set: orientation unknown; assuming nibabel's default "
+            f"({''.join(nib.aff2axcodes(affine))}, voxel sizes from pixdim)"
+        )
     elif source == "sform" and qcode > 0:
         diff = grid.grid_distance(qform, sform, shape[:3])
         if not np.isfinite(diff) or diff > QFORM_SFORM_TOLERANCE_VOXELS * float(zooms.min()):
             detail = f"they place voxels up to {diff:.3g} mm apart" if np.isfinite(diff) else "the qform is invalid"
             if policy == "reject":
-                raise fail(f"qform and sform disagree ({detail}); fix the header, or use --qform-policy warn "
-                           "to trust the sform")
-            warn(f"qform and sform disagree ({detail}); using the sform as nibabel does "
-                 "(SimpleITK/ANTs would use the qform)")
+                raise fail(
+                    f"qform and sform disagree ({detail}); fix the header, or use --qform-policy warn "
+                    "to trust the sform"
+                )
+            warn(
+                f"qform and sform disagree ({detail}); using the sform as nibabel does "
+                "(SimpleITK/ANTs would use the qform)"
+            )
     return affine, source
 
 
@@ -176,8 +189,10 @@ def _spatial_shape(shape: tuple[int, ...], role: str, options: IntakeOptions, fa
         if role not in PET_ROLES:
             raise fail(f"image is 4D with {frames} volumes (shape {_fmt_shape(shape)}); only PET may be 4D")
         if options.frame is None and not options.sum_frames:
-            raise fail(f"image is 4D with {frames} frames: pick one with --frame N (0..{frames - 1}) "
-                       "or add them up with --sum-frames")
+            raise fail(
+                f"image is 4D with {frames} frames: pick one with --frame N (0..{frames - 1}) "
+                "or add them up with --sum-frames"
+            )
         if options.frame is not None and options.frame >= frames:
             raise fail(f"--frame {options.frame} is out of range: the file has {frames} frames (0..{frames - 1})")
     return shape
@@ -219,8 +234,10 @@ def _check_values(data: np.ndarray, role: str, fail, warn) -> None:
         positive = float(data.sum(where=data > 0, dtype=np.float64))
         negative = -float(data.sum(where=data < 0, dtype=np.float64))
         if negative >= positive:
-            raise fail(f"PET is negative-dominated (negative voxels sum to -{negative:.4g}, positive ones to "
-                       f"{positive:.4g}): sign or scaling error?")
+            raise fail(
+                f"PET is negative-dominated (negative voxels sum to -{negative:.4g}, positive ones to "
+                f"{positive:.4g}): sign or scaling error?"
+            )
         if negative > NEGATIVE_WARN_FRACTION * positive:
             warn(f"negative voxels hold {negative / positive:.0%} of the positive activity (min {vmin:.4g})")
 
@@ -248,8 +265,14 @@ def _object_points(img: nib.Nifti1Image, stride: int = 2) -> np.ndarray:
     return img.affine[:3, :3] @ idx + img.affine[:3, 3:4]
 
 
-def check_overlap(fixed: nib.Nifti1Image, moving: nib.Nifti1Image, subject: str, fixed_path: str | Path,
-                  moving_path: str | Path, min_fraction: float = 0.5) -> float:
+def check_overlap(
+    fixed: nib.Nifti1Image,
+    moving: nib.Nifti1Image,
+    subject: str,
+    fixed_path: str | Path,
+    moving_path: str | Path,
+    min_fraction: float = 0.5,
+) -> float:
     """Fraction of the moving image's object voxels (above 10 % of its 99.5th percentile) whose world position lies
     inside the fixed image's field of view. Exact for oblique grids, unlike comparing axis-aligned boxes.
 
@@ -272,7 +295,10 @@ def check_overlap(fixed: nib.Nifti1Image, moving: nib.Nifti1Image, subject: str,
             f"PET and MRI do not overlap in world space: {fraction:.1%} of this image's object lies inside the "
             f"field of view of {fixed_path} (need {min_fraction:.0%}; its centre is offset by "
             f"({', '.join(f'{v:.0f}' for v in offset)}) mm); the files do not share a coordinate system - "
-            "align their headers first", subject=subject, path=moving_path)
+            "align their headers first",
+            subject=subject,
+            path=moving_path,
+        )
     return fraction
 
 
@@ -290,8 +316,11 @@ class LoadedSubject:
 def load_subject(row: SubjectRow, options: IntakeOptions = IntakeOptions()) -> LoadedSubject:
     """Load and check every file of ``row`` and the checks across files; raise the first :class:`InputError`."""
     warnings: list[str] = []
-    images = {role: load_volume(path, row.subject_id, role, options, warnings)
-              for role, path in (("ld_pet", row.ld_pet), ("sd_pet", row.sd_pet), ("mri", row.mri)) if path}
+    images = {
+        role: load_volume(path, row.subject_id, role, options, warnings)
+        for role, path in (("ld_pet", row.ld_pet), ("sd_pet", row.sd_pet), ("mri", row.mri))
+        if path
+    }
     masks = {name: load_volume(path, row.subject_id, "mask", options, warnings) for name, path in row.masks.items()}
     errors, _ = _cross_check(row, images, masks, options)
     if errors:
@@ -309,8 +338,9 @@ def _same_grid(a: nib.Nifti1Image, b: nib.Nifti1Image) -> str | None:
     return None
 
 
-def _cross_check(row: SubjectRow, images: dict[str, nib.Nifti1Image], masks: dict[str, nib.Nifti1Image],
-                 options: IntakeOptions) -> tuple[list[InputError], list[str]]:
+def _cross_check(
+    row: SubjectRow, images: dict[str, nib.Nifti1Image], masks: dict[str, nib.Nifti1Image], options: IntakeOptions
+) -> tuple[list[InputError], list[str]]:
     """Checks across the files of one subject: (errors, descriptions of the checks that passed)."""
     sid = row.subject_id
     errors: list[InputError] = []
@@ -318,8 +348,13 @@ def _cross_check(row: SubjectRow, images: dict[str, nib.Nifti1Image], masks: dic
     if "ld_pet" in images and "sd_pet" in images:
         why = _same_grid(images["ld_pet"], images["sd_pet"])
         if why:
-            errors.append(InputError(f"standard-dose PET is not on the low-dose PET's grid ({row.ld_pet}): {why}",
-                                     subject=sid, path=row.sd_pet))
+            errors.append(
+                InputError(
+                    f"standard-dose PET is not on the low-dose PET's grid ({row.ld_pet}): {why}",
+                    subject=sid,
+                    path=row.sd_pet,
+                )
+            )
         else:
             passed.append("LD/SD PET on one grid")
     pet_role = "ld_pet" if "ld_pet" in images else "sd_pet" if "sd_pet" in images else None
@@ -332,13 +367,17 @@ def _cross_check(row: SubjectRow, images: dict[str, nib.Nifti1Image], masks: dic
             errors.append(err)
     for name, mask in masks.items():
         if pet_role is None:
-            errors.append(InputError(f"mask {name} needs a PET (ld_pet or sd_pet) to define its grid",
-                                     subject=sid, path=row.masks[name]))
+            errors.append(
+                InputError(
+                    f"mask {name} needs a PET (ld_pet or sd_pet) to define its grid", subject=sid, path=row.masks[name]
+                )
+            )
             continue
         why = _same_grid(images[pet_role], mask)
         if why:
-            errors.append(InputError(f"mask {name} is not on the PET grid ({pet_path}): {why}",
-                                     subject=sid, path=row.masks[name]))
+            errors.append(
+                InputError(f"mask {name} is not on the PET grid ({pet_path}): {why}", subject=sid, path=row.masks[name])
+            )
         else:
             passed.append(f"mask {name} on the PET grid")
     return errors, passed
@@ -373,7 +412,7 @@ def validate_subjects(rows: Sequence[SubjectRow], options: IntakeOptions = Intak
                 failed = True
                 continue
             if role == "mask":
-                masks[key[len("mask_"):]] = img
+                masks[key[len("mask_") :]] = img
             else:
                 images[role] = img
             if warnings:

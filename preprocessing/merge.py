@@ -95,8 +95,10 @@ def _check_mergeable(loaded: list[tuple[Path, dict]]) -> None:
     if shard_n is not None:
         missing = sorted(set(range(1, shard_n + 1)) - set(shards))
         if missing:
-            _warn(f"shard(s) {', '.join(f'{i}/{shard_n}' for i in missing)} not given; the merged manifest lacks "
-                  "their subjects")
+            _warn(
+                f"shard(s) {', '.join(f'{i}/{shard_n}' for i in missing)} not given; the merged manifest lacks "
+                "their subjects"
+            )
 
 
 def merge_manifests(paths: list[Path], out: Path, notes: str | None = None) -> dict:
@@ -111,8 +113,12 @@ def merge_manifests(paths: list[Path], out: Path, notes: str | None = None) -> d
 
     qc_sources = [(path, _qc_summary_path(path, manifest)) for path, manifest in loaded]
     qc_target = _qc_target(qc_sources, out)
-    guard_merge([p for p, _ in loaded], out, [qc_target, qc_target.with_suffix(".md")],
-                [s for _, s in qc_sources if s is not None and s.is_file()])
+    guard_merge(
+        [p for p, _ in loaded],
+        out,
+        [qc_target, qc_target.with_suffix(".md")],
+        [s for _, s in qc_sources if s is not None and s.is_file()],
+    )
     _check_mergeable(loaded)
     first = loaded[0][1]
     params = first["provenance"]["parameters"]

@@ -19,8 +19,9 @@ MRI_BRAIN_MARGIN_MM = 8.0
 MRI_BRAIN_RAMP_MM = 4.0
 
 
-def brain_window(mask: np.ndarray, spacing, margin_mm: float = MRI_BRAIN_MARGIN_MM,
-                 ramp_mm: float = MRI_BRAIN_RAMP_MM) -> np.ndarray:
+def brain_window(
+    mask: np.ndarray, spacing, margin_mm: float = MRI_BRAIN_MARGIN_MM, ramp_mm: float = MRI_BRAIN_RAMP_MM
+) -> np.ndarray:
     """Weights in [0, 1]: 1 inside ``mask`` and up to ``margin_mm`` outside it, falling linearly to 0 over
     ``ramp_mm`` (distances in mm on the mask's grid of voxel size ``spacing``). An empty mask keeps everything."""
     mask = np.asarray(mask, dtype=bool)

@@ -54,8 +54,12 @@ def recorded_method(name: str) -> str:
         new = LEGACY_METHODS[text]
         if text not in _warned_legacy:
             _warned_legacy.add(text)
-            warnings.warn(f"normalization {text!r} recorded by an older version means per-volume min-max: read as "
-                          f"{new!r} (the official per-slice min-max is 'slice')", FutureWarning, stacklevel=2)
+            warnings.warn(
+                f"normalization {text!r} recorded by an older version means per-volume min-max: read as "
+                f"{new!r} (the official per-slice min-max is 'slice')",
+                FutureWarning,
+                stacklevel=2,
+            )
         return new
     if text not in METHODS:
         raise ValueError(f"unknown normalization {name!r}; choose from {', '.join(METHODS)}")
@@ -69,7 +73,8 @@ def cli_method(value: str) -> str:
     if text in LEGACY_METHODS:
         raise argparse.ArgumentTypeError(
             f"'{text}' was renamed: per-volume min-max is now 'volume'; the official per-slice min-max is 'slice' "
-            f"(choose from {', '.join(METHODS)})")
+            f"(choose from {', '.join(METHODS)})"
+        )
     if text not in METHODS:
         raise argparse.ArgumentTypeError(f"invalid choice {value!r} (choose from {', '.join(METHODS)})")
     return text

@@ -29,8 +29,14 @@ def check_out_folder(out_dir: Path, option: str = "--out") -> None:
         raise InputError(f"{option} exists and is not a folder", path=out_dir)
 
 
-def guard_run(subjects_csv: Path, rows: Sequence[SubjectRow], mine: Sequence[SubjectRow], out_dir: Path,
-              manifest_path: Path, qc_names: Sequence[str]) -> None:
+def guard_run(
+    subjects_csv: Path,
+    rows: Sequence[SubjectRow],
+    mine: Sequence[SubjectRow],
+    out_dir: Path,
+    manifest_path: Path,
+    qc_names: Sequence[str],
+) -> None:
     """``run``: every subject folder it may replace (``OUT/subjects/<id>``), the QC tables and the manifest."""
     inputs = table_inputs(subjects_csv, rows)
     check_out_folder(out_dir)
@@ -43,8 +49,9 @@ def guard_run(subjects_csv: Path, rows: Sequence[SubjectRow], mine: Sequence[Sub
     inputs.check(manifest_path, "--manifest")
 
 
-def guard_merge(manifests: Sequence[Path], out: Path, qc_targets: Sequence[Path],
-                qc_sources: Sequence[Path] = ()) -> None:
+def guard_merge(
+    manifests: Sequence[Path], out: Path, qc_targets: Sequence[Path], qc_sources: Sequence[Path] = ()
+) -> None:
     """``merge``: the merged manifest and QC tables must not replace a shard manifest or a shard QC table."""
     inputs = RunInputs([*((f"manifest {p}", p) for p in manifests), *((f"QC table {p}", p) for p in qc_sources)])
     inputs.check(out, "--out")

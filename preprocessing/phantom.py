@@ -97,7 +97,6 @@ def _lesion_centres(candidates: np.ndarray, spacing, rng: np.random.Generator, n
     return centres
 
 
-
 def _anatomy_changes(anatomy: Anatomy, rng: np.random.Generator, variation: AnatomyVariation):
     """Template-space displacement for enlarged ventricles and a hemispheric asymmetry (or None), and its info."""
     spacing, shape = anatomy.spacing, anatomy.shape
@@ -121,10 +120,17 @@ def _anatomy_changes(anatomy: Anatomy, rng: np.random.Generator, variation: Anat
     return disp, info
 
 
-def make_subject(anatomy: Anatomy, rng: np.random.Generator, kind: str = "healthy",
-                 max_displacement_mm: float = 6.0, max_scaling: float = 0.08, max_rotation_deg: float = 4.0,
-                 max_translation_mm: float = 6.0, variation: AnatomyVariation | None = None,
-                 t1_style: str = "head") -> SubjectPhantom:
+def make_subject(
+    anatomy: Anatomy,
+    rng: np.random.Generator,
+    kind: str = "healthy",
+    max_displacement_mm: float = 6.0,
+    max_scaling: float = 0.08,
+    max_rotation_deg: float = 4.0,
+    max_translation_mm: float = 6.0,
+    variation: AnatomyVariation | None = None,
+    t1_style: str = "head",
+) -> SubjectPhantom:
     """Warp the template into a new subject and build its activity, μ-map, masks and misaligned T1.
 
     ``variation`` (default: the training one) sets the warp strength, head-size range and the held-out anatomy
@@ -141,8 +147,9 @@ def make_subject(anatomy: Anatomy, rng: np.random.Generator, kind: str = "health
     spacing, shape = anatomy.spacing, anatomy.shape
     info: dict[str, Any] = {"kind": kind, "t1_style": t1_style}
     # Independent streams: the same seed gives the same warp, uptake and T1 whatever the pathology kind.
-    rng_warp, rng_pet, rng_path, rng_t1, rng_anat = (np.random.default_rng(s) for s in
-                                                     np.random.SeedSequence(int(rng.integers(2**63))).spawn(5))
+    rng_warp, rng_pet, rng_path, rng_t1, rng_anat = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(int(rng.integers(2**63))).spawn(5)
+    )
     template_change, change_info = _anatomy_changes(anatomy, rng_anat, variation)
     info.update(change_info)
     for _ in range(5):
@@ -159,8 +166,9 @@ def make_subject(anatomy: Anatomy, rng: np.random.Generator, kind: str = "health
         raise RuntimeError("could not draw an invertible warp")
     info["jacobian_min"], info["jacobian_max"] = float(jac.min()), float(jac.max())
     info["scaling"] = [round(float(v), 4) for v in scales]
-    info["max_displacement_mm"] = float(np.sqrt(((disp * np.asarray(spacing)[:, None, None, None]) ** 2)
-                                                .sum(axis=0)).max())
+    info["max_displacement_mm"] = float(
+        np.sqrt(((disp * np.asarray(spacing)[:, None, None, None]) ** 2).sum(axis=0)).max()
+    )
 
     gm, wm, csf = warp(anatomy.gm, disp), warp(anatomy.wm, disp), warp(anatomy.csf, disp)
     brain, head = warp(anatomy.brain, disp), warp(anatomy.head, disp) > 0.5
@@ -221,9 +229,16 @@ def make_subject(anatomy: Anatomy, rng: np.random.Generator, kind: str = "health
     mu = np.where(head, MU_WATER_PER_MM, 0.0).astype(np.float32)
     mu[skull] = MU_BONE_PER_MM
 
-    t1, t1_affine, rigid, t1_info = misaligned_t1(t1_template, anatomy.affine, rng_t1, max_rotation_deg,
-                                                    max_translation_mm, brain, t1_style,
-                                                    t1_levels(anatomy)[2])
+    t1, t1_affine, rigid, t1_info = misaligned_t1(
+        t1_template,
+        anatomy.affine,
+        rng_t1,
+        max_rotation_deg,
+        max_translation_mm,
+        brain,
+        t1_style,
+        t1_levels(anatomy)[2],
+    )
     info.update(t1_info)
     masks = {k: v.astype(np.uint8) for k, v in masks.items()}
     return SubjectPhantom(activity, mu, t1, t1_affine, anatomy.affine.copy(), masks, disp, info)

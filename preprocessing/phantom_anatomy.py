@@ -36,8 +36,13 @@ class AnatomyVariation:
 
 TRAINING_VARIATION = AnatomyVariation()
 # Held-out anatomy (never trained on): stronger warps, heads ±15 %, enlarged ventricles, atrophy, asymmetry.
-HELDOUT_VARIATION = AnatomyVariation(max_displacement_mm=10.0, max_scaling=0.15, ventricle_expansion=(0.3, 0.5),
-                                     atrophy=(0.15, 0.35), asymmetry=(0.04, 0.08))
+HELDOUT_VARIATION = AnatomyVariation(
+    max_displacement_mm=10.0,
+    max_scaling=0.15,
+    ventricle_expansion=(0.3, 0.5),
+    atrophy=(0.15, 0.35),
+    asymmetry=(0.04, 0.08),
+)
 VARIATIONS = {"training": TRAINING_VARIATION, "heldout": HELDOUT_VARIATION}
 
 

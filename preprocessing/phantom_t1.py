@@ -32,8 +32,9 @@ def t1_levels(anatomy: Anatomy) -> tuple[float, float, float]:
     return gm, csf, wm
 
 
-def head_t1(t1_brain: np.ndarray, brain: np.ndarray, affine: np.ndarray, rng: np.random.Generator,
-            wm_level: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+def head_t1(
+    t1_brain: np.ndarray, brain: np.ndarray, affine: np.ndarray, rng: np.random.Generator, wm_level: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
     """A scanner-like T1 around a skull-stripped brain, on a padded grid (WM = 1, no noise or bias yet).
 
     Layers outward from the brain (thicknesses drawn per subject): extra-cerebral CSF; skull with dark inner and
@@ -52,18 +53,23 @@ def head_t1(t1_brain: np.ndarray, brain: np.ndarray, affine: np.ndarray, rng: np
     grid_affine = affine.copy()
     grid_affine[:3, 3] = affine[:3, :3] @ -np.array([pad[0], pad[1], below], float) + affine[:3, 3]
     shape = brain_p.shape
-    thick = {"csf": rng.uniform(2.0, 4.0), "skull": rng.uniform(5.0, 9.0), "scalp": rng.uniform(4.0, 8.0),
-             "skin": 1.5, "fat": rng.uniform(3.0, 7.0)}
+    thick = {
+        "csf": rng.uniform(2.0, 4.0),
+        "skull": rng.uniform(5.0, 9.0),
+        "scalp": rng.uniform(4.0, 8.0),
+        "skin": 1.5,
+        "fat": rng.uniform(3.0, 7.0),
+    }
     inside = brain_p > 0.5
     d_out = distance_mm(~inside, spacing)
     shell = d_out <= thick["csf"] + thick["skull"] + thick["scalp"]
 
     ijk = np.indices(shape, dtype=np.float32)
-    stem = np.argwhere(inside[:, :, below: below + 3])
+    stem = np.argwhere(inside[:, :, below : below + 3])
     cx, cy = stem[:, 0].mean(), stem[:, 1].mean()
     rx, ry = rng.uniform(48.0, 62.0), rng.uniform(50.0, 65.0)
     forward = rng.uniform(5.0, 15.0)  # the neck sits a little anterior to the spinal cord
-    ell = (((ijk[0] - cx) * spacing[0] / rx) ** 2 + ((ijk[1] - cy) * spacing[1] - forward) ** 2 / ry**2)
+    ell = ((ijk[0] - cx) * spacing[0] / rx) ** 2 + ((ijk[1] - cy) * spacing[1] - forward) ** 2 / ry**2
     neck = (ell <= 1.0) & (ijk[2] < below + 20.0 / spacing[2])
     head = ndimage.gaussian_filter((shell | neck | inside).astype(np.float32), 3.0 / spacing[0]) > 0.5
     d_head = distance_mm(head, spacing)
@@ -86,13 +92,23 @@ def head_t1(t1_brain: np.ndarray, brain: np.ndarray, affine: np.ndarray, rng: np
     img[(d_out > 0) & (d_out <= thick["csf"]) & ~low] = rel["csf"]
     w = np.clip(brain_p, 0.0, 1.0)
     img = w * img_brain + (1.0 - w) * img
-    info = {"t1_head_mm": {k: round(float(v), 2) for k, v in thick.items()},
-            "t1_neck_radii_mm": [round(float(rx), 1), round(float(ry), 1)]}
+    info = {
+        "t1_head_mm": {k: round(float(v), 2) for k, v in thick.items()},
+        "t1_neck_radii_mm": [round(float(rx), 1), round(float(ry), 1)],
+    }
     return img.astype(np.float32), grid_affine, head, info
 
 
-def misaligned_t1(t1: np.ndarray, pet_affine: np.ndarray, rng: np.random.Generator, max_rotation_deg: float,
-                   max_translation_mm: float, brain: np.ndarray, style: str = "head", wm_level: float = 1.0):
+def misaligned_t1(
+    t1: np.ndarray,
+    pet_affine: np.ndarray,
+    rng: np.random.Generator,
+    max_rotation_deg: float,
+    max_translation_mm: float,
+    brain: np.ndarray,
+    style: str = "head",
+    wm_level: float = 1.0,
+):
     """The subject's T1 with intensity jitter, on its own grid (larger field of view), rigidly misplaced.
 
     T1 voxel ``v`` shows the anatomy at PET-world point ``M · A_t1 · v``: registering T1 to PET must recover ``M``.
@@ -128,13 +144,26 @@ def misaligned_t1(t1: np.ndarray, pet_affine: np.ndarray, rng: np.random.Generat
     brain_centre = np.argwhere(brain > 0.5).mean(axis=0)
     rigid = rigid_matrix(angles, translation, pet_affine[:3, :3] @ brain_centre + pet_affine[:3, 3])
     vox_to_grid_vox = np.linalg.inv(grid_affine) @ rigid @ t1_affine
-    resampled = ndimage.affine_transform(img, vox_to_grid_vox[:3, :3], offset=vox_to_grid_vox[:3, 3],
-                                         output_shape=t1_shape, order=1, mode="constant", cval=0.0)
+    resampled = ndimage.affine_transform(
+        img,
+        vox_to_grid_vox[:3, :3],
+        offset=vox_to_grid_vox[:3, 3],
+        output_shape=t1_shape,
+        order=1,
+        mode="constant",
+        cval=0.0,
+    )
     if noise_sigma > 0:  # magnitude image: Rician noise, so air is a noise floor, not zeros
-        resampled = np.hypot(resampled + rng.normal(0.0, noise_sigma, resampled.shape),
-                             rng.normal(0.0, noise_sigma, resampled.shape))
-    info.update({"t1_rotation_deg": [round(a, 3) for a in angles],
-                 "t1_translation_mm": [round(t, 3) for t in translation],
-                 "t1_rigid_world": rigid.round(6).tolist(), "t1_gain": round(float(gain), 3),
-                 "t1_gamma": round(float(gamma), 3)})
+        resampled = np.hypot(
+            resampled + rng.normal(0.0, noise_sigma, resampled.shape), rng.normal(0.0, noise_sigma, resampled.shape)
+        )
+    info.update(
+        {
+            "t1_rotation_deg": [round(a, 3) for a in angles],
+            "t1_translation_mm": [round(t, 3) for t in translation],
+            "t1_rigid_world": rigid.round(6).tolist(),
+            "t1_gain": round(float(gain), 3),
+            "t1_gamma": round(float(gamma), 3),
+        }
+    )
     return resampled.astype(np.float32), t1_affine, rigid, info

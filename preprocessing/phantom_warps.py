@@ -19,9 +19,15 @@ def distance_mm(region: np.ndarray, spacing) -> np.ndarray:
     return ndimage.distance_transform_edt(region, sampling=spacing).astype(np.float32)
 
 
-def random_displacement(shape: tuple[int, int, int], spacing: tuple[float, float, float], rng: np.random.Generator,
-                        max_displacement_mm: float = 5.0, smoothness_mm: float = 20.0, coarse_mm: float = 6.0,
-                        squarings: int = 6) -> np.ndarray:
+def random_displacement(
+    shape: tuple[int, int, int],
+    spacing: tuple[float, float, float],
+    rng: np.random.Generator,
+    max_displacement_mm: float = 5.0,
+    smoothness_mm: float = 20.0,
+    coarse_mm: float = 6.0,
+    squarings: int = 6,
+) -> np.ndarray:
     """A smooth random diffeomorphism as a pull-back displacement field ``(3, X, Y, Z)`` in voxels.
 
     A stationary velocity field (Gaussian-smoothed white noise on a coarse grid, scaled so its largest vector is
@@ -29,8 +35,12 @@ def random_displacement(shape: tuple[int, int, int], spacing: tuple[float, float
     """
     extent = np.array(shape) * np.array(spacing)
     coarse = tuple(int(max(4, math.ceil(e / coarse_mm))) for e in extent)
-    velocity = np.stack([ndimage.gaussian_filter(rng.standard_normal(coarse), smoothness_mm / coarse_mm,
-                                                 mode="nearest") for _ in range(3)]).astype(np.float64)
+    velocity = np.stack(
+        [
+            ndimage.gaussian_filter(rng.standard_normal(coarse), smoothness_mm / coarse_mm, mode="nearest")
+            for _ in range(3)
+        ]
+    ).astype(np.float64)
     norm = np.sqrt((velocity**2).sum(axis=0)).max()
     velocity *= (max_displacement_mm / coarse_mm) / max(norm, 1e-12)  # in coarse voxels
     disp = velocity / (2**squarings)
@@ -82,8 +92,9 @@ def smooth_field(shape, spacing, rng: np.random.Generator, smoothness_mm: float,
     return (f * (amplitude / max(np.abs(f).max(), 1e-12))).astype(np.float32)
 
 
-def rigid_matrix(angles_deg: tuple[float, float, float], translation_mm: tuple[float, float, float],
-                 centre_mm: np.ndarray) -> np.ndarray:
+def rigid_matrix(
+    angles_deg: tuple[float, float, float], translation_mm: tuple[float, float, float], centre_mm: np.ndarray
+) -> np.ndarray:
     """4×4 rotation about ``centre_mm`` (x, then y, then z axis) followed by a translation, in world mm."""
     ax, ay, az = np.deg2rad(angles_deg)
     rx = np.array([[1, 0, 0], [0, math.cos(ax), -math.sin(ax)], [0, math.sin(ax), math.cos(ax)]])
@@ -94,7 +105,6 @@ def rigid_matrix(angles_deg: tuple[float, float, float], translation_mm: tuple[f
     m[:3, :3] = rot
     m[:3, 3] = centre_mm - rot @ centre_mm + np.asarray(translation_mm)
     return m
-
 
 
 def radial_expansion(shape, spacing, centre_vox, amount: float, sigma_mm: float) -> np.ndarray:
@@ -113,5 +123,6 @@ def compose(first: np.ndarray, then: np.ndarray) -> np.ndarray:
     """Pull-back displacement of ``x → φ_first(φ_then(x))``: warp by ``first`` in template space, then by
     ``then``."""
     coords = np.indices(then.shape[1:], dtype=np.float32) + then
-    return (then + np.stack([ndimage.map_coordinates(first[c], coords, order=1, mode="nearest")
-                             for c in range(3)])).astype(np.float32)
+    return (
+        then + np.stack([ndimage.map_coordinates(first[c], coords, order=1, mode="nearest") for c in range(3)])
+    ).astype(np.float32)

@@ -75,8 +75,9 @@ def _select_shard(rows: list[SubjectRow], shard: tuple[int, int] | None) -> list
     return [r for pos, r in enumerate(ordered) if pos % n == i - 1]
 
 
-def _existing_record(final: Path, row: SubjectRow, options: PipelineOptions,
-                     changed: dict[str, list[str]] | None = None) -> dict | None:
+def _existing_record(
+    final: Path, row: SubjectRow, options: PipelineOptions, changed: dict[str, list[str]] | None = None
+) -> dict | None:
     """The saved record when the subject is done with these parameters and inputs, else None (the input roles
     whose content changed since that record go into ``changed``)."""
     path = final / "subject.json"
@@ -134,19 +135,32 @@ def run_pipeline(subjects_csv: Path, out_dir: Path, manifest_path: Path, options
     problems: dict[str, InputError] | None = {} if options.keep_going else None
     rows = read_subjects(subjects_csv, problems=problems)
     if options.spacing == spacing_stage.AUTO:  # over the whole table, so that shards agree
-        grid_files = [r.ld_pet if options.space == "pet" else r.mri for r in rows
-                      if r.subject_id not in (problems or {})]
+        grid_files = [
+            r.ld_pet if options.space == "pet" else r.mri for r in rows if r.subject_id not in (problems or {})
+        ]
         options = replace(options, cohort_spacing=spacing_stage.resolve_target(spacing_stage.AUTO, grid_files))
     suffix = f"_shard-{options.shard[0]}-of-{options.shard[1]}" if options.shard else ""
-    output_guard.guard_run(subjects_csv, rows, _select_shard(rows, options.shard), out_dir, manifest_path,
-                           [f"summary{suffix}.csv", f"summary{suffix}.md"])
+    output_guard.guard_run(
+        subjects_csv,
+        rows,
+        _select_shard(rows, options.shard),
+        out_dir,
+        manifest_path,
+        [f"summary{suffix}.csv", f"summary{suffix}.md"],
+    )
     lock_name = f".m2diff-preprocess{suffix.replace('_', '.')}.lock"
     with safety.output_lock(out_dir, "m2diff-preprocess", "--out", lock_name):
         return _run_locked(rows, problems or {}, subjects_csv, out_dir, manifest_path, options)
 
 
-def _run_locked(rows: list[SubjectRow], problems: dict[str, InputError], subjects_csv: Path, out_dir: Path,
-                manifest_path: Path, options: PipelineOptions) -> RunSummary:
+def _run_locked(
+    rows: list[SubjectRow],
+    problems: dict[str, InputError],
+    subjects_csv: Path,
+    out_dir: Path,
+    manifest_path: Path,
+    options: PipelineOptions,
+) -> RunSummary:
     splits = assign_splits(
         [r.subject_id for r in rows],
         explicit={r.subject_id: r.split for r in rows},
@@ -173,8 +187,15 @@ def _run_locked(rows: list[SubjectRow], problems: dict[str, InputError], subject
             fail(sid, problems[sid].line(), True)
             continue
         if row.sd_pet is None and splits[sid] in ("train", "val"):
-            fail(sid, InputError(f"split {splits[sid]!r} needs a standard-dose PET, but sd_pet is empty",
-                                 subject=sid, path=subjects_csv).line(), True)
+            fail(
+                sid,
+                InputError(
+                    f"split {splits[sid]!r} needs a standard-dose PET, but sd_pet is empty",
+                    subject=sid,
+                    path=subjects_csv,
+                ).line(),
+                True,
+            )
             continue
         record = _existing_record(out_dir / "subjects" / sid, row, options, summary.changed)
         if record is not None:
@@ -202,11 +223,14 @@ def _run_locked(rows: list[SubjectRow], problems: dict[str, InputError], subject
     done = sorted(records)
     qc_dir = out_dir / "qc"
     suffix = f"_shard-{options.shard[0]}-of-{options.shard[1]}" if options.shard else ""
-    rows_out = [qc_stage.summary_row(sid, "skipped" if sid in summary.skipped else "processed", splits[sid],
-                                     records[sid])
-                for sid in done]
-    rows_out += [qc_stage.summary_row(sid, "failed", splits.get(sid, ""), error=msg.splitlines()[0])
-                 for sid, msg in sorted(summary.failed.items())]
+    rows_out = [
+        qc_stage.summary_row(sid, "skipped" if sid in summary.skipped else "processed", splits[sid], records[sid])
+        for sid in done
+    ]
+    rows_out += [
+        qc_stage.summary_row(sid, "failed", splits.get(sid, ""), error=msg.splitlines()[0])
+        for sid, msg in sorted(summary.failed.items())
+    ]
     qc_stage.write_summary(qc_dir / f"summary{suffix}.csv", qc_dir / f"summary{suffix}.md", rows_out)
     summary.qc_summary = qc_dir / f"summary{suffix}.csv"
 
@@ -228,8 +252,9 @@ def _run_parallel(todo, out_dir, options, records, summary, fail, bar) -> None:
     if os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
         threads = min(threads, int(os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"]))
     context = multiprocessing.get_context("spawn")  # no fork of a process that may hold ITK/OpenMP threads
-    with ProcessPoolExecutor(options.workers, mp_context=context, initializer=_init_worker,
-                             initargs=(threads,)) as pool:
+    with ProcessPoolExecutor(
+        options.workers, mp_context=context, initializer=_init_worker, initargs=(threads,)
+    ) as pool:
         pending = {pool.submit(_run_one, row, out_dir, options) for row in todo}
         try:
             while pending:
@@ -254,41 +279,82 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``run`` options to ``parser`` (called by :mod:`preprocessing.cli`)."""
     d = PipelineOptions()
     parser.add_argument("--subjects", required=True, type=Path, help="subjects table (CSV)")
-    parser.add_argument("--out", required=True, type=Path,
-                        help="output folder (subjects/<id>/, qc/); refused before any work when a folder it would "
-                             "replace holds an input, or while another run writes to it (docs/safety.md)")
-    parser.add_argument("--manifest", required=True, type=Path,
-                        help="manifest to write, e.g. data_manifests/NAME.json (never the table or an input)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="output folder (subjects/<id>/, qc/); refused before any work when a folder it would "
+        "replace holds an input, or while another run writes to it (docs/safety.md)",
+    )
+    parser.add_argument(
+        "--manifest",
+        required=True,
+        type=Path,
+        help="manifest to write, e.g. data_manifests/NAME.json (never the table or an input)",
+    )
     parser.add_argument("--transform", default=d.transform, help="SyN (paper, default) | affine | rigid")
-    parser.add_argument("--space", default=d.space, choices=SPACES,
-                        help="pet: T1 resampled on the PET grid (default); mri: PET resampled on the T1 grid")
-    parser.add_argument("--size", type=int, default=d.size,
-                        help="cube edge in voxels at the target --spacing, a multiple of 16 (default 256)")
-    parser.add_argument("--spacing", default=d.spacing,
-                        help="voxel size every subject is resampled to: auto (default: the cohort's per-axis median), "
-                             "X or X,Y,Z in mm (RAS axes), or native (no resampling)")
+    parser.add_argument(
+        "--space",
+        default=d.space,
+        choices=SPACES,
+        help="pet: T1 resampled on the PET grid (default); mri: PET resampled on the T1 grid",
+    )
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=d.size,
+        help="cube edge in voxels at the target --spacing, a multiple of 16 (default 256)",
+    )
+    parser.add_argument(
+        "--spacing",
+        default=d.spacing,
+        help="voxel size every subject is resampled to: auto (default: the cohort's per-axis median), "
+        "X or X,Y,Z in mm (RAS axes), or native (no resampling)",
+    )
     parser.add_argument("--orientations", default=",".join(d.orientations), help="comma list of axial,coronal,sagittal")
-    parser.add_argument("--slices-per-subject", default="all",
-                        help="'all' brain slices (default) or N slices uniformly across the brain's extent")
-    parser.add_argument("--split", default=",".join(str(r) for r in d.split),
-                        help="train,val,test ratios for subjects without a split column (default 0.8,0.1,0.1)")
+    parser.add_argument(
+        "--slices-per-subject",
+        default="all",
+        help="'all' brain slices (default) or N slices uniformly across the brain's extent",
+    )
+    parser.add_argument(
+        "--split",
+        default=",".join(str(r) for r in d.split),
+        help="train,val,test ratios for subjects without a split column (default 0.8,0.1,0.1)",
+    )
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of the split shuffle and of ANTs sampling")
-    parser.add_argument("--normalization", default=d.normalization, type=cli_method, metavar="|".join(METHODS),
-                        help="shared: one LD-derived scale for LD and SD (default); volume: per-volume min-max; "
-                             "slice: every 2D slice min-max on its own (the official M2Diff loader)")
+    parser.add_argument(
+        "--normalization",
+        default=d.normalization,
+        type=cli_method,
+        metavar="|".join(METHODS),
+        help="shared: one LD-derived scale for LD and SD (default); volume: per-volume min-max; "
+        "slice: every 2D slice min-max on its own (the official M2Diff loader)",
+    )
     parser.add_argument("--workers", type=int, default=d.workers, help="subjects processed in parallel processes")
-    parser.add_argument("--shard", default=None,
-                        help="I/N (1-based): process only the id-sorted subjects with index %% N == I-1")
-    parser.add_argument("--keep-going", action="store_true",
-                        help="report bad subjects (a bad table row too) and finish the others (exit 1); table "
-                             "structure errors still stop the run")
-    parser.add_argument("--force", action="store_true",
-                        help="redo subjects even when their outputs are up to date (replaces only this tool's "
-                             "subject folders; never an input: see docs/safety.md)")
+    parser.add_argument(
+        "--shard", default=None, help="I/N (1-based): process only the id-sorted subjects with index %% N == I-1"
+    )
+    parser.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="report bad subjects (a bad table row too) and finish the others (exit 1); table "
+        "structure errors still stop the run",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="redo subjects even when their outputs are up to date (replaces only this tool's "
+        "subject folders; never an input: see docs/safety.md)",
+    )
     parser.add_argument("--frame", type=int, default=None, help="0-based frame of a 4D PET to use")
     parser.add_argument("--sum-frames", action="store_true", help="sum the frames of a 4D PET")
-    parser.add_argument("--qform-policy", default="warn", choices=("warn", "reject"),
-                        help="when qform and sform disagree: warn (use the sform) or reject the subject")
+    parser.add_argument(
+        "--qform-policy",
+        default="warn",
+        choices=("warn", "reject"),
+        help="when qform and sform disagree: warn (use the sform) or reject the subject",
+    )
     parser.add_argument("--notes", default="", help="free text recorded in the manifest's provenance")
     return parser
 

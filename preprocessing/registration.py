@@ -140,8 +140,14 @@ def apply_transforms(
 ) -> nib.Nifti1Image:
     """Resample another image that lives on the moving grid (LD PET, a region mask) with the same transforms."""
     order = {"nearestNeighbor": 0, "linear": 1}[interpolator]
-    data = apply_ants_transforms(np.asarray(moving.dataobj, dtype=np.float32), moving.affine, fixed.shape[:3],
-                                 fixed.affine, transforms, order=order)
+    data = apply_ants_transforms(
+        np.asarray(moving.dataobj, dtype=np.float32),
+        moving.affine,
+        fixed.shape[:3],
+        fixed.affine,
+        transforms,
+        order=order,
+    )
     out = nib.Nifti1Image(data, np.asarray(fixed.affine, dtype=np.float64))
     out.set_qform(fixed.affine, code=1)
     out.set_sform(fixed.affine, code=1)
@@ -178,9 +184,15 @@ class CubeGridImages:
     fixed: str = ""
 
 
-def register_to_cube_grid(pets: dict[str, nib.Nifti1Image], mri: nib.Nifti1Image | None, reference: str,
-                          space: str = "pet", transform: str = "SyN", seed: int = 0,
-                          masks: dict[str, np.ndarray] | None = None) -> CubeGridImages:
+def register_to_cube_grid(
+    pets: dict[str, nib.Nifti1Image],
+    mri: nib.Nifti1Image | None,
+    reference: str,
+    space: str = "pet",
+    transform: str = "SyN",
+    seed: int = 0,
+    masks: dict[str, np.ndarray] | None = None,
+) -> CubeGridImages:
     """The registration step training and inference share: bring the T1 and the PET onto the cube grid.
 
     ``pets``: PET images on one grid (``ld_pet``, optionally ``sd_pet``); ``masks``: boolean arrays on that grid.
@@ -201,23 +213,48 @@ def register_to_cube_grid(pets: dict[str, nib.Nifti1Image], mri: nib.Nifti1Image
         if mri is None:
             return CubeGridImages(np.asarray(pet_grid.affine, dtype=np.float64), arrays, None, masks, None)
         reg = register(pet_grid, mri, transform, seed=seed)
-        return CubeGridImages(np.asarray(pet_grid.affine, dtype=np.float64), arrays,
-                              np.asarray(reg.warped.dataobj, dtype=np.float32), masks, reg, moving="mri",
-                              fixed=reference)
+        return CubeGridImages(
+            np.asarray(pet_grid.affine, dtype=np.float64),
+            arrays,
+            np.asarray(reg.warped.dataobj, dtype=np.float32),
+            masks,
+            reg,
+            moving="mri",
+            fixed=reference,
+        )
     if mri is None:
         raise ValueError("space='mri' needs a T1 to define the cube grid")
     reg = register(mri, pet_grid, transform, seed=seed)
     try:
-        moved = {key: (np.asarray(reg.warped.dataobj, dtype=np.float32) if key == reference else
-                       np.asarray(apply_transforms(mri, img, reg.fwd_transforms).dataobj, dtype=np.float32))
-                 for key, img in pets.items()}
+        moved = {
+            key: (
+                np.asarray(reg.warped.dataobj, dtype=np.float32)
+                if key == reference
+                else np.asarray(apply_transforms(mri, img, reg.fwd_transforms).dataobj, dtype=np.float32)
+            )
+            for key, img in pets.items()
+        }
         moved_masks = {
-            name: np.asarray(apply_transforms(mri, nib.Nifti1Image(m.astype(np.float32), pet_grid.affine),
-                                              reg.fwd_transforms, interpolator="nearestNeighbor").dataobj) > 0.5
+            name: np.asarray(
+                apply_transforms(
+                    mri,
+                    nib.Nifti1Image(m.astype(np.float32), pet_grid.affine),
+                    reg.fwd_transforms,
+                    interpolator="nearestNeighbor",
+                ).dataobj
+            )
+            > 0.5
             for name, m in masks.items()
         }
     except BaseException:
         reg.cleanup()
         raise
-    return CubeGridImages(np.asarray(mri.affine, dtype=np.float64), moved, np.asarray(mri.dataobj, dtype=np.float32),
-                          moved_masks, reg, moving=reference, fixed="mri")
+    return CubeGridImages(
+        np.asarray(mri.affine, dtype=np.float64),
+        moved,
+        np.asarray(mri.dataobj, dtype=np.float32),
+        moved_masks,
+        reg,
+        moving=reference,
+        fixed="mri",
+    )

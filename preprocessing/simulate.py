@@ -32,27 +32,43 @@ def add_scanner_arguments(parser: argparse.ArgumentParser) -> None:
     from .simulation import DEFAULT_COUNTS
 
     g = parser.add_argument_group("acquisition and reconstruction model")
-    g.add_argument("--counts", type=float, default=DEFAULT_COUNTS,
-                   help="true (unscattered) coincidences of the standard-dose scan, all planes (default %(default).3g)")
+    g.add_argument(
+        "--counts",
+        type=float,
+        default=DEFAULT_COUNTS,
+        help="true (unscattered) coincidences of the standard-dose scan, all planes (default %(default).3g)",
+    )
     g.add_argument("--psf-fwhm", type=float, default=4.5, help="scanner resolution, mm FWHM (default %(default)s)")
     g.add_argument("--scatter-fraction", type=float, default=0.30, help="scatter/(trues+scatter) (default %(default)s)")
     g.add_argument("--randoms-fraction", type=float, default=0.15, help="randoms/prompts (default %(default)s)")
     g.add_argument("--iterations", type=int, default=3, help="OSEM iterations (default %(default)s, as DaCRA)")
     g.add_argument("--subsets", type=int, default=21, help="OSEM subsets (default %(default)s, as DaCRA)")
-    g.add_argument("--postfilter-fwhm", type=float, default=5.0,
-                   help="Gaussian post-filter, mm FWHM (default %(default)s)")
+    g.add_argument(
+        "--postfilter-fwhm", type=float, default=5.0, help="Gaussian post-filter, mm FWHM (default %(default)s)"
+    )
     g.add_argument("--no-psf-recon", action="store_true", help="do not model the PSF in reconstruction")
-    g.add_argument("--backend", choices=("numpy", "torch"), default="numpy",
-                   help="projector arithmetic: scipy.sparse, or torch.sparse (GPU if available) (default %(default)s)")
+    g.add_argument(
+        "--backend",
+        choices=("numpy", "torch"),
+        default="numpy",
+        help="projector arithmetic: scipy.sparse, or torch.sparse (GPU if available) (default %(default)s)",
+    )
     g.add_argument("--device", default=None, help="torch device for --backend torch (default: cuda if available)")
 
 
 def scanner_params(args: argparse.Namespace):
     from .simulation import ScannerParams
 
-    return ScannerParams(counts=args.counts, psf_fwhm_mm=args.psf_fwhm, scatter_fraction=args.scatter_fraction,
-                         randoms_fraction=args.randoms_fraction, iterations=args.iterations, subsets=args.subsets,
-                         postfilter_fwhm_mm=args.postfilter_fwhm, psf_in_recon=not args.no_psf_recon)
+    return ScannerParams(
+        counts=args.counts,
+        psf_fwhm_mm=args.psf_fwhm,
+        scatter_fraction=args.scatter_fraction,
+        randoms_fraction=args.randoms_fraction,
+        iterations=args.iterations,
+        subsets=args.subsets,
+        postfilter_fwhm_mm=args.postfilter_fwhm,
+        psf_in_recon=not args.no_psf_recon,
+    )
 
 
 def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -60,23 +76,43 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--sd-pet", type=Path, help="standard-dose PET NIfTI (one image)")
     src.add_argument("--subjects", type=Path, help="subjects table: fill ld_pet for rows that lack it")
-    parser.add_argument("--out", type=Path, required=True,
-                        help="LD NIfTI path (with --sd-pet) or output folder (with --subjects)")
-    parser.add_argument("--drf", type=float, default=None,
-                        help=f"dose reduction factor > 1 (with --subjects: for rows without a drf; default "
-                             f"{DEFAULT_DRF:g} for --sd-pet)")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="LD NIfTI path (with --sd-pet) or output folder (with --subjects)"
+    )
+    parser.add_argument(
+        "--drf",
+        type=float,
+        default=None,
+        help=f"dose reduction factor > 1 (with --subjects: for rows without a drf; default "
+        f"{DEFAULT_DRF:g} for --sd-pet)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (per subject: seed and subject_id)")
-    parser.add_argument("--mode", choices=("independent", "nested"), default="independent",
-                        help="LD counts: independent Poisson(ybar/DRF) draws, or binomial thinning of simulated "
-                             "SD counts (default %(default)s)")
-    parser.add_argument("--sd-out", type=Path, default=None,
-                        help="with --sd-pet: also write the re-simulated standard-dose image (implies counts for SD)")
-    parser.add_argument("--mu-map", type=Path, default=None,
-                        help="with --sd-pet: attenuation map on the PET grid in 1/cm (water 0.096); default: water "
-                             "inside the head outline")
-    parser.add_argument("--force", action="store_true",
-                        help="with --subjects: redo subjects already simulated (rewrites only files this tool "
-                             "wrote; never an input: see docs/safety.md)")
+    parser.add_argument(
+        "--mode",
+        choices=("independent", "nested"),
+        default="independent",
+        help="LD counts: independent Poisson(ybar/DRF) draws, or binomial thinning of simulated "
+        "SD counts (default %(default)s)",
+    )
+    parser.add_argument(
+        "--sd-out",
+        type=Path,
+        default=None,
+        help="with --sd-pet: also write the re-simulated standard-dose image (implies counts for SD)",
+    )
+    parser.add_argument(
+        "--mu-map",
+        type=Path,
+        default=None,
+        help="with --sd-pet: attenuation map on the PET grid in 1/cm (water 0.096); default: water "
+        "inside the head outline",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="with --subjects: redo subjects already simulated (rewrites only files this tool "
+        "wrote; never an input: see docs/safety.md)",
+    )
     add_scanner_arguments(parser)
     parser.set_defaults(func=main)
     return parser
@@ -115,9 +151,20 @@ def load_pet(path: Path, subject: str | None = None):
     return image
 
 
-def simulate_file(sd_path: Path, out_path: Path, drf: float, *, seed: int, mode: str, params, backend: str,
-                  device: str | None, sd_out: Path | None = None, mu_map_path: Path | None = None,
-                  subject: str | None = None) -> dict[str, Any]:
+def simulate_file(
+    sd_path: Path,
+    out_path: Path,
+    drf: float,
+    *,
+    seed: int,
+    mode: str,
+    params,
+    backend: str,
+    device: str | None,
+    sd_out: Path | None = None,
+    mu_map_path: Path | None = None,
+    subject: str | None = None,
+) -> dict[str, Any]:
     """Simulate one LD image next to ``out_path`` (and ``sd_out``); write a JSON sidecar; return its content."""
     from . import simulation
 
@@ -129,11 +176,23 @@ def simulate_file(sd_path: Path, out_path: Path, drf: float, *, seed: int, mode:
             raise InputError("mu-map is not on the PET grid (shape/affine differ)", subject=subject, path=mu_map_path)
         mu_cm = np.asarray(mu_img.dataobj, np.float32)
         if mu_cm.max() > 1.0:
-            raise InputError(f"mu-map maximum {mu_cm.max():.3g} is not in 1/cm (water is 0.096/cm)",
-                             subject=subject, path=mu_map_path)
+            raise InputError(
+                f"mu-map maximum {mu_cm.max():.3g} is not in 1/cm (water is 0.096/cm)",
+                subject=subject,
+                path=mu_map_path,
+            )
         mu = np.clip(mu_cm, 0, None) / 10.0
-    ld, sd, info = simulation.simulate_image(image, drf, seed=seed, mode=mode, params=params, mu_map=mu,
-                                             return_sd=sd_out is not None, backend=backend, device=device)
+    ld, sd, info = simulation.simulate_image(
+        image,
+        drf,
+        seed=seed,
+        mode=mode,
+        params=params,
+        mu_map=mu,
+        return_sd=sd_out is not None,
+        backend=backend,
+        device=device,
+    )
     save_nifti(out_path, ld)
     if sd_out is not None and sd is not None:
         save_nifti(sd_out, sd)
@@ -151,8 +210,19 @@ def sidecar(nifti_path: Path) -> Path:
     return nifti_path.with_name(name + ".json")
 
 
-def simulate_subjects(table: Path, out_dir: Path, *, drf: float | None, seed: int, mode: str, params, backend: str,
-                      device: str | None, force: bool = False, progress: bool = True) -> Path:
+def simulate_subjects(
+    table: Path,
+    out_dir: Path,
+    *,
+    drf: float | None,
+    seed: int,
+    mode: str,
+    params,
+    backend: str,
+    device: str | None,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
     """Fill missing ``ld_pet`` of a subjects table; write ``out_dir/subjects.csv``; return its path."""
     from tqdm import tqdm
 
@@ -179,7 +249,7 @@ def simulate_subjects(table: Path, out_dir: Path, *, drf: float | None, seed: in
         row = by_id[cells["subject_id"]]
         new = dict(cells)
         for col in [*PATH_COLUMNS, *(c for c in columns if c.startswith(MASK_PREFIX))]:
-            value = getattr(row, col, None) if col in PATH_COLUMNS else row.masks.get(col[len(MASK_PREFIX):])
+            value = getattr(row, col, None) if col in PATH_COLUMNS else row.masks.get(col[len(MASK_PREFIX) :])
             new[col] = os.path.relpath(value, out_dir) if value is not None else ""
         if row.ld_pet is None:
             row_drf = check_drf(row.drf if row.drf is not None else drf, row.subject_id, table)
@@ -187,8 +257,17 @@ def simulate_subjects(table: Path, out_dir: Path, *, drf: float | None, seed: in
             s = subject_seed(seed, row.subject_id)
             done = sidecar(target)
             if force or not _already(done, target, row_drf, s, mode, params):
-                simulate_file(row.sd_pet, target, row_drf, seed=s, mode=mode, params=params, backend=backend,
-                              device=device, subject=row.subject_id)
+                simulate_file(
+                    row.sd_pet,
+                    target,
+                    row_drf,
+                    seed=s,
+                    mode=mode,
+                    params=params,
+                    backend=backend,
+                    device=device,
+                    subject=row.subject_id,
+                )
             new["ld_pet"] = os.path.relpath(target, out_dir)
             new["drf"] = f"{row_drf:g}"
             bar.update(1)
@@ -209,8 +288,12 @@ def _already(sidecar_path: Path, target: Path, drf: float, seed: int, mode: str,
         info = json.loads(sidecar_path.read_text())
     except (OSError, ValueError):
         return False
-    return info.get("drf") == drf and info.get("seed") == seed and info.get("mode") == mode \
+    return (
+        info.get("drf") == drf
+        and info.get("seed") == seed
+        and info.get("mode") == mode
         and info.get("params") == json.loads(json.dumps(asdict(params)))
+    )
 
 
 def _csv_text(columns: list[str], rows: list[dict[str, str]]) -> str:
@@ -238,17 +321,38 @@ def main(args: argparse.Namespace) -> int:
                 raise InputError("--out must be a .nii or .nii.gz path with --sd-pet", path=args.out)
             from .outputs import guard_simulate_file
 
-            guard_simulate_file(args.sd_pet, args.mu_map, {"--out": args.out, "--out (its JSON sidecar)":
-                                                           sidecar(args.out), "--sd-out": args.sd_out})
-            info = simulate_file(args.sd_pet, args.out, drf, seed=args.seed, mode=args.mode, params=params,
-                                 backend=args.backend, device=args.device, sd_out=args.sd_out,
-                                 mu_map_path=args.mu_map)
+            guard_simulate_file(
+                args.sd_pet,
+                args.mu_map,
+                {"--out": args.out, "--out (its JSON sidecar)": sidecar(args.out), "--sd-out": args.sd_out},
+            )
+            info = simulate_file(
+                args.sd_pet,
+                args.out,
+                drf,
+                seed=args.seed,
+                mode=args.mode,
+                params=params,
+                backend=args.backend,
+                device=args.device,
+                sd_out=args.sd_out,
+                mu_map_path=args.mu_map,
+            )
             print(f"wrote {args.out} (DRF {drf:g}, {info['prompts_ld']:,} low-dose prompts)")
         else:
             if args.drf is not None:
                 check_drf(args.drf)
-            out_csv = simulate_subjects(args.subjects, args.out, drf=args.drf, seed=args.seed, mode=args.mode,
-                                        params=params, backend=args.backend, device=args.device, force=args.force)
+            out_csv = simulate_subjects(
+                args.subjects,
+                args.out,
+                drf=args.drf,
+                seed=args.seed,
+                mode=args.mode,
+                params=params,
+                backend=args.backend,
+                device=args.device,
+                force=args.force,
+            )
             print(f"wrote {out_csv}")
     except InputError as err:
         print_error("m2diff-preprocess", err.line())

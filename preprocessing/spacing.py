@@ -73,8 +73,9 @@ def parse_spacing(value: Any) -> str | Spacing:
         numbers *= 3
     low, high = PLAUSIBLE_SPACING_MM
     if len(numbers) != 3 or not all(np.isfinite(numbers)) or not all(low <= v <= high for v in numbers):
-        raise ValueError(f"--spacing must be auto, native, X or X,Y,Z with each value in [{low:g}, {high:g}] mm, "
-                         f"got {value!r}")
+        raise ValueError(
+            f"--spacing must be auto, native, X or X,Y,Z with each value in [{low:g}, {high:g}] mm, got {value!r}"
+        )
     return tuple(round(v, RECORD_DECIMALS) for v in numbers)
 
 
@@ -101,8 +102,10 @@ def cohort_spacing(spacings: Iterable[Spacing | None]) -> Spacing:
     """Per-axis lower median of the readable spacings (see the module docstring for why the lower one)."""
     known = [s for s in spacings if s is not None]
     if not known:
-        raise InputError("--spacing auto: no readable image header to take the cohort's median voxel spacing from; "
-                         "give --spacing X or X,Y,Z")
+        raise InputError(
+            "--spacing auto: no readable image header to take the cohort's median voxel spacing from; "
+            "give --spacing X or X,Y,Z"
+        )
     return tuple(round(statistics.median_low(s[axis] for s in known), RECORD_DECIMALS) for axis in range(3))
 
 
@@ -141,11 +144,13 @@ def target_grid(shape: tuple[int, ...], affine: np.ndarray, target: Spacing) -> 
     return tuple(int(n) for n in new_shape), out
 
 
-def resample_image(img: nib.Nifti1Image, shape: tuple[int, ...], to_affine: np.ndarray, order: int = 1
-                   ) -> nib.Nifti1Image:
+def resample_image(
+    img: nib.Nifti1Image, shape: tuple[int, ...], to_affine: np.ndarray, order: int = 1
+) -> nib.Nifti1Image:
     """An in-memory float32 image on ``(shape, to_affine)`` with qform and sform set (like the intake's)."""
-    data = grid.resample(np.asarray(img.dataobj, dtype=np.float32), img.affine, shape, to_affine, order=order,
-                         mode="nearest")
+    data = grid.resample(
+        np.asarray(img.dataobj, dtype=np.float32), img.affine, shape, to_affine, order=order, mode="nearest"
+    )
     out = nib.Nifti1Image(data, np.asarray(to_affine, dtype=np.float64))
     out.set_qform(to_affine, code=1)
     out.set_sform(to_affine, code=1)

@@ -34,7 +34,14 @@ from .slices import select_slices, write_slices
 from .subjects import SubjectRow
 
 STAGES: tuple[str, ...] = (
-    "resample", "registration", "mask", "normalization", "crop", "write_volumes", "slices", "qc",
+    "resample",
+    "registration",
+    "mask",
+    "normalization",
+    "crop",
+    "write_volumes",
+    "slices",
+    "qc",
 )
 
 
@@ -96,16 +103,24 @@ def _build_subject(loaded: LoadedSubject, work: Path, options: PipelineOptions) 
         pets = {"ld_pet": ld_img} if sd is None else {"ld_pet": ld_img, "sd_pet": _image(sd, ld_img.affine)}
         masks_src = {name: _data(m) > 0.5 for name, m in loaded.masks.items()}
         # the SD PET, when there is one, is the registration's PET (less noise); inference has only the LD PET
-        aligned = register_to_cube_grid(pets, loaded.mri, "sd_pet" if sd is not None else "ld_pet", options.space,
-                                        options.transform, seed=options.seed, masks=masks_src)
+        aligned = register_to_cube_grid(
+            pets,
+            loaded.mri,
+            "sd_pet" if sd is not None else "ld_pet",
+            options.space,
+            options.transform,
+            seed=options.seed,
+            masks=masks_src,
+        )
         affine, mri, masks_src = aligned.affine, aligned.mri, aligned.masks
         ld, sd = aligned.pets["ld_pet"], aligned.pets.get("sd_pet")
         registration: dict | None = None
         if aligned.registration is not None:
             reg = aligned.registration
             try:
-                kept = keep_transforms(reg, work / "transforms",
-                                       "mri_to_pet" if options.space == "pet" else "pet_to_mri")
+                kept = keep_transforms(
+                    reg, work / "transforms", "mri_to_pet" if options.space == "pet" else "pet_to_mri"
+                )
             finally:
                 reg.cleanup()
             registration = _registration_record(reg, kept, aligned.moving, aligned.fixed)
@@ -121,8 +136,17 @@ def _build_subject(loaded: LoadedSubject, work: Path, options: PipelineOptions) 
             nonlocal t
             t = done(stage, t)
 
-        prepared = prepare_cubes(ld, affine, sd=sd, mri=mri, normalization=options.normalization, size=options.size,
-                                 subject=sid, path=row.ld_pet, on_stage=stage_done)
+        prepared = prepare_cubes(
+            ld,
+            affine,
+            sd=sd,
+            mri=mri,
+            normalization=options.normalization,
+            size=options.size,
+            subject=sid,
+            path=row.ld_pet,
+            on_stage=stage_done,
+        )
         spacing = voxel_spacing(affine)
         mask, box, cube_affine = prepared.grid_mask, prepared.box, prepared.cube_affine
         ld_scaling, sd_scaling, mri_scale = prepared.ld_scaling, prepared.sd_scaling, prepared.mri_scaling
@@ -151,8 +175,9 @@ def _build_subject(loaded: LoadedSubject, work: Path, options: PipelineOptions) 
         t = done("slices", t)
 
         files["qc"] = "qc.png"
-        qc_stage.save_montage(work / files["qc"], cubes, mask_cube,
-                              title=f"{sid} ({options.space} space, {options.transform})")
+        qc_stage.save_montage(
+            work / files["qc"], cubes, mask_cube, title=f"{sid} ({options.space} space, {options.transform})"
+        )
         done("qc", t)
     finally:
         bar.close()
@@ -163,9 +188,13 @@ def _build_subject(loaded: LoadedSubject, work: Path, options: PipelineOptions) 
         "per_volume": {
             "ld_pet": ld_scaling.as_dict(),
             "sd_pet": sd_scaling.as_dict() if sd_scaling else None,
-            "mri": {**mri_scale.as_dict(), "clipped": [0.0, 1.0] if options.normalization != "slice" else None,
-                    "brain_margin_mm": MRI_BRAIN_MARGIN_MM}
-            if mri_scale else None,
+            "mri": {
+                **mri_scale.as_dict(),
+                "clipped": [0.0, 1.0] if options.normalization != "slice" else None,
+                "brain_margin_mm": MRI_BRAIN_MARGIN_MM,
+            }
+            if mri_scale
+            else None,
         },
         "pet_clipped": False,
         # slice: the cubes hold the scaling above; the written slices are min-max normalized one by one
@@ -177,8 +206,9 @@ def _build_subject(loaded: LoadedSubject, work: Path, options: PipelineOptions) 
         "created": manifest_stage.now_iso(),
         "parameters": options.subject_parameters(),
         "inputs": inputs,
-        "source": {k: (str(v) if v else None)
-                   for k, v in (("ld_pet", row.ld_pet), ("sd_pet", row.sd_pet), ("mri", row.mri))},
+        "source": {
+            k: (str(v) if v else None) for k, v in (("ld_pet", row.ld_pet), ("sd_pet", row.sd_pet), ("mri", row.mri))
+        },
         "drf": row.drf,
         "space": options.space,
         "source_shape": [int(v) for v in native_ld.shape[:3]],

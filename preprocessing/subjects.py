@@ -41,8 +41,9 @@ class SubjectRow:
         return out
 
 
-def read_subjects(csv_path: str | Path, require: Sequence[str] = ("ld_pet",),
-                  problems: dict[str, InputError] | None = None) -> list[SubjectRow]:
+def read_subjects(
+    csv_path: str | Path, require: Sequence[str] = ("ld_pet",), problems: dict[str, InputError] | None = None
+) -> list[SubjectRow]:
     """Read and check a subjects table.
 
     Columns ``subject_id``, ``ld_pet``, ``sd_pet``, ``mri`` must be present (a misspelt ``mri`` column would
@@ -80,27 +81,32 @@ def _header(reader, csv_path: Path) -> tuple[list[str], list[str]]:
     while header is not None and not any(c.strip() for c in header):
         header = next(reader, None)
     if header is None:
-        raise InputError("subjects table is empty (expected a header line with subject_id,ld_pet,sd_pet,mri)",
-                         path=csv_path)
+        raise InputError(
+            "subjects table is empty (expected a header line with subject_id,ld_pet,sd_pet,mri)", path=csv_path
+        )
     columns = [c.strip() for c in header]
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
         raise InputError(
             f"subjects table lacks column(s) {', '.join(missing)} (found: {', '.join(columns) or 'none'}); "
-            f"required: {', '.join(REQUIRED_COLUMNS)}", path=csv_path)
+            f"required: {', '.join(REQUIRED_COLUMNS)}",
+            path=csv_path,
+        )
     duplicated = sorted({c for c in columns if c and columns.count(c) > 1})
     if duplicated:
         raise InputError(f"subjects table has duplicate column(s) {', '.join(duplicated)}", path=csv_path)
     mask_columns = [c for c in columns if c.startswith(MASK_PREFIX)]
     for col in mask_columns:
-        if not ID_PATTERN.fullmatch(col[len(MASK_PREFIX):]):
-            raise InputError(f"mask column {col!r} needs a name of letters, digits, '-' or '_' after 'mask_'",
-                             path=csv_path)
+        if not ID_PATTERN.fullmatch(col[len(MASK_PREFIX) :]):
+            raise InputError(
+                f"mask column {col!r} needs a name of letters, digits, '-' or '_' after 'mask_'", path=csv_path
+            )
     return columns, mask_columns
 
 
-def _parse(reader, csv_path: Path, base: Path, require: tuple[str, ...],
-           problems: dict[str, InputError] | None = None) -> list[SubjectRow]:
+def _parse(
+    reader, csv_path: Path, base: Path, require: tuple[str, ...], problems: dict[str, InputError] | None = None
+) -> list[SubjectRow]:
     columns, mask_columns = _header(reader, csv_path)
     rows: list[SubjectRow] = []
     first_line: dict[str, int] = {}
@@ -117,16 +123,23 @@ def _parse(reader, csv_path: Path, base: Path, require: tuple[str, ...],
         if not subject_id:
             raise InputError(f"{where}: empty subject_id", path=csv_path)
         if not ID_PATTERN.fullmatch(subject_id):
-            raise InputError(f"{where}: subject_id {subject_id!r} may contain only letters, digits, '-' and '_'",
-                             path=csv_path)
+            raise InputError(
+                f"{where}: subject_id {subject_id!r} may contain only letters, digits, '-' and '_'", path=csv_path
+            )
         if subject_id in first_line:
-            raise InputError(f"{where}: duplicate subject_id {subject_id!r} (first on line {first_line[subject_id]})",
-                             subject=subject_id, path=csv_path)
+            raise InputError(
+                f"{where}: duplicate subject_id {subject_id!r} (first on line {first_line[subject_id]})",
+                subject=subject_id,
+                path=csv_path,
+            )
         twin = folded.get(subject_id.casefold())
         if twin is not None:
-            raise InputError(f"{where}: subject_id {subject_id!r} differs from {twin!r} (line {first_line[twin]}) only "
-                             "in case; both would use one folder on a case-insensitive file system",
-                             subject=subject_id, path=csv_path)
+            raise InputError(
+                f"{where}: subject_id {subject_id!r} differs from {twin!r} (line {first_line[twin]}) only "
+                "in case; both would use one folder on a case-insensitive file system",
+                subject=subject_id,
+                path=csv_path,
+            )
         first_line[subject_id] = line
         folded[subject_id.casefold()] = subject_id
 
@@ -142,8 +155,15 @@ def _parse(reader, csv_path: Path, base: Path, require: tuple[str, ...],
     return rows
 
 
-def _row(cells: dict[str, str], mask_columns: list[str], base: Path, where: str, subject_id: str,
-         require: tuple[str, ...], csv_path: Path) -> SubjectRow:
+def _row(
+    cells: dict[str, str],
+    mask_columns: list[str],
+    base: Path,
+    where: str,
+    subject_id: str,
+    require: tuple[str, ...],
+    csv_path: Path,
+) -> SubjectRow:
     paths = {}
     for col in PATH_COLUMNS:
         paths[col] = _path_cell(cells.get(col, ""), col, base, where, subject_id, col in require, csv_path)
@@ -151,18 +171,22 @@ def _row(cells: dict[str, str], mask_columns: list[str], base: Path, where: str,
     for col in mask_columns:
         p = _path_cell(cells.get(col, ""), col, base, where, subject_id, False, csv_path)
         if p is not None:
-            masks[col[len(MASK_PREFIX):]] = p
+            masks[col[len(MASK_PREFIX) :]] = p
 
     split = cells.get("split", "").lower() or None
     if split is not None and split not in SPLITS:
-        raise InputError(f"{where}: split {cells['split']!r} is not one of {'|'.join(SPLITS)} (or empty)",
-                         subject=subject_id, path=csv_path)
+        raise InputError(
+            f"{where}: split {cells['split']!r} is not one of {'|'.join(SPLITS)} (or empty)",
+            subject=subject_id,
+            path=csv_path,
+        )
     drf = _drf_cell(cells.get("drf", ""), where, subject_id, csv_path)
     return SubjectRow(subject_id, paths["ld_pet"], paths["sd_pet"], paths["mri"], split, drf, masks)
 
 
 def _unchecked_row(cells: dict[str, str], base: Path, subject_id: str) -> SubjectRow:
     """A failed subject's row as written (no file checked): only its split and whether it has a target count."""
+
     def path(col: str) -> Path | None:
         value = cells.get(col, "")
         return (base / Path(value).expanduser()) if value else None
@@ -171,12 +195,12 @@ def _unchecked_row(cells: dict[str, str], base: Path, subject_id: str) -> Subjec
     return SubjectRow(subject_id, path("ld_pet"), path("sd_pet"), path("mri"), split if split in SPLITS else None)
 
 
-def _path_cell(value: str, column: str, base: Path, where: str, subject_id: str, required: bool,
-               csv_path: Path) -> Path | None:
+def _path_cell(
+    value: str, column: str, base: Path, where: str, subject_id: str, required: bool, csv_path: Path
+) -> Path | None:
     if not value:
         if required:
-            raise InputError(f"{where}: column {column} is empty but required here", subject=subject_id,
-                             path=csv_path)
+            raise InputError(f"{where}: column {column} is empty but required here", subject=subject_id, path=csv_path)
         return None
     path = Path(value).expanduser()
     path = (path if path.is_absolute() else base / path).resolve()
@@ -195,6 +219,9 @@ def _drf_cell(value: str, where: str, subject_id: str, csv_path: Path) -> float 
     except ValueError:
         drf = math.nan
     if not math.isfinite(drf) or drf <= 0:
-        raise InputError(f"{where}: drf {value!r} must be a positive number (dose reduction factor, e.g. 4)",
-                         subject=subject_id, path=csv_path)
+        raise InputError(
+            f"{where}: drf {value!r} must be a positive number (dose reduction factor, e.g. 4)",
+            subject=subject_id,
+            path=csv_path,
+        )
     return drf

@@ -19,19 +19,30 @@ COLUMNS = ("subject", "file", "level", "message")
 def add_intake_arguments(parser: argparse.ArgumentParser) -> None:
     """The intake options, shared by every subcommand that reads raw subjects (``validate``, ``run``)."""
     frames = parser.add_mutually_exclusive_group()
-    frames.add_argument("--frame", type=_frame_index, metavar="N",
-                        help="4D PET: use frame N (0-based); 3D files ignore it")
+    frames.add_argument(
+        "--frame", type=_frame_index, metavar="N", help="4D PET: use frame N (0-based); 3D files ignore it"
+    )
     frames.add_argument("--sum-frames", action="store_true", help="4D PET: use the sum of all frames")
-    parser.add_argument("--qform-policy", choices=("warn", "reject"), default="warn",
-                        help="when a file's qform and sform disagree: use the sform and warn (default), or refuse")
-    parser.add_argument("--min-overlap", type=_fraction, default=0.5, metavar="F",
-                        help="least fraction of the PET's object inside the MRI's field of view (default 0.5)")
+    parser.add_argument(
+        "--qform-policy",
+        choices=("warn", "reject"),
+        default="warn",
+        help="when a file's qform and sform disagree: use the sform and warn (default), or refuse",
+    )
+    parser.add_argument(
+        "--min-overlap",
+        type=_fraction,
+        default=0.5,
+        metavar="F",
+        help="least fraction of the PET's object inside the MRI's field of view (default 0.5)",
+    )
 
 
 def intake_options(args: argparse.Namespace) -> IntakeOptions:
     """The :class:`IntakeOptions` of parsed :func:`add_intake_arguments` options."""
-    return IntakeOptions(frame=args.frame, sum_frames=args.sum_frames, qform_policy=args.qform_policy,
-                         min_overlap=args.min_overlap)
+    return IntakeOptions(
+        frame=args.frame, sum_frames=args.sum_frames, qform_policy=args.qform_policy, min_overlap=args.min_overlap
+    )
 
 
 def _frame_index(value: str) -> int:
@@ -65,9 +76,14 @@ def parse_require(value: str) -> tuple[str, ...]:
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subjects", required=True, type=Path, metavar="S.csv", help="subjects table")
     add_intake_arguments(parser)
-    parser.add_argument("--require", type=parse_require, default=("ld_pet",), metavar="COLS",
-                        help="path columns that must be filled in every row, comma-separated "
-                             "(default ld_pet; use sd_pet for a table that 'simulate' completes, '' for none)")
+    parser.add_argument(
+        "--require",
+        type=parse_require,
+        default=("ld_pet",),
+        metavar="COLS",
+        help="path columns that must be filled in every row, comma-separated "
+        "(default ld_pet; use sd_pet for a table that 'simulate' completes, '' for none)",
+    )
     parser.add_argument("--csv", type=Path, metavar="OUT.csv", help="also write the findings to this CSV file")
 
 
@@ -91,11 +107,11 @@ def main(args: argparse.Namespace) -> int:
     failing: dict[str, str] = {}
     for f in findings:
         if f.level == "error" and f.subject not in failing:
-            failing[f.subject] = f"subject {f.subject}, file {f.file}: {f.message}" if f.file else \
-                f"subject {f.subject}: {f.message}"
+            failing[f.subject] = (
+                f"subject {f.subject}, file {f.file}: {f.message}" if f.file else f"subject {f.subject}: {f.message}"
+            )
     n_warn = sum(f.level == "warning" for f in findings)
-    print(f"{len(rows)} subject(s), {len(rows) - len(failing)} valid, {len(failing)} with errors, "
-          f"{n_warn} warning(s)")
+    print(f"{len(rows)} subject(s), {len(rows) - len(failing)} valid, {len(failing)} with errors, {n_warn} warning(s)")
     for line in failing.values():
         print_error("m2diff-preprocess", line)
     return 2 if failing else 0

@@ -92,8 +92,13 @@ def local_cpu_wheels(folders: list[str], spec: str) -> list[str]:
             continue
         for wheel in path.glob("torch-*.whl"):
             parts = _WHEEL.match(wheel.name)
-            if (parts and parts["version"].endswith("+cpu") and parts["python"] == python_tag
-                    and machine in parts["platform"].lower() and satisfies(parts["version"], spec)):
+            if (
+                parts
+                and parts["version"].endswith("+cpu")
+                and parts["python"] == python_tag
+                and machine in parts["platform"].lower()
+                and satisfies(parts["version"], spec)
+            ):
                 found.add(parts["version"])
     return sorted(found, key=_release, reverse=True)
 
@@ -101,8 +106,9 @@ def local_cpu_wheels(folders: list[str], spec: str) -> list[str]:
 def pip_find_links() -> list[str]:
     """The ``find-links`` folders of pip's configuration (files and ``PIP_FIND_LINKS``), as pip reports them."""
     try:
-        listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], check=False,
-                                capture_output=True, text=True, timeout=60).stdout
+        listed = subprocess.run(
+            [sys.executable, "-m", "pip", "config", "list"], check=False, capture_output=True, text=True, timeout=60
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         listed = ""
     folders = []
@@ -123,16 +129,23 @@ def index_answers(url: str, timeout: float = 8.0) -> bool:
         return False
 
 
-def choose(mode: str, spec: str, *, has_torch: str | None, gpu: tuple[bool, str], cpu_index: str,
-           index_ok, find_links) -> tuple[str, str, list[str]]:
+def choose(
+    mode: str, spec: str, *, has_torch: str | None, gpu: tuple[bool, str], cpu_index: str, index_ok, find_links
+) -> tuple[str, str, list[str]]:
     """(mode, reason, pip arguments for torch). ``index_ok`` and ``find_links`` are called only when a CPU
     build is wanted, so choosing ``cuda`` or ``keep`` never touches the network."""
     if mode not in MODES:
         raise ValueError(f"M2DIFF_TORCH must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "auto":
         if has_torch:
-            return "keep", (f"the venv already has torch {has_torch} (to switch, recreate the venv with "
-                            "M2DIFF_TORCH=cpu or cuda)"), []
+            return (
+                "keep",
+                (
+                    f"the venv already has torch {has_torch} (to switch, recreate the venv with "
+                    "M2DIFF_TORCH=cpu or cuda)"
+                ),
+                [],
+            )
         mode, why = ("cuda", f"NVIDIA GPU found ({gpu[1]})") if gpu[0] else ("cpu", f"no NVIDIA GPU ({gpu[1]})")
     else:
         why = f"M2DIFF_TORCH={mode}"
@@ -146,10 +159,19 @@ def choose(mode: str, spec: str, *, has_torch: str | None, gpu: tuple[bool, str]
         return "cpu", why + f"; CPU build from {cpu_index}", ["--index-url", cpu_index, f"torch{spec}"]
     wheels = local_cpu_wheels(find_links(), spec)
     if wheels:
-        return "cpu", why + f"; {cpu_index} unreachable, local CPU wheel torch {wheels[0]} (pip find-links)", [
-            f"torch=={wheels[0]}"]
-    return "cuda", (why + f"; but no CPU build reachable ({cpu_index} unreachable, no torch-*+cpu wheel in pip's "
-                    "find-links): pip's default torch, a CUDA build on Linux x86_64 (≈ 5 GB)"), [f"torch{spec}"]
+        return (
+            "cpu",
+            why + f"; {cpu_index} unreachable, local CPU wheel torch {wheels[0]} (pip find-links)",
+            [f"torch=={wheels[0]}"],
+        )
+    return (
+        "cuda",
+        (
+            why + f"; but no CPU build reachable ({cpu_index} unreachable, no torch-*+cpu wheel in pip's "
+            "find-links): pip's default torch, a CUDA build on Linux x86_64 (≈ 5 GB)"
+        ),
+        [f"torch{spec}"],
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,10 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     mode = os.environ.get("M2DIFF_TORCH", "auto").strip().lower() or "auto"
     try:
         chosen, reason, pip_args = choose(
-            mode, args.spec, has_torch=installed_torch(),
+            mode,
+            args.spec,
+            has_torch=installed_torch(),
             gpu=nvidia_gpu() if mode == "auto" else (False, "not checked"),
             cpu_index=os.environ.get("M2DIFF_TORCH_CPU_INDEX", DEFAULT_CPU_INDEX),
-            index_ok=index_answers, find_links=pip_find_links)
+            index_ok=index_answers,
+            find_links=pip_find_links,
+        )
     except ValueError as err:
         print(f"[setup] {err}", file=sys.stderr)
         return 2

@@ -36,8 +36,19 @@ TABLE_STRUCTURE_CASES = frozenset({"duplicate_id", "malformed_id"})
 CASE_OPTIONS: dict[str, dict] = {"qform_sform": {"qform_policy": "reject"}}
 CASE_CLI_ARGS: dict[str, list[str]] = {"qform_sform": ["--qform-policy", "reject"]}
 
-BAD_CASES = ("truncated", "nan", "inf", "4d_no_frame", "qform_sform", "zero_byte", "not_gzip", "missing_file",
-             "duplicate_id", "malformed_id", "no_overlap")
+BAD_CASES = (
+    "truncated",
+    "nan",
+    "inf",
+    "4d_no_frame",
+    "qform_sform",
+    "zero_byte",
+    "not_gzip",
+    "missing_file",
+    "duplicate_id",
+    "malformed_id",
+    "no_overlap",
+)
 GOOD_CASES = ("basic", "lps", "oblique")
 
 
@@ -63,8 +74,9 @@ def world_coordinates(shape, affine: np.ndarray) -> np.ndarray:
     return (affine[:3, :3] @ idx + affine[:3, 3:4]).reshape(3, *shape[:3])
 
 
-def phantom(shape, affine: np.ndarray, modality: str, offset_mm=(0.0, 0.0, 0.0), seed: int = 0,
-            noise: float = 0.02) -> np.ndarray:
+def phantom(
+    shape, affine: np.ndarray, modality: str, offset_mm=(0.0, 0.0, 0.0), seed: int = 0, noise: float = 0.02
+) -> np.ndarray:
     """A blob-shaped brain sampled on ``(shape, affine)``.
 
     ``pet``: bright cortex-like shell, warm centre, two hot spots; ``mri``: T1-like (bright white matter, grey
@@ -100,9 +112,17 @@ def save(path: Path, data: np.ndarray, affine: np.ndarray, qform: np.ndarray | N
     return path
 
 
-def write_subject(folder: Path, subject_id: str, *, flip_lps: bool = False, rotation_deg: float = 0.0,
-                  with_mri: bool = True, with_mask: bool = False, seed: int = 0,
-                  pet_voxel_mm: float = PET_VOXEL_MM) -> dict[str, str]:
+def write_subject(
+    folder: Path,
+    subject_id: str,
+    *,
+    flip_lps: bool = False,
+    rotation_deg: float = 0.0,
+    with_mri: bool = True,
+    with_mask: bool = False,
+    seed: int = 0,
+    pet_voxel_mm: float = PET_VOXEL_MM,
+) -> dict[str, str]:
     """Write a good subject (LD/SD PET on one grid, MRI on its own finer grid); return its table cells.
     ``pet_voxel_mm`` changes the PET voxel size and keeps the field of view (the same anatomy, another scanner)."""
     pet_shape = tuple(max(1, round(n * PET_VOXEL_MM / pet_voxel_mm)) for n in PET_SHAPE)
@@ -117,8 +137,9 @@ def write_subject(folder: Path, subject_id: str, *, flip_lps: bool = False, rota
         mri = phantom(MRI_SHAPE, mri_affine, "mri", seed=seed + 2)
         cells["mri"] = _rel(save(folder / subject_id / "t1.nii.gz", mri, mri_affine), folder)
     if with_mask:
-        lesion = (np.linalg.norm(world_coordinates(pet_shape, affine) - np.array([6, 5, 2]).reshape(3, 1, 1, 1),
-                                 axis=0) < 4.0).astype(np.uint8)
+        lesion = (
+            np.linalg.norm(world_coordinates(pet_shape, affine) - np.array([6, 5, 2]).reshape(3, 1, 1, 1), axis=0) < 4.0
+        ).astype(np.uint8)
         cells["mask_lesion"] = _rel(save(folder / subject_id / "lesion.nii.gz", lesion, affine), folder)
     return cells
 
@@ -141,10 +162,13 @@ def make_good_input_corpus(root: Path) -> dict[str, Path]:
     out = {}
     folder = root / "basic"
     folder.mkdir(parents=True, exist_ok=True)
-    out["basic"] = write_table(folder / "subjects.csv", [
-        write_subject(folder, "good01", with_mask=True, seed=10),
-        write_subject(folder, "nomri01", with_mri=False, seed=20),
-    ])
+    out["basic"] = write_table(
+        folder / "subjects.csv",
+        [
+            write_subject(folder, "good01", with_mask=True, seed=10),
+            write_subject(folder, "nomri01", with_mri=False, seed=20),
+        ],
+    )
     for name, kwargs in (("lps", {"flip_lps": True}), ("oblique", {"rotation_deg": 12.0})):
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
@@ -222,7 +246,6 @@ def _rel(path: Path, folder: Path) -> str:
     return path.relative_to(folder).as_posix()
 
 
-
 # ------------------------------------------------------------------------------------- unsafe outputs (issue 13)
 # Ordinary command-line mistakes that must never destroy an input, write outside the output, or serve a stale
 # result. Each tool must refuse the first five classes with a one-line InputError before any work, leaving every
@@ -273,45 +296,72 @@ def make_unsafe_output_corpus(root: Path) -> dict[str, tuple[list[str], str, Pat
     def cohort(name: str, layout: str = "") -> tuple[Path, Path]:
         folder = root / name / layout if layout else root / name
         folder.mkdir(parents=True, exist_ok=True)
-        table = write_table(folder / "subjects.csv", [write_subject(folder, "good01", seed=1),
-                                                      write_subject(folder, "good02", seed=2)])
+        table = write_table(
+            folder / "subjects.csv", [write_subject(folder, "good01", seed=1), write_subject(folder, "good02", seed=2)]
+        )
         return root / name, table
 
     fast = ["--transform", "rigid", "--size", "32"]
     # 1. --out is the folder whose subjects/<id>/ already hold the raw cohort
     top, table = cohort("out_holds_raw_cohort", "subjects")
-    cases["out_holds_raw_cohort"] = (["run", "--subjects", str(table), "--out", str(top), "--manifest",
-                                      str(top / "m.json"), *fast], "holds the input", top)
+    cases["out_holds_raw_cohort"] = (
+        ["run", "--subjects", str(table), "--out", str(top), "--manifest", str(top / "m.json"), *fast],
+        "holds the input",
+        top,
+    )
     # 2. --manifest is the subjects table itself
     top, table = cohort("manifest_is_table")
-    cases["manifest_is_table"] = (["run", "--subjects", str(table), "--out", str(top / "out"), "--manifest",
-                                   str(table), *fast], "would overwrite the input subjects table", top)
+    cases["manifest_is_table"] = (
+        ["run", "--subjects", str(table), "--out", str(top / "out"), "--manifest", str(table), *fast],
+        "would overwrite the input subjects table",
+        top,
+    )
     # 2b. --manifest is a listed image
     top, table = cohort("manifest_is_input_image")
-    cases["manifest_is_input_image"] = (["run", "--subjects", str(table), "--out", str(top / "out"), "--manifest",
-                                         str(top / "good01" / "ld_pet.nii.gz"), *fast], "would overwrite the input",
-                                        top)
+    cases["manifest_is_input_image"] = (
+        [
+            "run",
+            "--subjects",
+            str(table),
+            "--out",
+            str(top / "out"),
+            "--manifest",
+            str(top / "good01" / "ld_pet.nii.gz"),
+            *fast,
+        ],
+        "would overwrite the input",
+        top,
+    )
     # 1b. a subject's output folder is a symlink to the raw folder (symlinks are followed)
     top, table = cohort("out_subject_folder_is_symlink")
     (top / "out" / "subjects").mkdir(parents=True)
     (top / "out" / "subjects" / "good02").symlink_to(top / "good02", target_is_directory=True)
-    cases["out_subject_folder_is_symlink"] = (["run", "--subjects", str(table), "--out", str(top / "out"),
-                                               "--manifest", str(top / "m.json"), *fast], "holds the input", top)
+    cases["out_subject_folder_is_symlink"] = (
+        ["run", "--subjects", str(table), "--out", str(top / "out"), "--manifest", str(top / "m.json"), *fast],
+        "holds the input",
+        top,
+    )
     # 1c. the table sits where the QC summary goes
     top = root / "qc_summary_is_table"
     qc = top / "out" / "qc"
     qc.mkdir(parents=True)
     rows = [write_subject(qc, "good01", seed=1)]
     table = write_table(qc / "summary.csv", rows)
-    cases["qc_summary_is_table"] = (["run", "--subjects", str(table), "--out", str(top / "out"), "--manifest",
-                                     str(top / "m.json"), *fast], "would overwrite the input subjects table", top)
+    cases["qc_summary_is_table"] = (
+        ["run", "--subjects", str(table), "--out", str(top / "out"), "--manifest", str(top / "m.json"), *fast],
+        "would overwrite the input subjects table",
+        top,
+    )
     # 2c. simulate --out is the table's own folder: the new table would replace the input table
     top = root / "simulate_out_is_table_folder"
     cells = write_subject(top, "good01", seed=1)
     cells["ld_pet"] = ""
     table = write_table(top / "subjects.csv", [cells])
-    cases["simulate_out_is_table_folder"] = (["simulate", "--subjects", str(table), "--out", str(top)],
-                                             "would overwrite the input subjects table", top)
+    cases["simulate_out_is_table_folder"] = (
+        ["simulate", "--subjects", str(table), "--out", str(top)],
+        "would overwrite the input subjects table",
+        top,
+    )
     return cases
 
 

@@ -67,6 +67,7 @@ def write_synthetic_manifest(
                 )
     content["volumes"] = []
     # parameters stay empty: checkpoints copy them as their preprocessing record, and these slices had none
-    content["provenance"] = provenance("tests/synthetic_slices.py", {}, notes="random synthetic slices for tests",
-                                       seed=seed)
+    content["provenance"] = provenance(
+        "tests/synthetic_slices.py", {}, notes="random synthetic slices for tests", seed=seed
+    )
     return write_manifest(out / "manifest.json", content)

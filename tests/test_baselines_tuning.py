@@ -22,8 +22,12 @@ def case() -> baselines.TuningCase:
 
 
 def test_without_validation_both_use_their_documented_defaults():
-    settings = baselines.BaselineSettings(nlm_h_factors=(0.5, 0.7), bm4d_sigma_factors=(1.5, 2.0),
-                                          default_nlm_h_factor=0.8, default_bm4d_sigma_factor=1.25)
+    settings = baselines.BaselineSettings(
+        nlm_h_factors=(0.5, 0.7),
+        bm4d_sigma_factors=(1.5, 2.0),
+        default_nlm_h_factor=0.8,
+        default_bm4d_sigma_factor=1.25,
+    )
     chosen = baselines.choose_settings(("nlm", "bm3d"), [], settings)
     assert (chosen.nlm_h_factor, chosen.bm4d_sigma_factor) == (0.8, 1.25)
     assert chosen.curves == {} and chosen.tuned_on is None
@@ -48,11 +52,14 @@ def test_a_grid_is_searched_by_mean_psnr_and_its_curve_recorded(case):
     chosen = baselines.choose_settings(("nlm",), [case], settings)
     sigma = baselines.estimate_noise_sigma(case.ld, case.mask)
     data_range = resolve_data_range(case.reference, case.mask)
-    expected = [psnr(baselines.nlm_baseline(case.ld, case.mask, h, sigma, settings), case.reference, case.mask,
-                     data_range) for h in grid]
+    expected = [
+        psnr(baselines.nlm_baseline(case.ld, case.mask, h, sigma, settings), case.reference, case.mask, data_range)
+        for h in grid
+    ]
     assert chosen.curves["nlm"]["h_factor"] == list(grid)
     assert chosen.curves["nlm"]["mean_psnr"] == pytest.approx(expected, abs=1e-4)
     assert chosen.nlm_h_factor == grid[int(np.argmax(expected))]
     rows, _ = baselines.apply_baselines(case.ld, case.mask, case.spacing, chosen, "t1")
-    np.testing.assert_array_equal(rows["NLM"], baselines.nlm_baseline(case.ld, case.mask, chosen.nlm_h_factor,
-                                                                       sigma, settings))
+    np.testing.assert_array_equal(
+        rows["NLM"], baselines.nlm_baseline(case.ld, case.mask, chosen.nlm_h_factor, sigma, settings)
+    )

@@ -91,8 +91,13 @@ def test_train_config_has_paper_defaults():
     net = build_network(demo["network_config"])
     assert net.config["image_size"] == 64  # the 4 mm / 64³ demo cohort of the main job
     # the sampler scripts/main_job.sh evaluates with is stored in the demo's checkpoints
-    assert demo["inference_defaults"] == {"sampler": "ddim", "steps": 2, "eta": 0.0, "start_step": None,
-                                          "ld_consistency_fwhm": 7.0}
+    assert demo["inference_defaults"] == {
+        "sampler": "ddim",
+        "steps": 2,
+        "eta": 0.0,
+        "start_step": None,
+        "ld_consistency_fwhm": 7.0,
+    }
     check_inference_defaults(demo["inference_defaults"])
     # the last epoch validates, so the run writes the best.pt that scripts/main_job.sh samples with
     assert demo["max_epochs"] % demo["val_interval"] == 0
@@ -140,8 +145,9 @@ def test_training_run_writes_checkpoints_with_config_and_resume_continues(slice_
 
 def test_single_orientation_model_from_config(slice_manifest, tmp_path):
     out = tmp_path / "axial"
-    overrides = tiny_overrides(slice_manifest, out, orientations=["axial"], ema_decay=None, val_interval=2,
-                               amp_dtype="bfloat16")
+    overrides = tiny_overrides(
+        slice_manifest, out, orientations=["axial"], ema_decay=None, val_interval=2, amp_dtype="bfloat16"
+    )
     run_training(**overrides)
     ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["iteration"] == 1 and ckpt["config"]["data"]["orientations"] == ["axial"]  # 4 axial slices

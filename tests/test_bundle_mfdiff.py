@@ -67,7 +67,10 @@ def manifests(tmp_path_factory, slice_manifest):
     with MRI)."""
     simulated = slice_manifest
     invivo = write_synthetic_manifest(
-        tmp_path_factory.mktemp("invivo"), size=16, subjects={"viv-01": 0, "viv-02": 1}, slices_per_orientation=2,
+        tmp_path_factory.mktemp("invivo"),
+        size=16,
+        subjects={"viv-01": 0, "viv-02": 1},
+        slices_per_orientation=2,
         seed=1,
     )
     return simulated, invivo
@@ -116,7 +119,11 @@ def test_configs_have_paper_defaults():
     assert stage1_demo.get_parsed_content("validate#inferer").start_step == 200  # truncated start (docs/inference.md)
     # the sampler scripts/mfdiff_demo.sh evaluates with is stored in the demo's checkpoints
     assert stage1_demo.get_parsed_content("checkpoint_config")["inference_defaults"] == {
-        "sampler": "ddim", "steps": 10, "eta": 0.0, "start_step": 200}
+        "sampler": "ddim",
+        "steps": 10,
+        "eta": 0.0,
+        "start_step": 200,
+    }
 
     mixed = ConfigParser()
     mixed.read_config([TRAIN, MIXED])
@@ -211,8 +218,9 @@ def test_stage2_rejects_a_mismatched_checkpoint_unless_non_strict(manifests, tmp
 def test_non_diffusion_ablation_row_trains(manifests, tmp_path):
     simulated, invivo = manifests
     out = tmp_path / "runs"
-    overrides = tiny_overrides(simulated, invivo, out, external_iterations=1, epoch_length=1,
-                               **{"network_config#variant": "CMUNet"})
+    overrides = tiny_overrides(
+        simulated, invivo, out, external_iterations=1, epoch_length=1, **{"network_config#variant": "CMUNet"}
+    )
     workflow = finish(make_workflow([TRAIN], **overrides))
     network = workflow.parser.get_parsed_content("network")
     assert network.is_diffusion is False

@@ -59,7 +59,8 @@ def test_export_keeps_the_ids_and_rewrites_only_paths_and_defaults(exported_pair
     assert set(exported) == set(source)
     rewritable = set(REWRITTEN_IDS) | set(SETTING_KEYS)
     assert {key: exported[key] for key in set(source) - rewritable} == {
-        key: source[key] for key in set(source) - rewritable}
+        key: source[key] for key in set(source) - rewritable
+    }
     assert exported["bundle_root"] == "." and exported["checkpoint"] == CHECKPOINT_EXPR
     stored = torch.load(checkpoint, weights_only=True)["config"]
     assert exported["network_config"] == stored["network"]

@@ -21,8 +21,15 @@ from m2diff_monai.checkpoint import (
 from m2diff_monai.errors import InputError
 from m2diff_monai.networks.factory import build_network
 
-TINY = {"name": "m2diff", "preset": "demo", "image_size": 16, "model_channels": 32, "channel_mult": [1],
-        "attention_resolutions": [], "num_heads": 1}
+TINY = {
+    "name": "m2diff",
+    "preset": "demo",
+    "image_size": 16,
+    "model_channels": 32,
+    "channel_mult": [1],
+    "attention_resolutions": [],
+    "num_heads": 1,
+}
 
 
 def _perturbed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -37,10 +44,15 @@ def net():
 
 def _write(path, net, ema=True, **extras):
     raw = net.state_dict()
-    config = {"network": net.config, "diffusion": {"timesteps": 50}, "data": {"normalization": "shared"},
-              "inference_defaults": {"steps": 3}}
-    return write_checkpoint(path, new_checkpoint(raw, config, ema_state=_perturbed(raw) if ema else None,
-                                                 epoch=2, iteration=7, **extras))
+    config = {
+        "network": net.config,
+        "diffusion": {"timesteps": 50},
+        "data": {"normalization": "shared"},
+        "inference_defaults": {"steps": 3},
+    }
+    return write_checkpoint(
+        path, new_checkpoint(raw, config, ema_state=_perturbed(raw) if ema else None, epoch=2, iteration=7, **extras)
+    )
 
 
 def _one_line(err: pytest.ExceptionInfo, path) -> str:
@@ -143,16 +155,19 @@ class NotAllowed:
     """Unpickling this needs code: ``weights_only=True`` must refuse it."""
 
 
-@pytest.mark.parametrize("case,expected", [
-    ("missing", "does not exist"),
-    ("folder", "not a file"),
-    ("garbage", "cannot read the checkpoint"),
-    ("text", "cannot read the checkpoint"),
-    ("code", "cannot read the checkpoint \\(UnpicklingError"),
-    ("tensor", "holds a Tensor"),
-    ("noconfig", "no config"),
-    ("noweights", "no network weights"),
-])
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        ("missing", "does not exist"),
+        ("folder", "not a file"),
+        ("garbage", "cannot read the checkpoint"),
+        ("text", "cannot read the checkpoint"),
+        ("code", "cannot read the checkpoint \\(UnpicklingError"),
+        ("tensor", "holds a Tensor"),
+        ("noconfig", "no config"),
+        ("noweights", "no network weights"),
+    ],
+)
 def test_bad_files_are_one_line_input_errors_naming_the_file(tmp_path, case, expected):
     path = tmp_path / f"{case}.pt"
     if case == "folder":

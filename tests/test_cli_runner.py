@@ -119,17 +119,25 @@ def test_unwritable_log_folder_still_gives_one_line(capsys, tmp_path, monkeypatc
     assert len(err.splitlines()) == 1 and "ZeroDivisionError" in err and "no log could be written" in err
 
 
-@pytest.mark.parametrize("module", ["preprocessing.cli", "m2diff_monai.inference.cli",
-                                    "m2diff_monai.evaluation.cli", "m2diff_monai.export.cli"])
+@pytest.mark.parametrize(
+    "module",
+    ["preprocessing.cli", "m2diff_monai.inference.cli", "m2diff_monai.evaluation.cli", "m2diff_monai.export.cli"],
+)
 def test_every_command_has_debug_and_the_same_prefix(module, tmp_path):
     """All four console scripts go through the runner: --debug in their help, ``PROG: error:`` on bad options."""
     argv = ["validate", "--help"] if module == "preprocessing.cli" else ["--help"]
-    helped = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, timeout=120,
-                            cwd=tmp_path)
+    helped = subprocess.run(
+        [sys.executable, "-m", module, *argv], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
     assert helped.returncode == 0 and "--debug" in helped.stdout
     bad = ["validate", "--no-such-option"] if module == "preprocessing.cli" else ["--no-such-option"]
-    refused = subprocess.run([sys.executable, "-m", module, *bad], capture_output=True, text=True, timeout=120,
-                             cwd=tmp_path)
-    prog = {"preprocessing.cli": "m2diff-preprocess validate", "m2diff_monai.inference.cli": "m2diff-infer",
-            "m2diff_monai.evaluation.cli": "m2diff-evaluate", "m2diff_monai.export.cli": "m2diff-export"}[module]
+    refused = subprocess.run(
+        [sys.executable, "-m", module, *bad], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    prog = {
+        "preprocessing.cli": "m2diff-preprocess validate",
+        "m2diff_monai.inference.cli": "m2diff-infer",
+        "m2diff_monai.evaluation.cli": "m2diff-evaluate",
+        "m2diff_monai.export.cli": "m2diff-export",
+    }[module]
     assert refused.returncode == 2 and f"{prog}: error: " in refused.stderr.splitlines()[-1]

@@ -82,8 +82,7 @@ def test_t1_is_rigidly_misaligned_on_its_own_grid(anatomy):
 
     def similarity(world_motion):
         m = np.linalg.inv(s.t1_affine) @ world_motion @ s.affine  # PET voxel → T1 voxel
-        t1_on_pet = ndimage.affine_transform(s.t1, m[:3, :3], offset=m[:3, 3], output_shape=s.activity.shape,
-                                             order=1)
+        t1_on_pet = ndimage.affine_transform(s.t1, m[:3, :3], offset=m[:3, 3], output_shape=s.activity.shape, order=1)
         return np.corrcoef(t1_on_pet[inside], reference[inside])[0, 1]
 
     assert similarity(np.linalg.inv(rigid)) > 0.9
@@ -94,8 +93,7 @@ def test_raw_cohort_files_and_idempotent_rerun(tmp_path):
     from preprocessing.demo import DemoOptions, generate_raw_cohort
     from preprocessing.subjects import read_subjects
 
-    options = DemoOptions(subjects=3, downsample=2, drf=20, scanner=ScannerParams(iterations=1, subsets=7),
-                          heldout=0)
+    options = DemoOptions(subjects=3, downsample=2, drf=20, scanner=ScannerParams(iterations=1, subsets=7), heldout=0)
     table, records = generate_raw_cohort(tmp_path / "raw", options, progress=False)
     rows = read_subjects(table)
     assert [r.split for r in rows] == ["train", "val", "test"]
@@ -122,8 +120,12 @@ def _world_to_t1(s, mask_on_pet: np.ndarray) -> np.ndarray:
     """A PET-grid mask carried onto the subject's T1 grid through the recorded rigid misplacement."""
     rigid = np.array(s.info["t1_rigid_world"])
     m = np.linalg.inv(s.affine) @ rigid @ s.t1_affine  # T1 voxel → PET voxel
-    return ndimage.affine_transform(mask_on_pet.astype(np.float32), m[:3, :3], offset=m[:3, 3],
-                                    output_shape=s.t1.shape, order=0) > 0.5
+    return (
+        ndimage.affine_transform(
+            mask_on_pet.astype(np.float32), m[:3, :3], offset=m[:3, 3], output_shape=s.t1.shape, order=0
+        )
+        > 0.5
+    )
 
 
 def test_head_t1_has_skull_scalp_neck_and_noise_outside_the_brain(anatomy):
@@ -143,26 +145,28 @@ def test_head_t1_has_skull_scalp_neck_and_noise_outside_the_brain(anatomy):
     # Rician noise floor in the air (magnitude image), while the stripped T1 is the template's zero background.
     air = ~ndimage.binary_dilation(head.t1 > 0.2 * wm_level, iterations=3)
     assert air.any() and 0 < np.median(head.t1[air]) < 0.1 * wm_level
-    far = ~ndimage.binary_dilation(_world_to_t1(stripped, warp(anatomy.brain, stripped.displacement) > 0.5),
-                                   iterations=4)
+    far = ~ndimage.binary_dilation(
+        _world_to_t1(stripped, warp(anatomy.brain, stripped.displacement) > 0.5), iterations=4
+    )
     assert np.abs(stripped.t1[far]).max() < 0.01 * stripped.t1.max()
 
 
 def test_heldout_anatomy_is_outside_the_training_distribution(anatomy):
     rng_seeds = range(3)
     train = [make_subject(anatomy, np.random.default_rng(s), "healthy") for s in rng_seeds]
-    held = [make_subject(anatomy, np.random.default_rng(s), "healthy", variation=HELDOUT_VARIATION)
-            for s in rng_seeds]
+    held = [make_subject(anatomy, np.random.default_rng(s), "healthy", variation=HELDOUT_VARIATION) for s in rng_seeds]
     for t, h in zip(train, held, strict=True):
         assert {"ventricle_expansion", "atrophy", "asymmetry"} <= set(h.info)
         assert not {"ventricle_expansion", "atrophy", "asymmetry"} & set(t.info)
         assert h.info["jacobian_min"] > 0  # still invertible
         assert h.info["max_displacement_mm"] > t.info["max_displacement_mm"]
+
     # Enlarged ventricles: deep CSF volume grows; atrophy: less GM for the same warp family.
     def deep_csf(s):
         brain = warp(anatomy.brain, s.displacement) > 0.5
         csf = warp(anatomy.csf, s.displacement) > 0.5
         return (csf & (ndimage.distance_transform_edt(brain) * 4.0 > 15.0)).sum()
+
     assert np.mean([deep_csf(h) for h in held]) > 1.2 * np.mean([deep_csf(t) for t in train])
     gm_uptake = [h.activity[h.masks["gm"] > 0].sum() for h in held]
     assert all(np.isfinite(gm_uptake))
@@ -186,8 +190,9 @@ def test_demo_command_end_to_end(tmp_path):
 
     manifest = tmp_path / "manifests" / "demo.json"
     parser = demo.configure(argparse.ArgumentParser())
-    args = parser.parse_args(["--out", str(tmp_path / "demo"), "--manifest", str(manifest), "--subjects", "3",
-                              "--heldout", "1", *FAST_ARGS])
+    args = parser.parse_args(
+        ["--out", str(tmp_path / "demo"), "--manifest", str(manifest), "--subjects", "3", "--heldout", "1", *FAST_ARGS]
+    )
     assert demo.main(args) == 0
     for key in ("training", "validation", "test"):
         items = load_decathlon_datalist(str(manifest), is_segmentation=False, data_list_key=key)

@@ -29,8 +29,9 @@ SIZE, SPACING = 16, 3.0
 def volume() -> MetaTensor:
     """A PET phantom already on the tiny model's 16³ grid (3 mm voxels), in arbitrary 'original' units."""
     affine = centred_affine((SIZE,) * 3, SPACING)
-    return MetaTensor(torch.from_numpy(100.0 * phantom((SIZE,) * 3, affine, "pet").astype(np.float32)),
-                      affine=torch.as_tensor(affine))
+    return MetaTensor(
+        torch.from_numpy(100.0 * phantom((SIZE,) * 3, affine, "pet").astype(np.float32)), affine=torch.as_tensor(affine)
+    )
 
 
 def test_exported_config_declares_the_ids_the_deploy_operator_reads(exported):  # noqa: F811
@@ -58,8 +59,9 @@ def test_in_memory_volume_matches_the_pipeline_and_sampler_route(exported, volum
     cubes = prepare_cubes(volume.numpy(), volume.affine.numpy(), normalization="volume", size=SIZE)
     model = load_model(exported / "models" / "model.pt", device="cpu")
     sampler = DiffusionSamplerInferer(model.diffusion_config, sampler="ancestral", steps=2, seed=0)
-    reference = predict_volume(model.network, sampler, cubes.ld, None, brain_mask=cubes.mask,
-                               orientations=("axial", "coronal"), fusion="mean")
+    reference = predict_volume(
+        model.network, sampler, cubes.ld, None, brain_mask=cubes.mask, orientations=("axial", "coronal"), fusion="mean"
+    )
     expected = cubes.ld_scaling.invert(reference.fused)
     # model.ts (traced) against the eager network: float rounding only
     np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=1e-3 * float(np.abs(expected).max()))

@@ -348,8 +348,14 @@ def test_build_diffusion_from_config():
     # "auto" without the training data's normalization: never cut what the data may hold
     assert (default.model_mean_type, default.model_var_type, default.clip_range) == ("x0", "fixed_large", (-1.0, 10.0))
     spaced = build_diffusion(
-        {"schedule": "cosine", "timesteps": 1000, "model_mean_type": "eps", "model_var_type": "learned_range",
-         "clip_denoised": None, "respacing": "ddim50"}
+        {
+            "schedule": "cosine",
+            "timesteps": 1000,
+            "model_mean_type": "eps",
+            "model_var_type": "learned_range",
+            "clip_denoised": None,
+            "respacing": "ddim50",
+        }
     )
     assert isinstance(spaced, SpacedDiffusion) and spaced.num_timesteps == 50 and spaced.clip_range is None
     assert spaced.model_timesteps(torch.tensor([49])).item() == 980
@@ -359,25 +365,36 @@ def test_build_diffusion_from_config():
     assert cfg["respacing"] == "100" and cfg["clip_denoised"] == "auto" and cfg["auto_clip_max"] == 10.0
     assert normalize_diffusion_config({"clip_denoised": [-1, 1]})["clip_denoised"] == [-1.0, 1.0]  # the official
     assert normalize_diffusion_config({"clip_denoised": False})["clip_denoised"] is None
-    for bad in ({"shedule": "linear"}, {"schedule": "quad"}, {"model_mean_type": "v"}, {"respacing": "2000"},
-                {"clip_denoised": [1, 0]}, {"clip_denoised": "wide"}, {"auto_clip_max": 0.5}):
+    for bad in (
+        {"shedule": "linear"},
+        {"schedule": "quad"},
+        {"model_mean_type": "v"},
+        {"respacing": "2000"},
+        {"clip_denoised": [1, 0]},
+        {"clip_denoised": "wide"},
+        {"auto_clip_max": 0.5},
+    ):
         with pytest.raises(ValueError):
             build_diffusion(bad)
 
 
-@pytest.mark.parametrize("data,expected", [
-    ({"preprocessing": {"normalization": "shared"}}, [-1.0, 10.0]),
-    ({"preprocessing": {"normalization": "slice"}}, [-1.0, 1.0]),    # per-slice min–max: the official loader
-    ({"preprocessing": {"normalization": "volume"}}, [-1.0, 1.0]),
-    ({"normalization": "paper"}, [-1.0, 1.0]),                          # legacy name, flat key
-    ({}, [-1.0, 10.0]),                                                  # unknown: do not cut
-])
+@pytest.mark.parametrize(
+    "data,expected",
+    [
+        ({"preprocessing": {"normalization": "shared"}}, [-1.0, 10.0]),
+        ({"preprocessing": {"normalization": "slice"}}, [-1.0, 1.0]),  # per-slice min–max: the official loader
+        ({"preprocessing": {"normalization": "volume"}}, [-1.0, 1.0]),
+        ({"normalization": "paper"}, [-1.0, 1.0]),  # legacy name, flat key
+        ({}, [-1.0, 10.0]),  # unknown: do not cut
+    ],
+)
 def test_auto_clip_resolves_from_the_training_normalization(data, expected):
     from m2diff_monai.diffusion import resolve_clip
 
     assert resolve_clip({"clip_denoised": "auto"}, data)["clip_denoised"] == expected
     assert resolve_clip({"clip_denoised": "AUTO", "auto_clip_max": 4}, data)["clip_denoised"][1] == (
-        1.0 if expected[1] == 1.0 else 4.0)
+        1.0 if expected[1] == 1.0 else 4.0
+    )
     # explicit ranges and "no clip" are kept whatever the normalization
     assert resolve_clip({"clip_denoised": [-1, 1]}, data)["clip_denoised"] == [-1.0, 1.0]
     assert resolve_clip({"clip_denoised": None}, data)["clip_denoised"] is None

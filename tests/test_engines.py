@@ -58,8 +58,17 @@ def test_missing_manifest_names_the_command_that_creates_it(tmp_path):
 def test_manifest_without_split_is_an_input_error(tmp_path):
     from m2diff_monai.data.manifest import provenance, write_manifest
 
-    path = write_manifest(tmp_path / "m.json", {"name": "empty", "training": [], "validation": [], "test": [],
-                                                "volumes": [], "provenance": provenance("tests", {})})
+    path = write_manifest(
+        tmp_path / "m.json",
+        {
+            "name": "empty",
+            "training": [],
+            "validation": [],
+            "test": [],
+            "volumes": [],
+            "provenance": provenance("tests", {}),
+        },
+    )
     with pytest.raises(InputError, match="no 'training' slice items"):
         load_slice_items(path)
     with pytest.raises(InputError, match="'validation'"):
@@ -269,8 +278,9 @@ def _official_bias_by_hand(pet2, mri2, diffusion, t):
 def test_official_bias_loss_equals_coef1_squared_clamped_x0_mse():
     """The official L_bias (one-step samples of both branches on a second pass, shared noise) on a fixed batch
     equals coef1(t)²·MSE of the clamped x̂0 difference, computed here independently."""
-    diffusion = build_diffusion({"timesteps": 50, "model_mean_type": "x0", "model_var_type": "fixed_large",
-                                 "clip_denoised": [-1, 1]})  # the official code's clip (data in [0, 1])
+    diffusion = build_diffusion(
+        {"timesteps": 50, "model_mean_type": "x0", "model_var_type": "fixed_large", "clip_denoised": [-1, 1]}
+    )  # the official code's clip (data in [0, 1])
     g = torch.Generator().manual_seed(7)
     b = 4
     x0 = torch.rand(b, 1, 4, 4, generator=g)
@@ -281,8 +291,14 @@ def test_official_bias_loss_equals_coef1_squared_clamped_x0_mse():
     mri = 1.5 * torch.randn(2 * b, 1, 4, 4, generator=g)
     supervised = torch.tensor([1.0, 1.0, 0.0, 1.0])
     targets = {
-        "x_start": x0, "x_t": x_t, "t": t, "noise": noise, "mri_available": torch.zeros(b),
-        "mri_supervised": supervised, "bias_x_t": x_t2, "bias_step_noise": z,
+        "x_start": x0,
+        "x_t": x_t,
+        "t": t,
+        "noise": noise,
+        "mri_available": torch.zeros(b),
+        "mri_supervised": supervised,
+        "bias_x_t": x_t2,
+        "bias_step_noise": z,
     }
     loss_fn = DiffusionLoss(diffusion, lambda_task=0.4, lambda_bias=0.2)
     loss = loss_fn({"pet": pet, "mri": mri, "out": pet}, targets)

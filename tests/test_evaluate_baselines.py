@@ -65,8 +65,10 @@ def subject_arrays(seed: int, noise: float) -> dict[str, np.ndarray]:
 def rebase_volume(item: dict, root: Path) -> dict:
     """Manifest paths are relative to the manifest's folder (``root``)."""
     rel = lambda p: Path(p).relative_to(root).as_posix() if p else ""  # noqa: E731
-    return {**{k: rel(v) if k in VOLUME_PATH_KEYS else v for k, v in item.items()},
-            "regions": {name: rel(p) for name, p in item["regions"].items()}}
+    return {
+        **{k: rel(v) if k in VOLUME_PATH_KEYS else v for k, v in item.items()},
+        "regions": {name: rel(p) for name, p in item["regions"].items()},
+    }
 
 
 def build(root: Path, plan: list[tuple[str, str, float]], with_pred: bool = True) -> dict:
@@ -77,21 +79,39 @@ def build(root: Path, plan: list[tuple[str, str, float]], with_pred: bool = True
         a = subject_arrays(n + 1, noise)
         arrays[sid] = a
         folder = root / "data" / sid
-        item = {"subject": sid, "split": split, "scale": 1.0, "offset": 0.0, "space": "pet",
-                "source_ld_pet": save(folder / "ld.nii.gz", a["ld"], descrip=b"simulated FDG PET, Bq/mL"),
-                "source_sd_pet": save(folder / "sd.nii.gz", a["sd"]),
-                "brain_mask": save(folder / "brain_mask.nii.gz", a["brain"], np.uint8),
-                "regions": {r: save(folder / "regions" / f"{r}.nii.gz", a[r], np.uint8)
-                            for r in ("gm", "lesion_hot", "lesion_cold")},
-                "preprocessed_dir": str(folder), "mri": "", "mri_available": 0, "source_mri": ""}
+        item = {
+            "subject": sid,
+            "split": split,
+            "scale": 1.0,
+            "offset": 0.0,
+            "space": "pet",
+            "source_ld_pet": save(folder / "ld.nii.gz", a["ld"], descrip=b"simulated FDG PET, Bq/mL"),
+            "source_sd_pet": save(folder / "sd.nii.gz", a["sd"]),
+            "brain_mask": save(folder / "brain_mask.nii.gz", a["brain"], np.uint8),
+            "regions": {
+                r: save(folder / "regions" / f"{r}.nii.gz", a[r], np.uint8) for r in ("gm", "lesion_hot", "lesion_cold")
+            },
+            "preprocessed_dir": str(folder),
+            "mri": "",
+            "mri_available": 0,
+            "source_mri": "",
+        }
         item["ld_pet"], item["sd_pet"] = item["source_ld_pet"], item["source_sd_pet"]
         volumes.append(rebase_volume(item, root))
         if with_pred:
             rng = np.random.default_rng(100 + n)
             save(root / "preds" / "Pred" / f"{sid}.nii.gz", a["sd"] + 50 * rng.standard_normal(SHAPE))
-    manifest = write_manifest(root / "manifest.json", {"name": "baselines", "training": [], "validation": [],
-                                                       "test": [], "volumes": volumes,
-                                                       "provenance": provenance("tests", {})})
+    manifest = write_manifest(
+        root / "manifest.json",
+        {
+            "name": "baselines",
+            "training": [],
+            "validation": [],
+            "test": [],
+            "volumes": volumes,
+            "provenance": provenance("tests", {}),
+        },
+    )
     return {"manifest": manifest, "preds": root / "preds" / "Pred", "arrays": arrays, "root": root}
 
 
@@ -100,16 +120,26 @@ def best_fwhm(arrays: list[dict]) -> float:
     scores = []
     for fwhm in FWHM_GRID:
         sigma = [fwhm / (2 * math.sqrt(2 * math.log(2))) / s for s in SPACING]
-        scores.append(np.mean([metrics.psnr(ndimage.gaussian_filter(a["ld"], sigma, mode="nearest"), a["sd"],
-                                            a["brain"], float(a["sd"][a["brain"]].max())) for a in arrays]))
+        scores.append(
+            np.mean(
+                [
+                    metrics.psnr(
+                        ndimage.gaussian_filter(a["ld"], sigma, mode="nearest"),
+                        a["sd"],
+                        a["brain"],
+                        float(a["sd"][a["brain"]].max()),
+                    )
+                    for a in arrays
+                ]
+            )
+        )
     return FWHM_GRID[int(np.argmax(scores))]
 
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> dict:
     """Validation subjects are very noisy (a wide Gaussian wins), test subjects barely noisy (a narrow one)."""
-    plan = [("v1", "val", 1.6), ("v2", "val", 1.6), ("t1", "test", 0.15), ("t2", "test", 0.15),
-            ("tr1", "train", 0.5)]
+    plan = [("v1", "val", 1.6), ("v2", "val", 1.6), ("t1", "test", 0.15), ("t2", "test", 0.15), ("tr1", "train", 0.5)]
     return build(tmp_path_factory.mktemp("cohort"), plan)
 
 
@@ -117,8 +147,9 @@ def test_gaussian_baseline_is_scipys_filter_with_fwhm_in_mm():
     rng = np.random.default_rng(0)
     ld = rng.random((12, 14, 10)).astype(np.float32)
     spacing = (1.5, 2.0, 3.0)
-    expected = ndimage.gaussian_filter(ld, [5.0 / (2 * math.sqrt(2 * math.log(2))) / s for s in spacing],
-                                       mode="nearest")
+    expected = ndimage.gaussian_filter(
+        ld, [5.0 / (2 * math.sqrt(2 * math.log(2))) / s for s in spacing], mode="nearest"
+    )
     np.testing.assert_allclose(baselines.gaussian_baseline(ld, 5.0, spacing), expected, rtol=1e-6, atol=1e-7)
     assert baselines.gaussian_sigma_voxels(2.3548200450309493, (1.0, 2.0, 0.5)) == pytest.approx((1.0, 0.5, 2.0))
 
@@ -136,9 +167,16 @@ def test_fwhm_is_chosen_on_validation_never_on_test(cohort, tmp_path, monkeypatc
         return original(item, base, predictions, space)
 
     monkeypatch.setattr(run, "load_subject", recording)
-    summary = run.evaluate_cohort(cohort["manifest"], {"Pred": cohort["preds"]}, tmp_path / "report",
-                                  baselines="gaussian", lpips=False, figures=False, progress=False,
-                                  baseline_settings=baselines.BaselineSettings(fwhm_grid_mm=FWHM_GRID))
+    summary = run.evaluate_cohort(
+        cohort["manifest"],
+        {"Pred": cohort["preds"]},
+        tmp_path / "report",
+        baselines="gaussian",
+        lpips=False,
+        figures=False,
+        progress=False,
+        baseline_settings=baselines.BaselineSettings(fwhm_grid_mm=FWHM_GRID),
+    )
     chosen = summary["baselines"]
     assert chosen["fwhm_mm"] == val_best != test_best
     assert chosen["tuned_on"] == "val" and chosen["tuning_subjects"] == ["v1", "v2"]
@@ -150,8 +188,9 @@ def test_fwhm_is_chosen_on_validation_never_on_test(cohort, tmp_path, monkeypatc
     g = df[(df["method"] == "Gaussian") & (df["subject"] == "t1")]["psnr"].item()
     a = arrays["t1"]
     sigma = [val_best / (2 * math.sqrt(2 * math.log(2))) / s for s in SPACING]
-    assert g == pytest.approx(metrics.psnr(ndimage.gaussian_filter(a["ld"], sigma, mode="nearest"), a["sd"],
-                                           a["brain"]), rel=1e-5)
+    assert g == pytest.approx(
+        metrics.psnr(ndimage.gaussian_filter(a["ld"], sigma, mode="nearest"), a["sd"], a["brain"]), rel=1e-5
+    )
     run_json = json.loads((tmp_path / "report" / "run.json").read_text())
     assert run_json["baselines"]["fwhm_mm"] == val_best
     assert f"FWHM {val_best:g} mm" in (tmp_path / "report" / "report.md").read_text()
@@ -159,8 +198,15 @@ def test_fwhm_is_chosen_on_validation_never_on_test(cohort, tmp_path, monkeypatc
 
 def test_without_validation_the_documented_default_is_used_and_said(tmp_path):
     c = build(tmp_path, [("t1", "test", 0.5), ("t2", "test", 0.5)])
-    summary = run.evaluate_cohort(c["manifest"], {"Pred": c["preds"]}, tmp_path / "report", baselines="gaussian",
-                                  lpips=False, figures=False, progress=False)
+    summary = run.evaluate_cohort(
+        c["manifest"],
+        {"Pred": c["preds"]},
+        tmp_path / "report",
+        baselines="gaussian",
+        lpips=False,
+        figures=False,
+        progress=False,
+    )
     chosen = summary["baselines"]
     assert chosen["fwhm_mm"] == baselines.BaselineSettings().default_fwhm_mm
     assert chosen["tuned_on"] is None and chosen["tuning_subjects"] == []
@@ -176,8 +222,11 @@ def test_lesion_recovery_equals_a_hand_computation():
     reference[1:3, 1:3, 1] = [[10.0, 20.0], [30.0, 40.0]]
     volume[1:3, 1:3, 1] = [[8.0, 18.0], [20.0, 30.0]]
     volume[5, 5, 5] = 1000.0  # outside the lesion: ignored
-    regions = {"lesion_hot": (lesion, scoring.mask_box(lesion)), "gm": (lesion, scoring.mask_box(lesion)),
-               "lesion_cold": (np.zeros_like(lesion), None)}
+    regions = {
+        "lesion_hot": (lesion, scoring.mask_box(lesion)),
+        "gm": (lesion, scoring.mask_box(lesion)),
+        "lesion_cold": (np.zeros_like(lesion), None),
+    }
     row = quantitation.lesion_recovery(volume, reference, regions)
     assert row["recovery_mean_lesion_hot"] == pytest.approx((76.0 / 4) / (100.0 / 4))
     assert row["recovery_max_lesion_hot"] == pytest.approx(30.0 / 40.0)
@@ -195,10 +244,19 @@ def test_lesion_ttests_only_from_five_subjects():
             target = 10.0 + rng.random()
             for method, factor in (("LD", 1.0 + 0.05 * rng.standard_normal()), ("M", 0.8 + 0.01 * rng.random())):
                 pred = target * factor
-                rows.append({"subject": f"s{i}", "method": method, "bias_lesion_hot": pred / target - 1,
-                             "mean_pred_lesion_hot": pred, "mean_target_lesion_hot": target,
-                             "recovery_mean_lesion_hot": pred / target, "recovery_max_lesion_hot": factor,
-                             "max_pred_lesion_hot": 2 * pred, "max_target_lesion_hot": 2 * target})
+                rows.append(
+                    {
+                        "subject": f"s{i}",
+                        "method": method,
+                        "bias_lesion_hot": pred / target - 1,
+                        "mean_pred_lesion_hot": pred,
+                        "mean_target_lesion_hot": target,
+                        "recovery_mean_lesion_hot": pred / target,
+                        "recovery_max_lesion_hot": factor,
+                        "max_pred_lesion_hot": 2 * pred,
+                        "max_target_lesion_hot": 2 * target,
+                    }
+                )
         return pd.DataFrame(rows)
 
     few = quantitation.quantitation_markdown(frame(2), ["lesion_hot"], "Bq/mL")
@@ -216,9 +274,15 @@ def full_report(cohort, tmp_path_factory) -> dict:
     """A run with all three baselines and figures (tiny volumes: BM4D takes a second or two here; two NLM
     factors to tune instead of five)."""
     out = tmp_path_factory.mktemp("full") / "report"
-    summary = run.evaluate_cohort(cohort["manifest"], {"Pred": cohort["preds"]}, out,
-                                  baselines="gaussian,nlm,bm3d", lpips=False, progress=False,
-                                  baseline_settings={"nlm_h_factors": [0.75, 1.0]})
+    summary = run.evaluate_cohort(
+        cohort["manifest"],
+        {"Pred": cohort["preds"]},
+        out,
+        baselines="gaussian,nlm,bm3d",
+        lpips=False,
+        progress=False,
+        baseline_settings={"nlm_h_factors": [0.75, 1.0]},
+    )
     return {"summary": summary, "out": out, "report": (out / "report.md").read_text()}
 
 
@@ -227,7 +291,7 @@ def _table_rows(report: str, heading: str) -> list[str]:
     lines = report.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(heading))
     rows, seen_table = [], False
-    for line in lines[start + 1:]:
+    for line in lines[start + 1 :]:
         if line.startswith("|"):
             seen_table = True
             cell = line.split("|")[1].strip()
@@ -252,8 +316,15 @@ def test_report_opens_with_quantitation_and_has_every_method_row(full_report):
     assert "Uptake in Bq/mL" in report  # units read from the NIfTI descrip
     run_json = json.loads((full_report["out"] / "run.json").read_text())
     assert run_json["methods"] == expected and run_json["units"] == "Bq/mL"
-    assert set(run_json["baselines"]) >= {"fwhm_mm", "nlm_h_factor", "bm4d_sigma_factor", "tuned_on",
-                                          "tuning_subjects", "grids", "noise_sigma"}
+    assert set(run_json["baselines"]) >= {
+        "fwhm_mm",
+        "nlm_h_factor",
+        "bm4d_sigma_factor",
+        "tuned_on",
+        "tuning_subjects",
+        "grids",
+        "noise_sigma",
+    }
     assert set(run_json["baselines"]["noise_sigma"]) == {"v1", "v2", "t1", "t2"}
     assert "Noise σ estimated from each LD" in report
     summary = pd.read_csv(full_report["out"] / "summary.csv")
@@ -266,8 +337,9 @@ def test_baselines_filter_the_ld_only_inside_the_brain_box(full_report, cohort):
     """NLM/BM4D leave voxels outside the brain box at the LD value; inside they change the LD."""
     a = cohort["arrays"]["t1"]
     settings = baselines.BaselineSettings()
-    out = baselines.nlm_baseline(a["ld"], a["brain"], 1.0, baselines.estimate_noise_sigma(a["ld"], a["brain"]),
-                                 settings)
+    out = baselines.nlm_baseline(
+        a["ld"], a["brain"], 1.0, baselines.estimate_noise_sigma(a["ld"], a["brain"]), settings
+    )
     box = baselines._box(a["brain"], settings.margin_voxels)
     outside = np.ones(SHAPE, bool)
     outside[box] = False
@@ -288,11 +360,33 @@ def test_report_check_fails_when_a_row_or_lesion_table_is_missing(full_report):
 
 def test_bad_baseline_options_are_one_line_errors(cohort, tmp_path, capsys):
     out = tmp_path / "r"
-    code = cli.main(["--manifest", str(cohort["manifest"]), "--pred", f"Pred={cohort['preds']}", "--out", str(out),
-                     "--baselines", "gaussian,wiener", "--no-progress"])
+    code = cli.main(
+        [
+            "--manifest",
+            str(cohort["manifest"]),
+            "--pred",
+            f"Pred={cohort['preds']}",
+            "--out",
+            str(out),
+            "--baselines",
+            "gaussian,wiener",
+            "--no-progress",
+        ]
+    )
     assert code == 2 and "unknown baseline 'wiener'" in capsys.readouterr().err and not out.exists()
-    code = cli.main(["--manifest", str(cohort["manifest"]), "--pred", f"Gaussian={cohort['preds']}", "--out",
-                     str(out), "--baselines", "gaussian", "--no-progress"])
+    code = cli.main(
+        [
+            "--manifest",
+            str(cohort["manifest"]),
+            "--pred",
+            f"Gaussian={cohort['preds']}",
+            "--out",
+            str(out),
+            "--baselines",
+            "gaussian",
+            "--no-progress",
+        ]
+    )
     assert code == 2 and "name of a --baselines row" in capsys.readouterr().err and not out.exists()
     assert baselines.parse_baselines("Gaussian, bm4d,nlm,gaussian") == ("gaussian", "bm3d", "nlm")
 
@@ -301,9 +395,15 @@ def test_bundle_key_passes_the_baselines(cohort, tmp_path):
     for bundle in ("m2diff", "mfdiff"):
         config = json.loads((Path(__file__).parents[1] / "bundles" / bundle / "evaluate.json").read_text())
         assert config["evaluate"]["baselines"] == "@baselines" and "baselines" in config
-    summary = run.run_bundle_evaluation(manifest=str(cohort["manifest"]), predictions={"Pred": str(cohort["preds"])},
-                                        output_dir=str(tmp_path / "b"), baselines=["gaussian"], lpips=False,
-                                        figures=False, progress=False)
+    summary = run.run_bundle_evaluation(
+        manifest=str(cohort["manifest"]),
+        predictions={"Pred": str(cohort["preds"])},
+        output_dir=str(tmp_path / "b"),
+        baselines=["gaussian"],
+        lpips=False,
+        figures=False,
+        progress=False,
+    )
     assert summary["methods"] == ["LD", "Gaussian", "Pred"]
 
 

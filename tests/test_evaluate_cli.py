@@ -37,7 +37,8 @@ TINY_M2DIFF = tiny_m2diff(SIZE)
 
 def canonical_affine() -> np.ndarray:
     return np.diag([SPACING, SPACING, SPACING, 1.0]) + np.array(
-        [[0, 0, 0, -36.0], [0, 0, 0, -40.0], [0, 0, 0, -20.0], [0, 0, 0, 0]])
+        [[0, 0, 0, -36.0], [0, 0, 0, -40.0], [0, 0, 0, -20.0], [0, 0, 0, 0]]
+    )
 
 
 def lps(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -68,8 +69,16 @@ def phantom(seed: int) -> dict[str, np.ndarray]:
     sd = ndimage.gaussian_filter(brain * (2.0 + 3.0 * gm + rng.random(NATIVE)), 1.0).astype(np.float32) * 1000
     sd[lesion] *= 1.5
     noise = rng.standard_normal(NATIVE).astype(np.float32) * 1000
-    return {"sd": sd, "ld": np.clip(sd + 0.8 * noise, 0, None), "good": sd + 0.1 * noise, "same": sd.copy(),
-            "brain": brain, "gm": gm, "wm": wm, "lesion_hot": lesion}
+    return {
+        "sd": sd,
+        "ld": np.clip(sd + 0.8 * noise, 0, None),
+        "good": sd + 0.1 * noise,
+        "same": sd.copy(),
+        "brain": brain,
+        "gm": gm,
+        "wm": wm,
+        "lesion_hot": lesion,
+    }
 
 
 def build_cohort(root: Path, with_mri: bool = False) -> dict:
@@ -97,26 +106,60 @@ def build_cohort(root: Path, with_mri: bool = False) -> dict:
             save(folder / "regions" / f"{region}.nii.gz", cut(a[region]), cube_affine, np.uint8)
         if with_mri:
             save(folder / "mri.nii.gz", cut(ndimage.gaussian_filter(a["brain"] * 1.0, 1)), cube_affine)
-        record = {"subject": sid, "space": "pet", "crop": {"start": list(START), "size": SIZE},
-                  "normalization": {"method": "shared", "scale": scale, "offset": 0.0,
-                                    "per_volume": {"ld_pet": {"scale": scale, "offset": 0.0},
-                                                   "sd_pet": {"scale": scale, "offset": 0.0}}}}
+        record = {
+            "subject": sid,
+            "space": "pet",
+            "crop": {"start": list(START), "size": SIZE},
+            "normalization": {
+                "method": "shared",
+                "scale": scale,
+                "offset": 0.0,
+                "per_volume": {"ld_pet": {"scale": scale, "offset": 0.0}, "sd_pet": {"scale": scale, "offset": 0.0}},
+            },
+        }
         (folder / "subject.json").write_text(json.dumps(record))
         rel = lambda p: Path("..", p.relative_to(root)).as_posix()  # noqa: E731
-        volumes.append({
-            "subject": sid, "split": "test", "ld_pet": rel(folder / "ld_pet.nii.gz"),
-            "sd_pet": rel(folder / "sd_pet.nii.gz"), "mri": rel(folder / "mri.nii.gz") if with_mri else "",
-            "brain_mask": rel(folder / "brain_mask.nii.gz"), "scale": scale, "offset": 0.0,
-            "source_ld_pet": rel(raw / sid / "ld_pet.nii.gz"), "source_sd_pet": rel(raw / sid / "sd_pet.nii.gz"),
-            "source_mri": "", "mri_available": int(with_mri),
-            "regions": {r: rel(folder / "regions" / f"{r}.nii.gz") for r in REGIONS},
-            "preprocessed_dir": rel(folder), "subject_json": rel(folder / "subject.json"), "space": "pet", "drf": 100,
-        })
+        volumes.append(
+            {
+                "subject": sid,
+                "split": "test",
+                "ld_pet": rel(folder / "ld_pet.nii.gz"),
+                "sd_pet": rel(folder / "sd_pet.nii.gz"),
+                "mri": rel(folder / "mri.nii.gz") if with_mri else "",
+                "brain_mask": rel(folder / "brain_mask.nii.gz"),
+                "scale": scale,
+                "offset": 0.0,
+                "source_ld_pet": rel(raw / sid / "ld_pet.nii.gz"),
+                "source_sd_pet": rel(raw / sid / "sd_pet.nii.gz"),
+                "source_mri": "",
+                "mri_available": int(with_mri),
+                "regions": {r: rel(folder / "regions" / f"{r}.nii.gz") for r in REGIONS},
+                "preprocessed_dir": rel(folder),
+                "subject_json": rel(folder / "subject.json"),
+                "space": "pet",
+                "drf": 100,
+            }
+        )
     manifest = manifests / "tiny.json"
     manifest.parent.mkdir(parents=True, exist_ok=True)
-    manifest.write_text(json.dumps({"name": "tiny", "training": [], "validation": [], "test": [], "volumes": volumes,
-                                    "provenance": {"tool": "test", "version": "0", "created": "2024-01-01T00:00:00Z",
-                                                   "parameters": {"size": SIZE}, "notes": ""}}))
+    manifest.write_text(
+        json.dumps(
+            {
+                "name": "tiny",
+                "training": [],
+                "validation": [],
+                "test": [],
+                "volumes": volumes,
+                "provenance": {
+                    "tool": "test",
+                    "version": "0",
+                    "created": "2024-01-01T00:00:00Z",
+                    "parameters": {"size": SIZE},
+                    "notes": "",
+                },
+            }
+        )
+    )
     return {"root": root, "manifest": manifest, "preds": root / "preds", "arrays": arrays}
 
 
@@ -141,9 +184,20 @@ def report(cohort, tmp_path_factory) -> dict:
     mp.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
     out = tmp_path_factory.mktemp("reports") / "tiny"
     try:
-        code = cli.main(["--manifest", str(cohort["manifest"]), "--pred", f"Good={cohort['preds'] / 'Good'}",
-                         "--pred", f"Same={cohort['preds'] / 'Same'}", "--out", str(out), "--per-slice",
-                         "--no-progress"])
+        code = cli.main(
+            [
+                "--manifest",
+                str(cohort["manifest"]),
+                "--pred",
+                f"Good={cohort['preds'] / 'Good'}",
+                "--pred",
+                f"Same={cohort['preds'] / 'Same'}",
+                "--out",
+                str(out),
+                "--per-slice",
+                "--no-progress",
+            ]
+        )
     finally:
         mp.undo()
     return {"code": code, "out": out, "per_subject": pd.read_csv(out / "per_subject.csv")}
@@ -152,13 +206,37 @@ def report(cohort, tmp_path_factory) -> dict:
 def test_report_files_rows_and_columns(report):
     assert report["code"] == 0
     out, df = report["out"], report["per_subject"]
-    for name in ("per_subject.csv", "per_slice.csv", "summary.csv", "summary.md", "ttests.csv", "ttests.md",
-                 "complexity.md", "complexity.json", "report.md", "run.json"):
+    for name in (
+        "per_subject.csv",
+        "per_slice.csv",
+        "summary.csv",
+        "summary.md",
+        "ttests.csv",
+        "ttests.md",
+        "complexity.md",
+        "complexity.json",
+        "report.md",
+        "run.json",
+    ):
         assert (out / name).is_file(), name
     assert len(df) == len(SUBJECTS) * 3
     assert list(df["method"][:3]) == ["LD", "Good", "Same"]
-    for column in ("subject", "method", "psnr", "ssim", "nmse", "lpips", "bias", "bias_gm", "bias_wm",
-                   "bias_lesion_hot", "psnr_2d_axial", "ssim_2d", "nmse_2d_sagittal", "data_range"):
+    for column in (
+        "subject",
+        "method",
+        "psnr",
+        "ssim",
+        "nmse",
+        "lpips",
+        "bias",
+        "bias_gm",
+        "bias_wm",
+        "bias_lesion_hot",
+        "psnr_2d_axial",
+        "ssim_2d",
+        "nmse_2d_sagittal",
+        "data_range",
+    ):
         assert column in df.columns, column
     summary = pd.read_csv(out / "summary.csv")
     assert list(summary["method"]) == ["LD", "Good", "Same"]
@@ -192,10 +270,12 @@ def test_metrics_equal_an_independent_computation_on_canonical_arrays(report, co
         assert df.loc[(sid, "Good"), "psnr"] == pytest.approx(metrics.psnr(a["good"], a["sd"], a["brain"]), rel=1e-6)
         assert df.loc[(sid, "LD"), "nmse"] == pytest.approx(metrics.nmse(a["ld"], a["sd"], a["brain"]), rel=1e-6)
         assert df.loc[(sid, "Good"), "bias_gm"] == pytest.approx(
-            metrics.relative_bias(a["good"], a["sd"], a["gm"]), rel=1e-6, abs=1e-9)
+            metrics.relative_bias(a["good"], a["sd"], a["gm"]), rel=1e-6, abs=1e-9
+        )
         assert df.loc[(sid, "Good"), "data_range"] == pytest.approx(float(a["sd"][a["brain"]].max()), rel=1e-6)
-        per_slice = metrics.per_slice_metrics(a["good"], a["sd"], a["brain"], float(a["sd"][a["brain"]].max()), 2,
-                                              min_slice_voxels=16)
+        per_slice = metrics.per_slice_metrics(
+            a["good"], a["sd"], a["brain"], float(a["sd"][a["brain"]].max()), 2, min_slice_voxels=16
+        )
         assert df.loc[(sid, "Good"), "ssim_2d_axial"] == pytest.approx(np.nanmean(per_slice["ssim"]), rel=1e-6)
 
 
@@ -209,8 +289,10 @@ def test_ttests_match_scipy(report):
     pairs = set(zip(tt["method_a"], tt["method_b"], strict=True))
     assert {("LD", "Good"), ("LD", "Same"), ("Good", "Same")} <= pairs  # vs LD, and between methods
     nm = tt[(tt["metric"] == "nmse") & (tt["method_a"] == "Good") & (tt["method_b"] == "Same")].iloc[0]
-    ref = sps.ttest_rel(df.pivot(index="subject", columns="method", values="nmse")["Good"],
-                        df.pivot(index="subject", columns="method", values="nmse")["Same"])
+    ref = sps.ttest_rel(
+        df.pivot(index="subject", columns="method", values="nmse")["Good"],
+        df.pivot(index="subject", columns="method", values="nmse")["Same"],
+    )
     assert nm["p"] == pytest.approx(ref.pvalue, rel=1e-9)
     assert "lpips" not in set(tt["metric"])  # all NaN: not tested
 
@@ -245,15 +327,37 @@ def test_missing_prediction_is_one_line_and_writes_nothing(cohort, tmp_path, cap
     for sid in ("s01", "s03"):
         (preds / f"{sid}.nii.gz").symlink_to(cohort["preds"] / "Good" / f"{sid}.nii.gz")
     out = tmp_path / "out"
-    code = cli.main(["--manifest", str(cohort["manifest"]), "--pred", f"Partial={preds}", "--out", str(out),
-                     "--no-progress", "--no-lpips"])
+    code = cli.main(
+        [
+            "--manifest",
+            str(cohort["manifest"]),
+            "--pred",
+            f"Partial={preds}",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--no-lpips",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and "subject s02" in err and "Partial" in err and "s02.nii.gz" in err
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
-    code = cli.main(["--manifest", str(cohort["manifest"]), "--pred", f"Partial={preds}", "--out", str(out),
-                     "--no-progress", "--no-lpips", "--keep-going", "--no-figures"])
+    code = cli.main(
+        [
+            "--manifest",
+            str(cohort["manifest"]),
+            "--pred",
+            f"Partial={preds}",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--no-lpips",
+            "--keep-going",
+            "--no-figures",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "s02" in err
     df = pd.read_csv(out / "per_subject.csv")
@@ -298,8 +402,15 @@ def test_preprocessed_space_agrees_with_native_and_replaces_old_report(cohort, t
 
 def test_lpips_code_path_with_a_random_backbone(cohort, tmp_path):
     metric = LPIPSMetric(_allow_random_backbone=True)
-    run.evaluate_cohort(cohort["manifest"], {"Same": cohort["preds"] / "Same", "Good": cohort["preds"] / "Good"},
-                        tmp_path / "rep", subjects=["s01"], lpips=metric, figures=False, progress=False)
+    run.evaluate_cohort(
+        cohort["manifest"],
+        {"Same": cohort["preds"] / "Same", "Good": cohort["preds"] / "Good"},
+        tmp_path / "rep",
+        subjects=["s01"],
+        lpips=metric,
+        figures=False,
+        progress=False,
+    )
     df = pd.read_csv(tmp_path / "rep" / "per_subject.csv").set_index("method")
     assert df.loc["Same", "lpips"] == pytest.approx(0.0, abs=1e-6)
     assert df.loc["LD", "lpips"] > df.loc["Good", "lpips"] > 0
@@ -314,8 +425,18 @@ def save_tiny_checkpoint(path: Path, config: dict, epoch: int = 2, iteration: in
     net = build_network(config)
     cfg = checkpoint_config(net, {"timesteps": 100}, {"size": SIZE, "normalization": "shared", "space": "pet"})
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"network": net.state_dict(), "ema": None, "optimizer": {}, "scaler": None, "epoch": epoch,
-                "iteration": iteration, "config": cfg}, path)
+    torch.save(
+        {
+            "network": net.state_dict(),
+            "ema": None,
+            "optimizer": {},
+            "scaler": None,
+            "epoch": epoch,
+            "iteration": iteration,
+            "config": cfg,
+        },
+        path,
+    )
     return path
 
 
@@ -335,19 +456,29 @@ def test_complexity_from_checkpoint_logs_and_inference_summary(tmp_path):
     (tmp_path / "run" / "train.log").write_text(
         "2024 - ignite.engine.engine.SupervisedTrainer - INFO - Epoch[1] Complete. Time taken: 00:00:12.000\n"
         "2024 - ignite.engine.engine.SupervisedEvaluator - INFO - Epoch[1] Complete. Time taken: 00:09:00.000\n"
-        "2024 - ignite.engine.engine.SupervisedTrainer - INFO - Epoch[2] Complete. Time taken: 00:01:02.000\n")
+        "2024 - ignite.engine.engine.SupervisedTrainer - INFO - Epoch[2] Complete. Time taken: 00:01:02.000\n"
+    )
     found = complexity.training_seconds_per_epoch(ckpt, info)
     assert found["train_seconds_per_epoch"] == pytest.approx(37.0) and found["epochs"] == 2
     preds = tmp_path / "preds"
     preds.mkdir()
-    (preds / "predictions.json").write_text(json.dumps({
-        "checkpoint": str(ckpt), "settings": {"device": "cpu"},
-        "subjects": [{"subject": "a", "seconds": {"sampling": 10.0, "writing": 1.0}},
-                     {"subject": "b", "seconds": {"sampling": 12.0, "writing": 1.0}}]}))
+    (preds / "predictions.json").write_text(
+        json.dumps(
+            {
+                "checkpoint": str(ckpt),
+                "settings": {"device": "cpu"},
+                "subjects": [
+                    {"subject": "a", "seconds": {"sampling": 10.0, "writing": 1.0}},
+                    {"subject": "b", "seconds": {"sampling": 12.0, "writing": 1.0}},
+                ],
+            }
+        )
+    )
     timings = tmp_path / "baseline.json"
     timings.write_text(json.dumps({"parameters": 2.9e6, "train_seconds_per_epoch": 218.28}))
-    inputs = complexity.gather_inputs(["M2Diff", "Baseline"], {"M2Diff": preds, "Baseline": tmp_path},
-                                      {}, {"Baseline": timings})
+    inputs = complexity.gather_inputs(
+        ["M2Diff", "Baseline"], {"M2Diff": preds, "Baseline": tmp_path}, {}, {"Baseline": timings}
+    )
     rows = {r["method"]: r for r in complexity.complexity_rows(inputs)}
     assert rows["M2Diff"]["parameters"] == info["parameters"]  # checkpoint found through predictions.json
     assert rows["M2Diff"]["inference_seconds_per_subject"] == pytest.approx(12.0)
@@ -362,9 +493,25 @@ def test_complexity_from_checkpoint_logs_and_inference_summary(tmp_path):
 def test_cka_heatmaps_from_a_tiny_m2diff(cohort, tmp_path, capsys):
     ckpt = save_tiny_checkpoint(tmp_path / "m2diff.pt", TINY_M2DIFF)
     out = tmp_path / "rep"
-    code = cli.main(["--manifest", str(cohort["manifest"]), "--pred", f"Good={cohort['preds'] / 'Good'}",
-                     "--out", str(out), "--no-progress", "--no-lpips", "--no-figures", "--cka", str(ckpt),
-                     "--cka-slices", "6", "--checkpoint", f"Good={ckpt}"])
+    code = cli.main(
+        [
+            "--manifest",
+            str(cohort["manifest"]),
+            "--pred",
+            f"Good={cohort['preds'] / 'Good'}",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--no-lpips",
+            "--no-figures",
+            "--cka",
+            str(ckpt),
+            "--cka-slices",
+            "6",
+            "--checkpoint",
+            f"Good={ckpt}",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     result = json.loads((out / "cka" / "cka.json").read_text())
     for part in ("encoder", "decoder"):
@@ -378,8 +525,20 @@ def test_cka_heatmaps_from_a_tiny_m2diff(cohort, tmp_path, capsys):
     assert "| Good | m2diff demo V6 |" in (out / "complexity.md").read_text()
 
     single = save_tiny_checkpoint(tmp_path / "v1.pt", {**TINY_M2DIFF, "variant": "V1"})
-    code = cli.main(["--manifest", str(cohort["manifest"]), "--pred", f"Good={cohort['preds'] / 'Good'}",
-                     "--out", str(tmp_path / "rep2"), "--no-progress", "--no-lpips", "--cka", str(single)])
+    code = cli.main(
+        [
+            "--manifest",
+            str(cohort["manifest"]),
+            "--pred",
+            f"Good={cohort['preds'] / 'Good'}",
+            "--out",
+            str(tmp_path / "rep2"),
+            "--no-progress",
+            "--no-lpips",
+            "--cka",
+            str(single),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "two-branch" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "rep2").exists()
@@ -399,9 +558,17 @@ def test_bundle_evaluate_config_runs(cohort, tmp_path):
 
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "bundle_report"
-    bundle_run("evaluate", config_file=str(repo / "bundles" / "m2diff" / "evaluate.json"),
-               manifest=str(cohort["manifest"]), predictions={"M2Diff": str(cohort["preds"] / "Good")},
-               output_dir=str(out), lpips=False, figures=False, progress=False, subjects="s01,s03")
+    bundle_run(
+        "evaluate",
+        config_file=str(repo / "bundles" / "m2diff" / "evaluate.json"),
+        manifest=str(cohort["manifest"]),
+        predictions={"M2Diff": str(cohort["preds"] / "Good")},
+        output_dir=str(out),
+        lpips=False,
+        figures=False,
+        progress=False,
+        subjects="s01,s03",
+    )
     df = pd.read_csv(out / "per_subject.csv")
     # the bundle's default baselines: the Gaussian row (defaults: this manifest has no validation split)
     assert list(df["method"].unique()) == ["LD", "Gaussian", "M2Diff"]
@@ -426,17 +593,51 @@ def test_end_to_end_with_the_pipeline_and_m2diff_infer(tmp_path, space):
     for row in rows:
         row["split"] = "test"
     manifest = tmp_path / "manifests" / "tiny.json"
-    run_pipeline(write_table(raw / "subjects.csv", rows), tmp_path / "prep", manifest,
-                 PipelineOptions(transform="rigid", size=SIZE, split=(0.0, 0.0, 1.0), space=space))
+    run_pipeline(
+        write_table(raw / "subjects.csv", rows),
+        tmp_path / "prep",
+        manifest,
+        PipelineOptions(transform="rigid", size=SIZE, split=(0.0, 0.0, 1.0), space=space),
+    )
     net = build_network({"name": "inference_test_identity"})
     data = {"size": SIZE, "normalization": "shared", "transform": "rigid", "space": space}
-    torch.save({"network": net.state_dict(), "ema": None, "epoch": 1, "iteration": 10,
-                "config": checkpoint_config(net, {"timesteps": 100}, data)}, tmp_path / "id.pt")
-    api.infer_manifest(tmp_path / "id.pt", manifest, tmp_path / "preds", split="test", fusion="mean", steps=2,
-                       progress=False, png=False, device="cpu")
+    torch.save(
+        {
+            "network": net.state_dict(),
+            "ema": None,
+            "epoch": 1,
+            "iteration": 10,
+            "config": checkpoint_config(net, {"timesteps": 100}, data),
+        },
+        tmp_path / "id.pt",
+    )
+    api.infer_manifest(
+        tmp_path / "id.pt",
+        manifest,
+        tmp_path / "preds",
+        split="test",
+        fusion="mean",
+        steps=2,
+        progress=False,
+        png=False,
+        device="cpu",
+    )
     out = tmp_path / "report"
-    assert cli.main(["--manifest", str(manifest), "--pred", f"Identity={tmp_path / 'preds'}", "--out", str(out),
-                     "--no-progress", "--no-lpips"]) == 0
+    assert (
+        cli.main(
+            [
+                "--manifest",
+                str(manifest),
+                "--pred",
+                f"Identity={tmp_path / 'preds'}",
+                "--out",
+                str(out),
+                "--no-progress",
+                "--no-lpips",
+            ]
+        )
+        == 0
+    )
     df = pd.read_csv(out / "per_subject.csv").set_index(["subject", "method"])
     volumes = {v["subject"]: v for v in json.loads(manifest.read_text())["volumes"]}
     for sid in ("c01", "c02"):
@@ -491,15 +692,34 @@ def test_paper_protocol_columns_tables_and_record(report, cohort):
 
 def test_paper_protocol_options_reach_the_numbers(cohort, tmp_path, capsys):
     out = tmp_path / "rep"
-    args = ["--manifest", str(cohort["manifest"]), "--pred", f"Good={cohort['preds'] / 'Good'}", "--out", str(out),
-            "--no-progress", "--no-figures", "--no-lpips", "--subjects", "s01"]
+    args = [
+        "--manifest",
+        str(cohort["manifest"]),
+        "--pred",
+        f"Good={cohort['preds'] / 'Good'}",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--no-figures",
+        "--no-lpips",
+        "--subjects",
+        "s01",
+    ]
     assert cli.main([*args, "--paper-pad", "128", "--paper-scaling", "own", "--paper-min-size", "100"]) == 0
     row = pd.read_csv(out / "per_subject.csv").set_index("method").loc["Good"]
     a = cohort["arrays"]["s01"]
-    ref = paper_protocol.prepare_reference(a["sd"], (SPACING,) * 3,
-                                           paper_protocol.PaperOptions(scaling="own", pad_to=128, min_size=100))
+    ref = paper_protocol.prepare_reference(
+        a["sd"], (SPACING,) * 3, paper_protocol.PaperOptions(scaling="own", pad_to=128, min_size=100)
+    )
     assert row["psnr_paper"] == pytest.approx(paper_protocol.score_volume(a["good"], ref)[0]["psnr_paper"], rel=1e-6)
     assert row["paper_min_size"] == 100
     with pytest.raises(InputError, match="min_size"):
-        run.evaluate_cohort(cohort["manifest"], {"Good": cohort["preds"] / "Good"}, tmp_path / "bad",
-                            paper_min_size=0, lpips=False, figures=False, progress=False)
+        run.evaluate_cohort(
+            cohort["manifest"],
+            {"Good": cohort["preds"] / "Good"},
+            tmp_path / "bad",
+            paper_min_size=0,
+            lpips=False,
+            figures=False,
+            progress=False,
+        )

@@ -56,15 +56,19 @@ EXPECTED_FILES = {
 } | ({"configs/evaluate.json"} if (BUNDLE / "evaluate.json").is_file() else set())
 
 
-def write_checkpoint(path: Path, net_config: dict, manifest: Path | None = None, ema: bool = True,
-                     with_config: bool = True) -> Path:
+def write_checkpoint(
+    path: Path, net_config: dict, manifest: Path | None = None, ema: bool = True, with_config: bool = True
+) -> Path:
     net = randomize_zero_params(build_network(net_config)).eval()
     state = net.state_dict()
     data = {"intensity_range": [0, 1], **({"manifest": str(manifest)} if manifest else {})}
     ckpt = {
         "network": state,
         "ema": {k: v + 0.01 for k, v in state.items()} if ema else None,
-        "optimizer": {}, "scaler": None, "epoch": 3, "iteration": 30,
+        "optimizer": {},
+        "scaler": None,
+        "epoch": 3,
+        "iteration": 30,
     }
     if with_config:
         ckpt["config"] = checkpoint_config(net, {"timesteps": 50}, data)
@@ -76,13 +80,26 @@ def write_checkpoint(path: Path, net_config: dict, manifest: Path | None = None,
 def source(tmp_path_factory):
     root = tmp_path_factory.mktemp("source")
     manifest = root / "demo.json"
-    manifest.write_text(json.dumps({
-        "name": "demo", "description": "m2diff-monai preprocessed data (3 subjects)", "size": 16,
-        "training": [{}] * 6, "validation": [{}] * 2, "test": [{}] * 2, "volumes": [{}] * 3,
-        "provenance": {"tool": "m2diff-preprocess", "version": "0.1.0", "created": "2026-01-01T00:00:00",
-                       "parameters": {"size": 16, "normalization": "paper"},
-                       "notes": "Simulated PET on real MNI152 anatomy (demo cohort). Not patient data."},
-    }))
+    manifest.write_text(
+        json.dumps(
+            {
+                "name": "demo",
+                "description": "m2diff-monai preprocessed data (3 subjects)",
+                "size": 16,
+                "training": [{}] * 6,
+                "validation": [{}] * 2,
+                "test": [{}] * 2,
+                "volumes": [{}] * 3,
+                "provenance": {
+                    "tool": "m2diff-preprocess",
+                    "version": "0.1.0",
+                    "created": "2026-01-01T00:00:00",
+                    "parameters": {"size": 16, "normalization": "paper"},
+                    "notes": "Simulated PET on real MNI152 anatomy (demo cohort). Not patient data.",
+                },
+            }
+        )
+    )
     metrics = root / "summary.csv"
     metrics.write_text("method,psnr,ssim\nm2diff,31.25,0.912\nld_pet,25.5,0.801\n")
     return {"checkpoint": write_checkpoint(root / "best.pt", TINY_V6, manifest), "metrics": metrics, "root": root}
@@ -91,8 +108,19 @@ def source(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(source, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "m2diff_bundle"
-    rc = main(["--bundle", str(BUNDLE), "--checkpoint", str(source["checkpoint"]), "--out", str(out),
-               "--metrics", str(source["metrics"]), "--no-progress"])
+    rc = main(
+        [
+            "--bundle",
+            str(BUNDLE),
+            "--checkpoint",
+            str(source["checkpoint"]),
+            "--out",
+            str(out),
+            "--metrics",
+            str(source["metrics"]),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     return out
 
@@ -124,8 +152,12 @@ def test_metadata_verifies_offline_and_describes_the_model(exported, source):
     assert nd["outputs"]["out"]["num_channels"] == 1 and "x0" in nd["outputs"]["out"]["channel_def"]["0"]
     ckpt = torch.load(source["checkpoint"], weights_only=True)
     assert meta["network_config"] == ckpt["config"]["network"]
-    assert meta["eval_metrics"] == {"m2diff/psnr": 31.25, "m2diff/ssim": 0.912, "ld_pet/psnr": 25.5,
-                                    "ld_pet/ssim": 0.801}
+    assert meta["eval_metrics"] == {
+        "m2diff/psnr": 31.25,
+        "m2diff/ssim": 0.912,
+        "ld_pet/psnr": 25.5,
+        "ld_pet/ssim": 0.801,
+    }
     assert meta["export"]["weights"] == "ema"
 
 
@@ -223,10 +255,34 @@ def test_exported_inference_runs_in_a_fresh_process_on_a_nifti(exported, tmp_pat
     pred = tmp_path / "pred.nii.gz"
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", "configs/inference.json",
-         "--ld_pet", str(ld), "--output", str(pred), "--steps", "2", "--orientations", "axial",
-         "--png", "False", "--progress", "False", "--device", "cpu"],
-        cwd=exported, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "inference",
+            "--config_file",
+            "configs/inference.json",
+            "--ld_pet",
+            str(ld),
+            "--output",
+            str(pred),
+            "--steps",
+            "2",
+            "--orientations",
+            "axial",
+            "--png",
+            "False",
+            "--progress",
+            "False",
+            "--device",
+            "cpu",
+        ],
+        cwd=exported,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"wrote {pred}" in proc.stdout.splitlines()  # a successful run says where the result went
@@ -254,8 +310,9 @@ def test_options_version_name_raw_weights_and_force(source, exported, tmp_path):
     (out / "configs").mkdir()
     (out / "configs/metadata.json").write_text("{}")  # an earlier export: the only folder --force replaces
     (out / "stale.txt").write_text("old export")
-    result = export_mod.export_bundle(BUNDLE, source["checkpoint"], out, weights="raw", name="Tiny M2Diff",
-                                      version="1.2.3", force=True, check=False)
+    result = export_mod.export_bundle(
+        BUNDLE, source["checkpoint"], out, weights="raw", name="Tiny M2Diff", version="1.2.3", force=True, check=False
+    )
     assert result.weights == "raw" and files_under(out) == EXPECTED_FILES
     meta = json.loads((out / "configs/metadata.json").read_text())
     assert meta["version"] == "1.2.3" and meta["name"] == "Tiny M2Diff"
@@ -268,8 +325,23 @@ def test_options_version_name_raw_weights_and_force(source, exported, tmp_path):
 
 def test_set_writes_sampler_defaults_into_the_exported_inference_config(source, tmp_path, capsys):
     out = tmp_path / "with_defaults"
-    rc = main(["--bundle", str(BUNDLE), "--checkpoint", str(source["checkpoint"]), "--out", str(out), "--no-progress",
-               "--set", "start_step=200", "--set", "steps=10", "--set", "sampler=ddim"])
+    rc = main(
+        [
+            "--bundle",
+            str(BUNDLE),
+            "--checkpoint",
+            str(source["checkpoint"]),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--set",
+            "start_step=200",
+            "--set",
+            "steps=10",
+            "--set",
+            "sampler=ddim",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     config = json.loads((out / "configs/inference.json").read_text())
     assert (config["start_step"], config["steps"], config["sampler"]) == (200, 10, "ddim")
@@ -291,8 +363,18 @@ def test_export_writes_the_stored_sampler_and_the_card_states_it(source, tmp_pat
     stored = {"sampler": "ddim", "steps": 7, "eta": 0.0, "start_step": 120}
     data = {"intensity_range": [0, 1], "manifest": str(source["root"] / "demo.json")}
     ckpt = tmp_path / "evaluated.pt"
-    torch.save({"network": net.state_dict(), "ema": None, "optimizer": {}, "scaler": None, "epoch": 1,
-                "iteration": 1, "config": checkpoint_config(net, {"timesteps": 50}, data, stored)}, ckpt)
+    torch.save(
+        {
+            "network": net.state_dict(),
+            "ema": None,
+            "optimizer": {},
+            "scaler": None,
+            "epoch": 1,
+            "iteration": 1,
+            "config": checkpoint_config(net, {"timesteps": 50}, data, stored),
+        },
+        ckpt,
+    )
     out = tmp_path / "exported"
     export_mod.export_bundle(BUNDLE, ckpt, out, check=False)
     config = json.loads((out / "configs/inference.json").read_text())
@@ -363,11 +445,14 @@ def test_ema_asked_for_but_absent_and_bad_version(tmp_path, capsys):
     assert "X.Y.Z" in line
 
 
-@pytest.mark.parametrize("setting,expected", [("stpes=10", "unknown inference settings"),
-                                              ("start_step=0", "start step"), ("start_step", "KEY=VALUE")])
+@pytest.mark.parametrize(
+    "setting,expected",
+    [("stpes=10", "unknown inference settings"), ("start_step=0", "start step"), ("start_step", "KEY=VALUE")],
+)
 def test_bad_set_is_one_line_and_writes_nothing(source, tmp_path, capsys, setting, expected):
-    line = run_bad(["--bundle", str(BUNDLE), "--checkpoint", str(source["checkpoint"]), "--set", setting],
-                   tmp_path / "out", capsys)
+    line = run_bad(
+        ["--bundle", str(BUNDLE), "--checkpoint", str(source["checkpoint"]), "--set", setting], tmp_path / "out", capsys
+    )
     assert expected in line
 
 
@@ -418,27 +503,59 @@ def test_model_card_names_the_sampler_that_produced_the_metrics(tmp_path):
     report, pred = tmp_path / "report", tmp_path / "pred"
     report.mkdir()
     pred.mkdir()
-    (report / "summary.csv").write_text("method,subjects,psnr_mean,psnr_std,psnr_n,ssim_2d_axial_mean\n"
-                                        "M2Diff,2,34.02,1.5,2,0.9\nGauss,2,30.1,,2,0.8\n")
-    (report / "run.json").write_text(json.dumps({"tool": "m2diff-evaluate", "predictions": {
-        "M2Diff": str(pred), "Gauss": str(tmp_path / "gone")}}))
-    (pred / "predictions.json").write_text(json.dumps({
-        "tool": "m2diff-infer", "checkpoint": "runs/x/best.pt", "weights": "ema",
-        "settings": {"sampler": "ddim", "steps": 10, "eta": 0.0, "start_step": None}}))
+    (report / "summary.csv").write_text(
+        "method,subjects,psnr_mean,psnr_std,psnr_n,ssim_2d_axial_mean\nM2Diff,2,34.02,1.5,2,0.9\nGauss,2,30.1,,2,0.8\n"
+    )
+    (report / "run.json").write_text(
+        json.dumps({"tool": "m2diff-evaluate", "predictions": {"M2Diff": str(pred), "Gauss": str(tmp_path / "gone")}})
+    )
+    (pred / "predictions.json").write_text(
+        json.dumps(
+            {
+                "tool": "m2diff-infer",
+                "checkpoint": "runs/x/best.pt",
+                "weights": "ema",
+                "settings": {"sampler": "ddim", "steps": 10, "eta": 0.0, "start_step": None},
+            }
+        )
+    )
     rows = evaluated_samplers(report / "summary.csv")
-    assert rows == [{"method": "M2Diff", "sampler": "ddim", "steps": 10, "eta": 0.0, "start_step": "none",
-                     "weights": "ema", "checkpoint": "runs/x/best.pt"}]
+    assert rows == [
+        {
+            "method": "M2Diff",
+            "sampler": "ddim",
+            "steps": 10,
+            "eta": 0.0,
+            "start_step": "none",
+            "weights": "ema",
+            "checkpoint": "runs/x/best.pt",
+        }
+    ]
     assert evaluated_samplers(report / "run.json") == rows
     assert evaluated_samplers(tmp_path / "elsewhere" / "summary.csv") == []
 
     metrics_rows, _ = load_metrics(report / "summary.csv")
-    card = render_model_card({"name": "t", "network_config": {}}, {"sampler_defaults": {"sampler": "ddim",
-                             "steps": 50}}, "data", {}, metrics_rows, "summary.csv", rows)
+    card = render_model_card(
+        {"name": "t", "network_config": {}},
+        {"sampler_defaults": {"sampler": "ddim", "steps": 50}},
+        "data",
+        {},
+        metrics_rows,
+        "summary.csv",
+        rows,
+    )
     evaluation = card.split("## Evaluation", 1)[1].split("## Intended use", 1)[0]
     assert "| M2Diff | ddim | 10 |" in evaluation
     assert "| method | subjects | PSNR (dB) |" in evaluation and "| M2Diff | 2 | 34.02 ± 1.5 |" in evaluation
     assert "| Gauss | 2 | 30.1 |" in evaluation and "ssim_2d_axial" not in evaluation
     assert "other settings than the exported default (ddim, 50 steps)" in evaluation
-    same = render_model_card({"name": "t", "network_config": {}}, {"sampler_defaults": {"sampler": "ddim",
-                             "steps": 10}}, "data", {}, metrics_rows, "summary.csv", rows)
+    same = render_model_card(
+        {"name": "t", "network_config": {}},
+        {"sampler_defaults": {"sampler": "ddim", "steps": 10}},
+        "data",
+        {},
+        metrics_rows,
+        "summary.csv",
+        rows,
+    )
     assert "other settings than the exported default" not in same

@@ -17,8 +17,9 @@ SUITE = ROOT / "benchmarks" / "gpu_suite.sh"
 
 def _dry_run(device: str) -> list[list[str]]:
     env = {**os.environ, "DEVICE": device, "PYTHON": sys.executable}
-    out = subprocess.run(["bash", str(SUITE), "--dry-run"], capture_output=True, text=True, env=env, check=True,
-                         cwd=ROOT).stdout
+    out = subprocess.run(
+        ["bash", str(SUITE), "--dry-run"], capture_output=True, text=True, env=env, check=True, cwd=ROOT
+    ).stdout
     return [line[2:].split() for line in out.splitlines() if line.startswith("+ ")]
 
 
@@ -37,8 +38,11 @@ def test_gpu_suite_commands_use_real_flags():
 
 def _check_flags(commands: list[list[str]], device: str, helps: dict[str, str]) -> None:
     targets = [cmd[1:3] if cmd[1] == "-m" else cmd[1:2] for cmd in commands if cmd[1] != "-"]
-    assert {" ".join(t) for t in targets} == {"benchmarks/bench_training.py", "benchmarks/bench_inference.py",
-                                             "-m m2diff_monai.inference.cli"}
+    assert {" ".join(t) for t in targets} == {
+        "benchmarks/bench_training.py",
+        "benchmarks/bench_inference.py",
+        "-m m2diff_monai.inference.cli",
+    }
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     for cmd in commands:
         if cmd[1] == "-":
@@ -46,8 +50,9 @@ def _check_flags(commands: list[list[str]], device: str, helps: dict[str, str]) 
         target = cmd[1:3] if cmd[1] == "-m" else cmd[1:2]
         key = " ".join(target)
         if key not in helps:
-            helps[key] = subprocess.run([sys.executable, *target, "--help"], capture_output=True, text=True,
-                                        env=env, cwd=ROOT, check=True).stdout
+            helps[key] = subprocess.run(
+                [sys.executable, *target, "--help"], capture_output=True, text=True, env=env, cwd=ROOT, check=True
+            ).stdout
         for flag in (tok.split("=")[0] for tok in cmd if tok.startswith("--")):
             assert re.search(rf"{re.escape(flag)}\b", helps[key]), f"{key} has no {flag}"
     assert any("--compile" in cmd for cmd in commands) == (device == "cuda")

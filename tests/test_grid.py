@@ -31,7 +31,8 @@ def _affine(permutation, signs, zooms=(2.0, 2.5, 3.0), rotation_deg=(0.0, 0.0, 0
 ORIENTATIONS = [
     (perm, signs, rot)
     for perm, signs, rot in itertools.product(
-        itertools.permutations(range(3)), [(1, 1, 1), (-1, -1, 1), (-1, 1, -1)], [(0.0, 0.0, 0.0), (12.0, -7.0, 20.0)])
+        itertools.permutations(range(3)), [(1, 1, 1), (-1, -1, 1), (-1, 1, -1)], [(0.0, 0.0, 0.0), (12.0, -7.0, 20.0)]
+    )
 ]
 
 
@@ -51,8 +52,11 @@ def test_reorientation_matches_nibabel_keeps_every_voxel_in_place_and_inverts_ex
     np.testing.assert_allclose(canonical_affine, reference.affine, atol=1e-12)
     assert "".join(nib.aff2axcodes(canonical_affine)) == "RAS" and canonical.flags.c_contiguous
     # the same voxel sits at the same world position: sorting voxels by world position gives the same values
-    np.testing.assert_allclose(np.sort(_world(canonical_affine, canonical.shape).reshape(3, -1), axis=1),
-                               np.sort(_world(affine, SHAPE).reshape(3, -1), axis=1), atol=1e-9)
+    np.testing.assert_allclose(
+        np.sort(_world(canonical_affine, canonical.shape).reshape(3, -1), axis=1),
+        np.sort(_world(affine, SHAPE).reshape(3, -1), axis=1),
+        atol=1e-9,
+    )
     shape_c, affine_c = grid.canonical_grid(SHAPE, affine)
     assert shape_c == canonical.shape
     np.testing.assert_allclose(affine_c, canonical_affine, atol=1e-12)
@@ -107,12 +111,14 @@ def test_placement_round_trip_is_exact_for_integer_shifts(start):
     affine = _affine((0, 1, 2), (1, 1, 1), rotation_deg=(10.0, 5.0, -3.0))
     cube_affine = grid.shifted_affine(affine, start)
     np.testing.assert_array_equal(grid.integer_offset(cube_affine, affine), start)
-    np.testing.assert_array_equal(grid.to_grid(block, cube_affine, shape, affine, order=1),
-                                  grid.place(block, start, shape))
+    np.testing.assert_array_equal(
+        grid.to_grid(block, cube_affine, shape, affine, order=1), grid.place(block, start, shape)
+    )
     # ... and resampling by affines (an interpolation; edge mode, as rounding puts border voxels a hair outside)
     # agrees with the exact placement inside the block
-    resampled = np.asarray(resample_from_to(nib.Nifti1Image(block, cube_affine), (shape, affine), order=1,
-                                            mode="nearest").dataobj)
+    resampled = np.asarray(
+        resample_from_to(nib.Nifti1Image(block, cube_affine), (shape, affine), order=1, mode="nearest").dataobj
+    )
     np.testing.assert_allclose(resampled[covered], back[covered], atol=1e-5)
 
 
@@ -162,12 +168,18 @@ def test_map_back_through_registration_inverts_the_forward_mapping(tmp_path):
     import ants
 
     pet_shape, pet_affine = (24, 24, 20), _affine((0, 1, 2), (-1, 1, 1), zooms=(2.0, 2.0, 2.0), origin=(24, -22, -18))
-    t1_shape, t1_affine = (30, 32, 28), _affine((0, 1, 2), (1, 1, 1), zooms=(1.6, 1.5, 1.5), rotation_deg=(4, -3, 6),
-                                                origin=(-24, -24, -21))
+    t1_shape, t1_affine = (
+        (30, 32, 28),
+        _affine((0, 1, 2), (1, 1, 1), zooms=(1.6, 1.5, 1.5), rotation_deg=(4, -3, 6), origin=(-24, -24, -21)),
+    )
     centre = pet_affine[:3, :3] @ ((np.array(pet_shape) - 1) / 2) + pet_affine[:3, 3]
     pet = _blob(pet_shape, pet_affine, centre)
-    tx = ants.create_ants_transform(transform_type="Euler3DTransform", dimension=3, center=tuple(centre * [-1, -1, 1]),
-                                    parameters=(0.05, -0.03, 0.08, 1.5, -2.0, 1.0))
+    tx = ants.create_ants_transform(
+        transform_type="Euler3DTransform",
+        dimension=3,
+        center=tuple(centre * [-1, -1, 1]),
+        parameters=(0.05, -0.03, 0.08, 1.5, -2.0, 1.0),
+    )
     mat = tmp_path / "reg_0GenericAffine.mat"
     ants.write_transform(tx, str(mat))
     # forward: the PET moved onto the T1 grid (what --space mri preprocessing does with the forward list)
@@ -181,9 +193,17 @@ def test_map_back_through_registration_inverts_the_forward_mapping(tmp_path):
     wrong = grid.apply_ants_transforms(on_t1, t1_affine, pet_shape, pet_affine, [mat], invert=[False], order=1)
     assert np.abs(wrong[interior] - pet[interior]).mean() > 5 * np.abs(back[interior] - pet[interior]).mean()
     mask = pet > 0.5
-    mask_back = grid.map_back_through_registration(
-        grid.apply_ants_transforms(mask.astype(np.float32), pet_affine, t1_shape, t1_affine, [mat], order=0),
-        t1_affine, pet_shape, pet_affine, [mat], order=0) > 0.5
+    mask_back = (
+        grid.map_back_through_registration(
+            grid.apply_ants_transforms(mask.astype(np.float32), pet_affine, t1_shape, t1_affine, [mat], order=0),
+            t1_affine,
+            pet_shape,
+            pet_affine,
+            [mat],
+            order=0,
+        )
+        > 0.5
+    )
     assert np.setxor1d(np.flatnonzero(mask_back), np.flatnonzero(mask)).size <= 0.1 * mask.sum()
 
 

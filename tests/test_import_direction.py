@@ -32,8 +32,10 @@ def _sources(folder: Path) -> list[Path]:
 
 def test_preprocessing_uses_no_upper_layer_of_m2diff_monai():
     upper = tuple(f"m2diff_monai.{layer}" for layer in UPPER)
-    offenders = {str(path.relative_to(REPO)): sorted(n for n in imported_modules(path) if n.startswith(upper))
-                 for path in _sources(REPO / "preprocessing")}
+    offenders = {
+        str(path.relative_to(REPO)): sorted(n for n in imported_modules(path) if n.startswith(upper))
+        for path in _sources(REPO / "preprocessing")
+    }
     offenders = {k: v for k, v in offenders.items() if v}
     assert not offenders, f"preprocessing/ imports m2diff_monai's upper layers: {offenders}"
     assert any("m2diff_monai.errors" in imported_modules(p) for p in _sources(REPO / "preprocessing"))
@@ -41,11 +43,16 @@ def test_preprocessing_uses_no_upper_layer_of_m2diff_monai():
 
 def test_foundations_of_m2diff_monai_do_not_import_preprocessing():
     package = REPO / "m2diff_monai"
-    files = [p for name in FOUNDATIONS for p in ([package / f"{name}.py"] if (package / f"{name}.py").is_file()
-                                                  else _sources(package / name))]
+    files = [
+        p
+        for name in FOUNDATIONS
+        for p in ([package / f"{name}.py"] if (package / f"{name}.py").is_file() else _sources(package / name))
+    ]
     assert len(files) > len(FOUNDATIONS)  # the folders exist and hold modules
-    offenders = {str(p.relative_to(REPO)): sorted(n for n in imported_modules(p) if n.split(".")[0] == "preprocessing")
-                 for p in files}
+    offenders = {
+        str(p.relative_to(REPO)): sorted(n for n in imported_modules(p) if n.split(".")[0] == "preprocessing")
+        for p in files
+    }
     offenders = {k: v for k, v in offenders.items() if v}
     assert not offenders, f"m2diff_monai foundations import preprocessing (a loop): {offenders}"
     assert any(n.startswith("preprocessing") for n in imported_modules(package / "inference" / "preprocess.py"))

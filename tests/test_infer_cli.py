@@ -34,8 +34,14 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 def _infer(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "m2diff_monai.inference.cli", *args], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "m2diff_monai.inference.cli", *args],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_help_exits_zero(capsys):
@@ -86,13 +92,37 @@ def test_cli_bad_input_one_line_and_nothing_written(tmp_path, subject, tiny_chec
 
 def test_cli_bad_checkpoint_and_bad_output_name(tmp_path, subject, capsys):
     out = tmp_path / "pred.nii.gz"
-    assert main(["--checkpoint", str(tmp_path / "missing.pt"), "--ld-pet", str(subject["ld_pet"]), "--out", str(out),
-                 *FAST_ARGS]) == 2
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(tmp_path / "missing.pt"),
+                "--ld-pet",
+                str(subject["ld_pet"]),
+                "--out",
+                str(out),
+                *FAST_ARGS,
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing.pt" in err[0] and "does not exist" in err[0]
     ckpt = identity_checkpoint(tmp_path / "id.pt")
-    assert main(["--checkpoint", str(ckpt), "--ld-pet", str(subject["ld_pet"]), "--out", str(tmp_path / "p.png"),
-                 *FAST_ARGS]) == 2
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(ckpt),
+                "--ld-pet",
+                str(subject["ld_pet"]),
+                "--out",
+                str(tmp_path / "p.png"),
+                *FAST_ARGS,
+            ]
+        )
+        == 2
+    )
     assert ".nii.gz" in capsys.readouterr().err
     assert not out.exists()
 
@@ -106,8 +136,12 @@ def test_cli_cohort_mode(tmp_path):
     for row in rows:
         row["split"] = "test"
     manifest = tmp_path / "m.json"
-    run_pipeline(write_table(raw / "subjects.csv", rows), tmp_path / "prep", manifest,
-                 PipelineOptions(transform="rigid", size=CUBE, split=(0.0, 0.0, 1.0)))
+    run_pipeline(
+        write_table(raw / "subjects.csv", rows),
+        tmp_path / "prep",
+        manifest,
+        PipelineOptions(transform="rigid", size=CUBE, split=(0.0, 0.0, 1.0)),
+    )
     out_dir = tmp_path / "preds"
     code = main(
         [
@@ -141,9 +175,31 @@ def test_cli_cohort_mode(tmp_path):
 @pytest.mark.slow
 def test_monai_bundle_run_inference(tmp_path, subject, tiny_checkpoint):
     out = tmp_path / "bundle_pred.nii.gz"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", "bundles/m2diff/inference.json",
-           "--checkpoint", str(tiny_checkpoint), "--ld_pet", str(subject["ld_pet"]), "--output", str(out),
-           "--steps", "2", "--batch_size", "64", "--device", "cpu", "--progress", "False", "--no_mri", "True"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "inference",
+        "--config_file",
+        "bundles/m2diff/inference.json",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--ld_pet",
+        str(subject["ld_pet"]),
+        "--output",
+        str(out),
+        "--steps",
+        "2",
+        "--batch_size",
+        "64",
+        "--device",
+        "cpu",
+        "--progress",
+        "False",
+        "--no_mri",
+        "True",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert nib.load(out).shape == nib.load(subject["ld_pet"]).shape

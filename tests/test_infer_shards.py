@@ -25,8 +25,18 @@ from m2diff_monai.inference.cohort import Shard, merge_shards, resolve_shard
 from test_inference import CUBE, tiny_m2diff_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = {"sampler": "ancestral", "steps": 2, "batch_size": 64, "progress": False, "png": False, "device": "cpu",
-            "amp": "none", "orientations": "axial,coronal", "fusion": "mean", "seed": 3}
+SETTINGS = {
+    "sampler": "ancestral",
+    "steps": 2,
+    "batch_size": 64,
+    "progress": False,
+    "png": False,
+    "device": "cpu",
+    "amp": "none",
+    "orientations": "axial,coronal",
+    "fusion": "mean",
+    "seed": 3,
+}
 SUBJECTS = ("a03", "a01", "a02")  # listed unsorted: shards sort by id, the merged list keeps the unsharded order
 
 
@@ -39,8 +49,12 @@ def cohort(tmp_path_factory) -> dict[str, Path]:
     for row in rows:
         row["split"] = "test"
     manifest = root / "m.json"
-    run_pipeline(write_table(root / "raw" / "subjects.csv", rows), root / "prep", manifest,
-                 PipelineOptions(transform="rigid", size=CUBE, split=(0.0, 0.0, 1.0)))
+    run_pipeline(
+        write_table(root / "raw" / "subjects.csv", rows),
+        root / "prep",
+        manifest,
+        PipelineOptions(transform="rigid", size=CUBE, split=(0.0, 0.0, 1.0)),
+    )
     checkpoint = tiny_m2diff_checkpoint(root / "tiny.pt")
     whole = root / "whole"
     api.infer_manifest(checkpoint, manifest, whole, split="test", **SETTINGS)
@@ -77,10 +91,36 @@ def test_two_shards_then_merge_equal_one_run(cohort, tmp_path, capsys):
     assert not (out / "predictions.json").exists()
     with pytest.raises(InputError, match="shard\\(s\\) 2/2 have no summary"):
         merge_shards(out)
-    code = main(["--checkpoint", str(cohort["checkpoint"]), "--manifest", str(cohort["manifest"]), "--out-dir",
-                 str(out), "--shard", "2/2", "--steps", "2", "--sampler", "ancestral", "--batch-size", "64",
-                 "--device", "cpu", "--amp", "none", "--orientations", "axial,coronal", "--fusion", "mean",
-                 "--seed", "3", "--no-png", "--no-progress"])
+    code = main(
+        [
+            "--checkpoint",
+            str(cohort["checkpoint"]),
+            "--manifest",
+            str(cohort["manifest"]),
+            "--out-dir",
+            str(out),
+            "--shard",
+            "2/2",
+            "--steps",
+            "2",
+            "--sampler",
+            "ancestral",
+            "--batch-size",
+            "64",
+            "--device",
+            "cpu",
+            "--amp",
+            "none",
+            "--orientations",
+            "axial,coronal",
+            "--fusion",
+            "mean",
+            "--seed",
+            "3",
+            "--no-png",
+            "--no-progress",
+        ]
+    )
     assert code == 0 and "predictions.shard-2-of-2.json" in capsys.readouterr().out
     assert main(["merge", "--out-dir", str(out)]) == 0
     _assert_same_predictions(out, cohort["whole"])
@@ -91,8 +131,9 @@ def test_two_shards_then_merge_equal_one_run(cohort, tmp_path, capsys):
 def test_merge_refuses_disagreeing_or_incomplete_shards(cohort, tmp_path, capsys):
     out = tmp_path / "odd"
     api.infer_manifest(cohort["checkpoint"], cohort["manifest"], out, split="test", shard="1/2", **SETTINGS)
-    api.infer_manifest(cohort["checkpoint"], cohort["manifest"], out, split="test", shard="2/2",
-                       **{**SETTINGS, "seed": 4})
+    api.infer_manifest(
+        cohort["checkpoint"], cohort["manifest"], out, split="test", shard="2/2", **{**SETTINGS, "seed": 4}
+    )
     with pytest.raises(InputError, match="shard 2/2 disagrees with shard 1/2 on settings.seed"):
         merge_shards(out)
     assert main(["merge", "--out-dir", str(out)]) == 2
@@ -139,13 +180,47 @@ def test_shard_refused_in_single_subject_mode_and_under_torchrun(tmp_path, monke
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes_equal_one_run(cohort, tmp_path):
     out = tmp_path / "ranks"
-    command = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nnodes=1", "--nproc_per_node=2",
-               "-m", "m2diff_monai.inference.cli", "--checkpoint", str(cohort["checkpoint"]), "--manifest",
-               str(cohort["manifest"]), "--out-dir", str(out), "--steps", "2", "--sampler", "ancestral",
-               "--batch-size", "64", "--device", "auto", "--amp", "none", "--orientations", "axial,coronal",
-               "--fusion", "mean", "--seed", "3", "--no-png", "--no-progress", "--threads", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    command = [
+        str(Path(sys.executable).with_name("torchrun")),
+        "--standalone",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "-m",
+        "m2diff_monai.inference.cli",
+        "--checkpoint",
+        str(cohort["checkpoint"]),
+        "--manifest",
+        str(cohort["manifest"]),
+        "--out-dir",
+        str(out),
+        "--steps",
+        "2",
+        "--sampler",
+        "ancestral",
+        "--batch-size",
+        "64",
+        "--device",
+        "auto",
+        "--amp",
+        "none",
+        "--orientations",
+        "axial,coronal",
+        "--fusion",
+        "mean",
+        "--seed",
+        "3",
+        "--no-png",
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "PYTHONWARNINGS": "ignore",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+    }
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     _assert_same_predictions(out, cohort["whole"])

@@ -42,12 +42,27 @@ FAST = {"steps": 2, "batch_size": 64, "progress": False, "png": False, "device":
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def save_checkpoint(path: Path, network: nn.Module, diffusion: dict | None = None, data: dict | None = None,
-                    ema_state: dict | None = None) -> Path:
+def save_checkpoint(
+    path: Path,
+    network: nn.Module,
+    diffusion: dict | None = None,
+    data: dict | None = None,
+    ema_state: dict | None = None,
+) -> Path:
     """A checkpoint in the ARCHITECTURE format, written as training writes it."""
     config = checkpoint_config(network, diffusion or {"timesteps": 100}, data if data is not None else DATA_CONFIG)
-    torch.save({"network": network.state_dict(), "ema": ema_state, "optimizer": {}, "scaler": None, "epoch": 1,
-                "iteration": 10, "config": config}, path)
+    torch.save(
+        {
+            "network": network.state_dict(),
+            "ema": ema_state,
+            "optimizer": {},
+            "scaler": None,
+            "epoch": 1,
+            "iteration": 10,
+            "config": config,
+        },
+        path,
+    )
     return path
 
 
@@ -171,15 +186,27 @@ def test_bad_checkpoints_are_one_line_input_errors(tmp_path):
 
 def test_preprocessing_parameters_resolution_order(tmp_path):
     manifest = tmp_path / "m.json"
-    manifest.write_text(json.dumps({"size": 64, "provenance": {"parameters": {"normalization": "slice",
-                                                                               "transform": "Affine",
-                                                                               "spacing": [4.0, 4.0, 2.5]}}}))
+    manifest.write_text(
+        json.dumps(
+            {
+                "size": 64,
+                "provenance": {
+                    "parameters": {"normalization": "slice", "transform": "Affine", "spacing": [4.0, 4.0, 2.5]}
+                },
+            }
+        )
+    )
     prep = resolve_preprocessing({"manifest": str(manifest), "space": "pet"}, {"transform": "rigid"}, 128)
     assert (prep.size, prep.normalization, prep.transform, prep.space) == (64, "slice", "Rigid", "pet")
     assert prep.spacing == (4.0, 4.0, 2.5)
-    assert prep.sources == {"size": "manifest provenance", "normalization": "manifest provenance",
-                            "transform": "option", "space": "checkpoint", "seed": "default",
-                            "spacing": "manifest provenance"}
+    assert prep.sources == {
+        "size": "manifest provenance",
+        "normalization": "manifest provenance",
+        "transform": "option",
+        "space": "checkpoint",
+        "seed": "default",
+        "spacing": "manifest provenance",
+    }
     fallback = resolve_preprocessing({}, {}, 128)
     assert (fallback.size, fallback.normalization, fallback.transform) == (128, "shared", "SyN")
     assert fallback.spacing is None and fallback.sources["spacing"] == "default"  # old checkpoints: native
@@ -217,8 +244,9 @@ def test_volume_normalization_round_trip_with_offset(tmp_path, subjects, recorde
     data = np.asarray(raw.dataobj, dtype=np.float32) + 50.0
     nib.save(nib.Nifti1Image(data, raw.affine, raw.header), shifted)
     out = tmp_path / "pred.nii.gz"
-    summary = api.infer_subject(identity_checkpoint(tmp_path / "id.pt", recorded), shifted, out, None,
-                                fusion="mean", **FAST)
+    summary = api.infer_subject(
+        identity_checkpoint(tmp_path / "id.pt", recorded), shifted, out, None, fusion="mean", **FAST
+    )
     assert summary["preprocessing"]["normalization"] == "volume"
     region, _ = _sampled_region(shifted, None, "volume")
     np.testing.assert_allclose(np.asarray(nib.load(out).dataobj)[region], data[region], rtol=1e-5)
@@ -228,12 +256,17 @@ def test_oracle_diffusion_mri_free_path_gives_back_the_input(tmp_path, subjects)
     """DDIM (η = 0) with x̂0 = LD ends exactly on LD; ``no_mri`` must call the network without MRI."""
     files = subjects["lps"]
     net = build_network({"name": "inference_test_oracle"})
-    ckpt = save_checkpoint(tmp_path / "oracle.pt", net, data={**DATA_CONFIG, "normalization": "volume"},
-                           diffusion={"timesteps": 50, "clip_denoised": [-1, 1]})
+    ckpt = save_checkpoint(
+        tmp_path / "oracle.pt",
+        net,
+        data={**DATA_CONFIG, "normalization": "volume"},
+        diffusion={"timesteps": 50, "clip_denoised": [-1, 1]},
+    )
     model = load_model(ckpt)
     out = tmp_path / "pred.nii.gz"
-    summary = api.infer_subject(model, files["ld_pet"], out, files["mri"], no_mri=True, fusion="mean",
-                                **{**FAST, "steps": 3})
+    summary = api.infer_subject(
+        model, files["ld_pet"], out, files["mri"], no_mri=True, fusion="mean", **{**FAST, "steps": 3}
+    )
     assert not summary["mri_used"]
     assert model.network.calls and all(c["mri"] is None for c in model.network.calls)
     assert {c["t"] for c in model.network.calls} == {0, 24, 49}  # respaced chain, original timesteps
@@ -246,8 +279,15 @@ def test_oracle_diffusion_mri_free_path_gives_back_the_input(tmp_path, subjects)
 def test_samples_write_mean_and_nonnegative_std(tmp_path, subjects):
     files = subjects["oblique"]
     out = tmp_path / "pred.nii.gz"
-    summary = api.infer_subject(tiny_m2diff_checkpoint(tmp_path / "m.pt"), files["ld_pet"], out, files["mri"],
-                                samples=2, save_orientations=True, **{**FAST, "png": True})
+    summary = api.infer_subject(
+        tiny_m2diff_checkpoint(tmp_path / "m.pt"),
+        files["ld_pet"],
+        out,
+        files["mri"],
+        samples=2,
+        save_orientations=True,
+        **{**FAST, "png": True},
+    )
     raw = nib.load(files["ld_pet"])
     std = nib.load(tmp_path / "pred_std.nii.gz")
     assert std.shape == raw.shape
@@ -359,8 +399,9 @@ def test_manifest_cohort_maps_preprocessed_cubes_back_to_the_sources(tmp_path):
     options = PipelineOptions(transform="rigid", size=CUBE, split=(0.0, 0.0, 1.0))
     run_pipeline(table, tmp_path / "prep", manifest, options)
     out_dir = tmp_path / "preds"
-    summary = api.infer_manifest(identity_checkpoint(tmp_path / "id.pt"), manifest, out_dir, split="test",
-                                 fusion="mean", **{**FAST, "png": True})
+    summary = api.infer_manifest(
+        identity_checkpoint(tmp_path / "id.pt"), manifest, out_dir, split="test", fusion="mean", **{**FAST, "png": True}
+    )
     assert [s["subject"] for s in summary["subjects"]] == ["c01", "c02"]
     assert [s["mri_used"] for s in summary["subjects"]] == [True, False]
     listed = json.loads((out_dir / "predictions.json").read_text())
@@ -392,8 +433,12 @@ def test_raw_input_is_prepared_exactly_as_the_training_pipeline_prepared_it(tmp_
     row = write_subject(raw, "e01", seed=4, flip_lps=True, with_mri=False)
     row.update(sd_pet="", split="test")
     manifest = tmp_path / "manifests" / "ld_only.json"
-    run_pipeline(write_table(raw / "subjects.csv", [row]), tmp_path / "prep", manifest,
-                 PipelineOptions(transform="rigid", size=CUBE, split=(0.0, 0.0, 1.0)))
+    run_pipeline(
+        write_table(raw / "subjects.csv", [row]),
+        tmp_path / "prep",
+        manifest,
+        PipelineOptions(transform="rigid", size=CUBE, split=(0.0, 0.0, 1.0)),
+    )
     content = json.loads(manifest.read_text())
     trained = prepare_from_manifest_item(content["volumes"][0], manifest.parent)
     raw_input = prepare_subject(raw / row["ld_pet"], None, TrainingPreprocessing(size=CUBE, transform="rigid"), "e01")

@@ -22,8 +22,7 @@ from m2diff_monai.networks.factory import build_network, register_network
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "bundles" / "m2diff"
 CUBE = 32
-QUICK = {"orientations": "axial", "fusion": "mean", "batch_size": 64, "progress": False, "png": False,
-         "device": "cpu"}
+QUICK = {"orientations": "axial", "fusion": "mean", "batch_size": 64, "progress": False, "png": False, "device": "cpu"}
 
 
 class StepCounter(nn.Module):
@@ -63,8 +62,18 @@ def counter_checkpoint(path: Path, inference_defaults: dict | None) -> Path:
     net = build_network({"name": "defaults_test_counter"})
     data = {"size": CUBE, "normalization": "shared", "transform": "rigid", "space": "pet"}
     config = checkpoint_config(net, {"timesteps": 100}, data, inference_defaults)
-    torch.save({"network": net.state_dict(), "ema": None, "optimizer": {}, "scaler": None, "epoch": 1,
-                "iteration": 1, "config": config}, path)
+    torch.save(
+        {
+            "network": net.state_dict(),
+            "ema": None,
+            "optimizer": {},
+            "scaler": None,
+            "epoch": 1,
+            "iteration": 1,
+            "config": config,
+        },
+        path,
+    )
     return path
 
 
@@ -110,8 +119,22 @@ def test_infer_without_sampler_flags_samples_as_the_run_was_evaluated(tmp_path, 
     summary = api.infer_subject(ckpt, subject, tmp_path / "b.nii.gz", bundle=BUNDLE, steps=2, **QUICK)
     assert distinct_steps() == 2 and summary["settings_sources"]["steps"] == "option"
     # the command line: no sampler flag → the stored 3 steps; --steps wins
-    base = ["--bundle", str(BUNDLE), "--checkpoint", str(ckpt), "--ld-pet", str(subject), "--no-png",
-            "--no-progress", "--orientations", "axial", "--fusion", "mean", "--device", "cpu"]
+    base = [
+        "--bundle",
+        str(BUNDLE),
+        "--checkpoint",
+        str(ckpt),
+        "--ld-pet",
+        str(subject),
+        "--no-png",
+        "--no-progress",
+        "--orientations",
+        "axial",
+        "--fusion",
+        "mean",
+        "--device",
+        "cpu",
+    ]
     assert infer_main([*base, "--out", str(tmp_path / "c.nii.gz")]) == 0 and distinct_steps() == 3
     assert infer_main([*base, "--out", str(tmp_path / "d.nii.gz"), "--steps", "4"]) == 0 and distinct_steps() == 4
     # a checkpoint that stores nothing samples with the bundle's 50 steps (T = 100 here)
@@ -129,9 +152,17 @@ def test_the_bundle_run_resolves_like_the_cli(tmp_path, subject):
     def run(out: str, **overrides) -> dict:
         parser = ConfigParser()
         parser.read_config(str(BUNDLE / "inference.json"))
-        for key, value in {"checkpoint": str(ckpt), "ld_pet": str(subject), "output": str(tmp_path / out),
-                           "png": False, "progress": False, "device": "cpu", "orientations": "axial",
-                           "fusion": "mean", **overrides}.items():
+        for key, value in {
+            "checkpoint": str(ckpt),
+            "ld_pet": str(subject),
+            "output": str(tmp_path / out),
+            "png": False,
+            "progress": False,
+            "device": "cpu",
+            "orientations": "axial",
+            "fusion": "mean",
+            **overrides,
+        }.items():
             parser[key] = value
         return parser.get_parsed_content("inference")
 
@@ -149,8 +180,12 @@ def test_cohort_inference_obeys_the_same_precedence(tmp_path):
     row = write_subject(raw, "c01", seed=1, with_mri=False)
     row["split"] = "test"
     manifest = tmp_path / "manifest.json"
-    run_pipeline(write_table(raw / "subjects.csv", [row]), tmp_path / "prep", manifest,
-                 PipelineOptions(transform="rigid", size=CUBE, split=(0.0, 0.0, 1.0)))
+    run_pipeline(
+        write_table(raw / "subjects.csv", [row]),
+        tmp_path / "prep",
+        manifest,
+        PipelineOptions(transform="rigid", size=CUBE, split=(0.0, 0.0, 1.0)),
+    )
     ckpt = counter_checkpoint(tmp_path / "evaluated.pt", {"steps": 3})
     summary = api.infer_manifest(ckpt, manifest, tmp_path / "preds", bundle=BUNDLE, **QUICK)
     assert distinct_steps() == 3 and summary["settings"]["steps"] == 3

@@ -93,8 +93,9 @@ def test_lps_oblique_and_permuted_inputs_keep_every_voxel_at_its_world_position(
     # the brain's hot spot is at the same world position whatever the storage order
     hot_out = np.unravel_index(np.argmax(np.asarray(img.dataobj)), img.shape)
     hot_in = np.unravel_index(np.argmax(data), data.shape)
-    np.testing.assert_allclose(nib.affines.apply_affine(img.affine, hot_out),
-                               nib.affines.apply_affine(affine, hot_in), atol=1e-6)
+    np.testing.assert_allclose(
+        nib.affines.apply_affine(img.affine, hot_out), nib.affines.apply_affine(affine, hot_in), atol=1e-6
+    )
 
 
 def test_mni152_template_loads_and_its_lps_copy_is_the_same_image(tmp_path):
@@ -177,8 +178,14 @@ def test_truncated_gzip_and_plain_nifti(tmp_path, pet):
     _raises(plain, "truncated")
 
 
-@pytest.mark.parametrize("bad, fragment", [(np.nan, "3 of 13440 voxels are not finite (3 NaN, 0 Inf)"),
-                                           (np.inf, "(0 NaN, 3 Inf)"), (-np.inf, "(0 NaN, 3 Inf)")])
+@pytest.mark.parametrize(
+    "bad, fragment",
+    [
+        (np.nan, "3 of 13440 voxels are not finite (3 NaN, 0 Inf)"),
+        (np.inf, "(0 NaN, 3 Inf)"),
+        (-np.inf, "(0 NaN, 3 Inf)"),
+    ],
+)
 def test_non_finite_voxels_are_counted(tmp_path, pet, bad, fragment):
     _, data = pet
     data = data.copy()
@@ -212,10 +219,13 @@ def _copy(src: Path, dst: Path) -> Path:
 
 
 def test_content_problems(tmp_path):
-    _raises(save(tmp_path / "zero.nii.gz", np.zeros(PET_SHAPE, np.float32), AFFINE),
-            "image is empty (every voxel is 0)")
-    _raises(save(tmp_path / "const.nii.gz", np.full(PET_SHAPE, 7.5, np.float32), AFFINE),
-            "image is constant (every voxel is 7.5)")
+    _raises(
+        save(tmp_path / "zero.nii.gz", np.zeros(PET_SHAPE, np.float32), AFFINE), "image is empty (every voxel is 0)"
+    )
+    _raises(
+        save(tmp_path / "const.nii.gz", np.full(PET_SHAPE, 7.5, np.float32), AFFINE),
+        "image is constant (every voxel is 7.5)",
+    )
     _raises(save(tmp_path / "slice.nii.gz", np.ones((24, 28, 1), np.float32), AFFINE), "not a 3D volume")
 
 
@@ -276,8 +286,15 @@ def test_qform_differing_from_sform_warn_uses_sform_and_reject_refuses(tmp_path,
     # float32 rounding between the two forms is not a disagreement
     nearly = AFFINE.copy()
     nearly[:3, 3] += 1e-5
-    assert load_volume(save(tmp_path / "ok.nii.gz", data, AFFINE, qform=nearly), "s", "ld_pet",
-                       IntakeOptions(qform_policy="reject")) is not None
+    assert (
+        load_volume(
+            save(tmp_path / "ok.nii.gz", data, AFFINE, qform=nearly),
+            "s",
+            "ld_pet",
+            IntakeOptions(qform_policy="reject"),
+        )
+        is not None
+    )
 
 
 def test_qform_only_and_no_orientation(tmp_path, pet):
@@ -320,7 +337,7 @@ def _row(folder: Path, cells: dict[str, str]) -> SubjectRow:
     def p(key):
         return folder / cells[key] if cells.get(key) else None
 
-    masks = {k[len("mask_"):]: folder / v for k, v in cells.items() if k.startswith("mask_") and v}
+    masks = {k[len("mask_") :]: folder / v for k, v in cells.items() if k.startswith("mask_") and v}
     return SubjectRow(cells["subject_id"], p("ld_pet"), p("sd_pet"), p("mri"), None, None, masks)
 
 
@@ -372,7 +389,6 @@ def test_a_sheared_sform_is_kept_and_flagged(tmp_path, pet):
     sheared = AFFINE.copy()
     sheared[0, 1] = 0.4  # x depends on j: a shear no quaternion can express
     warnings: list[str] = []
-    img = load_volume(_save_sform_only(tmp_path / "shear.nii.gz", data, sheared), "s", "ld_pet",
-                      warnings_out=warnings)
+    img = load_volume(_save_sform_only(tmp_path / "shear.nii.gz", data, sheared), "s", "ld_pet", warnings_out=warnings)
     np.testing.assert_allclose(img.affine, sheared, atol=1e-5)
     assert len(warnings) == 1 and "shear" in warnings[0]

@@ -22,8 +22,15 @@ from m2diff_monai.networks.factory import build_network, register_network
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "bundles" / "m2diff"
 CUBE = 32
-QUICK = {"orientations": "axial", "fusion": "mean", "batch_size": 64, "progress": False, "png": False,
-         "device": "cpu", "steps": 2}
+QUICK = {
+    "orientations": "axial",
+    "fusion": "mean",
+    "batch_size": 64,
+    "progress": False,
+    "png": False,
+    "device": "cpu",
+    "steps": 2,
+}
 SHRINK = 0.9  # the test network's x̂0 = 0.9 × LD: a coarse uptake error the consistency must undo
 
 
@@ -47,7 +54,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def test_sigma_in_voxels_from_a_fwhm_in_mm():
     assert consistency_sigma(None, (4.0, 4.0, 4.0)) is None
     assert consistency_sigma(FWHM_PER_SIGMA * 4.0, (4.0, 4.0, 2.0)) == pytest.approx((1.0, 1.0, 2.0))
-    assert FWHM_PER_SIGMA == pytest.approx(2.3548, abs=1e-4)
+    assert pytest.approx(2.3548, abs=1e-4) == FWHM_PER_SIGMA
     with pytest.raises(ValueError, match="voxel size"):
         consistency_sigma(8.0, (4.0, 0.0, 4.0))
 
@@ -92,16 +99,26 @@ def _checkpoint(path: Path, inference_defaults: dict | None) -> Path:
     net = build_network({"name": "consistency_test_shrink"})
     data = {"size": CUBE, "normalization": "shared", "transform": "rigid", "space": "pet"}
     config = checkpoint_config(net, {"timesteps": 100}, data, inference_defaults)
-    torch.save({"network": net.state_dict(), "ema": None, "optimizer": {}, "scaler": None, "epoch": 1,
-                "iteration": 1, "config": config}, path)
+    torch.save(
+        {
+            "network": net.state_dict(),
+            "ema": None,
+            "optimizer": {},
+            "scaler": None,
+            "epoch": 1,
+            "iteration": 1,
+            "config": config,
+        },
+        path,
+    )
     return path
 
 
 def _level(pred: Path, ld: Path, sampled: np.ndarray) -> float:
     """Mean prediction over mean LD over the voxels the network sampled: the coarsest band, which the consistency
     takes from the LD (finer bands keep part of the 0.9× error; the phantom's structure is a few voxels wide)."""
-    p, l = (np.asarray(nib.load(f).dataobj, dtype=np.float64) for f in (pred, ld))
-    return float(p[sampled].mean() / l[sampled].mean())
+    predicted, low_dose = (np.asarray(nib.load(f).dataobj, dtype=np.float64) for f in (pred, ld))
+    return float(predicted[sampled].mean() / low_dose[sampled].mean())
 
 
 def test_the_stored_setting_undoes_a_coarse_uptake_error_end_to_end(tmp_path, subject):
@@ -118,8 +135,24 @@ def test_the_stored_setting_undoes_a_coarse_uptake_error_end_to_end(tmp_path, su
     assert summary["settings_sources"]["ld_consistency_fwhm"] == "checkpoint"
     assert _level(tmp_path / "on.nii.gz", subject, sampled) == pytest.approx(1.0, abs=0.02)  # edges: measured 0.988
 
-    base = ["--bundle", str(BUNDLE), "--checkpoint", str(stored), "--ld-pet", str(subject), "--no-png",
-            "--no-progress", "--orientations", "axial", "--fusion", "mean", "--device", "cpu", "--steps", "2"]
+    base = [
+        "--bundle",
+        str(BUNDLE),
+        "--checkpoint",
+        str(stored),
+        "--ld-pet",
+        str(subject),
+        "--no-png",
+        "--no-progress",
+        "--orientations",
+        "axial",
+        "--fusion",
+        "mean",
+        "--device",
+        "cpu",
+        "--steps",
+        "2",
+    ]
     assert infer_main([*base, "--out", str(tmp_path / "flag_off.nii.gz"), "--ld-consistency-fwhm", "none"]) == 0
     assert _level(tmp_path / "flag_off.nii.gz", subject, sampled) == pytest.approx(SHRINK, abs=0.01)
 

@@ -99,8 +99,18 @@ def _checkpoint(path: Path, mean_type: str, clip, normalization: str = "shared",
     network = build_network({"name": "lesion_test_oracle", "mean_type": mean_type, "timesteps": 100})
     diffusion = {"timesteps": 100, "model_mean_type": mean_type, "clip_denoised": clip}
     data = {"size": size, "normalization": normalization, "transform": "rigid", "space": "pet"}
-    torch.save({"network": network.state_dict(), "ema": None, "optimizer": {}, "scaler": None, "epoch": 1,
-                "iteration": 1, "config": checkpoint_config(network, diffusion, data)}, path)
+    torch.save(
+        {
+            "network": network.state_dict(),
+            "ema": None,
+            "optimizer": {},
+            "scaler": None,
+            "epoch": 1,
+            "iteration": 1,
+            "config": checkpoint_config(network, diffusion, data),
+        },
+        path,
+    )
     return path
 
 
@@ -109,9 +119,11 @@ def lesion_recovery(subject: dict, checkpoint: Path, out: Path, **settings) -> d
     summary = api.infer_subject(checkpoint, subject["path"], out, None, **{**SAMPLING, **settings})
     pred = np.asarray(nib.load(out).dataobj, dtype=np.float64)
     truth, lesion = subject["truth"].astype(np.float64), subject["lesion"]
-    return {"mean": float(pred[lesion].mean() / truth[lesion].mean()),
-            "max": float(pred[lesion].max() / truth[lesion].max()),
-            "clip": summary["clip_denoised"]}
+    return {
+        "mean": float(pred[lesion].mean() / truth[lesion].mean()),
+        "max": float(pred[lesion].max() / truth[lesion].max()),
+        "clip": summary["clip_denoised"],
+    }
 
 
 @pytest.mark.filterwarnings("ignore:stripe filter")

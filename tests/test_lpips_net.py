@@ -24,9 +24,16 @@ from m2diff_monai.evaluation.lpips_net import (
 LPIPS_V01_ALEX_SHA256 = "df73285e35b22355a2df87cdb6b70b343713b667eddbda73e1977e0c860835c0"
 # torchvision.models.alexnet(weights=None).features: parameter names and shapes
 TORCHVISION_ALEXNET_FEATURES = {
-    "0.weight": (64, 3, 11, 11), "0.bias": (64,), "3.weight": (192, 64, 5, 5), "3.bias": (192,),
-    "6.weight": (384, 192, 3, 3), "6.bias": (384,), "8.weight": (256, 384, 3, 3), "8.bias": (256,),
-    "10.weight": (256, 256, 3, 3), "10.bias": (256,),
+    "0.weight": (64, 3, 11, 11),
+    "0.bias": (64,),
+    "3.weight": (192, 64, 5, 5),
+    "3.bias": (192,),
+    "6.weight": (384, 192, 3, 3),
+    "6.bias": (384,),
+    "8.weight": (256, 384, 3, 3),
+    "8.bias": (256,),
+    "10.weight": (256, 256, 3, 3),
+    "10.bias": (256,),
 }
 # lpips.LPIPS outputs for _images(): RGB inputs, then their first channel alone (lpips broadcasts it)
 REFERENCE_RGB = [0.0, 0.012265559285879135, 0.2289043366909027, 0.06285388022661209]
@@ -38,8 +45,9 @@ def _trunk_state() -> dict[str, torch.Tensor]:
     state = {}
     for i, (key, value) in enumerate(alexnet_features().state_dict().items()):
         n = value.numel()
-        state[f"features.{key}"] = (0.08 * torch.sin(0.37 * torch.arange(n, dtype=torch.float64) + 0.5 * i)
-                                    ).float().view_as(value)
+        state[f"features.{key}"] = (
+            (0.08 * torch.sin(0.37 * torch.arange(n, dtype=torch.float64) + 0.5 * i)).float().view_as(value)
+        )
     return state
 
 
@@ -104,8 +112,9 @@ def test_metric_without_heads_says_so(monkeypatch):
     monkeypatch.setattr(lpips_net, "HEADS_LOCATIONS", (("torchmetrics", "no/such/alex.pth"),))
     metric = LPIPSMetric(_allow_random_backbone=True)
     assert not metric.available and metric.model is None
-    assert metric.reason == ("LPIPS unavailable: lpips v0.1 AlexNet heads not found (torchmetrics/no/such/alex.pth); "
-                             "reinstall torchmetrics")
+    assert metric.reason == (
+        "LPIPS unavailable: lpips v0.1 AlexNet heads not found (torchmetrics/no/such/alex.pth); reinstall torchmetrics"
+    )
 
 
 def test_the_metric_imports_neither_torchvision_nor_lpips():
@@ -113,11 +122,19 @@ def test_the_metric_imports_neither_torchvision_nor_lpips():
     import subprocess
     import sys
 
-    code = ("import sys\nfrom m2diff_monai.evaluation.lpips_metric import LPIPSMetric\n"
-            "import numpy as np\nm = LPIPSMetric(_allow_random_backbone=True)\n"
-            "assert m.available, m.reason\nassert np.isfinite(m(np.eye(40), np.ones((40, 40))))\n"
-            "print(sorted(k for k in sys.modules if k.split('.')[0] in ('torchvision', 'lpips')))")
-    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300,
-                          cwd=Path(__file__).resolve().parents[1])
+    code = (
+        "import sys\nfrom m2diff_monai.evaluation.lpips_metric import LPIPSMetric\n"
+        "import numpy as np\nm = LPIPSMetric(_allow_random_backbone=True)\n"
+        "assert m.available, m.reason\nassert np.isfinite(m(np.eye(40), np.ones((40, 40))))\n"
+        "print(sorted(k for k in sys.modules if k.split('.')[0] in ('torchvision', 'lpips')))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"

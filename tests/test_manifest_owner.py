@@ -16,16 +16,33 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def slice_item(subject: str, orientation: str = "axial", k: int = 0, mri: bool = True) -> dict:
-    return {"ld_pet": f"{subject}/ld_{k}.npy", "sd_pet": f"{subject}/sd_{k}.npy",
-            "mri": f"{subject}/mri_{k}.npy" if mri else "", "mri_available": int(mri), "subject": subject,
-            "orientation": orientation, "slice": k}
+    return {
+        "ld_pet": f"{subject}/ld_{k}.npy",
+        "sd_pet": f"{subject}/sd_{k}.npy",
+        "mri": f"{subject}/mri_{k}.npy" if mri else "",
+        "mri_available": int(mri),
+        "subject": subject,
+        "orientation": orientation,
+        "slice": k,
+    }
 
 
 def volume_item(subject: str, split: str) -> dict:
-    return {"subject": subject, "split": split, "ld_pet": f"{subject}/ld.nii.gz", "sd_pet": f"{subject}/sd.nii.gz",
-            "mri": "", "brain_mask": f"{subject}/mask.nii.gz", "scale": 2.5, "offset": 0.0,
-            "source_ld_pet": f"raw/{subject}_ld.nii.gz", "mri_available": 0, "source_mri": "", "regions": {},
-            "preprocessed_dir": subject}
+    return {
+        "subject": subject,
+        "split": split,
+        "ld_pet": f"{subject}/ld.nii.gz",
+        "sd_pet": f"{subject}/sd.nii.gz",
+        "mri": "",
+        "brain_mask": f"{subject}/mask.nii.gz",
+        "scale": 2.5,
+        "offset": 0.0,
+        "source_ld_pet": f"raw/{subject}_ld.nii.gz",
+        "mri_available": 0,
+        "source_mri": "",
+        "regions": {},
+        "preprocessed_dir": subject,
+    }
 
 
 def small_manifest() -> dict:
@@ -34,8 +51,12 @@ def small_manifest() -> dict:
         "training": [slice_item("a", "axial", 0), slice_item("a", "coronal", 1), slice_item("b", "axial", 0, False)],
         "validation": [slice_item("c")],
         "test": [],
-        "volumes": [volume_item("a", "train"), volume_item("b", "train"), volume_item("c", "val"),
-                    volume_item("d", "test")],
+        "volumes": [
+            volume_item("a", "train"),
+            volume_item("b", "train"),
+            volume_item("c", "val"),
+            volume_item("d", "test"),
+        ],
         "provenance": mf.provenance("tests", {"size": 16}, notes="unit test"),
     }
 
@@ -81,9 +102,20 @@ def test_an_invalid_manifest_is_never_written(tmp_path):
 def test_split_names_and_their_aliases():
     assert mf.SPLITS == ("train", "val", "test")
     assert [mf.canonical_split(s) for s in ("train", "training", "val", "validation", "test", " Test ")] == [
-        "train", "train", "val", "val", "test", "test"]
+        "train",
+        "train",
+        "val",
+        "val",
+        "test",
+        "test",
+    ]
     assert [mf.datalist_key(s) for s in ("train", "training", "val", "validation", "test")] == [
-        "training", "training", "validation", "validation", "test"]
+        "training",
+        "training",
+        "validation",
+        "validation",
+        "test",
+    ]
     assert mf.canonical_split("all", allow_all=True) is None
     with pytest.raises(InputError, match="unknown split 'all'"):
         mf.canonical_split("all")
@@ -129,8 +161,17 @@ def test_path_keys_come_from_the_schema_and_match_the_safety_rule():
     from m2diff_monai.io import safety
 
     assert mf.SLICE_PATH_KEYS == ("ld_pet", "sd_pet", "mri")
-    assert set(mf.VOLUME_PATH_KEYS) == {"ld_pet", "sd_pet", "mri", "brain_mask", "source_ld_pet", "source_sd_pet",
-                                        "source_mri", "preprocessed_dir", "subject_json"}
+    assert set(mf.VOLUME_PATH_KEYS) == {
+        "ld_pet",
+        "sd_pet",
+        "mri",
+        "brain_mask",
+        "source_ld_pet",
+        "source_sd_pet",
+        "source_mri",
+        "preprocessed_dir",
+        "subject_json",
+    }
     # io/safety sits below data/ and keeps its own list of the inputs a manifest names: it must not drift
     assert set(safety.MANIFEST_PATH_KEYS) == set(mf.VOLUME_PATH_KEYS)
 

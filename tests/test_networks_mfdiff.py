@@ -78,9 +78,20 @@ def _transformer_block_params(d: int, h: int, e: float) -> int:
 def test_modality_extractor_has_cddfuse_layout_parameter_count():
     """Count from the CDDFuse layout (dim 64, 4 blocks, 8 heads, FFN 2, bias-free convs, LN with bias)."""
     d, h = 64, 8
-    extractor = ModalityFeatureExtractor(1, d, 4, h, 2.0, False, "with_bias", ("global", "detail"),
-                                         global_attention="channel", global_ffn_expansion=1.0, inn_layers=3,
-                                         coupling="paper")
+    extractor = ModalityFeatureExtractor(
+        1,
+        d,
+        4,
+        h,
+        2.0,
+        False,
+        "with_bias",
+        ("global", "detail"),
+        global_attention="channel",
+        global_ffn_expansion=1.0,
+        inn_layers=3,
+        coupling="paper",
+    )
     patch = 1 * d * 9
     blocks = 4 * _transformer_block_params(d, h, 2.0)
     global_branch = 2 * 2 * d + (h + 3 * d * d + (3 * d) * (3 * d) * 9 + d * d) + (d * 2 * d + 2 * d * 2 * 9 + d * d)
@@ -144,8 +155,12 @@ def test_fusion_feature_depends_on_mri_and_pet():
 
 def test_fusion_spatial_attention_and_wide_output():
     torch.manual_seed(0)
-    fusion = MFdiffFusion(**{**TINY_FUSION, "out_channels": 8}, global_attention="spatial",
-                          coupling="cddfuse", output_activation="sigmoid")
+    fusion = MFdiffFusion(
+        **{**TINY_FUSION, "out_channels": 8},
+        global_attention="spatial",
+        coupling="cddfuse",
+        output_activation="sigmoid",
+    )
     out = fusion(torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8))
     assert out.shape == (2, 8, 8, 8)
     assert out.min() > 0 and out.max() < 1
@@ -280,5 +295,6 @@ def test_config_resolution():
     with pytest.raises(ValueError, match="unknown"):
         resolve_mfdiff_config({"variants": "MFdiff"})
     with pytest.raises(ValueError, match="branches"):
-        MFdiffNet(variant="CMUNet", image_size=SIZE, fusion={**TINY_FUSION, "branches": ["global", "global"]},
-                  unet=TINY_UNET)
+        MFdiffNet(
+            variant="CMUNet", image_size=SIZE, fusion={**TINY_FUSION, "branches": ["global", "global"]}, unet=TINY_UNET
+        )

@@ -18,7 +18,7 @@ def centred_pad(image: np.ndarray, size: int = 256) -> np.ndarray:
     """Written out independently: (size − n) // 2 zeros before, the rest after."""
     out = np.zeros((size, size), dtype=image.dtype)
     top, left = (size - image.shape[0]) // 2, (size - image.shape[1]) // 2
-    out[top:top + image.shape[0], left:left + image.shape[1]] = image
+    out[top : top + image.shape[0], left : left + image.shape[1]] = image
     return out
 
 

@@ -152,8 +152,18 @@ def test_workers_shards_and_merge_match_a_full_run(cohort, tmp_path):
     assert [r["scale"] for r in joined] == [r["scale"] for r in reference]
     assert (shard_out / "qc" / "summary.md").read_text().count("| s0") == 3
     # shards in different folders: the joined table goes beside the merged manifest
-    cli("run", "--subjects", cohort, "--out", tmp_path / "elsewhere", "--manifest", tmp_path / "m" / "s2c.json",
-        *FAST, "--shard", "2/2")
+    cli(
+        "run",
+        "--subjects",
+        cohort,
+        "--out",
+        tmp_path / "elsewhere",
+        "--manifest",
+        tmp_path / "m" / "s2c.json",
+        *FAST,
+        "--shard",
+        "2/2",
+    )
     apart = tmp_path / "apart" / "cohort.json"
     cli("merge", "--manifests", tmp_path / "m" / "s1.json", tmp_path / "m" / "s2c.json", "--out", apart)
     with open(tmp_path / "apart" / "cohort_qc_summary.csv") as fh:
@@ -213,8 +223,18 @@ def test_each_bad_input_fails_cleanly(bad_corpus, tmp_path):
 
     for case, (table, fragment) in bad_corpus.items():
         out, man = tmp_path / case / "out", tmp_path / case / "m.json"
-        proc = cli("run", "--subjects", table, "--out", out, "--manifest", man, *FAST, *CASE_CLI_ARGS.get(case, []),
-                   check_rc=None)
+        proc = cli(
+            "run",
+            "--subjects",
+            table,
+            "--out",
+            out,
+            "--manifest",
+            man,
+            *FAST,
+            *CASE_CLI_ARGS.get(case, []),
+            check_rc=None,
+        )
         assert proc.returncode != 0, case
         assert fragment in proc.stderr, (case, proc.stderr)
         assert len([ln for ln in proc.stderr.splitlines() if ln.strip()]) == 1, (case, proc.stderr)  # one line
@@ -243,8 +263,20 @@ def test_keep_going_finishes_good_subjects(bad_corpus, tmp_path):
                     rows.append(row)
     combined = write_table(tmp_path / "all.csv", rows)
     out, man = tmp_path / "out", tmp_path / "m.json"
-    proc = cli("run", "--subjects", combined, "--out", out, "--manifest", man, *FAST, "--qform-policy", "reject",
-               "--keep-going", check_rc=1)
+    proc = cli(
+        "run",
+        "--subjects",
+        combined,
+        "--out",
+        out,
+        "--manifest",
+        man,
+        *FAST,
+        "--qform-policy",
+        "reject",
+        "--keep-going",
+        check_rc=1,
+    )
     for sid, fragment in expected.items():
         line = next(ln for ln in proc.stderr.splitlines() if sid in ln)
         assert fragment in line, (sid, line)
@@ -254,8 +286,21 @@ def test_keep_going_finishes_good_subjects(bad_corpus, tmp_path):
     assert all(sid not in man.read_text() for sid in expected)
 
     # a failure late in the subject (crop, after registration wrote its transforms) leaves nothing behind
-    late = cli("run", "--subjects", combined, "--out", tmp_path / "late", "--manifest", tmp_path / "late.json",
-               "--transform", "rigid", "--size", "16", "--keep-going", check_rc=1)
+    late = cli(
+        "run",
+        "--subjects",
+        combined,
+        "--out",
+        tmp_path / "late",
+        "--manifest",
+        tmp_path / "late.json",
+        "--transform",
+        "rigid",
+        "--size",
+        "16",
+        "--keep-going",
+        check_rc=1,
+    )
     assert "subject good01" in late.stderr and "larger --size" in late.stderr
     _no_outputs_for(tmp_path / "late", "good01")
     assert json.loads((tmp_path / "late.json").read_text())["volumes"] == []
@@ -276,8 +321,12 @@ def test_api_mri_space_and_inference_only_subject(tmp_path):
     assert all(len(v["indices"]) == 4 for v in record["slices"].values())
     assert (tmp_path / "out/subjects/a01/subject.json").is_file()
 
-    summary = run_pipeline(table, tmp_path / "out2", tmp_path / "m.json",
-                           PipelineOptions(transform="rigid", size=32, split=(1.0, 0.0, 0.0)))
+    summary = run_pipeline(
+        table,
+        tmp_path / "out2",
+        tmp_path / "m.json",
+        PipelineOptions(transform="rigid", size=32, split=(1.0, 0.0, 0.0)),
+    )
     assert summary.splits == {"a01": "train", "b01": "test"}
     m = json.loads((tmp_path / "m.json").read_text())
     assert {i["subject"] for i in m["test"]} == {"b01"} and all(i["sd_pet"] == "" for i in m["test"])
@@ -290,6 +339,10 @@ def test_api_mri_space_and_inference_only_subject(tmp_path):
             "t1.nii.gz\n", "t1.nii.gz,train\n"
         )
     )
-    summary = run_pipeline(root / "explicit.csv", tmp_path / "out2", tmp_path / "m2.json",
-                           PipelineOptions(transform="rigid", size=32, keep_going=True))
+    summary = run_pipeline(
+        root / "explicit.csv",
+        tmp_path / "out2",
+        tmp_path / "m2.json",
+        PipelineOptions(transform="rigid", size=32, keep_going=True),
+    )
     assert "needs a standard-dose PET" in summary.failed["b01"] and summary.skipped == ["a01"]

@@ -18,19 +18,24 @@ def fake_cpuinfo(tmp_path, monkeypatch):
 
     def _set(flags: str) -> None:
         path = tmp_path / "cpuinfo"
-        path.write_text(f"processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: fpu sse2 avx2 {flags}\n\n"
-                        "processor\t: 1\nflags\t\t: fpu\n")
+        path.write_text(
+            f"processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: fpu sse2 avx2 {flags}\n\n"
+            "processor\t: 1\nflags\t\t: fpu\n"
+        )
         monkeypatch.setattr(precision, "cpu_flags", lambda: read_flags(str(path)))
 
     return _set
 
 
-@pytest.mark.parametrize(("flags", "expected"), [
-    ("", None),
-    ("avx512f avx512bw avx512vl", None),  # AVX-512 without bf16 units: emulated bf16, slower than fp32
-    ("avx512f avx512_bf16", torch.bfloat16),
-    ("amx_tile amx_bf16", torch.bfloat16),
-])
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ("", None),
+        ("avx512f avx512bw avx512vl", None),  # AVX-512 without bf16 units: emulated bf16, slower than fp32
+        ("avx512f avx512_bf16", torch.bfloat16),
+        ("amx_tile amx_bf16", torch.bfloat16),
+    ],
+)
 def test_auto_on_cpu_follows_native_bf16_flags(fake_cpuinfo, flags, expected):
     fake_cpuinfo(flags)
     assert precision.resolve_precision("auto", "cpu") is expected
@@ -51,10 +56,19 @@ def test_auto_on_cuda_follows_is_bf16_supported(monkeypatch, supported):
     assert precision.resolve_precision("auto", "cuda:0") is (torch.bfloat16 if supported else None)
 
 
-@pytest.mark.parametrize(("name", "expected"), [
-    ("bfloat16", torch.bfloat16), ("bf16", torch.bfloat16), ("float16", torch.float16), ("fp16", torch.float16),
-    (None, None), ("", None), ("none", None), ("fp32", None),
-])
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("bfloat16", torch.bfloat16),
+        ("bf16", torch.bfloat16),
+        ("float16", torch.float16),
+        ("fp16", torch.float16),
+        (None, None),
+        ("", None),
+        ("none", None),
+        ("fp32", None),
+    ],
+)
 def test_explicit_values_pass_through_regardless_of_hardware(fake_cpuinfo, name, expected):
     fake_cpuinfo("")  # no native bf16: an explicit bf16 still wins
     assert precision.resolve_precision(name, "cpu") is expected
@@ -84,8 +98,10 @@ def test_autocast_inferer_auto_logs_precision_and_threads(fake_cpuinfo, caplog):
     fake_cpuinfo("")
     with caplog.at_level(logging.INFO, logger="m2diff_monai.engines.amp"):
         assert AutocastInferer("auto")(x, conv).dtype == torch.float32
-    assert f"training precision: fp32 autocast on cpu (asked: auto), {torch.get_num_threads()} torch threads" \
+    assert (
+        f"training precision: fp32 autocast on cpu (asked: auto), {torch.get_num_threads()} torch threads"
         in caplog.text
+    )
     fake_cpuinfo("avx512_bf16")
     assert AutocastInferer("auto")(x, conv).dtype == torch.bfloat16
     assert not needs_grad_scaler("auto")

@@ -267,8 +267,9 @@ def test_schema_rejects_broken_manifests(tmp_path):
     schema = json.loads(manifest_owner.SCHEMA_PATH.read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
     record, folder = _fake_subject(tmp_path, "a", True, True)
-    good = manifest.build_manifest("x", [(record, folder, "train")], tmp_path / "x.json",
-                                   manifest.provenance({"orientations": ["axial"]}))
+    good = manifest.build_manifest(
+        "x", [(record, folder, "train")], tmp_path / "x.json", manifest.provenance({"orientations": ["axial"]})
+    )
     manifest_owner.validate_manifest(good)
     broken = json.loads(json.dumps(good))
     del broken["volumes"][0]["scale"]
@@ -287,8 +288,9 @@ def test_schema_rejects_broken_manifests(tmp_path):
 
 def test_rebase_keeps_paths_pointing_at_the_same_files(tmp_path):
     record, folder = _fake_subject(tmp_path / "out", "a", True, True)
-    m = manifest.build_manifest("x", [(record, folder, "train")], tmp_path / "m1" / "x.json",
-                                manifest.provenance({"orientations": ["axial"]}))
+    m = manifest.build_manifest(
+        "x", [(record, folder, "train")], tmp_path / "m1" / "x.json", manifest.provenance({"orientations": ["axial"]})
+    )
     moved = manifest.rebase(m, tmp_path / "m1", tmp_path / "deeper" / "m2")
     for a, b in zip(m["training"] + m["volumes"], moved["training"] + moved["volumes"], strict=True):
         for key in ("ld_pet", "mri", "brain_mask"):

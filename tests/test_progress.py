@@ -42,8 +42,10 @@ def test_epoch_and_validation_lines(caplog):
     assert "left at this pace (validation included)" in epoch_lines[0]
     assert epoch_lines[-1].endswith("about 0:00 left at this pace (validation included)")
     validation = [r.getMessage() for r in caplog.records if r.getMessage().startswith("validation ")]
-    assert validation == ["validation epoch 2: val_psnr 22, val_ssim 0.5 (best val_psnr 22 at epoch 2)",
-                          "validation epoch 4: val_psnr 24, val_ssim 0.5 (best val_psnr 24 at epoch 4)"]
+    assert validation == [
+        "validation epoch 2: val_psnr 22, val_ssim 0.5 (best val_psnr 22 at epoch 2)",
+        "validation epoch 4: val_psnr 24, val_ssim 0.5 (best val_psnr 24 at epoch 4)",
+    ]
     assert handler.bar is None  # pytest's stderr is not a terminal: no bar, lines only
 
 

@@ -108,8 +108,9 @@ def test_abandoned_temps_of_a_dead_owner_are_removed_live_ones_kept(tmp_path):
     import subprocess
     import sys
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     host = "".join(c if c.isalnum() or c == "-" else "-" for c in socket.gethostname())
     abandoned = tmp_path / f".tmp.out.{host}-p{dead}.abc"
     live = tmp_path / f".tmp.out.{host}-p{os.getpid()}.abc"
@@ -125,7 +126,6 @@ def test_folder_names_outside_the_safe_alphabet_get_owner_labelled_temps(tmp_pat
     assert staging.name.startswith(".tmp.report_v1_2.")
     atomic.publish_folder(staging, tmp_path / "report v1.2")
     assert (tmp_path / "report v1.2").is_dir() and _hidden(tmp_path) == []
-
 
 
 def test_the_swap_waits_for_another_publisher_of_the_same_folder(tmp_path):

@@ -164,18 +164,21 @@ def test_space_mri_moves_every_pet_and_mask_and_the_stored_inverse_brings_them_b
     t1_img = t1(factor=2)
     data = np.asarray(pet.dataobj, dtype=np.float32)
     brain = data > 0.3 * float(data.max())
-    aligned = register_to_cube_grid({"ld_pet": pet, "sd_pet": pet}, t1_img, "ld_pet", "mri", "SyN", seed=0,
-                                    masks={"brain": brain})
+    aligned = register_to_cube_grid(
+        {"ld_pet": pet, "sd_pet": pet}, t1_img, "ld_pet", "mri", "SyN", seed=0, masks={"brain": brain}
+    )
     reg = aligned.registration
     try:
         assert (aligned.moving, aligned.fixed) == ("ld_pet", "mri")
         assert aligned.pets["ld_pet"].shape == t1_img.shape and aligned.masks["brain"].dtype == bool
-        np.testing.assert_allclose(aligned.pets["sd_pet"], aligned.pets["ld_pet"],
-                                   atol=1e-3 * float(data.max()))  # the same transforms for every PET
+        np.testing.assert_allclose(
+            aligned.pets["sd_pet"], aligned.pets["ld_pet"], atol=1e-3 * float(data.max())
+        )  # the same transforms for every PET
         moved_mask = aligned.masks["brain"]
         assert abs(int(moved_mask.sum()) - int(brain.sum())) < 0.1 * brain.sum()
-        back = grid.map_back_through_registration(aligned.pets["ld_pet"], aligned.affine, pet.shape, pet.affine,
-                                                  reg.inv_transforms, order=1)
+        back = grid.map_back_through_registration(
+            aligned.pets["ld_pet"], aligned.affine, pet.shape, pet.affine, reg.inv_transforms, order=1
+        )
         assert _corr(back, data, brain) > 0.98
         assert np.abs(back[brain] - data[brain]).mean() < 0.05 * float(data[brain].mean())
     finally:

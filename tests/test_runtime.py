@@ -64,8 +64,10 @@ def test_cgroup_v1_quota(node):
     assert runtime.allowed_threads() == (8, "CPU affinity")
 
 
-@pytest.mark.parametrize("variable, value, source", [("OMP_NUM_THREADS", "64", "OMP_NUM_THREADS"),
-                                                     ("SLURM_CPUS_PER_TASK", "32", "SLURM_CPUS_PER_TASK")])
+@pytest.mark.parametrize(
+    "variable, value, source",
+    [("OMP_NUM_THREADS", "64", "OMP_NUM_THREADS"), ("SLURM_CPUS_PER_TASK", "32", "SLURM_CPUS_PER_TASK")],
+)
 def test_never_above_affinity(node, monkeypatch, variable, value, source):
     monkeypatch.setenv(variable, value)
     assert runtime.allowed_threads() == (8, source)
@@ -122,15 +124,29 @@ def test_summary_line_value_error_and_internal_error():
 
 def run_bundle(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **env}
-    return subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], cwd=tmp_path, env=environment,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", *args],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_bundle_run_missing_manifest_ends_in_one_line(tmp_path):
-    result = run_bundle(["training", "--config_file",
-                         str([str(REPO / "bundles/m2diff/train.json"), str(REPO / "bundles/m2diff/demo.json")]),
-                         "--manifest_file", str(tmp_path / "missing.json"), "--output_dir", str(tmp_path / "run")],
-                        tmp_path)
+    result = run_bundle(
+        [
+            "training",
+            "--config_file",
+            str([str(REPO / "bundles/m2diff/train.json"), str(REPO / "bundles/m2diff/demo.json")]),
+            "--manifest_file",
+            str(tmp_path / "missing.json"),
+            "--output_dir",
+            str(tmp_path / "run"),
+        ],
+        tmp_path,
+    )
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith(f"error: file {tmp_path / 'missing.json'}: manifest not found")
@@ -144,9 +160,19 @@ def test_bundle_run_bad_steps_and_debug_traceback(tmp_path):
 
     # a real checkpoint: the bundle's ``model`` loads it before the entry point checks the settings
     checkpoint = write_checkpoint(tmp_path / "tiny.pt", TINY_V6)
-    args = ["inference", "--config_file", str(REPO / "bundles/m2diff/inference.json"), "--steps", "0",
-            "--checkpoint", str(checkpoint), "--ld_pet", str(tmp_path / "x.nii.gz"),
-            "--output", str(tmp_path / "out.nii.gz")]
+    args = [
+        "inference",
+        "--config_file",
+        str(REPO / "bundles/m2diff/inference.json"),
+        "--steps",
+        "0",
+        "--checkpoint",
+        str(checkpoint),
+        "--ld_pet",
+        str(tmp_path / "x.nii.gz"),
+        "--output",
+        str(tmp_path / "out.nii.gz"),
+    ]
     result = run_bundle(args, tmp_path)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("error: inference settings: steps must be >= 1")
@@ -168,8 +194,11 @@ def test_report_outputs_prints_where_results_went(capsys, tmp_path):
     cohort = {"subjects": [{"subject": "s1", "files": {"prediction": str(tmp_path / "s1.nii.gz")}}]}
     bundle_run.report_outputs(cohort, tmp_path)
     out, err = capsys.readouterr()
-    assert out.splitlines() == ["wrote /o/pred.nii.gz (also: /o/pred.png)", f"s1: {tmp_path / 's1.nii.gz'}",
-                                f"1 subject(s) written; list: {tmp_path / 'predictions.json'}"]
+    assert out.splitlines() == [
+        "wrote /o/pred.nii.gz (also: /o/pred.png)",
+        f"s1: {tmp_path / 's1.nii.gz'}",
+        f"1 subject(s) written; list: {tmp_path / 'predictions.json'}",
+    ]
     assert err.strip() == "warning: w"
 
 

@@ -37,8 +37,14 @@ FAST = PipelineOptions(transform="rigid", size=32, slices_per_subject=2, split=(
 
 
 def preprocess_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "preprocessing.cli", *[str(a) for a in args]], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "preprocessing.cli", *[str(a) for a in args]],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def one_line(stderr: str) -> str:
@@ -62,22 +68,33 @@ def _tree(tmp_path: Path) -> tuple[Path, Path, safety.RunInputs]:
 
 def test_rule_refuses_the_input_and_every_folder_above_it(tmp_path):
     raw, ld, inputs = _tree(tmp_path)
-    for target, relation in ((ld, "overwrite the input ld_pet"), (raw, "holds the input ld_pet"),
-                             (raw.parent, "holds the input ld_pet")):
+    for target, relation in (
+        (ld, "overwrite the input ld_pet"),
+        (raw, "holds the input ld_pet"),
+        (raw.parent, "holds the input ld_pet"),
+    ):
         with pytest.raises(InputError, match=relation) as err:
             inputs.check(target, "--out")
         assert "--out" in str(err.value) and str(ld) in str(err.value)
     # neighbours, children of the input's folder and look-alike prefixes are fine
-    for ok in (raw / "pred.nii.gz", raw / "ld_pet.nii", tmp_path / "cohort" / "sub01x", tmp_path / "cohort2",
-               raw / "ld_pet.nii.gz.bak", tmp_path / "cohort" / "sub0"):
+    for ok in (
+        raw / "pred.nii.gz",
+        raw / "ld_pet.nii",
+        tmp_path / "cohort" / "sub01x",
+        tmp_path / "cohort2",
+        raw / "ld_pet.nii.gz.bak",
+        tmp_path / "cohort" / "sub0",
+    ):
         assert inputs.check(ok, "--out") == ok
 
 
 def test_rule_follows_dotdot_symlinks_and_hard_links(tmp_path):
     raw, ld, inputs = _tree(tmp_path)
     (tmp_path / "other").mkdir()
-    aliases = [tmp_path / "other" / ".." / "cohort" / "sub01" / "ld_pet.nii.gz",
-               tmp_path / "cohort" / "." / "sub01" / ".." / "sub01"]
+    aliases = [
+        tmp_path / "other" / ".." / "cohort" / "sub01" / "ld_pet.nii.gz",
+        tmp_path / "cohort" / "." / "sub01" / ".." / "sub01",
+    ]
     link_dir = tmp_path / "linked"
     link_dir.symlink_to(tmp_path / "cohort", target_is_directory=True)
     aliases += [link_dir / "sub01" / "ld_pet.nii.gz", link_dir / "sub01", link_dir]
@@ -204,15 +221,19 @@ def test_fingerprint_tells_same_size_rewrites_apart(tmp_path):
 
 
 def test_lock_refuses_a_second_holder_in_another_process(tmp_path):
-    code = ("import sys\nfrom m2diff_monai.io.safety import output_lock\nfrom m2diff_monai.errors import InputError\n"
-            "try:\n    with output_lock(sys.argv[1], 'm2diff-x', '--out'):\n        print('acquired')\n"
-            "except InputError as err:\n    print(err)\n")
+    code = (
+        "import sys\nfrom m2diff_monai.io.safety import output_lock\nfrom m2diff_monai.errors import InputError\n"
+        "try:\n    with output_lock(sys.argv[1], 'm2diff-x', '--out'):\n        print('acquired')\n"
+        "except InputError as err:\n    print(err)\n"
+    )
     with safety.output_lock(tmp_path, "m2diff-x", "--out"):
-        proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, env=ENV, capture_output=True,
-                              text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120
+        )
         assert "another m2diff-x run is writing to this --out folder" in proc.stdout, proc.stdout + proc.stderr
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, env=ENV, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120
+    )
     assert proc.stdout.strip() == "acquired"
 
 
@@ -320,13 +341,39 @@ def test_cohort_inference_never_overwrites_a_source_pet(eval_cohort, tmp_path):
     manifest = _flat_source_manifest(eval_cohort, flat)
     checkpoint = identity_checkpoint(tmp_path / "id.pt")
     before, before_cohort = tree_digest(flat), tree_digest(eval_cohort["root"])
-    rc = main(["--checkpoint", str(checkpoint), "--manifest", str(manifest), "--split", "all", "--out-dir",
-               str(flat), "--device", "cpu", "--no-progress"])
+    rc = main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--manifest",
+            str(manifest),
+            "--split",
+            "all",
+            "--out-dir",
+            str(flat),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     assert rc == 2
     assert tree_digest(flat) == before and tree_digest(eval_cohort["root"]) == before_cohort
     # the checkpoint, the manifest and --summary are inputs too
-    rc = main(["--checkpoint", str(checkpoint), "--manifest", str(manifest), "--out-dir", str(tmp_path / "ok"),
-               "--summary", str(checkpoint), "--device", "cpu", "--no-progress"])
+    rc = main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--manifest",
+            str(manifest),
+            "--out-dir",
+            str(tmp_path / "ok"),
+            "--summary",
+            str(checkpoint),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     assert rc == 2 and checkpoint.is_file() and not (tmp_path / "ok").exists()
 
 
@@ -335,8 +382,21 @@ def test_cohort_inference_error_line_names_option_and_input(eval_cohort, tmp_pat
 
     flat = tmp_path / "flat"
     manifest = _flat_source_manifest(eval_cohort, flat)
-    rc = main(["--checkpoint", str(tmp_path / "never_loaded.pt"), "--manifest", str(manifest), "--split", "all",
-               "--out-dir", str(flat), "--device", "cpu", "--no-progress"])
+    rc = main(
+        [
+            "--checkpoint",
+            str(tmp_path / "never_loaded.pt"),
+            "--manifest",
+            str(manifest),
+            "--split",
+            "all",
+            "--out-dir",
+            str(flat),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     line = one_line(capsys.readouterr().err)
     assert rc == 2 and "--out-dir would overwrite the input source_ld_pet of subject s01" in line, line
 
@@ -352,8 +412,9 @@ def test_export_force_never_deletes_the_training_run(tmp_path, capsys):
     (run_dir / "logs" / "train.log").write_text("epoch 1 loss 0.1\n")
     checkpoint = write_checkpoint(run_dir / "checkpoints" / "best.pt", TINY_V6)
     before = tree_digest(tmp_path)
-    rc = main(["--bundle", str(BUNDLE), "--checkpoint", str(checkpoint), "--out", str(run_dir), "--force",
-               "--no-progress"])
+    rc = main(
+        ["--bundle", str(BUNDLE), "--checkpoint", str(checkpoint), "--out", str(run_dir), "--force", "--no-progress"]
+    )
     line = one_line(capsys.readouterr().err)
     assert rc == 2 and "--out would replace or delete a folder that holds the input --checkpoint" in line, line
     assert tree_digest(tmp_path) == before
@@ -361,14 +422,15 @@ def test_export_force_never_deletes_the_training_run(tmp_path, capsys):
     other = tmp_path / "notes"
     other.mkdir()
     (other / "paper.md").write_text("draft")
-    rc = main(["--bundle", str(BUNDLE), "--checkpoint", str(checkpoint), "--out", str(other), "--force",
-               "--no-progress"])
+    rc = main(
+        ["--bundle", str(BUNDLE), "--checkpoint", str(checkpoint), "--out", str(other), "--force", "--no-progress"]
+    )
     assert rc == 2 and "earlier export" in one_line(capsys.readouterr().err)
     assert (other / "paper.md").read_text() == "draft" and tree_digest(tmp_path / "runs") == before_runs(before)
 
 
 def before_runs(before: dict[str, str]) -> dict[str, str]:
-    return {k[len("runs/"):]: v for k, v in before.items() if k.startswith("runs/")}
+    return {k[len("runs/") :]: v for k, v in before.items() if k.startswith("runs/")}
 
 
 # -------------------------------------------------------------------------------------------- class 5
@@ -377,21 +439,44 @@ def test_manifest_subject_id_with_dotdot_is_refused_by_evaluate_and_inference(ev
     from m2diff_monai.evaluation.inputs import prediction_path
     from m2diff_monai.inference.cli import main as infer_main
 
-    manifest = rewrite_manifest_subject(eval_cohort["manifest"], eval_cohort["manifest"].parent / "escape.json",
-                                        "s01", "../escape")
+    manifest = rewrite_manifest_subject(
+        eval_cohort["manifest"], eval_cohort["manifest"].parent / "escape.json", "s01", "../escape"
+    )
     # a planted "prediction" outside the prediction folder that the old code would have read
     planted = eval_cohort["preds"] / "escape.nii.gz"
     shutil.copyfile(eval_cohort["preds"] / "Good" / "s02.nii.gz", planted)
     before = tree_digest(eval_cohort["root"])
     out = tmp_path / "report"
-    rc = evaluate_cli.main(["--manifest", str(manifest), "--pred", f"Good={eval_cohort['preds'] / 'Good'}",
-                            "--out", str(out), "--no-progress"])
+    rc = evaluate_cli.main(
+        [
+            "--manifest",
+            str(manifest),
+            "--pred",
+            f"Good={eval_cohort['preds'] / 'Good'}",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     line = one_line(capsys.readouterr().err)
     assert rc == 2 and "volumes[0].subject: '../escape' does not match" in line, line  # the schema refuses it
     assert not out.exists() and not (tmp_path / "escape.png").exists()
 
-    rc = infer_main(["--checkpoint", str(tmp_path / "never_loaded.pt"), "--manifest", str(manifest), "--split",
-                     "all", "--out-dir", str(tmp_path / "preds" / "inner"), "--device", "cpu", "--no-progress"])
+    rc = infer_main(
+        [
+            "--checkpoint",
+            str(tmp_path / "never_loaded.pt"),
+            "--manifest",
+            str(manifest),
+            "--split",
+            "all",
+            "--out-dir",
+            str(tmp_path / "preds" / "inner"),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     line = one_line(capsys.readouterr().err)
     assert rc == 2 and "'../escape'" in line, line
     assert not (tmp_path / "preds").exists()
@@ -453,13 +538,28 @@ def test_cli_says_which_input_changed(tmp_path):
     raw = tmp_path / "raw"
     table = write_table(raw / "subjects.csv", [_nii_subject(raw, "s01", 4)])
     out, manifest = tmp_path / "out", tmp_path / "m.json"
-    args = ["run", "--subjects", table, "--out", out, "--manifest", manifest, "--transform", "rigid", "--size", "32",
-            "--slices-per-subject", "2", "--split", "0,0,1"]
+    args = [
+        "run",
+        "--subjects",
+        table,
+        "--out",
+        out,
+        "--manifest",
+        manifest,
+        "--transform",
+        "rigid",
+        "--size",
+        "32",
+        "--slices-per-subject",
+        "2",
+        "--split",
+        "0,0,1",
+    ]
     assert preprocess_cli(*args).returncode == 0
     ld = raw / "s01" / "ld_pet.nii"
     raw_bytes = bytearray(ld.read_bytes())
     middle = len(raw_bytes) // 2
-    raw_bytes[middle:middle + 64] = bytes(b ^ 0x55 for b in raw_bytes[middle:middle + 64])  # same size, new content
+    raw_bytes[middle : middle + 64] = bytes(b ^ 0x55 for b in raw_bytes[middle : middle + 64])  # same size, new content
     ld.write_bytes(bytes(raw_bytes))
     proc = preprocess_cli(*args)
     assert proc.returncode == 0, proc.stderr
@@ -474,8 +574,9 @@ def test_second_run_on_one_out_refuses_and_live_temps_survive(tmp_path):
     out, manifest = tmp_path / "out", tmp_path / "m.json"
     before = tree_digest(raw)
     with safety.output_lock(out, "m2diff-preprocess", "--out", ".m2diff-preprocess.lock"):  # run one, live
-        proc = preprocess_cli("run", "--subjects", table, "--out", out, "--manifest", manifest, "--transform",
-                              "rigid", "--size", "32")
+        proc = preprocess_cli(
+            "run", "--subjects", table, "--out", out, "--manifest", manifest, "--transform", "rigid", "--size", "32"
+        )
     assert proc.returncode == 2
     assert "another m2diff-preprocess run is writing to this --out folder" in one_line(proc.stderr)
     assert not manifest.exists() and not (out / "subjects").exists()
@@ -539,11 +640,25 @@ def test_ids_that_differ_only_in_case_are_refused(eval_cohort, tmp_path, capsys)
     a, b = write_subject(tmp_path, "s01", seed=1), write_subject(tmp_path, "S01", seed=2)
     with pytest.raises(InputError, match="differs from 's01' .* only in case"):
         read_subjects(write_table(tmp_path / "subjects.csv", [a, b]))
-    manifest = rewrite_manifest_subject(eval_cohort["manifest"], eval_cohort["manifest"].parent / "case.json",
-                                        "s02", "S01")
+    manifest = rewrite_manifest_subject(
+        eval_cohort["manifest"], eval_cohort["manifest"].parent / "case.json", "s02", "S01"
+    )
     try:
-        rc = main(["--checkpoint", str(tmp_path / "never_loaded.pt"), "--manifest", str(manifest), "--split", "all",
-                   "--out-dir", str(tmp_path / "preds"), "--device", "cpu", "--no-progress"])
+        rc = main(
+            [
+                "--checkpoint",
+                str(tmp_path / "never_loaded.pt"),
+                "--manifest",
+                str(manifest),
+                "--split",
+                "all",
+                "--out-dir",
+                str(tmp_path / "preds"),
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
         assert rc == 2 and "repeats 's01'" in one_line(capsys.readouterr().err)
         assert not (tmp_path / "preds").exists()
     finally:
@@ -555,10 +670,24 @@ def test_second_cohort_inference_on_one_out_dir_refuses(eval_cohort, tmp_path, c
 
     out = tmp_path / "preds"
     with safety.output_lock(out, "m2diff-infer", "--out-dir", ".m2diff-infer.lock"):
-        rc = main(["--checkpoint", str(tmp_path / "never_loaded.pt"), "--manifest", str(eval_cohort["manifest"]),
-                   "--split", "all", "--out-dir", str(out), "--device", "cpu", "--no-progress"])
+        rc = main(
+            [
+                "--checkpoint",
+                str(tmp_path / "never_loaded.pt"),
+                "--manifest",
+                str(eval_cohort["manifest"]),
+                "--split",
+                "all",
+                "--out-dir",
+                str(out),
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
     assert rc == 2 and "another m2diff-infer run is writing to this --out-dir folder" in one_line(
-        capsys.readouterr().err)
+        capsys.readouterr().err
+    )
     assert [p.name for p in out.iterdir()] == [".m2diff-infer.lock"]
 
 
@@ -566,11 +695,13 @@ def test_table_reader_collects_row_problems_and_still_raises_structure_errors(tm
     from preprocessing.subjects import read_subjects
 
     good = write_subject(tmp_path, "good01", seed=1, with_mri=False)
-    rows = [good,
-            {**good, "subject_id": "missing01", "ld_pet": "nowhere/ld.nii.gz"},
-            {**good, "subject_id": "split01", "split": "holdout"},
-            {**good, "subject_id": "drf01", "drf": "-4"},
-            {**good, "subject_id": "folder01", "sd_pet": "good01"}]
+    rows = [
+        good,
+        {**good, "subject_id": "missing01", "ld_pet": "nowhere/ld.nii.gz"},
+        {**good, "subject_id": "split01", "split": "holdout"},
+        {**good, "subject_id": "drf01", "drf": "-4"},
+        {**good, "subject_id": "folder01", "sd_pet": "good01"},
+    ]
     table = write_table(tmp_path / "subjects.csv", rows)
     with pytest.raises(InputError, match="does not exist"):
         read_subjects(table)
@@ -596,8 +727,15 @@ def test_region_name_with_dotdot_in_a_manifest_is_refused(eval_cohort, tmp_path)
     manifest.write_text(json.dumps(content))
     try:
         with pytest.raises(InputError, match="region name '../"):
-            evaluate_cohort(manifest, {"Good": eval_cohort["preds"] / "Good"}, tmp_path / "report", lpips=False,
-                            figures=False, progress=False, workers=1)
+            evaluate_cohort(
+                manifest,
+                {"Good": eval_cohort["preds"] / "Good"},
+                tmp_path / "report",
+                lpips=False,
+                figures=False,
+                progress=False,
+                workers=1,
+            )
         assert not (tmp_path / "report").exists()
     finally:
         manifest.unlink()

@@ -216,8 +216,16 @@ def test_truncated_start_from_a_data_sample_keeps_the_data_distribution(sampler,
     diffusion = GaussianDiffusion(BETAS, model_mean_type="eps", model_var_type=var_type, clip_denoised=False)
     generator = torch.Generator().manual_seed(3)
     start = S * torch.randn(SHAPE, generator=generator)
-    x = sample(diffusion, oracle("eps"), SHAPE, sampler=sampler, steps=steps, generator=generator,
-               start=start, start_step=start_step)
+    x = sample(
+        diffusion,
+        oracle("eps"),
+        SHAPE,
+        sampler=sampler,
+        steps=steps,
+        generator=generator,
+        start=start,
+        start_step=start_step,
+    )
     keep = list(range(start_step + 1)) if steps is None else space_timesteps(start_step + 1, steps)
     kind = "ddim" if sampler == "ddim" else var_type
     assert x.std().item() == pytest.approx(analytic_std(None, kind, keep=keep), rel=0.02)
@@ -241,8 +249,9 @@ def test_truncated_start_is_q_sample_at_t0_and_calls_only_timesteps_up_to_t0():
         return (x - a.sqrt() * target) / (1 - a).sqrt()
 
     diffusion = GaussianDiffusion(BETAS, model_mean_type="eps")
-    out = sample(diffusion, eps_oracle, target.shape, sampler="ddim", steps=10, noise=noise,
-                 start=start, start_step=400)
+    out = sample(
+        diffusion, eps_oracle, target.shape, sampler="ddim", steps=10, noise=noise, start=start, start_step=400
+    )
     torch.testing.assert_close(out, target, atol=1e-4, rtol=0)
     assert seen == space_timesteps(401, 10)[::-1] and seen[0] == 400 and seen[-1] == 0
     expected_first = ab[400].sqrt() * start + (1 - ab[400]).sqrt() * noise

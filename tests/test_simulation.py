@@ -99,8 +99,9 @@ def test_counts_scale_with_one_over_drf_and_thinning_is_nested():
 
 def test_expected_counts_match_requested_level(brain):
     activity, spacing, _ = brain
-    params = ScannerParams(counts=1e7, scatter_fraction=0.3, randoms_fraction=0.2, iterations=1, subsets=4,
-                           disk_cache=False)
+    params = ScannerParams(
+        counts=1e7, scatter_fraction=0.3, randoms_fraction=0.2, iterations=1, subsets=4, disk_cache=False
+    )
     mu = np.where(activity > 0, 0.0096, 0.0).astype(np.float32)
     scanner = PlaneStackScanner(activity, spacing, mu, params)
     assert scanner.true_counts == pytest.approx(1e7, rel=1e-4)
@@ -111,8 +112,10 @@ def test_expected_counts_match_requested_level(brain):
 
 def test_psnr_falls_monotonically_with_drf_and_brain_mean_is_preserved(brain):
     activity, spacing, mask = brain
-    results = {drf: simulate_volume(activity, spacing, drf, seed=5, mode="nested", params=FAST,
-                                    calibration_mask=mask) for drf in (2, 10, 50)}
+    results = {
+        drf: simulate_volume(activity, spacing, drf, seed=5, mode="nested", params=FAST, calibration_mask=mask)
+        for drf in (2, 10, 50)
+    }
     nf = results[2].noise_free
     psnr_nf = [_psnr(results[d].ld, nf, mask) for d in (2, 10, 50)]
     psnr_truth = [_psnr(results[d].ld, activity, mask) for d in (2, 10, 50)]
@@ -143,8 +146,14 @@ def test_simulate_image_keeps_grid_and_handles_orientation(brain):
     ras = nib.Nifti1Image(activity, affine)
     # the same data stored flipped in x and with axes permuted (z, y, x): identical anatomy, other voxel order
     las = np.flip(activity, axis=0).transpose(2, 1, 0)
-    perm = np.array([[0, 0, -spacing[0], (activity.shape[0] - 1) * spacing[0]],
-                     [0, spacing[1], 0, 0], [spacing[2], 0, 0, 0], [0, 0, 0, 1.0]])
+    perm = np.array(
+        [
+            [0, 0, -spacing[0], (activity.shape[0] - 1) * spacing[0]],
+            [0, spacing[1], 0, 0],
+            [spacing[2], 0, 0, 0],
+            [0, 0, 0, 1.0],
+        ]
+    )
     other = nib.Nifti1Image(np.ascontiguousarray(las), perm)
     ld_ras, _, _ = simulate_image(ras, 10, seed=1, params=FAST)
     ld_other, _, info = simulate_image(other, 10, seed=1, params=FAST)
@@ -167,8 +176,10 @@ def test_cli_single_image_and_subjects_table(tmp_path, brain, capsys):
     img = nib.Nifti1Image(activity, np.diag([*spacing, 1.0]))
     nib.save(img, tmp_path / "sd.nii.gz")
     fast = ["--iterations", "1", "--subsets", "4"]
-    assert _run_cli(["--sd-pet", str(tmp_path / "sd.nii.gz"), "--drf", "20", "--out", str(tmp_path / "ld.nii.gz"),
-                     *fast]) == 0
+    assert (
+        _run_cli(["--sd-pet", str(tmp_path / "sd.nii.gz"), "--drf", "20", "--out", str(tmp_path / "ld.nii.gz"), *fast])
+        == 0
+    )
     ld = nib.load(tmp_path / "ld.nii.gz")
     assert ld.shape == img.shape and np.allclose(ld.affine, img.affine)
     assert (tmp_path / "ld.json").exists()
@@ -181,9 +192,8 @@ def test_cli_single_image_and_subjects_table(tmp_path, brain, capsys):
     nib.save(img, tmp_path / "in" / "a_sd.nii.gz")
     nib.save(img, tmp_path / "in" / "b_sd.nii.gz")
     (tmp_path / "in" / "subjects.csv").write_text(
-        "subject_id,ld_pet,sd_pet,mri,drf,mask_brain\n"
-        "a,,a_sd.nii.gz,,4,a_sd.nii.gz\n"
-        "b,b_sd.nii.gz,b_sd.nii.gz,,,\n")
+        "subject_id,ld_pet,sd_pet,mri,drf,mask_brain\na,,a_sd.nii.gz,,4,a_sd.nii.gz\nb,b_sd.nii.gz,b_sd.nii.gz,,,\n"
+    )
     out = tmp_path / "out"
     assert _run_cli(["--subjects", str(tmp_path / "in" / "subjects.csv"), "--out", str(out), *fast]) == 0
     with open(out / "subjects.csv", newline="") as fh:

@@ -55,8 +55,18 @@ register_network("slicenorm_test_scaled_ld", ScaledLD)
 def checkpoint(path: Path, recorded: str, k: float = 1.0) -> Path:
     net = build_network({"name": "slicenorm_test_scaled_ld", "k": k})
     data = {"size": CUBE, "normalization": recorded, "transform": "rigid", "space": "pet"}
-    torch.save({"network": net.state_dict(), "ema": None, "optimizer": {}, "scaler": None, "epoch": 1, "iteration": 1,
-                "config": checkpoint_config(net, {"timesteps": 100}, data)}, path)
+    torch.save(
+        {
+            "network": net.state_dict(),
+            "ema": None,
+            "optimizer": {},
+            "scaler": None,
+            "epoch": 1,
+            "iteration": 1,
+            "config": checkpoint_config(net, {"timesteps": 100}, data),
+        },
+        path,
+    )
     return path
 
 
@@ -87,8 +97,9 @@ def test_minmax_slices_is_per_slice_minmax_and_inverts_exactly():
     zero_min[:, 0, 0] = 0.0
     zero_min = np.abs(zero_min)
     z_norm, z_ranges = minmax_slices(zero_min)
-    np.testing.assert_allclose(z_ranges.invert(K * z_norm)[[0, 1, 3, 4]], K * zero_min[[0, 1, 3, 4]], rtol=1e-6,
-                               atol=1e-6 * span)
+    np.testing.assert_allclose(
+        z_ranges.invert(K * z_norm)[[0, 1, 3, 4]], K * zero_min[[0, 1, 3, 4]], rtol=1e-6, atol=1e-6 * span
+    )
     np.testing.assert_array_equal(SliceRange.of(stack[:1]).lo, [stack[0].min()])
 
 
@@ -112,8 +123,12 @@ def slice_cohort(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("slicecohort")
     rows = [write_subject(root / "raw", "n01", seed=11), write_subject(root / "raw", "n02", seed=12, with_mri=False)]
     manifest = root / "manifest.json"
-    run_pipeline(write_table(root / "raw" / "subjects.csv", rows), root / "prep", manifest,
-                 PipelineOptions(transform="rigid", size=CUBE, split=(1.0, 0.0, 0.0), normalization="slice"))
+    run_pipeline(
+        write_table(root / "raw" / "subjects.csv", rows),
+        root / "prep",
+        manifest,
+        PipelineOptions(transform="rigid", size=CUBE, split=(1.0, 0.0, 0.0), normalization="slice"),
+    )
     return manifest
 
 
@@ -134,8 +149,9 @@ def test_training_slices_of_every_orientation_are_minmax_normalized(slice_cohort
                 continue
             plane = out[key][0].numpy()
             if (item["subject"], key) not in cubes:
-                cubes[item["subject"], key] = np.asarray(nib.load(slice_cohort.parent / volume[key]).dataobj,
-                                                         dtype=np.float64)
+                cubes[item["subject"], key] = np.asarray(
+                    nib.load(slice_cohort.parent / volume[key]).dataobj, dtype=np.float64
+                )
             source = np.take(cubes[item["subject"], key], item["slice"], axis=axis_of(item["orientation"]))
             if source.max() > source.min():
                 assert plane.min() == 0.0 and plane.max() == 1.0
@@ -163,13 +179,16 @@ def pet_subjects(tmp_path_factory) -> dict[str, dict[str, Path]]:
     ld = np.asarray(img.dataobj, dtype=np.float32)
     assert ld.min() == 0.0
     nib.save(nib.Nifti1Image(ld - 30.0, img.affine, img.header), root / "ld_shifted.nii.gz")
-    return {"zero_min": {"ld_pet": root / cells["ld_pet"], "mri": root / cells["mri"]},
-            "negative_min": {"ld_pet": root / "ld_shifted.nii.gz", "mri": root / cells["mri"]}}
+    return {
+        "zero_min": {"ld_pet": root / cells["ld_pet"], "mri": root / cells["mri"]},
+        "negative_min": {"ld_pet": root / "ld_shifted.nii.gz", "mri": root / cells["mri"]},
+    }
 
 
 def _prepared_and_region(files: dict[str, Path]):
-    prepared = prepare_subject(files["ld_pet"], files["mri"],
-                               TrainingPreprocessing(size=CUBE, normalization="slice", transform="rigid"), "p01")
+    prepared = prepare_subject(
+        files["ld_pet"], files["mri"], TrainingPreprocessing(size=CUBE, normalization="slice", transform="rigid"), "p01"
+    )
     count = np.zeros(prepared.mask.shape, np.float32)
     for o in ORIENTATIONS:
         sampled = np.zeros(prepared.mask.shape[axis_of(o)], np.float32)
@@ -198,8 +217,14 @@ def test_each_orientation_maps_back_with_its_own_ld_slice_range(tmp_path, pet_su
     slice of orientation o holding the voxel (computed here with plain numpy), before any fusion."""
     files = pet_subjects["negative_min"]
     prepared, _ = _prepared_and_region(files)
-    api.infer_subject(checkpoint(tmp_path / "k.pt", "slice", k=K), files["ld_pet"], tmp_path / "k.nii.gz",
-                      files["mri"], save_orientations=True, **FAST)
+    api.infer_subject(
+        checkpoint(tmp_path / "k.pt", "slice", k=K),
+        files["ld_pet"],
+        tmp_path / "k.nii.gz",
+        files["mri"],
+        save_orientations=True,
+        **FAST,
+    )
     cube_ld = prepared.ld.astype(np.float64)
     for o in ORIENTATIONS:
         axis = axis_of(o)
@@ -269,8 +294,10 @@ def test_command_lines_accept_slice_and_volume_and_refuse_paper(capsys):
     assert "renamed" in error and "'volume'" in error and "'slice'" in error
     with pytest.raises(ValueError, match="renamed"):
         PipelineOptions(normalization="paper")
-    assert demo.configure(argparse.ArgumentParser()).parse_args(["--out", "d", "--normalization", "slice"]
-                                                                ).normalization == "slice"
+    assert (
+        demo.configure(argparse.ArgumentParser()).parse_args(["--out", "d", "--normalization", "slice"]).normalization
+        == "slice"
+    )
     infer = build_parser()
     assert infer.parse_args(["--checkpoint", "c.pt", "--normalization", "slice"]).normalization == "slice"
     with pytest.raises(SystemExit):

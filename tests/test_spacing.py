@@ -57,8 +57,11 @@ def max_second_derivatives(step: float = 1.0) -> np.ndarray:
     head = 1000.0 * np.exp(-sum((x[i] / SEMI_AXES[i]) ** 2 for i in range(3)))
     d = x - np.asarray(HOT_CENTRE).reshape(3, 1, 1, 1)
     hot = 500.0 * np.exp(-(d**2).sum(axis=0) / (2 * HOT_SIGMA**2))
-    second = [head * (4 * x[i] ** 2 / SEMI_AXES[i] ** 4 - 2 / SEMI_AXES[i] ** 2)
-              + hot * (d[i] ** 2 / HOT_SIGMA**4 - 1 / HOT_SIGMA**2) for i in range(3)]
+    second = [
+        head * (4 * x[i] ** 2 / SEMI_AXES[i] ** 4 - 2 / SEMI_AXES[i] ** 2)
+        + hot * (d[i] ** 2 / HOT_SIGMA**4 - 1 / HOT_SIGMA**2)
+        for i in range(3)
+    ]
     return np.array([np.abs(f2).max() for f2 in second])
 
 
@@ -84,8 +87,18 @@ def identity_checkpoint(path: Path, size: int, spacing) -> Path:
     if spacing is not None:
         preprocessing["spacing"] = None if spacing == "native" else list(spacing)
     config = checkpoint_config(net, {"timesteps": 100}, {"size": size, "preprocessing": preprocessing})
-    torch.save({"network": net.state_dict(), "ema": None, "optimizer": {}, "scaler": None, "epoch": 1,
-                "iteration": 1, "config": config}, path)
+    torch.save(
+        {
+            "network": net.state_dict(),
+            "ema": None,
+            "optimizer": {},
+            "scaler": None,
+            "epoch": 1,
+            "iteration": 1,
+            "config": config,
+        },
+        path,
+    )
     return path
 
 
@@ -151,8 +164,10 @@ def test_target_grid_keeps_the_field_of_view_and_linear_functions_resample_exact
 @pytest.fixture(scope="module")
 def scans(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("scans")
-    return {"2mm": write_scan(root / "ld_2mm.nii.gz", 2.0, flip_lps=True),
-            "4mm": write_scan(root / "ld_4mm.nii.gz", 4.0)}
+    return {
+        "2mm": write_scan(root / "ld_2mm.nii.gz", 2.0, flip_lps=True),
+        "4mm": write_scan(root / "ld_4mm.nii.gz", 4.0),
+    }
 
 
 def test_a_2mm_scan_runs_through_a_4mm_model_and_agrees_with_the_4mm_scan(tmp_path, scans):
@@ -220,9 +235,11 @@ def mixed_cohort(tmp_path_factory) -> dict:
     """m01 at 2 mm (with a T1), m02 and m03 at 4 mm: `auto` → 4 mm (the median)."""
     root = tmp_path_factory.mktemp("mixed")
     raw = root / "raw"
-    rows = [write_subject(raw, "m01", seed=1, pet_voxel_mm=2.0, with_mask=True),
-            write_subject(raw, "m02", seed=2, pet_voxel_mm=4.0, with_mri=False),
-            write_subject(raw, "m03", seed=3, pet_voxel_mm=4.0, with_mri=False)]
+    rows = [
+        write_subject(raw, "m01", seed=1, pet_voxel_mm=2.0, with_mask=True),
+        write_subject(raw, "m02", seed=2, pet_voxel_mm=4.0, with_mri=False),
+        write_subject(raw, "m03", seed=3, pet_voxel_mm=4.0, with_mri=False),
+    ]
     for row, split in zip(rows, ("test", "train", "val"), strict=True):
         row["split"] = split
     table = write_table(raw / "subjects.csv", rows)
@@ -281,8 +298,12 @@ def test_explicit_spacing_and_reruns(mixed_cohort, tmp_path):
     assert sorted(first.processed) == ["m01", "m02", "m03"]
     again = run_pipeline(mixed_cohort["table"], tmp_path / "prep", manifest, options)
     assert sorted(again.skipped) == ["m01", "m02", "m03"]
-    native = run_pipeline(mixed_cohort["table"], tmp_path / "prep", manifest,
-                          PipelineOptions(transform="rigid", size=32, spacing="native", split=(0.0, 0.0, 1.0)))
+    native = run_pipeline(
+        mixed_cohort["table"],
+        tmp_path / "prep",
+        manifest,
+        PipelineOptions(transform="rigid", size=32, spacing="native", split=(0.0, 0.0, 1.0)),
+    )
     assert sorted(native.processed) == ["m01", "m02", "m03"]
     assert json.loads(manifest.read_text())["provenance"]["parameters"]["spacing"] is None
 
@@ -334,18 +355,34 @@ def test_command_lines_take_spacing(tmp_path, scans, monkeypatch):
     from preprocessing import demo, pipeline
 
     run_args = pipeline.configure(argparse.ArgumentParser()).parse_args(
-        ["--subjects", "s.csv", "--out", "o", "--manifest", "m.json", "--spacing", "2,2,3"])
+        ["--subjects", "s.csv", "--out", "o", "--manifest", "m.json", "--spacing", "2,2,3"]
+    )
     assert pipeline.options_from_args(run_args).target_spacing == (2.0, 2.0, 3.0)
     assert pipeline.options_from_args(run_args).manifest_parameters()["spacing"] == [2.0, 2.0, 3.0]
-    default = pipeline.options_from_args(pipeline.configure(argparse.ArgumentParser()).parse_args(
-        ["--subjects", "s.csv", "--out", "o", "--manifest", "m.json"]))
+    default = pipeline.options_from_args(
+        pipeline.configure(argparse.ArgumentParser()).parse_args(
+            ["--subjects", "s.csv", "--out", "o", "--manifest", "m.json"]
+        )
+    )
     assert default.spacing == "auto" and default.target_spacing is None  # resolved over the table by run_pipeline
     demo_args = demo.configure(argparse.ArgumentParser()).parse_args(["--out", "o", "--spacing", "4"])
     assert demo_args.spacing == "4"
 
     ckpt = identity_checkpoint(tmp_path / "id4.pt", size=16, spacing=(4.0, 4.0, 4.0))
-    common = ["--checkpoint", str(ckpt), "--ld-pet", str(scans["2mm"]), "--no-png", "--no-progress",
-              "--steps", "2", "--device", "cpu", "--fusion", "mean"]
+    common = [
+        "--checkpoint",
+        str(ckpt),
+        "--ld-pet",
+        str(scans["2mm"]),
+        "--no-png",
+        "--no-progress",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        "--fusion",
+        "mean",
+    ]
     assert infer_cli.main([*common, "--out", str(tmp_path / "ok.nii.gz")]) == 0
     assert infer_cli.main([*common, "--out", str(tmp_path / "no.nii.gz"), "--spacing", "native"]) == 2
     assert (tmp_path / "ok.nii.gz").is_file() and not (tmp_path / "no.nii.gz").exists()
@@ -358,16 +395,21 @@ def test_mri_space_resamples_the_t1_grid_and_maps_back_through_the_registration(
     row = write_subject(raw, "r01", seed=7)
     row["split"] = "test"
     manifest = tmp_path / "m.json"
-    run_pipeline(write_table(raw / "subjects.csv", [row]), tmp_path / "prep", manifest,
-                 PipelineOptions(transform="rigid", space="mri", size=32, spacing="2"))
+    run_pipeline(
+        write_table(raw / "subjects.csv", [row]),
+        tmp_path / "prep",
+        manifest,
+        PipelineOptions(transform="rigid", space="mri", size=32, spacing="2"),
+    )
     content = json.loads(manifest.read_text())
     (item,) = content["volumes"]
     record = json.loads((manifest.parent / item["subject_json"]).read_text())
     assert record["resampling"]["grid"] == "mri" and record["resampling"]["native_spacing"] == pytest.approx([1.6] * 3)
     assert record["grid_shape"] == [24, 27, 21]  # round(30/34/26 · 1.6 / 2)
     for key in ("ld_pet", "sd_pet", "mri"):
-        np.testing.assert_allclose(nib.load(str(manifest.parent / item[key])).header.get_zooms()[:3], (2.0,) * 3,
-                                   atol=1e-4)
+        np.testing.assert_allclose(
+            nib.load(str(manifest.parent / item[key])).header.get_zooms()[:3], (2.0,) * 3, atol=1e-4
+        )
     net = build_network({"name": "inference_test_identity"})
     data = checkpoint_config(net, {"timesteps": 100}, {"manifest": str(manifest)})["data"]
     config = {"network": net.config, "diffusion": {"timesteps": 100}, "data": data}

@@ -30,9 +30,7 @@ def results() -> pd.DataFrame:
 
 
 def test_paired_ttest_hand_computed_example():
-    df = pd.DataFrame(
-        {"subject": list("abcabc"), "method": ["X"] * 3 + ["Y"] * 3, "m": [1.0, 2.0, 4.0, 0.0, 1.0, 1.0]}
-    )
+    df = pd.DataFrame({"subject": list("abcabc"), "method": ["X"] * 3 + ["Y"] * 3, "m": [1.0, 2.0, 4.0, 0.0, 1.0, 1.0]})
     # differences 1, 1, 3: mean 5/3, sd = sqrt(((−2/3)²·2 + (4/3)²)/2) = sqrt(4/3), t = mean / (sd/√3) = 2.5
     out = paired_ttests(df, "m", reference="X")
     assert out.loc[0, "t"] == pytest.approx(2.5)
@@ -68,8 +66,9 @@ def test_summary_and_markdown(results):
     assert m2.psnr_mean == pytest.approx(30.625)
     assert m2.psnr_std == pytest.approx(np.std([30.0, 31.0, 29.5, 32.0], ddof=1))
     assert m2.psnr == f"{30.625:.4f} ± {m2.psnr_std:.4f}" and m2.n == 4
-    md = to_markdown_table(summary_table(results, ["psnr", "ssim"], digits=2), ["method", "psnr", "ssim", "psnr_mean"],
-                           digits=2)
+    md = to_markdown_table(
+        summary_table(results, ["psnr", "ssim"], digits=2), ["method", "psnr", "ssim", "psnr_mean"], digits=2
+    )
     lines = md.strip().splitlines()
     assert lines[0] == "| method | psnr | ssim | psnr_mean |"
     assert lines[1] == "| --- | --- | --- | ---: |"

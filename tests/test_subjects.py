@@ -16,8 +16,15 @@ def _touch(path: Path) -> Path:
 
 @pytest.fixture()
 def table_dir(tmp_path: Path) -> Path:
-    for rel in ("s1/ld.nii.gz", "s1/sd.nii.gz", "s1/t1.nii.gz", "s1/lesion.nii.gz", "s2/ld.nii.gz",
-                "s2/sd.nii.gz", "s3/sd.nii.gz"):
+    for rel in (
+        "s1/ld.nii.gz",
+        "s1/sd.nii.gz",
+        "s1/t1.nii.gz",
+        "s1/lesion.nii.gz",
+        "s2/ld.nii.gz",
+        "s2/sd.nii.gz",
+        "s3/sd.nii.gz",
+    ):
         _touch(tmp_path / "data" / rel)
     return tmp_path
 
@@ -29,16 +36,25 @@ def _write(path: Path, text: str) -> Path:
 
 def test_good_table_with_relative_and_absolute_paths(table_dir: Path):
     absolute_t1 = (table_dir / "data" / "s1" / "t1.nii.gz").resolve()
-    csv = _write(table_dir / "data" / "subjects.csv",
-                 "subject_id,ld_pet,sd_pet,mri,split,drf,mask_lesion,age\n"
-                 f"s1,s1/ld.nii.gz,./s1/sd.nii.gz,{absolute_t1},Train,4,s1/lesion.nii.gz,71\n"
-                 "s2, s2/ld.nii.gz ,../data/s2/sd.nii.gz,,,,,\n"
-                 "\n"
-                 "s_3-b,,s3/sd.nii.gz,,test,20,,\n")
+    csv = _write(
+        table_dir / "data" / "subjects.csv",
+        "subject_id,ld_pet,sd_pet,mri,split,drf,mask_lesion,age\n"
+        f"s1,s1/ld.nii.gz,./s1/sd.nii.gz,{absolute_t1},Train,4,s1/lesion.nii.gz,71\n"
+        "s2, s2/ld.nii.gz ,../data/s2/sd.nii.gz,,,,,\n"
+        "\n"
+        "s_3-b,,s3/sd.nii.gz,,test,20,,\n",
+    )
     rows = read_subjects(csv, require=())
     base = (table_dir / "data").resolve()
-    assert rows[0] == SubjectRow("s1", base / "s1/ld.nii.gz", base / "s1/sd.nii.gz", absolute_t1, "train", 4.0,
-                                 {"lesion": base / "s1/lesion.nii.gz"})
+    assert rows[0] == SubjectRow(
+        "s1",
+        base / "s1/ld.nii.gz",
+        base / "s1/sd.nii.gz",
+        absolute_t1,
+        "train",
+        4.0,
+        {"lesion": base / "s1/lesion.nii.gz"},
+    )
     assert rows[1] == SubjectRow("s2", base / "s2/ld.nii.gz", base / "s2/sd.nii.gz", None, None, None, {})
     assert rows[2].subject_id == "s_3-b" and rows[2].ld_pet is None and rows[2].split == "test"
     assert rows[2].drf == 20.0
@@ -61,13 +77,17 @@ HEADER = "subject_id,ld_pet,sd_pet,mri\n"
     [
         ("subject_id,ld_pet,sd_pet\ns1,s1/ld.nii.gz,,\n", ["lacks column(s) mri", "found: subject_id, ld_pet"]),
         ("subject_id,ld_pet,sd_pet,mri_t1\ns1,s1/ld.nii.gz,,\n", ["lacks column(s) mri"]),
-        (HEADER + "s1,s1/ld.nii.gz,,\ns2,s2/ld.nii.gz,,\ns1,s2/ld.nii.gz,,\n",
-         ["line 4", "duplicate subject_id 's1'", "first on line 2", "subject s1"]),
+        (
+            HEADER + "s1,s1/ld.nii.gz,,\ns2,s2/ld.nii.gz,,\ns1,s2/ld.nii.gz,,\n",
+            ["line 4", "duplicate subject_id 's1'", "first on line 2", "subject s1"],
+        ),
         (HEADER + "s 1,s1/ld.nii.gz,,\n", ["line 2", "subject_id 's 1' may contain only"]),
         (HEADER + "s1/../x,s1/ld.nii.gz,,\n", ["subject_id 's1/../x'"]),
         (HEADER + ",s1/ld.nii.gz,,\n", ["line 2", "empty subject_id"]),
-        ("subject_id,ld_pet,sd_pet,mri,split\ns1,s1/ld.nii.gz,,,training\n",
-         ["subject s1", "split 'training' is not one of train|val|test"]),
+        (
+            "subject_id,ld_pet,sd_pet,mri,split\ns1,s1/ld.nii.gz,,,training\n",
+            ["subject s1", "split 'training' is not one of train|val|test"],
+        ),
         ("subject_id,ld_pet,sd_pet,mri,drf\ns1,s1/ld.nii.gz,,,0\n", ["subject s1", "drf '0' must be a positive"]),
         ("subject_id,ld_pet,sd_pet,mri,drf\ns1,s1/ld.nii.gz,,,-4\n", ["drf '-4'"]),
         ("subject_id,ld_pet,sd_pet,mri,drf\ns1,s1/ld.nii.gz,,,four\n", ["drf 'four'"]),
@@ -79,9 +99,25 @@ HEADER = "subject_id,ld_pet,sd_pet,mri\n"
         (HEADER, ["header but no subjects"]),
         ("", ["subjects table is empty"]),
     ],
-    ids=["missing-column", "misspelt-column", "duplicate-id", "space-in-id", "slash-in-id", "empty-id",
-         "bad-split", "zero-drf", "negative-drf", "text-drf", "nan-drf", "empty-required-ld", "extra-field",
-         "bad-mask-name", "duplicate-column", "header-only", "empty-table"],
+    ids=[
+        "missing-column",
+        "misspelt-column",
+        "duplicate-id",
+        "space-in-id",
+        "slash-in-id",
+        "empty-id",
+        "bad-split",
+        "zero-drf",
+        "negative-drf",
+        "text-drf",
+        "nan-drf",
+        "empty-required-ld",
+        "extra-field",
+        "bad-mask-name",
+        "duplicate-column",
+        "header-only",
+        "empty-table",
+    ],
 )
 def test_malformed_tables_name_the_row_and_the_table(table_dir: Path, text: str, fragments: list[str]):
     csv = _write(table_dir / "data" / "subjects.csv", text)
@@ -94,13 +130,17 @@ def test_malformed_tables_name_the_row_and_the_table(table_dir: Path, text: str,
         assert fragment in line
 
 
-@pytest.mark.parametrize("column, cell", [("ld_pet", "s1/nope.nii.gz"), ("mri", "s1/t1_missing.nii.gz"),
-                                          ("mask_lesion", "../elsewhere/m.nii.gz")])
+@pytest.mark.parametrize(
+    "column, cell",
+    [("ld_pet", "s1/nope.nii.gz"), ("mri", "s1/t1_missing.nii.gz"), ("mask_lesion", "../elsewhere/m.nii.gz")],
+)
 def test_missing_listed_file_names_subject_column_line_and_resolved_file(table_dir: Path, column: str, cell: str):
     cells = {"subject_id": "s1", "ld_pet": "s1/ld.nii.gz", "sd_pet": "", "mri": "", "mask_lesion": ""}
     cells[column] = cell
-    csv = _write(table_dir / "data" / "subjects.csv", ",".join(cells) + "\ns0,s2/ld.nii.gz,,,\n"
-                 + ",".join(cells.values()) + "\n")
+    csv = _write(
+        table_dir / "data" / "subjects.csv",
+        ",".join(cells) + "\ns0,s2/ld.nii.gz,,,\n" + ",".join(cells.values()) + "\n",
+    )
     with pytest.raises(InputError) as info:
         read_subjects(csv)
     err = info.value

@@ -14,8 +14,9 @@ from preprocessing import cli
 
 
 def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "preprocessing.cli", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "preprocessing.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -85,11 +86,15 @@ def test_frame_options_reach_intake(corpus):
 
 
 def test_argument_errors_exit_2(capsys):
-    for argv in (["validate", "--subjects", "s.csv", "--frame", "0", "--sum-frames"],
-                 ["validate", "--subjects", "s.csv", "--frame", "-1"],
-                 ["validate", "--subjects", "s.csv", "--min-overlap", "2"],
-                 ["validate", "--subjects", "s.csv", "--require", "ld_pet,age"],
-                 ["validate"], [], ["frobnicate"]):
+    for argv in (
+        ["validate", "--subjects", "s.csv", "--frame", "0", "--sum-frames"],
+        ["validate", "--subjects", "s.csv", "--frame", "-1"],
+        ["validate", "--subjects", "s.csv", "--min-overlap", "2"],
+        ["validate", "--subjects", "s.csv", "--require", "ld_pet,age"],
+        ["validate"],
+        [],
+        ["frobnicate"],
+    ):
         with pytest.raises(SystemExit) as info:
             cli.main(argv)
         assert info.value.code == 2, argv
@@ -109,12 +114,15 @@ def test_top_level_help_lists_every_command_and_a_missing_table_exits_2(tmp_path
 
 def test_only_the_chosen_subcommand_is_imported(corpus):
     root, _, good = corpus
-    code = ("import sys; from preprocessing import cli; rc = cli.main(['validate', '--subjects', sys.argv[1]]);"
-            "heavy = [m for m in ('preprocessing.pipeline', 'preprocessing.simulate', 'preprocessing.demo',"
-            " 'preprocessing.merge', 'torch', 'ants', 'SimpleITK') if m in sys.modules];"
-            "print('HEAVY', heavy); sys.exit(rc)")
-    result = subprocess.run([sys.executable, "-c", code, str(good["basic"])], capture_output=True, text=True,
-                            cwd=root, timeout=120)
+    code = (
+        "import sys; from preprocessing import cli; rc = cli.main(['validate', '--subjects', sys.argv[1]]);"
+        "heavy = [m for m in ('preprocessing.pipeline', 'preprocessing.simulate', 'preprocessing.demo',"
+        " 'preprocessing.merge', 'torch', 'ants', 'SimpleITK') if m in sys.modules];"
+        "print('HEAVY', heavy); sys.exit(rc)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(good["basic"])], capture_output=True, text=True, cwd=root, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert "HEAVY []" in result.stdout
 

@@ -33,11 +33,18 @@ def tiny_unet(image_size: int = TINY_SIZE, attention: bool = False, **overrides:
     return {**unet, **overrides}
 
 
-def tiny_m2diff(image_size: int = TINY_SIZE, variant: str = "V6", attention: bool = False,
-                **overrides: Any) -> dict[str, Any]:
+def tiny_m2diff(
+    image_size: int = TINY_SIZE, variant: str = "V6", attention: bool = False, **overrides: Any
+) -> dict[str, Any]:
     """A ``build_network`` config of M2Diff ``variant`` (keys given in ``overrides`` win, e.g. ``channel_mult``)."""
-    return {"name": "m2diff", "preset": "demo", "variant": variant, "image_size": image_size,
-            **tiny_unet(image_size, attention), **overrides}
+    return {
+        "name": "m2diff",
+        "preset": "demo",
+        "variant": variant,
+        "image_size": image_size,
+        **tiny_unet(image_size, attention),
+        **overrides,
+    }
 
 
 def tiny_fusion(heads: int = 1, **overrides: Any) -> dict[str, Any]:
@@ -45,12 +52,24 @@ def tiny_fusion(heads: int = 1, **overrides: Any) -> dict[str, Any]:
     return {"dim": 8, "num_blocks": 1, "heads": heads, "decoder_blocks": 1, **overrides}
 
 
-def tiny_mfdiff(image_size: int = TINY_SIZE, variant: str = "MFdiff", attention: bool = False,
-                allow_missing_mri: bool = False, **overrides: Any) -> dict[str, Any]:
+def tiny_mfdiff(
+    image_size: int = TINY_SIZE,
+    variant: str = "MFdiff",
+    attention: bool = False,
+    allow_missing_mri: bool = False,
+    **overrides: Any,
+) -> dict[str, Any]:
     """A ``build_network`` config of MFdiff ``variant``."""
-    return {"name": "mfdiff", "preset": "demo", "variant": variant, "image_size": image_size,
-            "allow_missing_mri": allow_missing_mri, "fusion": tiny_fusion(heads=2 if attention else 1),
-            "unet": tiny_unet(image_size, attention), **overrides}
+    return {
+        "name": "mfdiff",
+        "preset": "demo",
+        "variant": variant,
+        "image_size": image_size,
+        "allow_missing_mri": allow_missing_mri,
+        "fusion": tiny_fusion(heads=2 if attention else 1),
+        "unet": tiny_unet(image_size, attention),
+        **overrides,
+    }
 
 
 def randomize_zero_params(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

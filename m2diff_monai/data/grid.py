@@ -107,8 +107,13 @@ def grid_distance(affine_a: np.ndarray, affine_b: np.ndarray, shape: Sequence[in
     return float(np.max(np.linalg.norm(moved[:3], axis=0)))
 
 
-def same_grid(shape_a: Sequence[int], affine_a: np.ndarray, shape_b: Sequence[int], affine_b: np.ndarray,
-              tolerance_voxels: float = 0.1) -> bool:
+def same_grid(
+    shape_a: Sequence[int],
+    affine_a: np.ndarray,
+    shape_b: Sequence[int],
+    affine_b: np.ndarray,
+    tolerance_voxels: float = 0.1,
+) -> bool:
     """Equal shapes and no voxel centre farther apart than ``tolerance_voxels`` of the smallest voxel size."""
     if tuple(int(s) for s in shape_a[:3]) != tuple(int(s) for s in shape_b[:3]):
         return False
@@ -128,8 +133,9 @@ def integer_offset(src_affine: np.ndarray, dst_affine: np.ndarray) -> np.ndarray
     whole-voxel shift only (a cube and the grid it was cut from); None otherwise."""
     m = np.linalg.solve(np.asarray(dst_affine, dtype=np.float64), np.asarray(src_affine, dtype=np.float64))
     shift = m[:3, 3]
-    if np.allclose(m[:3, :3], np.eye(3), atol=_ROTATION_ATOL) and np.allclose(shift, np.round(shift),
-                                                                                atol=_SHIFT_ATOL_VOXELS):
+    if np.allclose(m[:3, :3], np.eye(3), atol=_ROTATION_ATOL) and np.allclose(
+        shift, np.round(shift), atol=_SHIFT_ATOL_VOXELS
+    ):
         return np.round(shift).astype(int)
     return None
 
@@ -157,21 +163,40 @@ def crop(volume: np.ndarray, start: Sequence[int], size: int | Sequence[int], fi
     return place(volume, [-int(s) for s in start[:3]], shape, fill)
 
 
-def resample(data: np.ndarray, affine: np.ndarray, shape: Sequence[int], to_affine: np.ndarray, order: int = 1,
-             mode: str = "nearest", cval: float = 0.0) -> np.ndarray:
+def resample(
+    data: np.ndarray,
+    affine: np.ndarray,
+    shape: Sequence[int],
+    to_affine: np.ndarray,
+    order: int = 1,
+    mode: str = "nearest",
+    cval: float = 0.0,
+) -> np.ndarray:
     """``data`` on ``affine`` → the grid ``(shape, to_affine)`` by affines (``nibabel.processing.resample_from_to``):
     trilinear (``order=1``) or nearest neighbour (``0``); outside the source: edge values continued
     (``mode="nearest"``) or ``cval`` (``mode="constant"``). float32 out (the input dtype for ``order=0``)."""
     from nibabel.processing import resample_from_to
 
     img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), np.asarray(affine, dtype=np.float64))
-    out = resample_from_to(img, (tuple(int(s) for s in shape[:3]), np.asarray(to_affine, dtype=np.float64)),
-                           order=order, mode=mode, cval=cval)
+    out = resample_from_to(
+        img,
+        (tuple(int(s) for s in shape[:3]), np.asarray(to_affine, dtype=np.float64)),
+        order=order,
+        mode=mode,
+        cval=cval,
+    )
     return np.asarray(out.dataobj, dtype=np.asarray(data).dtype if order == 0 else np.float32)
 
 
-def to_grid(data: np.ndarray, affine: np.ndarray, shape: Sequence[int], to_affine: np.ndarray, order: int = 1,
-            mode: str = "constant", fill: float = 0.0) -> np.ndarray:
+def to_grid(
+    data: np.ndarray,
+    affine: np.ndarray,
+    shape: Sequence[int],
+    to_affine: np.ndarray,
+    order: int = 1,
+    mode: str = "constant",
+    fill: float = 0.0,
+) -> np.ndarray:
     """``data`` onto ``(shape, to_affine)``: exact placement when the grids differ by a whole-voxel shift, else
     :func:`resample` (voxels outside the source: ``fill`` for ``mode="constant"``, the edge for ``"nearest"``)."""
     offset = integer_offset(affine, to_affine)
@@ -198,8 +223,9 @@ class SourceGrid:
         except FileNotFoundError:
             raise InputError(f"{what} (output grid) does not exist", subject=subject, path=path) from None
         except Exception as err:  # nibabel raises many types for bad headers
-            raise InputError(f"cannot read the {what} header ({type(err).__name__}: {err})",
-                             subject=subject, path=path) from None
+            raise InputError(
+                f"cannot read the {what} header ({type(err).__name__}: {err})", subject=subject, path=path
+            ) from None
         header = nib.Nifti1Header.from_header(img.header)
         return cls(str(path), tuple(int(s) for s in img.shape[:3]), np.asarray(img.affine, dtype=np.float64), header)
 
@@ -245,8 +271,9 @@ def nib_to_ants(image: nib.Nifti1Image):
     direction = linear / spacing
     origin = _LPS_FROM_RAS @ affine[:3, 3]
     data = np.asarray(image.dataobj, dtype=np.float32)
-    return _ants().from_numpy(data, origin=tuple(float(v) for v in origin), spacing=tuple(float(v) for v in spacing),
-                              direction=direction)
+    return _ants().from_numpy(
+        data, origin=tuple(float(v) for v in origin), spacing=tuple(float(v) for v in spacing), direction=direction
+    )
 
 
 def ants_to_nib(image) -> nib.Nifti1Image:
@@ -269,9 +296,15 @@ def inverse_flags(inverse_transforms: Sequence[str | Path]) -> list[bool]:
     return [str(t).endswith(".mat") for t in inverse_transforms]
 
 
-def apply_ants_transforms(data: np.ndarray, affine: np.ndarray, shape: Sequence[int], to_affine: np.ndarray,
-                          transforms: Sequence[str | Path], invert: Sequence[bool] | None = None,
-                          order: int = 1) -> np.ndarray:
+def apply_ants_transforms(
+    data: np.ndarray,
+    affine: np.ndarray,
+    shape: Sequence[int],
+    to_affine: np.ndarray,
+    transforms: Sequence[str | Path],
+    invert: Sequence[bool] | None = None,
+    order: int = 1,
+) -> np.ndarray:
     """``data`` on ``affine`` → the grid ``(shape, to_affine)`` through ANTs transform files (in
     ``ants.apply_transforms`` order; ``invert`` as its ``whichtoinvert``, default: none inverted, stated
     explicitly because antspyx otherwise guesses from the file names), nearest neighbour (``order=0``) or linear
@@ -280,26 +313,40 @@ def apply_ants_transforms(data: np.ndarray, affine: np.ndarray, shape: Sequence[
     flags = [False] * len(transforms) if invert is None else [bool(v) for v in invert]
     fixed = nib.Nifti1Image(np.zeros(tuple(int(s) for s in shape[:3]), dtype=np.float32), to_affine)
     moving = nib.Nifti1Image(np.asarray(data, dtype=np.float32), np.asarray(affine, dtype=np.float64))
-    out = ants.apply_transforms(nib_to_ants(fixed), nib_to_ants(moving), transformlist=[str(t) for t in transforms],
-                                whichtoinvert=flags,
-                                interpolator=ANTS_INTERPOLATORS[int(order)])
+    out = ants.apply_transforms(
+        nib_to_ants(fixed),
+        nib_to_ants(moving),
+        transformlist=[str(t) for t in transforms],
+        whichtoinvert=flags,
+        interpolator=ANTS_INTERPOLATORS[int(order)],
+    )
     return np.asarray(ants_to_nib(out).dataobj, dtype=np.float32)
 
 
-def map_back_through_registration(data: np.ndarray, affine: np.ndarray, shape: Sequence[int],
-                                  to_affine: np.ndarray, inverse_transforms: Sequence[str | Path], order: int = 1,
-                                  subject: str | None = None) -> np.ndarray:
+def map_back_through_registration(
+    data: np.ndarray,
+    affine: np.ndarray,
+    shape: Sequence[int],
+    to_affine: np.ndarray,
+    inverse_transforms: Sequence[str | Path],
+    order: int = 1,
+    subject: str | None = None,
+) -> np.ndarray:
     """A volume on the registration's fixed grid (the T1 grid of ``--space mri`` cubes) → the moving image's grid
     (the PET grid) through the inverse transforms, with the one rule of :func:`inverse_flags`. Raises
     :class:`InputError` when the transforms are missing (the volume cannot go back without them)."""
     if not inverse_transforms:
-        raise InputError("space=mri needs the PET->MRI registration's inverse transforms (subject.json "
-                         "registration.transforms.inverse) to map the volume back to the PET grid", subject=subject)
+        raise InputError(
+            "space=mri needs the PET->MRI registration's inverse transforms (subject.json "
+            "registration.transforms.inverse) to map the volume back to the PET grid",
+            subject=subject,
+        )
     missing = [Path(t) for t in inverse_transforms if not Path(t).is_file()]
     if missing:
         raise InputError("registration transform does not exist", subject=subject, path=missing[0])
-    return apply_ants_transforms(data, affine, shape, to_affine, inverse_transforms,
-                                 invert=inverse_flags(inverse_transforms), order=order)
+    return apply_ants_transforms(
+        data, affine, shape, to_affine, inverse_transforms, invert=inverse_flags(inverse_transforms), order=order
+    )
 
 
 def stored_inverse_transforms(record: Mapping[str, Any], folder: str | Path) -> list[Path]:

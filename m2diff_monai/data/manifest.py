@@ -142,13 +142,21 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def provenance(tool: str, parameters: Mapping[str, Any], notes: str = "", shard: tuple[int, int] | None = None,
-               **extra: Any) -> dict[str, Any]:
+def provenance(
+    tool: str, parameters: Mapping[str, Any], notes: str = "", shard: tuple[int, int] | None = None, **extra: Any
+) -> dict[str, Any]:
     """The ``provenance`` object the schema requires: tool, package version, creation time, parameters, notes."""
     import m2diff_monai
 
-    return {"tool": tool, "version": m2diff_monai.__version__, "created": now_iso(), "parameters": dict(parameters),
-            "notes": notes, "shard": list(shard) if shard else None, **extra}
+    return {
+        "tool": tool,
+        "version": m2diff_monai.__version__,
+        "created": now_iso(),
+        "parameters": dict(parameters),
+        "notes": notes,
+        "shard": list(shard) if shard else None,
+        **extra,
+    }
 
 
 def _path_keys(item_def: str) -> tuple[str, ...]:
@@ -194,14 +202,22 @@ def rebase(manifest: Mapping[str, Any], from_dir: str | Path, to_dir: str | Path
 
 
 # ----------------------------------------------------------------------------------------------- selecting
-def select_volumes(content: Mapping[str, Any], split: str, subjects: Sequence[str] | None = None,
-                   path: str | Path | None = None, purpose: str = "") -> list[dict[str, Any]]:
+def select_volumes(
+    content: Mapping[str, Any],
+    split: str,
+    subjects: Sequence[str] | None = None,
+    path: str | Path | None = None,
+    purpose: str = "",
+) -> list[dict[str, Any]]:
     """The ``volumes`` items of ``split`` (either spelling, or ``all``), restricted to ``subjects`` when given.
     Subject ids become file names, so each is checked to be a safe name; an unknown subject or an empty
     selection is an ``InputError`` naming the manifest (``purpose``, e.g. "evaluate", completes that message)."""
     wanted = canonical_split(split, allow_all=True, path=path)
-    items = [dict(it) for it in content.get("volumes") or []
-             if isinstance(it, Mapping) and (wanted is None or it.get("split") == wanted)]
+    items = [
+        dict(it)
+        for it in content.get("volumes") or []
+        if isinstance(it, Mapping) and (wanted is None or it.get("split") == wanted)
+    ]
     for item in items:
         safety.check_name(item.get("subject"), "manifest subject id", path)
     if subjects:
@@ -215,8 +231,9 @@ def select_volumes(content: Mapping[str, Any], split: str, subjects: Sequence[st
     return items
 
 
-def slice_items(path: str | Path, split: str = "training",
-                orientations: str | Sequence[str] | None = None) -> list[dict[str, Any]]:
+def slice_items(
+    path: str | Path, split: str = "training", orientations: str | Sequence[str] | None = None
+) -> list[dict[str, Any]]:
     """The slice items of ``split`` (either spelling) of the manifest at ``path`` with absolute paths (``""`` for
     an absent file), only ``orientations`` when given; ``mri_available`` is 1 only when an MRI path is listed.
     An empty selection is an ``InputError`` naming the manifest."""
@@ -242,8 +259,29 @@ def slice_items(path: str | Path, split: str = "training",
 
 
 __all__ = [
-    "ALL", "DATALIST_KEYS", "LIST_KEYS", "MANIFEST_HINT", "SCHEMA_PATH", "SLICE_LISTS", "SLICE_PATH_KEYS",
-    "SPLITS", "SPLIT_ALIASES", "VOLUME_PATH_KEYS", "canonical_split", "datalist_key", "load_schema",
-    "manifest_provenance", "now_iso", "provenance", "provenance_parameters", "read_manifest", "rebase",
-    "relative_path", "schema_problems", "select_volumes", "slice_items", "validate_manifest", "write_manifest",
+    "ALL",
+    "DATALIST_KEYS",
+    "LIST_KEYS",
+    "MANIFEST_HINT",
+    "SCHEMA_PATH",
+    "SLICE_LISTS",
+    "SLICE_PATH_KEYS",
+    "SPLITS",
+    "SPLIT_ALIASES",
+    "VOLUME_PATH_KEYS",
+    "canonical_split",
+    "datalist_key",
+    "load_schema",
+    "manifest_provenance",
+    "now_iso",
+    "provenance",
+    "provenance_parameters",
+    "read_manifest",
+    "rebase",
+    "relative_path",
+    "schema_problems",
+    "select_volumes",
+    "slice_items",
+    "validate_manifest",
+    "write_manifest",
 ]

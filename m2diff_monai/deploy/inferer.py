@@ -66,19 +66,27 @@ class PETEnhancementInferer(Inferer):
     training slices' in-plane size and the ``slice`` normalization's per-slice min–max.
     """
 
-    def __init__(self, diffusion_config: Mapping[str, Any] | None, data_config: Mapping[str, Any] | None = None,
-                 network_image_size: int | None = None, is_diffusion: bool = True,
-                 sampling_defaults: Mapping[str, Any] | None = None, **settings: Any) -> None:
-        from m2diff_monai.inference.settings import InferenceSettings
+    def __init__(
+        self,
+        diffusion_config: Mapping[str, Any] | None,
+        data_config: Mapping[str, Any] | None = None,
+        network_image_size: int | None = None,
+        is_diffusion: bool = True,
+        sampling_defaults: Mapping[str, Any] | None = None,
+        **settings: Any,
+    ) -> None:
         from m2diff_monai.inference.defaults import layered_settings
         from m2diff_monai.inference.preprocess import resolve_preprocessing
+        from m2diff_monai.inference.settings import InferenceSettings
 
         super().__init__()
         if diffusion_config is None:  # a source bundle's inference.json leaves the embedded configs null
             from m2diff_monai.errors import InputError
 
-            raise InputError("the inferer needs the bundle's diffusion_config: export the bundle with m2diff-export "
-                             "(a source bundle leaves it null)")
+            raise InputError(
+                "the inferer needs the bundle's diffusion_config: export the bundle with m2diff-export "
+                "(a source bundle leaves it null)"
+            )
         # as m2diff-infer: a non-null setting wins over the bundle's sampling_defaults (which export fills with the
         # sampler the checkpoint was evaluated with), which win over the package defaults
         values, _ = layered_settings(bundle=sampling_defaults, options=settings)
@@ -86,8 +94,12 @@ class PETEnhancementInferer(Inferer):
         self.preprocessing = resolve_preprocessing(dict(data_config or {}), {}, network_image_size)
         self.diffusion_config = dict(diffusion_config)
         self.is_diffusion = is_diffusion
-        DiffusionSamplerInferer(self.diffusion_config, sampler=self.settings.sampler, steps=self.settings.steps,
-                                start_step=self.settings.start_step)  # bad sampler settings fail here, not later
+        DiffusionSamplerInferer(
+            self.diffusion_config,
+            sampler=self.settings.sampler,
+            steps=self.settings.steps,
+            start_step=self.settings.start_step,
+        )  # bad sampler settings fail here, not later
 
     def _consistency_sigma(self, inputs: torch.Tensor) -> tuple[float, ...] | None:
         """σ (voxels) of the LD consistency on the cube: the checkpoint's training spacing (the cube's, by
@@ -105,8 +117,15 @@ class PETEnhancementInferer(Inferer):
             raise ValueError("ld_consistency_fwhm needs the cube's voxel size: give a MetaTensor with its affine")
         return consistency_sigma(self.settings.ld_consistency_fwhm, spacing)
 
-    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, mri: torch.Tensor | None = None,
-                 brain_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
+    def __call__(
+        self,
+        inputs: torch.Tensor,
+        network: torch.nn.Module,
+        *args: Any,
+        mri: torch.Tensor | None = None,
+        brain_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:  # type: ignore[override]
         cfg = self.settings
         device = inputs.device if isinstance(inputs, torch.Tensor) else torch.device("cpu")
         ld = _volume(inputs, "the LD PET")
@@ -114,14 +133,30 @@ class PETEnhancementInferer(Inferer):
         mask = _volume(brain_mask, "the brain mask")
         if mri_volume is not None and mri_volume.shape != ld.shape or mask is not None and mask.shape != ld.shape:
             raise ValueError(f"the MRI and brain mask must have the LD PET's shape {ld.shape}")
-        sampler = DiffusionSamplerInferer(self.diffusion_config, sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta,
-                                          start_step=cfg.start_step, shared_noise=cfg.shared_noise,
-                                          amp_dtype=resolve_amp(cfg.amp, device), seed=cfg.seed)
+        sampler = DiffusionSamplerInferer(
+            self.diffusion_config,
+            sampler=cfg.sampler,
+            steps=cfg.steps,
+            eta=cfg.eta,
+            start_step=cfg.start_step,
+            shared_noise=cfg.shared_noise,
+            amp_dtype=resolve_amp(cfg.amp, device),
+            seed=cfg.seed,
+        )
         prediction = predict_volume(
-            as_project_network(network, self.is_diffusion).to(device), sampler, ld, mri_volume,
-            brain_mask=None if mask is None else mask > 0.5, orientations=cfg.orientations, fusion=cfg.fusion,
-            samples=cfg.samples, batch_size=cfg.batch_size, device=device, progress=False,
-            spatial_size=self.preprocessing.spatial_size, slice_minmax=self.preprocessing.normalization == "slice",
+            as_project_network(network, self.is_diffusion).to(device),
+            sampler,
+            ld,
+            mri_volume,
+            brain_mask=None if mask is None else mask > 0.5,
+            orientations=cfg.orientations,
+            fusion=cfg.fusion,
+            samples=cfg.samples,
+            batch_size=cfg.batch_size,
+            device=device,
+            progress=False,
+            spatial_size=self.preprocessing.spatial_size,
+            slice_minmax=self.preprocessing.normalization == "slice",
             ld_consistency_sigma=self._consistency_sigma(inputs),
         )
         fused = torch.from_numpy(prediction.fused).reshape(inputs.shape).to(device)

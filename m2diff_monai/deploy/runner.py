@@ -42,8 +42,9 @@ def read_bundle_config(bundle: str | Path):
     return parser
 
 
-def load_bundle_network(bundle: str | Path, parser: Any = None, device: torch.device | str = "cpu",
-                        prefer: str = "ts") -> torch.nn.Module:
+def load_bundle_network(
+    bundle: str | Path, parser: Any = None, device: torch.device | str = "cpu", prefer: str = "ts"
+) -> torch.nn.Module:
     """``models/model.ts`` (TorchScript, what the operator loads first), or with ``prefer="pt"`` the eager network
     from ``network_def`` with ``models/model.pt``'s weights (the operator's fallback)."""
     bundle = Path(bundle)
@@ -57,9 +58,16 @@ def load_bundle_network(bundle: str | Path, parser: Any = None, device: torch.de
     return network.eval()
 
 
-def run_bundle_on_volume(bundle: str | Path, ld: torch.Tensor | np.ndarray, mri: torch.Tensor | np.ndarray | None = None,
-                         *, parser: Any = None, network: torch.nn.Module | None = None,
-                         device: torch.device | str = "cpu", overrides: Mapping[str, Any] | None = None) -> Any:
+def run_bundle_on_volume(
+    bundle: str | Path,
+    ld: torch.Tensor | np.ndarray,
+    mri: torch.Tensor | np.ndarray | None = None,
+    *,
+    parser: Any = None,
+    network: torch.nn.Module | None = None,
+    device: torch.device | str = "cpu",
+    overrides: Mapping[str, Any] | None = None,
+) -> Any:
     """One LD PET volume (original units, on the model's grid; a ``MetaTensor`` keeps its affine) + optional T1
     → the enhanced volume in original units, shaped like ``ld``: preprocessing → inferer → postprocessing.
     ``overrides``: config ids to set before parsing (e.g. ``{"steps": 10}``)."""

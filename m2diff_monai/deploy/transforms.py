@@ -45,9 +45,15 @@ class PreparePETd(MapTransform):
     affine, else ``spacing_mm``. A volume of another shape is refused: raw NIfTI goes through ``m2diff-infer``.
     """
 
-    def __init__(self, keys: Sequence[Hashable] = ("image",), mri_key: str | None = "mri",
-                 normalization: str = "shared", size: int | None = None,
-                 spacing_mm: Sequence[float] | None = None, allow_missing_keys: bool = True) -> None:
+    def __init__(
+        self,
+        keys: Sequence[Hashable] = ("image",),
+        mri_key: str | None = "mri",
+        normalization: str = "shared",
+        size: int | None = None,
+        spacing_mm: Sequence[float] | None = None,
+        allow_missing_keys: bool = True,
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.mri_key = mri_key
         self.normalization = recorded_method(normalization)
@@ -66,8 +72,10 @@ class PreparePETd(MapTransform):
         for key in self.key_iterator(out):
             ld = _array(out[key])
             if self.size is not None and ld.shape != (self.size,) * 3:
-                raise ValueError(f"{key}: shape {ld.shape} is not the model's {self.size}^3 grid; preprocess raw "
-                                 "scans with m2diff-preprocess or run m2diff-infer on the NIfTI")
+                raise ValueError(
+                    f"{key}: shape {ld.shape} is not the model's {self.size}^3 grid; preprocess raw "
+                    "scans with m2diff-preprocess or run m2diff-infer on the NIfTI"
+                )
             mask = brain_mask(ld, self._spacing(out[key]))
             scaling, _ = pet_scalings(self.normalization, ld, None, mask)
             template = out[key]
@@ -79,14 +87,19 @@ class PreparePETd(MapTransform):
                 mri_array = _array(mri)
                 if mri_array.shape != ld.shape:
                     raise ValueError(f"{self.mri_key}: shape {mri_array.shape} differs from the LD PET's {ld.shape}")
-                out[self.mri_key] = _like(normalize_mri(mri_array, mri_scaling(mri_array, mask),
-                                                        clip=self.normalization != "slice"), mri)
+                out[self.mri_key] = _like(
+                    normalize_mri(mri_array, mri_scaling(mri_array, mask), clip=self.normalization != "slice"), mri
+                )
         return out
 
 
-def prepare_pet(data_config: Mapping[str, Any] | None, network_config: Mapping[str, Any] | None = None,
-                keys: Sequence[Hashable] = ("image",), mri_key: str | None = "mri",
-                spacing_mm: Sequence[float] | None = None) -> PreparePETd:
+def prepare_pet(
+    data_config: Mapping[str, Any] | None,
+    network_config: Mapping[str, Any] | None = None,
+    keys: Sequence[Hashable] = ("image",),
+    mri_key: str | None = "mri",
+    spacing_mm: Sequence[float] | None = None,
+) -> PreparePETd:
     """The bundle's ``preprocessing`` step: :class:`PreparePETd` with the normalization and grid size the model was
     trained with, resolved from the bundle's ``data_config`` (which ``m2diff-export`` embeds, preprocessing
     frozen) and ``network_config`` the way ``m2diff-infer`` resolves them."""
@@ -94,16 +107,16 @@ def prepare_pet(data_config: Mapping[str, Any] | None, network_config: Mapping[s
 
     image_size = dict(network_config or {}).get("image_size")
     prep = resolve_preprocessing(dict(data_config or {}), {}, image_size)
-    return PreparePETd(keys, mri_key=mri_key, normalization=prep.normalization, size=prep.size,
-                       spacing_mm=spacing_mm)
+    return PreparePETd(keys, mri_key=mri_key, normalization=prep.normalization, size=prep.size, spacing_mm=spacing_mm)
 
 
 class RestorePETd(MapTransform):
     """Enhanced cube(s) in normalized units → original units with the LD PET's scaling from :class:`PreparePETd`
     (``original = normalized · scale + offset``, as ``m2diff-infer`` maps its predictions back)."""
 
-    def __init__(self, keys: Sequence[Hashable] = ("pred",), scaling_key: str = SCALING_KEY,
-                 allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self, keys: Sequence[Hashable] = ("pred",), scaling_key: str = SCALING_KEY, allow_missing_keys: bool = False
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.scaling_key = scaling_key
 

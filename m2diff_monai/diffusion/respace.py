@@ -32,7 +32,7 @@ def space_timesteps(num_timesteps: int, section_counts: int | str | Iterable[int
     elif isinstance(section_counts, str):
         text = section_counts.strip()
         if text.startswith("ddim"):
-            desired = int(text[len("ddim"):])
+            desired = int(text[len("ddim") :])
             for stride in range(1, num_timesteps + 1):
                 steps = list(range(0, num_timesteps, stride))
                 if len(steps) == desired:

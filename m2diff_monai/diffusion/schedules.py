@@ -29,9 +29,7 @@ def get_named_beta_schedule(name: str, num_diffusion_timesteps: int = 1000) -> n
             raise ValueError(f"linear schedule needs T > 20 (β_end = 20/T < 1); got T={num_diffusion_timesteps}")
         return np.linspace(scale * 1e-4, scale * 0.02, num_diffusion_timesteps, dtype=np.float64)
     if name == "cosine":
-        return betas_for_alpha_bar(
-            num_diffusion_timesteps, lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-        )
+        return betas_for_alpha_bar(num_diffusion_timesteps, lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2)
     raise ValueError(f"unknown beta schedule {name!r}; expected one of {SCHEDULE_NAMES}")
 
 

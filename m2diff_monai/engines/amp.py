@@ -51,8 +51,13 @@ class AutocastInferer(Inferer):
         device_type = _device_of(inputs, kwargs).type
         if device_type not in self._resolved:
             dtype = self._resolved[device_type] = resolve_precision(self.name, device_type)
-            logger.info("training precision: %s autocast on %s (asked: %s), %d torch threads",
-                        precision_label(dtype), device_type, self.name, torch.get_num_threads())
+            logger.info(
+                "training precision: %s autocast on %s (asked: %s), %d torch threads",
+                precision_label(dtype),
+                device_type,
+                self.name,
+                torch.get_num_threads(),
+            )
         dtype = self._resolved[device_type]
         context = contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
         with context:

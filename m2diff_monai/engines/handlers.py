@@ -134,7 +134,6 @@ class CheckpointHandler:
             key = getattr(self.validator.state, "key_metric_name", "metric")
             logger.info(f"epoch {epoch}: new best {key} = {self.validator.state.best_metric:.4f}, saved {path}")
 
-
     def link_or_copy(self, source: Path, name: str) -> Path:
         """``best.pt`` as a hard link to the just-written ``last.pt`` (no second serialisation of a multi-GB
         checkpoint); safe because every write replaces the file atomically with a new inode."""
@@ -255,7 +254,8 @@ class InitWeightsHandler:
             theirs = checkpoint["config"]["network"]
             raise InputError(
                 f"{err.problem}; the checkpoint's network config is {theirs}: use the same network_config and "
-                "overlays as the run that wrote it, or non-strict loading", path=self.path,
+                "overlays as the run that wrote it, or non-strict loading",
+                path=self.path,
             ) from None
         if self.ema is not None:
             load_ema_state(self.ema, network.state_dict(), 1)

@@ -14,15 +14,26 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["PRECISION_NAMES", "NATIVE_BF16_CPU_FLAGS", "cpu_flags", "cpu_has_native_bf16", "resolve_precision",
-           "precision_label", "runtime_record"]
+__all__ = [
+    "PRECISION_NAMES",
+    "NATIVE_BF16_CPU_FLAGS",
+    "cpu_flags",
+    "cpu_has_native_bf16",
+    "resolve_precision",
+    "precision_label",
+    "runtime_record",
+]
 
 NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 # Accepted spellings (bundle keys use torch names, the inference CLI the short ones).
 PRECISION_NAMES: dict[str, torch.dtype | None] = {
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
-    "none": None, "fp32": None, "float32": None,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "none": None,
+    "fp32": None,
+    "float32": None,
 }
 
 
@@ -68,7 +79,7 @@ def resolve_precision(name: str | None, device: torch.device | str) -> torch.dty
 
 
 def precision_label(dtype: torch.dtype | None) -> str:
-    """"bf16" / "fp16" / "fp32" for logs and run summaries."""
+    """ "bf16" / "fp16" / "fp32" for logs and run summaries."""
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
 
 

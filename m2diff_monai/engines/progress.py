@@ -98,7 +98,11 @@ class TrainingProgress:
         loss = f"mean loss {sum(self._losses) / len(self._losses):.4g}, " if self._losses else ""
         logger.info(
             "epoch %d/%s: %s%s; about %s left at this pace (validation included)",
-            state.epoch, state.max_epochs, loss, _format_seconds(seconds), _format_seconds(left_epochs * mean_epoch),
+            state.epoch,
+            state.max_epochs,
+            loss,
+            _format_seconds(seconds),
+            _format_seconds(left_epochs * mean_epoch),
         )
 
     def _validation_completed(self, validator: Engine) -> None:

@@ -37,7 +37,7 @@ def default_device() -> torch.device:
 
 
 def amp_dtype(name: str | None, device: Any = None) -> torch.dtype | None:
-    """"auto" / "bfloat16" / "float16" → torch dtype for ``device`` (default: :func:`default_device`); None/"" →
+    """ "auto" / "bfloat16" / "float16" → torch dtype for ``device`` (default: :func:`default_device`); None/"" →
     None (fp32). "auto" = bf16 only where the hardware computes it natively (``engines.precision``)."""
     return resolve_precision(name, default_device() if device is None else device)
 
@@ -100,8 +100,12 @@ def checkpoint_config(
             data["preprocessing"] = manifest_preprocessing(data["manifest"])
     from m2diff_monai.inference.defaults import check_inference_defaults
 
-    return {"network": dict(net_config), "diffusion": resolve_clip(diffusion_config or {}, data), "data": data,
-            "inference_defaults": check_inference_defaults(inference_defaults)}
+    return {
+        "network": dict(net_config),
+        "diffusion": resolve_clip(diffusion_config or {}, data),
+        "data": data,
+        "inference_defaults": check_inference_defaults(inference_defaults),
+    }
 
 
 def manifest_preprocessing(manifest: str | Path) -> dict[str, Any]:

@@ -133,8 +133,9 @@ def gaussian_baseline(ld: np.ndarray, fwhm_mm: float, spacing: Sequence[float]) 
     """The LD smoothed by an isotropic Gaussian of ``fwhm_mm`` (mm), float32."""
     from scipy.ndimage import gaussian_filter
 
-    return gaussian_filter(np.asarray(ld, dtype=np.float32), gaussian_sigma_voxels(fwhm_mm, spacing),
-                           mode="nearest").astype(np.float32, copy=False)
+    return gaussian_filter(
+        np.asarray(ld, dtype=np.float32), gaussian_sigma_voxels(fwhm_mm, spacing), mode="nearest"
+    ).astype(np.float32, copy=False)
 
 
 def _box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
@@ -179,8 +180,9 @@ def _white_noise_gain() -> float:
     return float(np.sqrt(np.sum((delta - gaussian_filter(delta, 1.0, mode="constant")) ** 2)))
 
 
-def _in_box(ld: np.ndarray, mask: np.ndarray, margin: int,
-            denoise: Callable[[np.ndarray, float], np.ndarray]) -> np.ndarray:
+def _in_box(
+    ld: np.ndarray, mask: np.ndarray, margin: int, denoise: Callable[[np.ndarray, float], np.ndarray]
+) -> np.ndarray:
     """``denoise(crop / scale, scale) * scale`` on the brain box of ``ld`` (``scale``: the crop's 99th
     percentile, so settings do not depend on the units); outside the box: the LD."""
     out = np.array(ld, dtype=np.float32, copy=True)
@@ -191,8 +193,9 @@ def _in_box(ld: np.ndarray, mask: np.ndarray, margin: int,
     return out
 
 
-def nlm_baseline(ld: np.ndarray, mask: np.ndarray, h_factor: float, sigma: float,
-                 settings: BaselineSettings = BaselineSettings()) -> np.ndarray:
+def nlm_baseline(
+    ld: np.ndarray, mask: np.ndarray, h_factor: float, sigma: float, settings: BaselineSettings = BaselineSettings()
+) -> np.ndarray:
     """3D non-local means of the LD's brain box, h = ``h_factor`` · ``sigma`` (σ in original units)."""
     from skimage.restoration import denoise_nl_means
 
@@ -201,8 +204,15 @@ def nlm_baseline(ld: np.ndarray, mask: np.ndarray, h_factor: float, sigma: float
 
     def denoise(unit: np.ndarray, scale: float) -> np.ndarray:
         s = sigma / scale
-        return denoise_nl_means(unit, h=h_factor * s, sigma=s, patch_size=settings.nlm_patch_size,
-                                patch_distance=settings.nlm_patch_distance, fast_mode=True, preserve_range=True)
+        return denoise_nl_means(
+            unit,
+            h=h_factor * s,
+            sigma=s,
+            patch_size=settings.nlm_patch_size,
+            patch_distance=settings.nlm_patch_distance,
+            fast_mode=True,
+            preserve_range=True,
+        )
 
     return _in_box(ld, mask, settings.margin_voxels, denoise)
 
@@ -220,16 +230,21 @@ def bm4d_profile(settings: BaselineSettings = BaselineSettings()):
     return profile
 
 
-def bm4d_baseline(ld: np.ndarray, mask: np.ndarray, sigma_factor: float, sigma: float,
-                  settings: BaselineSettings = BaselineSettings()) -> np.ndarray:
+def bm4d_baseline(
+    ld: np.ndarray, mask: np.ndarray, sigma_factor: float, sigma: float, settings: BaselineSettings = BaselineSettings()
+) -> np.ndarray:
     """BM4D (``bm4d.bm4d``, all stages) of the LD's brain box with noise σ = ``sigma_factor`` · ``sigma``."""
     import bm4d
 
     if not sigma * sigma_factor > 0:
         return np.array(ld, dtype=np.float32, copy=True)
     profile = bm4d_profile(settings)
-    return _in_box(ld, mask, settings.margin_voxels,
-                   lambda unit, scale: bm4d.bm4d(unit, sigma_factor * sigma / scale, profile=profile))
+    return _in_box(
+        ld,
+        mask,
+        settings.margin_voxels,
+        lambda unit, scale: bm4d.bm4d(unit, sigma_factor * sigma / scale, profile=profile),
+    )
 
 
 # ------------------------------------------------------------------------------------------- tuning
@@ -240,35 +255,50 @@ def _mean_psnr(cases: Sequence[TuningCase], make: Callable[[TuningCase], np.ndar
     return float(np.mean(values))
 
 
-def _search(grid: Sequence[float], cases: Sequence[TuningCase],
-            make: Callable[[TuningCase, float], np.ndarray]) -> tuple[float, list[float]]:
+def _search(
+    grid: Sequence[float], cases: Sequence[TuningCase], make: Callable[[TuningCase, float], np.ndarray]
+) -> tuple[float, list[float]]:
     """The grid value with the highest mean PSNR over ``cases`` (the first on ties: the least smoothing)."""
     scores = [_mean_psnr(cases, lambda c, v=v: make(c, v)) for v in grid]
     return float(grid[int(np.argmax(scores))]), [round(s, 4) for s in scores]
 
 
-def _noise_filter(name: str, ld: np.ndarray, mask: np.ndarray, factor: float, sigma: float,
-                  settings: BaselineSettings) -> np.ndarray:
+def _noise_filter(
+    name: str, ld: np.ndarray, mask: np.ndarray, factor: float, sigma: float, settings: BaselineSettings
+) -> np.ndarray:
     """The NLM or BM4D row of ``ld`` with its noise-σ factor (both scale the LD's estimated σ)."""
     make = nlm_baseline if name == "nlm" else bm4d_baseline
     return make(ld, mask, factor, sigma, settings)
 
 
-def _tune_noise_factor(name: str, label: str, grid: Sequence[float], default: float, cases: Sequence[TuningCase],
-                       sigmas: Mapping[str, float], settings: BaselineSettings, chosen: ChosenSettings) -> float:
+def _tune_noise_factor(
+    name: str,
+    label: str,
+    grid: Sequence[float],
+    default: float,
+    cases: Sequence[TuningCase],
+    sigmas: Mapping[str, float],
+    settings: BaselineSettings,
+    chosen: ChosenSettings,
+) -> float:
     """The σ factor of NLM (``h``) or BM4D: searched on ``cases`` when the grid has several values (its curve is
     recorded in ``chosen``), the grid's only value when it has one (these filters are slow: nothing to score),
     the documented default without a validation case or grid."""
     if cases and len(grid) > 1:
-        value, scores = _search(grid, cases, lambda c, v: _noise_filter(name, c.ld, c.mask, v, sigmas[c.subject],
-                                                                        settings))
+        value, scores = _search(
+            grid, cases, lambda c, v: _noise_filter(name, c.ld, c.mask, v, sigmas[c.subject], settings)
+        )
         chosen.curves[name] = {label: list(grid), "mean_psnr": scores}
         return value
     return grid[0] if cases and grid else default
 
 
-def choose_settings(names: Sequence[str], cases: Sequence[TuningCase],
-                    settings: BaselineSettings = BaselineSettings(), split: str = "val") -> ChosenSettings:
+def choose_settings(
+    names: Sequence[str],
+    cases: Sequence[TuningCase],
+    settings: BaselineSettings = BaselineSettings(),
+    split: str = "val",
+) -> ChosenSettings:
     """Pick each baseline's free setting on ``cases`` (validation subjects); defaults when there are none."""
     chosen = ChosenSettings(names=tuple(names), settings=settings)
     if not names:
@@ -277,8 +307,10 @@ def choose_settings(names: Sequence[str], cases: Sequence[TuningCase],
         chosen.tuned_on = split
         chosen.tuning_subjects = [c.subject for c in cases]
     else:
-        chosen.notes.append("no validation subject with an SD reference in the manifest: documented defaults "
-                            "used, nothing tuned (never on the test split)")
+        chosen.notes.append(
+            "no validation subject with an SD reference in the manifest: documented defaults "
+            "used, nothing tuned (never on the test split)"
+        )
     sigmas = {c.subject: estimate_noise_sigma(c.ld, c.mask) for c in cases}
     if any(n in ("nlm", "bm3d") for n in names):
         chosen.noise_sigma.update({k: round(v, 6) for k, v in sigmas.items()})
@@ -286,25 +318,39 @@ def choose_settings(names: Sequence[str], cases: Sequence[TuningCase],
         t0 = time.perf_counter()
         if name == "gaussian":
             if cases:
-                chosen.fwhm_mm, scores = _search(settings.fwhm_grid_mm, cases,
-                                                 lambda c, v: gaussian_baseline(c.ld, v, c.spacing))
+                chosen.fwhm_mm, scores = _search(
+                    settings.fwhm_grid_mm, cases, lambda c, v: gaussian_baseline(c.ld, v, c.spacing)
+                )
                 chosen.curves["gaussian"] = {"fwhm_mm": list(settings.fwhm_grid_mm), "mean_psnr": scores}
             else:
                 chosen.fwhm_mm = settings.default_fwhm_mm
         elif name == "nlm":
-            chosen.nlm_h_factor = _tune_noise_factor(name, "h_factor", settings.nlm_h_factors,
-                                                     settings.default_nlm_h_factor, cases, sigmas, settings, chosen)
+            chosen.nlm_h_factor = _tune_noise_factor(
+                name, "h_factor", settings.nlm_h_factors, settings.default_nlm_h_factor, cases, sigmas, settings, chosen
+            )
         elif name == "bm3d":
-            chosen.bm4d_sigma_factor = _tune_noise_factor(name, "sigma_factor", settings.bm4d_sigma_factors,
-                                                          settings.default_bm4d_sigma_factor, cases, sigmas,
-                                                          settings, chosen)
+            chosen.bm4d_sigma_factor = _tune_noise_factor(
+                name,
+                "sigma_factor",
+                settings.bm4d_sigma_factors,
+                settings.default_bm4d_sigma_factor,
+                cases,
+                sigmas,
+                settings,
+                chosen,
+            )
         chosen.seconds[f"tuning_{name}"] = round(time.perf_counter() - t0, 3)
     return chosen
 
 
-def tune_on_validation(volumes: Sequence[Any], names: Sequence[str], load: Callable[[dict], Any],
-                       has_reference: Callable[[dict], bool], evaluated: Sequence[str] = (),
-                       settings: BaselineSettings = BaselineSettings()) -> ChosenSettings:
+def tune_on_validation(
+    volumes: Sequence[Any],
+    names: Sequence[str],
+    load: Callable[[dict], Any],
+    has_reference: Callable[[dict], bool],
+    evaluated: Sequence[str] = (),
+    settings: BaselineSettings = BaselineSettings(),
+) -> ChosenSettings:
     """Choose the settings on the manifest's ``val`` volumes that have an SD reference (only those are loaded:
     ``load(item)`` → an object with ``subject``, ``volumes["LD"]``, ``reference``, ``mask``, ``spacing``).
     ``evaluated``: the scored subjects; an overlap (evaluating the val split itself) is noted."""
@@ -314,18 +360,22 @@ def tune_on_validation(volumes: Sequence[Any], names: Sequence[str], load: Calla
     for item in volumes:
         if isinstance(item, dict) and item.get("split") == "val" and has_reference(item):
             data = load(item)
-            cases.append(TuningCase(str(data.subject), data.volumes["LD"], data.reference, data.mask,
-                                    tuple(data.spacing)))
+            cases.append(
+                TuningCase(str(data.subject), data.volumes["LD"], data.reference, data.mask, tuple(data.spacing))
+            )
     chosen = choose_settings(names, cases, settings)
     overlap = sorted(set(chosen.tuning_subjects) & {str(s) for s in evaluated})
     if overlap:
-        chosen.notes.append(f"the evaluated subjects include the tuning subjects ({', '.join(overlap)}): the "
-                            "baselines' scores on them are optimistic")
+        chosen.notes.append(
+            f"the evaluated subjects include the tuning subjects ({', '.join(overlap)}): the "
+            "baselines' scores on them are optimistic"
+        )
     return chosen
 
 
-def apply_baselines(ld: np.ndarray, mask: np.ndarray, spacing: Sequence[float], chosen: ChosenSettings,
-                    subject: str | None = None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+def apply_baselines(
+    ld: np.ndarray, mask: np.ndarray, spacing: Sequence[float], chosen: ChosenSettings, subject: str | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """``{row name: filtered LD}`` in ``chosen.names`` order, and the seconds each took (the noise σ estimated
     for NLM/BM4D is recorded in ``chosen.noise_sigma[subject]``)."""
     out: dict[str, np.ndarray] = {}
@@ -346,8 +396,9 @@ def apply_baselines(ld: np.ndarray, mask: np.ndarray, spacing: Sequence[float], 
     return out, seconds
 
 
-def with_baselines(volumes: Mapping[str, np.ndarray], baselines: Mapping[str, np.ndarray],
-                   ld_key: str = "LD") -> dict[str, np.ndarray]:
+def with_baselines(
+    volumes: Mapping[str, np.ndarray], baselines: Mapping[str, np.ndarray], ld_key: str = "LD"
+) -> dict[str, np.ndarray]:
     """The volumes in report order: LD, the baselines, then the predictions."""
     ordered = {ld_key: volumes[ld_key], **baselines}
     ordered.update({k: v for k, v in volumes.items() if k != ld_key})
@@ -358,32 +409,47 @@ def settings_markdown(chosen: ChosenSettings) -> list[str]:
     """Report lines: what each baseline row is and how its setting was chosen."""
     if not chosen.names:
         return []
-    where = (f"tuned on the `{chosen.tuned_on}` split ({len(chosen.tuning_subjects)} subject(s): "
-             f"{', '.join(chosen.tuning_subjects)}) by the mean 3D PSNR inside the brain mask"
-             if chosen.tuned_on else "documented defaults (not tuned)")
+    where = (
+        f"tuned on the `{chosen.tuned_on}` split ({len(chosen.tuning_subjects)} subject(s): "
+        f"{', '.join(chosen.tuning_subjects)}) by the mean 3D PSNR inside the brain mask"
+        if chosen.tuned_on
+        else "documented defaults (not tuned)"
+    )
     lines = [f"- Baselines (classical filters of the LD PET, computed here; settings {where}):"]
     for name in chosen.names:
         curve = chosen.curves.get(name)
         grid = ""
         if curve:
             key = next(k for k in curve if k != "mean_psnr")
-            grid = "; grid " + ", ".join(f"{v:g}" for v in curve[key]) + " → mean PSNR " + ", ".join(
-                f"{s:.2f}" for s in curve["mean_psnr"]) + " dB"
+            grid = (
+                "; grid "
+                + ", ".join(f"{v:g}" for v in curve[key])
+                + " → mean PSNR "
+                + ", ".join(f"{s:.2f}" for s in curve["mean_psnr"])
+                + " dB"
+            )
         if name == "gaussian":
             lines.append(f"  - Gaussian: FWHM {chosen.fwhm_mm:g} mm (scipy.ndimage.gaussian_filter){grid}.")
         elif name == "nlm":
             s = chosen.settings
-            lines.append(f"  - NLM: skimage denoise_nl_means 3D, patch {s.nlm_patch_size}³, distance "
-                         f"{s.nlm_patch_distance}, σ = the noise estimate of each subject's LD, h = "
-                         f"{chosen.nlm_h_factor:g}·σ{grid}.")
+            lines.append(
+                f"  - NLM: skimage denoise_nl_means 3D, patch {s.nlm_patch_size}³, distance "
+                f"{s.nlm_patch_distance}, σ = the noise estimate of each subject's LD, h = "
+                f"{chosen.nlm_h_factor:g}·σ{grid}."
+            )
         elif name == "bm3d":
             fast = " (lighter profile: step 4, search 5)" if chosen.settings.bm4d_fast_profile else ""
-            lines.append(f"  - BM4D (the `bm3d` option runs volumetric BM4D, package bm4d){fast}: σ = "
-                         f"{chosen.bm4d_sigma_factor:g}·the noise estimate of each subject's LD"
-                         f"{grid or ' (estimated, not tuned)'}.")
+            lines.append(
+                f"  - BM4D (the `bm3d` option runs volumetric BM4D, package bm4d){fast}: σ = "
+                f"{chosen.bm4d_sigma_factor:g}·the noise estimate of each subject's LD"
+                f"{grid or ' (estimated, not tuned)'}."
+            )
     if chosen.noise_sigma:
-        lines.append("  - Noise σ estimated from each LD (original units): " + ", ".join(
-            f"{sid} {sigma:.4g}" for sid, sigma in chosen.noise_sigma.items()) + ".")
+        lines.append(
+            "  - Noise σ estimated from each LD (original units): "
+            + ", ".join(f"{sid} {sigma:.4g}" for sid, sigma in chosen.noise_sigma.items())
+            + "."
+        )
     lines += [f"  - Note: {n}." for n in chosen.notes]
     return lines
 
@@ -394,10 +460,11 @@ def as_settings(value: BaselineSettings | Mapping[str, Any] | None) -> BaselineS
         return value or BaselineSettings()
     unknown = sorted(set(value) - set(BaselineSettings.__dataclass_fields__))
     if unknown:
-        raise InputError(f"unknown baseline setting(s) {', '.join(unknown)}; known: "
-                         f"{', '.join(BaselineSettings.__dataclass_fields__)}")
-    return replace(BaselineSettings(), **{k: tuple(v) if isinstance(v, (list, tuple)) else v
-                                          for k, v in value.items()})
+        raise InputError(
+            f"unknown baseline setting(s) {', '.join(unknown)}; known: "
+            f"{', '.join(BaselineSettings.__dataclass_fields__)}"
+        )
+    return replace(BaselineSettings(), **{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in value.items()})
 
 
 __all__ = [

@@ -37,9 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--manifest", required=True, type=Path, help="data_manifests/NAME.json from m2diff-preprocess")
     io.add_argument("--split", default="test", help="test | val | train | all")
     io.add_argument("--subjects", default=None, help="comma list of subject ids (default: the whole split)")
-    io.add_argument("--pred", action="append", default=[], metavar="METHOD=DIR", required=True,
-                    help="a method's prediction folder holding <subject>.nii.gz (repeat for more methods; "
-                         "the order is the table order, after LD)")
+    io.add_argument(
+        "--pred",
+        action="append",
+        default=[],
+        metavar="METHOD=DIR",
+        required=True,
+        help="a method's prediction folder holding <subject>.nii.gz (repeat for more methods; "
+        "the order is the table order, after LD)",
+    )
     io.add_argument(
         "--out",
         required=True,
@@ -48,47 +54,94 @@ def build_parser() -> argparse.ArgumentParser:
         "input: docs/safety.md)",
     )
     m = p.add_argument_group("metrics")
-    m.add_argument("--space", choices=("native", "preprocessed"), default="native",
-                   help="native: the LD PET's own grid, original units; preprocessed: the preprocessed cube")
+    m.add_argument(
+        "--space",
+        choices=("native", "preprocessed"),
+        default="native",
+        help="native: the LD PET's own grid, original units; preprocessed: the preprocessed cube",
+    )
     m.add_argument("--per-slice", action="store_true", help="also write per_slice.csv (2D metrics of every slice)")
     m.add_argument("--orientations", default="axial,coronal,sagittal", help="orientations of the 2D metrics")
-    m.add_argument("--min-slice-voxels", type=int, default=16,
-                   help="a slice is scored in 2D when it holds at least this many brain-mask voxels")
-    m.add_argument("--lpips-weights", default=None, metavar="PATH",
-                   help="torchvision AlexNet ImageNet weights (alexnet-owt-7be5be79.pth); default: "
-                        "$M2DIFF_LPIPS_ALEXNET_WEIGHTS, then torch's hub cache. Missing: LPIPS reported unavailable")
+    m.add_argument(
+        "--min-slice-voxels",
+        type=int,
+        default=16,
+        help="a slice is scored in 2D when it holds at least this many brain-mask voxels",
+    )
+    m.add_argument(
+        "--lpips-weights",
+        default=None,
+        metavar="PATH",
+        help="torchvision AlexNet ImageNet weights (alexnet-owt-7be5be79.pth); default: "
+        "$M2DIFF_LPIPS_ALEXNET_WEIGHTS, then torch's hub cache. Missing: LPIPS reported unavailable",
+    )
     m.add_argument("--no-lpips", action="store_true", help="skip LPIPS (the slowest metric on CPU)")
-    m.add_argument("--paper-scaling", choices=("reference", "own"), default="reference",
-                   help="papers' protocol (*_paper columns): map each image's axial slice with the SD slice's "
-                        "min-max (reference) or min-max scale each image on its own (own, as the official loader "
-                        "treated its inputs)")
-    m.add_argument("--paper-pad", type=int, default=256,
-                   help="papers' protocol: zero-pad axial slices to N×N (official loader: 256; 0: no padding)")
-    m.add_argument("--paper-min-size", type=int, default=None, metavar="PIXELS",
-                   help="papers' protocol: brain-mask objects/holes below this many pixels are removed "
-                        "(default: the official 1000 px at 1 mm², scaled to the slice's pixel area)")
-    m.add_argument("--baselines", default="", metavar="NAMES",
-                   help="classical baselines scored as rows after LD, from the LD PET: comma list of gaussian "
-                        "(Gaussian post-filter, FWHM tuned on the validation split), nlm (skimage non-local "
-                        "means, h tuned on validation), bm3d (runs volumetric BM4D, σ estimated; slow: about a "
-                        "minute per 2 mm brain on one core). Default: none. The demo scripts pass all three")
+    m.add_argument(
+        "--paper-scaling",
+        choices=("reference", "own"),
+        default="reference",
+        help="papers' protocol (*_paper columns): map each image's axial slice with the SD slice's "
+        "min-max (reference) or min-max scale each image on its own (own, as the official loader "
+        "treated its inputs)",
+    )
+    m.add_argument(
+        "--paper-pad",
+        type=int,
+        default=256,
+        help="papers' protocol: zero-pad axial slices to N×N (official loader: 256; 0: no padding)",
+    )
+    m.add_argument(
+        "--paper-min-size",
+        type=int,
+        default=None,
+        metavar="PIXELS",
+        help="papers' protocol: brain-mask objects/holes below this many pixels are removed "
+        "(default: the official 1000 px at 1 mm², scaled to the slice's pixel area)",
+    )
+    m.add_argument(
+        "--baselines",
+        default="",
+        metavar="NAMES",
+        help="classical baselines scored as rows after LD, from the LD PET: comma list of gaussian "
+        "(Gaussian post-filter, FWHM tuned on the validation split), nlm (skimage non-local "
+        "means, h tuned on validation), bm3d (runs volumetric BM4D, σ estimated; slow: about a "
+        "minute per 2 mm brain on one core). Default: none. The demo scripts pass all three",
+    )
     x = p.add_argument_group("extras")
-    x.add_argument("--checkpoint", action="append", default=[], metavar="METHOD=CKPT",
-                   help="a method's training checkpoint for the complexity table (parameters; training s/epoch "
-                        "from the logs of its run folder). Default: the checkpoint in DIR/predictions.json")
-    x.add_argument("--timings", action="append", default=[], metavar="METHOD=FILE",
-                   help="JSON with parameters / train_seconds_per_epoch / inference_seconds_per_subject, or an "
-                        "m2diff-infer summary (default: DIR/predictions.json)")
-    x.add_argument("--cka", type=Path, default=None, metavar="CKPT",
-                   help="an M2Diff checkpoint (V3/V5/V6): linear CKA heatmaps of its PET vs MRI branches")
+    x.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        metavar="METHOD=CKPT",
+        help="a method's training checkpoint for the complexity table (parameters; training s/epoch "
+        "from the logs of its run folder). Default: the checkpoint in DIR/predictions.json",
+    )
+    x.add_argument(
+        "--timings",
+        action="append",
+        default=[],
+        metavar="METHOD=FILE",
+        help="JSON with parameters / train_seconds_per_epoch / inference_seconds_per_subject, or an "
+        "m2diff-infer summary (default: DIR/predictions.json)",
+    )
+    x.add_argument(
+        "--cka",
+        type=Path,
+        default=None,
+        metavar="CKPT",
+        help="an M2Diff checkpoint (V3/V5/V6): linear CKA heatmaps of its PET vs MRI branches",
+    )
     x.add_argument("--cka-slices", type=int, default=48, help="slices fed to the network for CKA")
     x.add_argument("--cka-pool", type=int, default=16, help="activations average-pooled to at most N×N (0: none)")
     x.add_argument("--device", default="cpu", help="device for CKA (cpu | cuda)")
     r = p.add_argument_group("run")
     r.add_argument("--no-figures", action="store_true", help="no figure panels")
-    r.add_argument("--keep-going", action="store_true",
-                   help="skip subjects with a missing or bad prediction (listed in the report, exit code 1) "
-                        "instead of stopping at the first")
+    r.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="skip subjects with a missing or bad prediction (listed in the report, exit code 1) "
+        "instead of stopping at the first",
+    )
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--workers", type=int, default=2, help="threads scoring the rows (LD, methods) of a subject")
     return p
@@ -100,13 +153,29 @@ def _run(args: argparse.Namespace) -> dict:
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
     cka_options = {"n_slices": args.cka_slices, "pool": args.cka_pool or None, "device": args.device}
     return evaluate_cohort(
-        args.manifest, args.pred, args.out, split=args.split, space=args.space, subjects=subjects,
-        per_slice=args.per_slice, lpips=not args.no_lpips, lpips_weights=args.lpips_weights,
-        figures=not args.no_figures, orientations=args.orientations, min_slice_voxels=args.min_slice_voxels,
-        keep_going=args.keep_going, progress=not args.no_progress, workers=args.workers,
+        args.manifest,
+        args.pred,
+        args.out,
+        split=args.split,
+        space=args.space,
+        subjects=subjects,
+        per_slice=args.per_slice,
+        lpips=not args.no_lpips,
+        lpips_weights=args.lpips_weights,
+        figures=not args.no_figures,
+        orientations=args.orientations,
+        min_slice_voxels=args.min_slice_voxels,
+        keep_going=args.keep_going,
+        progress=not args.no_progress,
+        workers=args.workers,
         checkpoints=args.checkpoint,
-        timings=args.timings, cka_checkpoint=args.cka, cka_options=cka_options, baselines=args.baselines,
-        paper_scaling=args.paper_scaling, paper_pad=args.paper_pad, paper_min_size=args.paper_min_size,
+        timings=args.timings,
+        cka_checkpoint=args.cka,
+        cka_options=cka_options,
+        baselines=args.baselines,
+        paper_scaling=args.paper_scaling,
+        paper_pad=args.paper_pad,
+        paper_min_size=args.paper_min_size,
     )
 
 

@@ -59,8 +59,13 @@ def parameters_from_checkpoint(path: str | Path) -> dict[str, Any]:
         state = select_weights(checkpoint, RAW, fallback=True, path=path)[1]
         parameters = sum(int(v.numel()) for v in state.values() if hasattr(v, "numel"))
         source = "state dict tensors"
-    return {"parameters": int(parameters), "network": network, "epoch": checkpoint.get("epoch"),
-            "iteration": checkpoint.get("iteration"), "source": source}
+    return {
+        "parameters": int(parameters),
+        "network": network,
+        "epoch": checkpoint.get("epoch"),
+        "iteration": checkpoint.get("iteration"),
+        "source": source,
+    }
 
 
 def run_folder(checkpoint: str | Path) -> Path:
@@ -89,8 +94,11 @@ def seconds_from_text_logs(folder: str | Path) -> dict[str, Any] | None:
             sources.append(str(path))
     if not per_epoch:
         return None
-    return {"train_seconds_per_epoch": float(statistics.fmean(per_epoch.values())), "epochs": len(per_epoch),
-            "source": f"ignite epoch times in {', '.join(sources)}"}
+    return {
+        "train_seconds_per_epoch": float(statistics.fmean(per_epoch.values())),
+        "epochs": len(per_epoch),
+        "source": f"ignite epoch times in {', '.join(sources)}",
+    }
 
 
 def seconds_from_tensorboard(folder: str | Path, iterations_per_epoch: float | None) -> dict[str, Any] | None:
@@ -115,9 +123,11 @@ def seconds_from_tensorboard(folder: str | Path, iterations_per_epoch: float | N
             steps += points[-1][0] - points[0][0]
     if steps <= 0:
         return None
-    return {"train_seconds_per_epoch": seconds / steps * float(iterations_per_epoch),
-            "iterations_per_epoch": float(iterations_per_epoch),
-            "source": f"TensorBoard '{TRAIN_TAG}' wall times under {folder} × iterations per epoch"}
+    return {
+        "train_seconds_per_epoch": seconds / steps * float(iterations_per_epoch),
+        "iterations_per_epoch": float(iterations_per_epoch),
+        "source": f"TensorBoard '{TRAIN_TAG}' wall times under {folder} × iterations per epoch",
+    }
 
 
 def training_seconds_per_epoch(checkpoint: str | Path, info: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
@@ -151,8 +161,9 @@ def read_timings_file(path: str | Path) -> dict[str, Any]:
             except (TypeError, ValueError):
                 raise InputError(f"timings file: {key} must be a number, got {out[key]!r}", path=path) from None
     if not out:
-        raise InputError(f"timings file has none of {', '.join(TIMING_KEYS)} and is not an m2diff-infer summary",
-                         path=path)
+        raise InputError(
+            f"timings file has none of {', '.join(TIMING_KEYS)} and is not an m2diff-infer summary", path=path
+        )
     return out
 
 
@@ -167,12 +178,18 @@ def inference_from_summary(content: Mapping[str, Any]) -> dict[str, Any] | None:
             if isinstance(seconds, dict) and "sampling" in seconds:
                 values.append(float(seconds["sampling"]) + float(seconds.get("writing", 0.0)))
         if values:
-            return {"inference_seconds_per_subject": float(statistics.fmean(values)), "subjects_timed": len(values),
-                    "device": device}
+            return {
+                "inference_seconds_per_subject": float(statistics.fmean(values)),
+                "subjects_timed": len(values),
+                "device": device,
+            }
     seconds = content.get("seconds")
     if isinstance(seconds, dict) and "sampling" in seconds:
-        return {"inference_seconds_per_subject": float(seconds["sampling"]) + float(seconds.get("writing", 0.0)),
-                "subjects_timed": 1, "device": device}
+        return {
+            "inference_seconds_per_subject": float(seconds["sampling"]) + float(seconds.get("writing", 0.0)),
+            "subjects_timed": 1,
+            "device": device,
+        }
     return None
 
 
@@ -209,8 +226,11 @@ def gather_inputs(
                 candidate = Path(pred_dirs[method]) / candidate
             if candidate.is_file():
                 checkpoint, checkpoint_source = candidate, f"{summary_path} (m2diff-infer)"
-        entry: dict[str, Any] = {"method": method, "checkpoint": None if checkpoint is None else str(checkpoint),
-                                 "checkpoint_source": checkpoint_source if checkpoint is not None else None}
+        entry: dict[str, Any] = {
+            "method": method,
+            "checkpoint": None if checkpoint is None else str(checkpoint),
+            "checkpoint_source": checkpoint_source if checkpoint is not None else None,
+        }
         if checkpoint is not None:
             entry["checkpoint_info"] = parameters_from_checkpoint(checkpoint)
         if summary is not None:
@@ -228,9 +248,15 @@ def complexity_rows(inputs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
     ``device`` and where each came from (None when unknown)."""
     rows = []
     for entry in inputs:
-        row: dict[str, Any] = {"method": entry["method"], "parameters": None, "train_seconds_per_epoch": None,
-                               "inference_seconds_per_subject": None, "device": None, "network": None,
-                               "sources": {}}
+        row: dict[str, Any] = {
+            "method": entry["method"],
+            "parameters": None,
+            "train_seconds_per_epoch": None,
+            "inference_seconds_per_subject": None,
+            "device": None,
+            "network": None,
+            "sources": {},
+        }
         info = entry.get("checkpoint_info")
         if info:
             row["parameters"] = info["parameters"]
@@ -262,21 +288,27 @@ def _fmt(value: Any, kind: str) -> str:
 
 
 def complexity_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-    lines = ["# Computational complexity\n",
-             "| method | network | parameters | training s/epoch | inference s/subject | device |",
-             "| --- | --- | ---: | ---: | ---: | --- |"]
+    lines = [
+        "# Computational complexity\n",
+        "| method | network | parameters | training s/epoch | inference s/subject | device |",
+        "| --- | --- | ---: | ---: | ---: | --- |",
+    ]
     for row in rows:
         net = row.get("network") or {}
         name = " ".join(str(net[k]) for k in ("name", "preset", "variant") if net.get(k)) or "—"
-        lines.append(f"| {row['method']} | {name} | {_fmt(row['parameters'], 'parameters')} | "
-                     f"{_fmt(row['train_seconds_per_epoch'], 's')} | {_fmt(row['inference_seconds_per_subject'], 's')} "
-                     f"| {row.get('device') or '—'} |")
+        lines.append(
+            f"| {row['method']} | {name} | {_fmt(row['parameters'], 'parameters')} | "
+            f"{_fmt(row['train_seconds_per_epoch'], 's')} | {_fmt(row['inference_seconds_per_subject'], 's')} "
+            f"| {row.get('device') or '—'} |"
+        )
     lines.append("")
     if not rows:
         lines.append("No method to describe.\n")
-    lines.append("— = unknown: give `--checkpoint METHOD=CKPT` (parameters; training logs next to it) or "
-                 "`--timings METHOD=FILE` (see docs/evaluation.md). Training s/epoch is wall-clock including "
-                 "validation; inference s/subject excludes the one-off model load.\n")
+    lines.append(
+        "— = unknown: give `--checkpoint METHOD=CKPT` (parameters; training logs next to it) or "
+        "`--timings METHOD=FILE` (see docs/evaluation.md). Training s/epoch is wall-clock including "
+        "validation; inference s/subject excludes the one-off model load.\n"
+    )
     for row in rows:
         for key, source in row["sources"].items():
             lines.append(f"- {row['method']} {key}: {source}")

@@ -47,7 +47,7 @@ def _slice_index(slice_index, orientation: str, reference: np.ndarray) -> int:
 
 
 def _slice_scores(img: np.ndarray, ref: np.ndarray, mask: np.ndarray | None, data_range: float) -> str:
-    """"PSNR x / SSIM y" of one 2D slice, or "" when it cannot be scored (tiny slice, no mask voxel)."""
+    """ "PSNR x / SSIM y" of one 2D slice, or "" when it cannot be scored (tiny slice, no mask voxel)."""
     if min(img.shape) < 7 or (mask is not None and not mask.any()):
         return ""
     scores = per_slice_metrics(img[None], ref[None], mask, data_range, 0, metrics=("psnr", "ssim"))
@@ -109,10 +109,18 @@ def _outline_legend(fig, brain: bool, regions: Sequence[str], reference: str) ->
     from matplotlib.lines import Line2D
 
     handles = ([Line2D([], [], color=BRAIN_CONTOUR, lw=1.2, label="brain mask")] if brain else []) + [
-        Line2D([], [], color=_contour_colour(n, i), lw=1.2, label=n) for i, n in enumerate(regions)]
+        Line2D([], [], color=_contour_colour(n, i), lw=1.2, label=n) for i, n in enumerate(regions)
+    ]
     if handles:
-        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8,
-                   title=f"contours on {reference}", title_fontsize=8, frameon=False)
+        fig.legend(
+            handles=handles,
+            loc="outside lower center",
+            ncol=len(handles),
+            fontsize=8,
+            title=f"contours on {reference}",
+            title_fontsize=8,
+            frameon=False,
+        )
 
 
 def _error_map_names(names: Sequence[str], input_key: str, reference: str, error_maps: str) -> list[str]:
@@ -186,8 +194,9 @@ def figure_panel(
     image_names = list(arrays)
     error_titles = [f"|{n} − {error_against}|" for n in error_names]
     n_img, n_err = len(image_names), len(error_titles)
-    fig = Figure(figsize=(panel_inches * (n_img + n_err) + 1.8, panel_inches * len(rows) + 0.9), dpi=dpi,
-                 layout="constrained")
+    fig = Figure(
+        figsize=(panel_inches * (n_img + n_err) + 1.8, panel_inches * len(rows) + 0.9), dpi=dpi, layout="constrained"
+    )
     axes = fig.subplots(len(rows), n_img + n_err, squeeze=False)
     last_image = {}
     last_error = None
@@ -200,14 +209,18 @@ def figure_panel(
         for c, name in enumerate(image_names):
             ax = axes[r, c]
             img = np.take(arrays[name], k, axis=axis)
-            last_image[window] = ax.imshow(img.T, origin="lower", cmap="gray", vmin=0.0, vmax=top,
-                                           interpolation="nearest")
+            last_image[window] = ax.imshow(
+                img.T, origin="lower", cmap="gray", vmin=0.0, vmax=top, interpolation="nearest"
+            )
             lines = [name] if r in (0, len(orientations)) else []
             if name != error_against and first_window:
                 lines.append(_slice_scores(img, ref_k, mask_k, dr))
             if name == error_against:
-                _draw_outlines(ax, None if mask is None else np.take(inside, k, axis=axis),
-                               {cname: np.take(region, k, axis=axis) for cname, region in contours.items()})
+                _draw_outlines(
+                    ax,
+                    None if mask is None else np.take(inside, k, axis=axis),
+                    {cname: np.take(region, k, axis=axis) for cname, region in contours.items()},
+                )
             ax.set_title("\n".join(line for line in lines if line), fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
@@ -225,17 +238,20 @@ def figure_panel(
             last_error = ax.imshow(err.T, origin="lower", cmap="hot", vmin=0.0, vmax=emax, interpolation="nearest")
             ax.set_title(error_titles[c] if r == 0 else "", fontsize=8)
     for w, (window, _) in enumerate(windows):
-        band = axes[w * len(orientations):(w + 1) * len(orientations), :n_img]
+        band = axes[w * len(orientations) : (w + 1) * len(orientations), :n_img]
         bar = fig.colorbar(last_image[window], ax=band.ravel().tolist(), shrink=0.8, pad=0.01)
         bar.set_label(f"{units} ({window})", fontsize=8)
         bar.ax.tick_params(labelsize=7)
     if last_error is not None:
-        band = axes[:len(orientations), n_img:]
+        band = axes[: len(orientations), n_img:]
         bar = fig.colorbar(last_error, ax=band.ravel().tolist(), shrink=0.8, pad=0.01)
         bar.set_label(f"|error| ({units})", fontsize=8)
         bar.ax.tick_params(labelsize=7)
     _outline_legend(fig, mask is not None, list(contours), error_against)
     if title:
-        fig.suptitle(title + ("; slices through the hottest reference voxel in " + ", ".join(contours)
-                              if hottest is not None else ""), fontsize=10)
+        fig.suptitle(
+            title
+            + ("; slices through the hottest reference voxel in " + ", ".join(contours) if hottest is not None else ""),
+            fontsize=10,
+        )
     return write_with(out_png, lambda tmp: fig.savefig(tmp, format="png"))

@@ -128,8 +128,10 @@ def item_path(base: Path, value: Any) -> Path | None:
 
 def has_reference(item: dict, base: Path) -> bool:
     """Whether the item has an SD reference file to score against (the source SD PET or the preprocessed cube)."""
-    return any(item_path(base, item.get(k)) is not None and item_path(base, item.get(k)).is_file()
-               for k in ("source_sd_pet", "sd_pet"))
+    return any(
+        item_path(base, item.get(k)) is not None and item_path(base, item.get(k)).is_file()
+        for k in ("source_sd_pet", "sd_pet")
+    )
 
 
 @dataclass
@@ -155,8 +157,11 @@ def plan_subjects(items: list[dict], base: Path, pred_dirs: Mapping[str, Path], 
         for method, folder in pred_dirs.items():
             found = prediction_path(folder, sid)
             if found is None:
-                err = InputError(f"no {method} prediction (looked for {sid}.nii.gz or {sid}.nii in {folder})",
-                                 subject=sid, path=Path(folder) / f"{sid}.nii.gz")
+                err = InputError(
+                    f"no {method} prediction (looked for {sid}.nii.gz or {sid}.nii in {folder})",
+                    subject=sid,
+                    path=Path(folder) / f"{sid}.nii.gz",
+                )
                 if not keep_going:
                     raise err
                 plan.failed[sid] = err.line()

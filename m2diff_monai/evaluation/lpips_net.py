@@ -49,13 +49,18 @@ def alexnet_features() -> nn.Sequential:
     """torchvision's ``AlexNet.features`` up to its last ReLU (the trailing max-pool has no weights and LPIPS
     does not use it)."""
     return nn.Sequential(
-        nn.Conv2d(3, 64, kernel_size=11, stride=4, padding=2), nn.ReLU(),
+        nn.Conv2d(3, 64, kernel_size=11, stride=4, padding=2),
+        nn.ReLU(),
         nn.MaxPool2d(kernel_size=3, stride=2),
-        nn.Conv2d(64, 192, kernel_size=5, padding=2), nn.ReLU(),
+        nn.Conv2d(64, 192, kernel_size=5, padding=2),
+        nn.ReLU(),
         nn.MaxPool2d(kernel_size=3, stride=2),
-        nn.Conv2d(192, 384, kernel_size=3, padding=1), nn.ReLU(),
-        nn.Conv2d(384, 256, kernel_size=3, padding=1), nn.ReLU(),
-        nn.Conv2d(256, 256, kernel_size=3, padding=1), nn.ReLU(),
+        nn.Conv2d(192, 384, kernel_size=3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(384, 256, kernel_size=3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(256, 256, kernel_size=3, padding=1),
+        nn.ReLU(),
     )
 
 
@@ -81,8 +86,9 @@ class AlexLPIPS(nn.Module):
     def load_trunk(self, state: dict[str, torch.Tensor]) -> None:
         """Load a torchvision AlexNet state dict (only ``features.*`` is used; every trunk weight must be there)."""
         trunk = {key: value for key, value in state.items() if key.startswith("features.")}
-        self.load_state_dict({**trunk, **{k: v for k, v in self.state_dict().items() if k.startswith("heads.")}},
-                             strict=True)
+        self.load_state_dict(
+            {**trunk, **{k: v for k, v in self.state_dict().items() if k.startswith("heads.")}}, strict=True
+        )
 
     def load_heads(self, path: str | Path) -> None:
         """Load lpips' head file (keys ``lin<k>.model.1.weight``)."""
@@ -105,7 +111,7 @@ class AlexLPIPS(nn.Module):
     def forward(self, in0: torch.Tensor, in1: torch.Tensor) -> torch.Tensor:
         both = (torch.cat([in0, in1]) - self.shift) / self.scale  # one pass through the trunk for both
         total = 0.0
-        for head, feats in zip(self.heads, self.taps(both)):
+        for head, feats in zip(self.heads, self.taps(both), strict=True):
             f0, f1 = feats.chunk(2)
             total = total + head((_unit_channels(f0) - _unit_channels(f1)) ** 2).mean(dim=(2, 3), keepdim=True)
         return total

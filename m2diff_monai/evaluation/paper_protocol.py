@@ -113,8 +113,9 @@ def _remove_small(mask: np.ndarray, min_size: int, holes: bool) -> np.ndarray:
         return func(mask, int(min_size))
 
 
-def official_brain_mask(image: np.ndarray, threshold: float = OFFICIAL_THRESHOLD,
-                        min_size: int = OFFICIAL_MIN_SIZE) -> np.ndarray:
+def official_brain_mask(
+    image: np.ndarray, threshold: float = OFFICIAL_THRESHOLD, min_size: int = OFFICIAL_MIN_SIZE
+) -> np.ndarray:
     """The official per-slice brain mask of a 2D slice: min–max scaled > ``threshold``, objects then holes
     smaller than ``min_size`` pixels removed (4-connected), the largest 8-connected component (empty if none)."""
     from skimage.measure import label
@@ -155,8 +156,9 @@ class PaperReference:
         return len(self.slices) == 0
 
 
-def prepare_reference(reference: np.ndarray, spacing: Sequence[float] | None,
-                      options: PaperOptions | None = None) -> PaperReference:
+def prepare_reference(
+    reference: np.ndarray, spacing: Sequence[float] | None, options: PaperOptions | None = None
+) -> PaperReference:
     """Scaled, padded, masked SD slices and their masks (axial = axis 2 of a RAS+ volume)."""
     options = options or PaperOptions()
     reference = np.asarray(reference)
@@ -187,7 +189,10 @@ def prepare_reference(reference: np.ndarray, spacing: Sequence[float] | None,
         slices=np.asarray(kept, dtype=int),
         masks=np.stack(masks) if masks else np.zeros(shape, dtype=bool),
         targets=np.stack(targets) if targets else np.zeros(shape, dtype=np.float32),
-        sd_min=np.asarray(lows), sd_max=np.asarray(highs), options=options, min_size=min_size,
+        sd_min=np.asarray(lows),
+        sd_max=np.asarray(highs),
+        options=options,
+        min_size=min_size,
     )
 
 
@@ -244,8 +249,9 @@ def ssim_padded(pred, target) -> float:
         area = (r1 - r0) * (c1 - c0)
         if area < 0.8 * height * width and min(r1 - r0, c1 - c0) > margin:
             data_range = float(max(pred.max() - pred.min(), target.max() - target.min()))
-            _, full = structural_similarity_index_measure(pred[..., r0:r1, c0:c1], target[..., r0:r1, c0:c1],
-                                                          data_range=data_range, return_full_image=True)
+            _, full = structural_similarity_index_measure(
+                pred[..., r0:r1, c0:c1], target[..., r0:r1, c0:c1], data_range=data_range, return_full_image=True
+            )
             return float((full.double().sum() + (height * width - area)) / (height * width))
     return float(structural_similarity_index_measure(pred, target))
 
@@ -272,8 +278,9 @@ def slice_scores(preds: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray
     return out
 
 
-def lpips_slices(model, preds: np.ndarray, targets: np.ndarray, batch_size: int = 16,
-                 device: str = "cpu") -> np.ndarray:
+def lpips_slices(
+    model, preds: np.ndarray, targets: np.ndarray, batch_size: int = 16, device: str = "cpu"
+) -> np.ndarray:
     """LPIPS of masked [0, 1] slices fed as the official call did: ``model(pred, target)`` on one-channel images
     (repeated to RGB, which equals lpips' broadcasting), no [−1, 1] mapping. ``model``: an ``lpips.LPIPS`` or
     its rebuild :class:`~m2diff_monai.evaluation.lpips_net.AlexLPIPS`."""
@@ -296,8 +303,9 @@ def _mean(values: np.ndarray) -> float:
     return float(np.mean(values)) if values.size else float("nan")
 
 
-def score_volume(volume: np.ndarray, ref: PaperReference, lpips_model=None,
-                 lpips_device: str = "cpu") -> tuple[dict[str, float], dict[str, np.ndarray]]:
+def score_volume(
+    volume: np.ndarray, ref: PaperReference, lpips_model=None, lpips_device: str = "cpu"
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """(row, per-slice values) of one method against a prepared reference. Row keys: :data:`COLUMNS` and
     ``paper_slices`` (slices scored), ``paper_min_size`` (the mask threshold used); ``lpips_paper`` is NaN
     without ``lpips_model``."""
@@ -307,8 +315,10 @@ def score_volume(volume: np.ndarray, ref: PaperReference, lpips_model=None,
     values = slice_scores(preds, ref.targets)
     if lpips_model is not None:
         values["lpips"] = lpips_slices(lpips_model, preds, ref.targets, device=lpips_device)
-    row = {f"{name}_paper": _mean(values[name]) if name in values else float("nan")
-           for name in ("psnr", "ssim", "nmse", "lpips")}
+    row = {
+        f"{name}_paper": _mean(values[name]) if name in values else float("nan")
+        for name in ("psnr", "ssim", "nmse", "lpips")
+    }
     row["paper_slices"] = int(len(ref.slices))
     row["paper_min_size"] = int(ref.min_size)
     return row, values
@@ -324,13 +334,21 @@ def lpips_volume(volume: np.ndarray, ref: PaperReference, lpips_model, device: s
 def describe(ref: PaperReference | None = None, options: PaperOptions | None = None) -> str:
     """One line for reports: how the ``*_paper`` columns were computed."""
     options = ref.options if ref is not None else (options or PaperOptions())
-    size = f"{ref.min_size}" if ref is not None else ("scaled to the pixel area" if options.min_size is None
-                                                     else str(options.min_size))
+    size = (
+        f"{ref.min_size}"
+        if ref is not None
+        else ("scaled to the pixel area" if options.min_size is None else str(options.min_size))
+    )
     pad = f"zero-padded to {options.pad_to}²" if options.pad_to else "not padded"
-    scale = ("each image scaled by the SD slice's min–max" if options.scaling == "reference"
-             else "each image min–max scaled on its own")
-    return (f"axial slices, {scale}, {pad}, official SD brain mask per slice (> {options.threshold}, objects/holes "
-            f"< {size} px removed, largest component), metrics over the whole padded slice (torchmetrics PSNR/SSIM)")
+    scale = (
+        "each image scaled by the SD slice's min–max"
+        if options.scaling == "reference"
+        else "each image min–max scaled on its own"
+    )
+    return (
+        f"axial slices, {scale}, {pad}, official SD brain mask per slice (> {options.threshold}, objects/holes "
+        f"< {size} px removed, largest component), metrics over the whole padded slice (torchmetrics PSNR/SSIM)"
+    )
 
 
 __all__ = [

@@ -97,10 +97,12 @@ def _p_text(n: int, p: float) -> str:
 def quantitation_markdown(df, regions: Sequence[str], units: str = UNKNOWN_UNITS) -> str:
     """The report's opening section: regional mean bias per method, then mean and max recovery per lesion."""
     methods = list(dict.fromkeys(df["method"]))
-    lines = ["## Quantitation (read first): regional bias and lesion recovery against SD\n",
-             f"Per method, mean ± std over subjects. Paired t-tests (method vs SD inside the region, paired by "
-             f"subject) only with ≥ {MIN_TTEST_SUBJECTS} subjects holding the region; otherwise the table says "
-             f"so. Uptake in {units}.\n"]
+    lines = [
+        "## Quantitation (read first): regional bias and lesion recovery against SD\n",
+        f"Per method, mean ± std over subjects. Paired t-tests (method vs SD inside the region, paired by "
+        f"subject) only with ≥ {MIN_TTEST_SUBJECTS} subjects holding the region; otherwise the table says "
+        f"so. Uptake in {units}.\n",
+    ]
     if not regions:
         return "\n".join(lines + ["No region masks in the manifest: no regional quantitation.\n"])
     lines.append("### Mean relative bias per region (%) = (mean method − mean SD) / mean SD\n")
@@ -115,8 +117,7 @@ def quantitation_markdown(df, regions: Sequence[str], units: str = UNKNOWN_UNITS
             cells.append(_mean_std(part[f"bias_{r}"].astype(float).to_numpy() * 100.0, 2) + test)
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     counts = {r: int(df[df["method"] == methods[0]][f"bias_{r}"].astype(float).notna().sum()) for r in regions}
-    untested = [f"{r} (n = {n} < {MIN_TTEST_SUBJECTS}: no t-test)" for r, n in counts.items()
-                if n < MIN_TTEST_SUBJECTS]
+    untested = [f"{r} (n = {n} < {MIN_TTEST_SUBJECTS}: no t-test)" for r, n in counts.items() if n < MIN_TTEST_SUBJECTS]
     if untested:
         lines.append("\nSubjects per region: " + ", ".join(untested) + ".\n")
     lesions = [r for r in regions if is_lesion(r) and f"recovery_mean_{r}" in df.columns]
@@ -126,17 +127,22 @@ def quantitation_markdown(df, regions: Sequence[str], units: str = UNKNOWN_UNITS
     for r in lesions:
         n_subjects = counts[r]
         sd_max = df[df["method"] == methods[0]][f"max_target_{r}"].astype(float)
-        lines.append(f"\n### Lesion `{r}`: recovery = method / SD (1 = kept; {n_subjects} subject(s) with this "
-                     f"lesion; SD max {_mean_std(sd_max, 1)} {units})\n")
-        lines.append("| method | n | mean recovery (SUVmean-style) | t-test mean | max recovery (SUVmax-style) | "
-                     "t-test max |")
+        lines.append(
+            f"\n### Lesion `{r}`: recovery = method / SD (1 = kept; {n_subjects} subject(s) with this "
+            f"lesion; SD max {_mean_std(sd_max, 1)} {units})\n"
+        )
+        lines.append(
+            "| method | n | mean recovery (SUVmean-style) | t-test mean | max recovery (SUVmax-style) | t-test max |"
+        )
         lines.append("| --- | ---: | ---: | --- | ---: | --- |")
         for m in methods:
             part = df[df["method"] == m]
             n_mean, p_mean = _paired_test(df, f"mean_pred_{r}", f"mean_target_{r}", m)
             n_max, p_max = _paired_test(df, f"max_pred_{r}", f"max_target_{r}", m)
-            lines.append(f"| {m} | {n_mean} | {_mean_std(part[f'recovery_mean_{r}'])} | {_p_text(n_mean, p_mean)} | "
-                         f"{_mean_std(part[f'recovery_max_{r}'])} | {_p_text(n_max, p_max)} |")
+            lines.append(
+                f"| {m} | {n_mean} | {_mean_std(part[f'recovery_mean_{r}'])} | {_p_text(n_mean, p_mean)} | "
+                f"{_mean_std(part[f'recovery_max_{r}'])} | {_p_text(n_max, p_max)} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -145,5 +151,11 @@ def recovery_metrics(df) -> list[str]:
     return [c for c in df.columns if c.startswith(("recovery_mean_", "recovery_max_"))]
 
 
-__all__ = ["MIN_TTEST_SUBJECTS", "is_lesion", "lesion_recovery", "quantitation_markdown", "recovery_metrics",
-           "units_of"]
+__all__ = [
+    "MIN_TTEST_SUBJECTS",
+    "is_lesion",
+    "lesion_recovery",
+    "quantitation_markdown",
+    "recovery_metrics",
+    "units_of",
+]

@@ -21,13 +21,13 @@ def _label(metric: str, *, percent: bool = True, plane: bool = False) -> str:
     if metric == "bias":
         return f"bias brain{unit}"
     if metric.startswith("bias_"):
-        return f"bias {metric[len('bias_'):]}{unit}"
+        return f"bias {metric[len('bias_') :]}{unit}"
     base, _, rest = metric.partition("_2d")
     name = {"ssim": "SSIM", "psnr": "PSNR (dB)", "nmse": "NMSE", "lpips": "LPIPS"}.get(base, metric)
     if plane and _ == "_2d":
         name += f" 2D {rest.lstrip('_') or 'mean'}"
     if metric.endswith("_paper"):
-        name = {"ssim": "SSIM", "psnr": "PSNR (dB)", "nmse": "NMSE", "lpips": "LPIPS"}[base[:-len("_paper")]]
+        name = {"ssim": "SSIM", "psnr": "PSNR (dB)", "nmse": "NMSE", "lpips": "LPIPS"}[base[: -len("_paper")]]
         name += " (paper protocol)" if plane else ""
     return name
 
@@ -46,6 +46,12 @@ def _better(metric: str) -> str:
     return "high" if base in ("ssim", "psnr") else "abs" if base == "bias" else "low"
 
 
+def _best_method(means: dict[str, float], better: str) -> str:
+    """The method whose mean is best: highest ("high"), lowest ("low") or closest to 0 ("abs")."""
+    score = {"high": lambda v: -v, "low": lambda v: v, "abs": abs}[better]
+    return min(means, key=lambda m: score(means[m]))
+
+
 def _table(df, metrics: Sequence[str], bold_best: bool = True) -> str:
     """Markdown "mean ± std" table, one row per method (LD first), best method (LD excluded) in bold."""
     import pandas as pd
@@ -59,9 +65,7 @@ def _table(df, metrics: Sequence[str], bold_best: bool = True) -> str:
         contenders = {m: v[0] for m, v in stats[metric].items() if m != LD_METHOD and np.isfinite(v[0])}
         best = None
         if bold_best and len(contenders) >= 2:
-            key = {"high": lambda m: -contenders[m], "low": lambda m: contenders[m],
-                   "abs": lambda m: abs(contenders[m])}[_better(metric)]
-            best = min(contenders, key=key)
+            best = _best_method(contenders, _better(metric))
         for m in methods:
             mean, std, _ = stats[metric].get(m, (float("nan"), float("nan"), 0))
             text = _format(metric, mean, std)
@@ -77,14 +81,19 @@ PAPER_PROTOCOL_NOTE = (
     "slices then subjects. The zeroed background counts in "
     "the mean, so PSNR is ≈ 10·log10(N/N_mask) dB higher than the tables above (N = pixels of the padded slice, "
     "N_mask = brain pixels), and the data range is each slice's, not the subject's. Only these numbers compare "
-    "with the papers' tables.\n")
+    "with the papers' tables.\n"
+)
 
 
 def _lpips_line(lpips_status: Mapping[str, Any]) -> str:
     """The LPIPS sentence of summary.md (report.md lists LPIPS once in its header and drops this one)."""
-    lpips_line = ("LPIPS: AlexNet (lpips 0.1.4), mean over " + str(lpips_status.get("orientation", "axial")) +
-                  " slices with brain" if lpips_status.get("available") else
-                  str(lpips_status.get("reason") or "LPIPS unavailable"))
+    lpips_line = (
+        "LPIPS: AlexNet (lpips 0.1.4), mean over "
+        + str(lpips_status.get("orientation", "axial"))
+        + " slices with brain"
+        if lpips_status.get("available")
+        else str(lpips_status.get("reason") or "LPIPS unavailable")
+    )
     if lpips_status.get("available") and lpips_status.get("reason"):
         lpips_line += f" — {lpips_status['reason']}"
     return f"{lpips_line}.\n"
@@ -128,9 +137,11 @@ def ttests_markdown(tt) -> str:
 
     from m2diff_monai.evaluation.stats import to_markdown_table
 
-    lines = ["# Paired two-tailed t-tests (scipy.stats.ttest_rel), paired by subject\n",
-             "mean_diff = A − B; * p < 0.05, ** p < 0.01, *** p < 0.001, n.s. otherwise; n/a with fewer than 2 "
-             "subjects. Bias values are fractions (0.01 = 1 %).\n"]
+    lines = [
+        "# Paired two-tailed t-tests (scipy.stats.ttest_rel), paired by subject\n",
+        "mean_diff = A − B; * p < 0.05, ** p < 0.01, *** p < 0.001, n.s. otherwise; n/a with fewer than 2 "
+        "subjects. Bias values are fractions (0.01 = 1 %).\n",
+    ]
     if tt.empty:
         return "\n".join(lines + ["No metric could be tested.\n"])
     frame = tt.copy()
@@ -138,20 +149,70 @@ def ttests_markdown(tt) -> str:
     frame["sig."] = [_stars(float(p)) for p in frame["p"]]
     frame = frame.rename(columns={"method_a": "A", "method_b": "B"})
     frame["n"] = frame["n"].astype(str)
-    lines.append(to_markdown_table(pd.DataFrame(frame), ["metric", "A", "B", "n", "mean_a", "mean_b", "mean_diff",
-                                                         "t", "p", "sig."]))
+    lines.append(
+        to_markdown_table(
+            pd.DataFrame(frame), ["metric", "A", "B", "n", "mean_a", "mean_b", "mean_diff", "t", "p", "sig."]
+        )
+    )
     return "\n".join(lines)
+
+
+def _ttests_versus_ld(tt) -> list[str]:
+    """Paired t-tests of every method against LD, with p only where n allows (the report says why not)."""
+    from m2diff_monai.evaluation.quantitation import MIN_TTEST_SUBJECTS
+
+    if tt.empty:
+        return []
+    versus_ld = tt[(tt["method_a"] == LD_METHOD)]
+    lines: list[str] = []
+    lines.append(
+        f"## Paired t-tests against LD (p shown with ≥ {MIN_TTEST_SUBJECTS} subjects; every pair and "
+        "value: [ttests.md](ttests.md))\n"
+    )
+    lines.append("| metric | method | mean (method − LD) | p | |")
+    lines.append("| --- | --- | ---: | ---: | --- |")
+    for _, r in versus_ld.iterrows():
+        diff = -float(r["mean_diff"])
+        scale = 100.0 if str(r["metric"]).startswith("bias") else 1.0
+        p = float(r["p"])
+        p_text = "n/a" if not np.isfinite(p) else f"{p:.2e}" if p < 1e-4 else f"{p:.4f}"
+        if int(r["n"]) < MIN_TTEST_SUBJECTS:  # the report states it; ttests.md keeps every value
+            p, p_text = float("nan"), f"n = {int(r['n'])} < {MIN_TTEST_SUBJECTS}: no t-test"
+        lines.append(
+            f"| {_label(r['metric'], plane=True)} | {r['method_b']} | {diff * scale:+.4g} | {p_text} | {_stars(p)} |"
+        )
+    lines.append("")
+    return lines
+
+
+def _cka_section(cka: Mapping[str, Any] | None) -> list[str]:
+    """The representation-similarity section (paper §III-G), when the run computed it."""
+    if not cka:
+        return []
+    lines: list[str] = []
+    lines.append("## Representation similarity: linear CKA between the PET and MRI branches (paper §III-G)\n")
+    lines.append(
+        f"Checkpoint `{cka['checkpoint']}`; {cka['examples']} slices, timesteps {cka['timesteps']}, "
+        f"activations average-pooled to ≤ {cka['pool']}² per channel. "
+        "Details: [cka/cka.json](cka/cka.json).\n"
+    )
+    for part, png in cka["heatmaps"].items():
+        lines.append(f"![{part} CKA](cka/{png})\n")
+    return lines
 
 
 def report_markdown(summary: Mapping[str, Any], df, tt, staging: Path) -> str:
     """The page a person opens first: what was evaluated, quantitation (regional bias, lesion recovery), the
     image-quality tables, the pictures, links to every file."""
     from m2diff_monai.evaluation import baselines as baselines_mod
-    from m2diff_monai.evaluation.quantitation import MIN_TTEST_SUBJECTS, UNKNOWN_UNITS, quantitation_markdown
+    from m2diff_monai.evaluation.quantitation import UNKNOWN_UNITS, quantitation_markdown
 
     opts = summary["options"]
-    where = ("the low-dose PET's own grid (RAS+ voxel order), original units; reference = the source SD PET"
-             if opts["space"] == "native" else "the preprocessed cube, original units (cube × its scaling)")
+    where = (
+        "the low-dose PET's own grid (RAS+ voxel order), original units; reference = the source SD PET"
+        if opts["space"] == "native"
+        else "the preprocessed cube, original units (cube × its scaling)"
+    )
     lines = [
         f"# Evaluation report: {summary.get('manifest_name') or Path(summary['manifest']).stem} "
         f"({opts['split']} split)\n",
@@ -179,34 +240,12 @@ def report_markdown(summary: Mapping[str, Any], df, tt, staging: Path) -> str:
     ]
     summary_md = (staging / "summary.md").read_text().split("\n", 1)[1].replace("\n" + _lpips_line(lpips), "", 1)
     lines += ["## Image quality (mean ± std over subjects)\n", summary_md.replace("\n## ", "\n### ")]
-    versus_ld = tt[(tt["method_a"] == LD_METHOD)] if not tt.empty else tt
-    if not tt.empty:
-        lines.append(f"## Paired t-tests against LD (p shown with ≥ {MIN_TTEST_SUBJECTS} subjects; every pair and "
-                     "value: [ttests.md](ttests.md))\n")
-        lines.append("| metric | method | mean (method − LD) | p | |")
-        lines.append("| --- | --- | ---: | ---: | --- |")
-        for _, r in versus_ld.iterrows():
-            diff = -float(r["mean_diff"])
-            scale = 100.0 if str(r["metric"]).startswith("bias") else 1.0
-            p = float(r["p"])
-            p_text = "n/a" if not np.isfinite(p) else f"{p:.2e}" if p < 1e-4 else f"{p:.4f}"
-            if int(r["n"]) < MIN_TTEST_SUBJECTS:  # the report states it; ttests.md keeps every value
-                p, p_text = float("nan"), f"n = {int(r['n'])} < {MIN_TTEST_SUBJECTS}: no t-test"
-            lines.append(f"| {_label(r['metric'], plane=True)} | {r['method_b']} | {diff * scale:+.4g} | {p_text} "
-                         f"| {_stars(p)} |")
-        lines.append("")
+    lines += _ttests_versus_ld(tt)
     if summary["figures"]:
         lines.append("## Figures: LD | methods | SD | |method − SD| (axial, coronal, sagittal)\n")
         for sid, png in summary["figures"].items():
             lines.append(f"### {sid}\n\n![{sid}]({png})\n")
-    if summary.get("cka"):
-        cka = summary["cka"]
-        lines.append("## Representation similarity: linear CKA between the PET and MRI branches (paper §III-G)\n")
-        lines.append(f"Checkpoint `{cka['checkpoint']}`; {cka['examples']} slices, timesteps {cka['timesteps']}, "
-                     f"activations average-pooled to ≤ {cka['pool']}² per channel. "
-                     "Details: [cka/cka.json](cka/cka.json).\n")
-        for part, png in cka["heatmaps"].items():
-            lines.append(f"![{part} CKA](cka/{png})\n")
+    lines += _cka_section(summary.get("cka"))
     lines.append("## Complexity\n")
     lines.append((staging / "complexity.md").read_text().split("\n", 1)[1])
     lines.append("\n## Files\n")
@@ -225,5 +264,6 @@ def report_markdown(summary: Mapping[str, Any], df, tt, staging: Path) -> str:
         if (staging / name).exists() or name == "run.json":
             lines.append(f"- [{name}]({name}): {what}")
     return "\n".join(lines) + "\n"
+
 
 __all__ = ["PAPER_PROTOCOL_NOTE", "report_markdown", "summary_markdown", "ttests_markdown"]

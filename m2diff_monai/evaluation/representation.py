@@ -51,8 +51,10 @@ def branch_layers(network: torch.nn.Module) -> dict[str, tuple[list[str], list[s
     if "encoder" not in out or "decoder" not in out:
         config = getattr(network, "config", {}) or {}
         label = " ".join(str(config.get(k)) for k in ("name", "variant") if config.get(k)) or type(network).__name__
-        raise InputError(f"CKA needs a two-branch M2Diff network (PET and MRI encoders and decoders: V3, V5, V6); "
-                         f"this checkpoint holds {label}")
+        raise InputError(
+            f"CKA needs a two-branch M2Diff network (PET and MRI encoders and decoders: V3, V5, V6); "
+            f"this checkpoint holds {label}"
+        )
     return out
 
 
@@ -86,8 +88,11 @@ def select_slices(
 
     manifest = Path(manifest)
     base = manifest.resolve().parent
-    items = [it for it in select_volumes(read_manifest(manifest), split, path=manifest, purpose="compute CKA on")
-             if int(it.get("mri_available", 0)) and it.get("sd_pet")]
+    items = [
+        it
+        for it in select_volumes(read_manifest(manifest), split, path=manifest, purpose="compute CKA on")
+        if int(it.get("mri_available", 0)) and it.get("sd_pet")
+    ]
     if not items:
         raise InputError(f"CKA needs '{split}' subjects with an MRI and an SD PET in the manifest", path=manifest)
     per_subject = max(1, -(-int(n_slices) // len(items)))
@@ -182,8 +187,13 @@ def cka_analysis(
     net_t = diffusion.model_timesteps(t) if hasattr(diffusion, "model_timesteps") else t
 
     def forward(index: slice) -> None:
-        network(x_t[index].to(device), net_t[index].to(device), ld=ld[index].to(device), mri=mri[index].to(device),
-                mri_available=torch.ones(x_t[index].shape[0], device=device))
+        network(
+            x_t[index].to(device),
+            net_t[index].to(device),
+            ld=ld[index].to(device),
+            mri=mri[index].to(device),
+            mri_available=torch.ones(x_t[index].shape[0], device=device),
+        )
 
     def run_all() -> None:
         for start in range(0, n, int(batch_size)):
@@ -193,8 +203,15 @@ def cka_analysis(
     shapes = _layer_shapes(network, names, lambda: forward(slice(0, 1)))
     activations = collect_activations(network, names, run_all, pool=pool)
     out_dir = Path(out_dir)
-    result: dict[str, Any] = {"examples": int(n), "slices": labels, "timesteps": steps, "pool": pool,
-                              "heatmaps": {}, "matrices": {}, "layers": {}}
+    result: dict[str, Any] = {
+        "examples": int(n),
+        "slices": labels,
+        "timesteps": steps,
+        "pool": pool,
+        "heatmaps": {},
+        "matrices": {},
+        "layers": {},
+    }
     for part, (pet_names, mri_names) in layers.items():
         matrix = cka_matrix([activations[m] for m in pet_names], [activations[m] for m in mri_names])
 
@@ -203,13 +220,22 @@ def cka_analysis(
             return f"{name.split('.')[-1]} ({shape[0]}×{shape[-1]}²)" if len(shape) == 3 else name.split(".")[-1]
 
         png = f"cka_{part}.png"
-        save_cka_heatmap(matrix, out_dir / png, [label(m) for m in pet_names], [label(m) for m in mri_names],
-                         title=f"CKA {part}: PET vs MRI", xlabel=f"MRI {part} block",
-                         ylabel=f"PET {part} block")
+        save_cka_heatmap(
+            matrix,
+            out_dir / png,
+            [label(m) for m in pet_names],
+            [label(m) for m in mri_names],
+            title=f"CKA {part}: PET vs MRI",
+            xlabel=f"MRI {part} block",
+            ylabel=f"PET {part} block",
+        )
         result["heatmaps"][part] = png
         result["matrices"][part] = matrix.tolist()
-        result["layers"][part] = {"pet": pet_names, "mri": mri_names,
-                                  "shapes": {k: list(shapes.get(k, ())) for k in (*pet_names, *mri_names)}}
+        result["layers"][part] = {
+            "pet": pet_names,
+            "mri": mri_names,
+            "shapes": {k: list(shapes.get(k, ())) for k in (*pet_names, *mri_names)},
+        }
         result[f"{part}_diagonal"] = [float(v) for v in np.diag(matrix)] if matrix.shape[0] == matrix.shape[1] else None
     save_json(out_dir / "cka.json", result)
     return result

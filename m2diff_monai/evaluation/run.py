@@ -60,13 +60,22 @@ def _check_out_dir(out_dir: Path, inputs: safety.RunInputs | Sequence[Path]) -> 
         if not out_dir.is_dir():
             raise InputError("report path exists and is not a folder", path=out_dir)
         if any(out_dir.iterdir()) and not _is_report(out_dir):
-            raise InputError("folder exists and is not an m2diff-evaluate report (no run.json from this tool); "
-                             "choose an empty or new --out", path=out_dir)
+            raise InputError(
+                "folder exists and is not an m2diff-evaluate report (no run.json from this tool); "
+                "choose an empty or new --out",
+                path=out_dir,
+            )
 
 
-def _run_inputs(manifest: Path, content: dict, pred_dirs: Mapping[str, Path], checkpoints: Mapping[str, Path],
-                timings: Mapping[str, Path], cka_checkpoint: str | Path | None,
-                lpips_weights: str | Path | None) -> safety.RunInputs:
+def _run_inputs(
+    manifest: Path,
+    content: dict,
+    pred_dirs: Mapping[str, Path],
+    checkpoints: Mapping[str, Path],
+    timings: Mapping[str, Path],
+    cka_checkpoint: str | Path | None,
+    lpips_weights: str | Path | None,
+) -> safety.RunInputs:
     """Everything the evaluation reads: the report folder (replaced as a whole) must be and hold none of it."""
     inputs = safety.RunInputs([("--cka-checkpoint", cka_checkpoint), ("--lpips-weights", lpips_weights)])
     inputs.add_manifest(manifest, content)
@@ -124,13 +133,24 @@ def evaluate_cohort(
     ``run.json['failed']`` instead.
     """
     started = time.perf_counter()
-    options = EvaluationOptions(split=split, space=space, subjects=tuple(subjects) if subjects else None,
-                                per_slice=bool(per_slice), lpips=lpips is not False,
-                                lpips_weights=None if lpips_weights in (None, "") else str(lpips_weights),
-                                figures=bool(figures), orientations=orientations,
-                                min_slice_voxels=int(min_slice_voxels), keep_going=bool(keep_going),
-                                progress=bool(progress), workers=int(workers), paper_scaling=paper_scaling,
-                                paper_pad=int(paper_pad), paper_min_size=paper_min_size, baselines=baselines or ())
+    options = EvaluationOptions(
+        split=split,
+        space=space,
+        subjects=tuple(subjects) if subjects else None,
+        per_slice=bool(per_slice),
+        lpips=lpips is not False,
+        lpips_weights=None if lpips_weights in (None, "") else str(lpips_weights),
+        figures=bool(figures),
+        orientations=orientations,
+        min_slice_voxels=int(min_slice_voxels),
+        keep_going=bool(keep_going),
+        progress=bool(progress),
+        workers=int(workers),
+        paper_scaling=paper_scaling,
+        paper_pad=int(paper_pad),
+        paper_min_size=paper_min_size,
+        baselines=baselines or (),
+    )
     manifest = Path(manifest)
     base = manifest.resolve().parent
     pred_dirs = {m: Path(p) for m, p in parse_method_map(predictions, "--pred").items()}
@@ -157,8 +177,9 @@ def evaluate_cohort(
     if not plan.items:
         reasons = {**plan.skipped, **plan.failed}
         first = next(iter(reasons.items()), ("", "no subject"))
-        raise InputError(f"no subject of the '{options.split}' split can be evaluated (e.g. {first[0]}: {first[1]})",
-                         path=manifest)
+        raise InputError(
+            f"no subject of the '{options.split}' split can be evaluated (e.g. {first[0]}: {first[1]})", path=manifest
+        )
 
     # Cheap checks of the optional parts first, so a bad checkpoint fails before minutes of scoring.
     from m2diff_monai.evaluation import complexity as complexity_mod
@@ -173,9 +194,23 @@ def evaluate_cohort(
 
     lpips_metric, lpips_status = _lpips(lpips, options)
     with staged_folder(out_dir, inputs=inputs) as staging:  # a previous report is replaced only when complete
-        summary = _run(plan, base, pred_dirs, options, lpips_metric, lpips_status, staging, manifest,
-                       complexity_inputs, cka_model, cka_checkpoint, cka_options, content, started,
-                       baseline_settings)
+        summary = _run(
+            plan,
+            base,
+            pred_dirs,
+            options,
+            lpips_metric,
+            lpips_status,
+            staging,
+            manifest,
+            complexity_inputs,
+            cka_model,
+            cka_checkpoint,
+            cka_options,
+            content,
+            started,
+            baseline_settings,
+        )
     summary["out_dir"] = str(out_dir)
     return summary
 
@@ -189,22 +224,46 @@ def _lpips(lpips: bool | Any, options: EvaluationOptions) -> tuple[Any | None, d
         metric = LPIPSMetric(weights_path=options.lpips_weights)
     else:
         metric = lpips
-    status = {"available": bool(metric.available), "reason": str(getattr(metric, "reason", "")),
-              "weights": None if getattr(metric, "weights_path", None) is None else str(metric.weights_path),
-              "orientation": options.lpips_orientation}
+    status = {
+        "available": bool(metric.available),
+        "reason": str(getattr(metric, "reason", "")),
+        "weights": None if getattr(metric, "weights_path", None) is None else str(metric.weights_path),
+        "orientation": options.lpips_orientation,
+    }
     return (metric if metric.available else None), status
 
 
 def _progress(iterable, total: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=TOOL, unit="subject", disable=None if enabled else True,
-                file=sys.stderr, leave=False)
+    return tqdm(
+        iterable,
+        total=total,
+        desc=TOOL,
+        unit="subject",
+        disable=None if enabled else True,
+        file=sys.stderr,
+        leave=False,
+    )
 
 
-def _run(plan: Plan, base: Path, pred_dirs, options: EvaluationOptions, lpips_metric, lpips_status, staging: Path,
-         manifest: Path, complexity_inputs, cka_model, cka_checkpoint, cka_options, content: dict,
-         started: float, baseline_settings: Any | None = None) -> dict[str, Any]:
+def _run(
+    plan: Plan,
+    base: Path,
+    pred_dirs,
+    options: EvaluationOptions,
+    lpips_metric,
+    lpips_status,
+    staging: Path,
+    manifest: Path,
+    complexity_inputs,
+    cka_model,
+    cka_checkpoint,
+    cka_options,
+    content: dict,
+    started: float,
+    baseline_settings: Any | None = None,
+) -> dict[str, Any]:
     import pandas as pd
 
     from m2diff_monai.evaluation import baselines as baselines_mod
@@ -212,9 +271,13 @@ def _run(plan: Plan, base: Path, pred_dirs, options: EvaluationOptions, lpips_me
     from m2diff_monai.evaluation.quantitation import units_of
 
     chosen = baselines_mod.tune_on_validation(
-        content["volumes"], options.baselines, lambda it: load_subject(it, base, {}, options.space),
-        lambda it: has_reference(it, base), [str(it.get("subject")) for it in plan.items],
-        baselines_mod.as_settings(baseline_settings))
+        content["volumes"],
+        options.baselines,
+        lambda it: load_subject(it, base, {}, options.space),
+        lambda it: has_reference(it, base),
+        [str(it.get("subject")) for it in plan.items],
+        baselines_mod.as_settings(baseline_settings),
+    )
     units: dict[str, str] = {}
     rows: list[dict] = []
     slice_rows: list[dict] = []
@@ -227,8 +290,9 @@ def _run(plan: Plan, base: Path, pred_dirs, options: EvaluationOptions, lpips_me
         try:
             data = load_subject(item, base, plan.files[sid], options.space)
             tb, cb = time.perf_counter(), time.process_time()
-            filtered, chosen.seconds[sid] = baselines_mod.apply_baselines(data.volumes[LD_METHOD], data.mask,
-                                                                          data.spacing, chosen, sid)
+            filtered, chosen.seconds[sid] = baselines_mod.apply_baselines(
+                data.volumes[LD_METHOD], data.mask, data.spacing, chosen, sid
+            )
             data.volumes = baselines_mod.with_baselines(data.volumes, filtered, LD_METHOD)
             units[sid] = units_of(item, item_path(base, item.get("source_ld_pet")))
             t1, c1 = time.perf_counter(), time.process_time()
@@ -238,8 +302,9 @@ def _run(plan: Plan, base: Path, pred_dirs, options: EvaluationOptions, lpips_me
                 raise InputError(f"cannot score this subject ({err})", subject=sid) from None
             t2, c2 = time.perf_counter(), time.process_time()
             if options.figures:
-                figures[sid] = write_figure(data, staging / "figures" / f"{sid}.png",
-                                            units[sid]).relative_to(staging).as_posix()
+                figures[sid] = (
+                    write_figure(data, staging / "figures" / f"{sid}.png", units[sid]).relative_to(staging).as_posix()
+                )
         except InputError as err:
             if not options.keep_going:
                 raise
@@ -250,10 +315,16 @@ def _run(plan: Plan, base: Path, pred_dirs, options: EvaluationOptions, lpips_me
         if data.notes:
             notes[sid] = data.notes
         t3, c3 = time.perf_counter(), time.process_time()  # CPU: all threads of this process
-        seconds[sid] = {"load": round(tb - t0, 3), "baselines": round(t1 - tb, 3), "metrics": round(t2 - t1, 3),
-                        "figure": round(t3 - t2, 3), "cpu_load": round(cb - c0, 3),
-                        "cpu_baselines": round(c1 - cb, 3), "cpu_metrics": round(c2 - c1, 3),
-                        "cpu_figure": round(c3 - c2, 3)}
+        seconds[sid] = {
+            "load": round(tb - t0, 3),
+            "baselines": round(t1 - tb, 3),
+            "metrics": round(t2 - t1, 3),
+            "figure": round(t3 - t2, 3),
+            "cpu_load": round(cb - c0, 3),
+            "cpu_baselines": round(c1 - cb, 3),
+            "cpu_metrics": round(c2 - c1, 3),
+            "cpu_figure": round(c3 - c2, 3),
+        }
         del data
     if not rows:
         first = next(iter(plan.failed.items()))
@@ -263,8 +334,12 @@ def _run(plan: Plan, base: Path, pred_dirs, options: EvaluationOptions, lpips_me
     methods = list(dict.fromkeys(per_subject["method"]))
     write_csv(staging / "per_subject.csv", per_subject)
     if options.per_slice:
-        write_csv(staging / "per_slice.csv", pd.DataFrame(
-            slice_rows, columns=["subject", "method", "orientation", "slice", "psnr", "ssim", "nmse", "lpips"]))
+        write_csv(
+            staging / "per_slice.csv",
+            pd.DataFrame(
+                slice_rows, columns=["subject", "method", "orientation", "slice", "psnr", "ssim", "nmse", "lpips"]
+            ),
+        )
     regions = region_names(per_subject)
     summary_df = summary_frame(per_subject, summary_metrics(per_subject))
     write_csv(staging / "summary.csv", summary_df)
@@ -281,8 +356,13 @@ def _run(plan: Plan, base: Path, pred_dirs, options: EvaluationOptions, lpips_me
     if cka_model is not None:
         from m2diff_monai.evaluation import representation
 
-        cka_result = representation.cka_analysis(cka_model, manifest, staging / "cka", split=options.split,
-                                                 **{k: v for k, v in (cka_options or {}).items() if k != "device"})
+        cka_result = representation.cka_analysis(
+            cka_model,
+            manifest,
+            staging / "cka",
+            split=options.split,
+            **{k: v for k, v in (cka_options or {}).items() if k != "device"},
+        )
         cka_result = {**cka_result, "checkpoint": str(cka_checkpoint)}
 
     summary = {
@@ -294,8 +374,9 @@ def _run(plan: Plan, base: Path, pred_dirs, options: EvaluationOptions, lpips_me
         "options": options.as_dict(),
         "methods": methods,
         "predictions": {m: str(p) for m, p in pred_dirs.items()},
-        "reference": "source_sd_pet (original units)" if options.space == "native" else "preprocessed sd_pet cube "
-                     "(original units)",
+        "reference": "source_sd_pet (original units)"
+        if options.space == "native"
+        else "preprocessed sd_pet cube (original units)",
         "regions": regions,
         "units": ", ".join(sorted(set(units.values()))) or None,
         "baselines": chosen.as_dict(),
@@ -310,11 +391,10 @@ def _run(plan: Plan, base: Path, pred_dirs, options: EvaluationOptions, lpips_me
         "cka": cka_result,
         "complexity": complexity_rows,
         "seconds": {"subjects": seconds, "total": round(time.perf_counter() - started, 3)},
-        "files": sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file()) + ["report.md",
-                                                                                                       "run.json"],
+        "files": sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+        + ["report.md", "run.json"],
     }
-    save_text(staging / "report.md", report_markdown({**summary, "_baselines": chosen}, per_subject, ttests,
-                                                     staging))
+    save_text(staging / "report.md", report_markdown({**summary, "_baselines": chosen}, per_subject, ttests, staging))
     save_json(staging / "run.json", summary)
     return summary
 
@@ -324,8 +404,12 @@ def _paper_protocol_record(options: EvaluationOptions) -> dict[str, Any]:
 
     from m2diff_monai.evaluation.paper_protocol import describe
 
-    return {"columns": list(PAPER_METRICS), "description": describe(options=options.paper_options()),
-            "torchmetrics": torchmetrics.__version__, **options.paper_options().__dict__}
+    return {
+        "columns": list(PAPER_METRICS),
+        "description": describe(options=options.paper_options()),
+        "torchmetrics": torchmetrics.__version__,
+        **options.paper_options().__dict__,
+    }
 
 
 # ------------------------------------------------------------------------------------------- bundle entry
@@ -362,12 +446,25 @@ def run_bundle_evaluation(
         raise InputError("evaluation needs an output folder: add --output_dir DIR")
     if isinstance(subjects, str):
         subjects = [s.strip() for s in subjects.split(",") if s.strip()]
-    return evaluate_cohort(manifest, predictions, output_dir, split=split, space=space, per_slice=bool(per_slice),
-                           lpips=bool(lpips), lpips_weights=_none_if_empty(lpips_weights), figures=bool(figures),
-                           keep_going=bool(keep_going), progress=bool(progress), workers=int(workers or 1),
-                           checkpoints=_none_if_empty(checkpoints), timings=_none_if_empty(timings),
-                           cka_checkpoint=_none_if_empty(cka_checkpoint), subjects=_none_if_empty(subjects),
-                           baselines=_none_if_empty(baselines))
+    return evaluate_cohort(
+        manifest,
+        predictions,
+        output_dir,
+        split=split,
+        space=space,
+        per_slice=bool(per_slice),
+        lpips=bool(lpips),
+        lpips_weights=_none_if_empty(lpips_weights),
+        figures=bool(figures),
+        keep_going=bool(keep_going),
+        progress=bool(progress),
+        workers=int(workers or 1),
+        checkpoints=_none_if_empty(checkpoints),
+        timings=_none_if_empty(timings),
+        cka_checkpoint=_none_if_empty(cka_checkpoint),
+        subjects=_none_if_empty(subjects),
+        baselines=_none_if_empty(baselines),
+    )
 
 
 __all__ = ["evaluate_cohort", "run_bundle_evaluation"]

@@ -67,15 +67,32 @@ def score_subject(
     paper_ref = paper_protocol.prepare_reference(data.reference, data.spacing, options.paper_options())
 
     def volume_metrics(volume: np.ndarray) -> tuple[dict, dict]:
-        row = evaluate_volume(volume, data.reference, data.mask, None, data.spacing, data_range=data_range,
-                              orientations=options.orientations, min_slice_voxels=options.min_slice_voxels)
+        row = evaluate_volume(
+            volume,
+            data.reference,
+            data.mask,
+            None,
+            data.spacing,
+            data_range=data_range,
+            orientations=options.orientations,
+            min_slice_voxels=options.min_slice_voxels,
+        )
         row.update(region_metrics(volume, data.reference, regions))
         row.update(paper_protocol.score_volume(volume, paper_ref)[0])
         row.update(lesion_recovery(volume, data.reference, regions))
         per_slice = {}
         if options.per_slice:
-            per_slice = {o: per_slice_metrics(volume, data.reference, data.mask, data_range, ORIENTATION_AXIS[o],
-                                              min_slice_voxels=options.min_slice_voxels) for o in options.orientations}
+            per_slice = {
+                o: per_slice_metrics(
+                    volume,
+                    data.reference,
+                    data.mask,
+                    data_range,
+                    ORIENTATION_AXIS[o],
+                    min_slice_voxels=options.min_slice_voxels,
+                )
+                for o in options.orientations
+            }
         return row, per_slice
 
     methods = list(data.volumes)
@@ -87,23 +104,37 @@ def score_subject(
 
     rows, slice_rows = [], []
     lp_axis = ORIENTATION_AXIS[options.lpips_orientation]
-    for method, (row, per_slice) in zip(methods, results):
+    for method, (row, per_slice) in zip(methods, results, strict=True):
         lp_values = None
         if lpips_metric is not None and getattr(lpips_metric, "available", False):
-            lp_values = lpips_metric.slice_values(data.volumes[method], data.reference, data.mask, data_range,
-                                                  slice_axis=lp_axis, min_slice_voxels=options.min_slice_voxels)
+            lp_values = lpips_metric.slice_values(
+                data.volumes[method],
+                data.reference,
+                data.mask,
+                data_range,
+                slice_axis=lp_axis,
+                min_slice_voxels=options.min_slice_voxels,
+            )
         finite = lp_values is not None and np.isfinite(lp_values).any()
         row["lpips"] = float(np.nanmean(lp_values)) if finite else float("nan")
         if lp_values is not None and getattr(lpips_metric, "model", None) is not None:
-            row["lpips_paper"] = paper_protocol.lpips_volume(data.volumes[method], paper_ref, lpips_metric.model,
-                                                             lpips_metric.device)
+            row["lpips_paper"] = paper_protocol.lpips_volume(
+                data.volumes[method], paper_ref, lpips_metric.model, lpips_metric.device
+            )
         rows.append({"subject": data.subject, "method": method, **row})
         for orientation, values in per_slice.items():
             if orientation == options.lpips_orientation and lp_values is not None:
                 values["lpips"] = lp_values
             for k in np.flatnonzero(~np.isnan(values["psnr"])):
-                slice_rows.append({"subject": data.subject, "method": method, "orientation": orientation,
-                                   "slice": int(k), **{m: float(v[k]) for m, v in values.items()}})
+                slice_rows.append(
+                    {
+                        "subject": data.subject,
+                        "method": method,
+                        "orientation": orientation,
+                        "slice": int(k),
+                        **{m: float(v[k]) for m, v in values.items()},
+                    }
+                )
     return rows, slice_rows
 
 

@@ -15,9 +15,7 @@ import pandas as pd
 from scipy import stats as sps
 
 
-def summary_table(
-    df: pd.DataFrame, metrics: Sequence[str], group: str = "method", *, digits: int = 4
-) -> pd.DataFrame:
+def summary_table(df: pd.DataFrame, metrics: Sequence[str], group: str = "method", *, digits: int = 4) -> pd.DataFrame:
     """One row per ``group`` value (first-appearance order): ``<metric>_mean``, ``<metric>_std`` (sample std,
     ddof=1, as papers report), ``<metric>`` ("mean ± std" text) and ``n`` (non-missing subjects per group)."""
     missing = [c for c in [group, *metrics] if c not in df.columns]

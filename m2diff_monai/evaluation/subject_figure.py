@@ -13,7 +13,7 @@ from m2diff_monai.evaluation.volumes import SubjectVolumes
 
 def _brain_box(mask: np.ndarray, margin: int = 4) -> tuple[slice, ...]:
     box = mask_box(mask)
-    return tuple(slice(max(0, b.start - margin), min(n, b.stop + margin)) for b, n in zip(box, mask.shape))
+    return tuple(slice(max(0, b.start - margin), min(n, b.stop + margin)) for b, n in zip(box, mask.shape, strict=True))
 
 
 def write_figure(data: SubjectVolumes, out_png: Path, units: str | None = None) -> Path:
@@ -27,10 +27,18 @@ def write_figure(data: SubjectVolumes, out_png: Path, units: str | None = None) 
     volumes[REFERENCE] = data.reference[box]
     methods = [m for m in data.volumes if m != LD_METHOD]
     lesions = {name: region[box] for name, region in data.regions.items() if is_lesion(name)}
-    return figure_panel(volumes, out_png, error_against=REFERENCE, input_key=LD_METHOD,
-                        error_maps="each" if methods else "first", mask=data.mask[box],
-                        title=f"{data.subject}: LD | {' | '.join(methods) + ' | ' if methods else ''}SD | error maps",
-                        units=units or UNKNOWN_UNITS, contours=lesions, full_range=True)
+    return figure_panel(
+        volumes,
+        out_png,
+        error_against=REFERENCE,
+        input_key=LD_METHOD,
+        error_maps="each" if methods else "first",
+        mask=data.mask[box],
+        title=f"{data.subject}: LD | {' | '.join(methods) + ' | ' if methods else ''}SD | error maps",
+        units=units or UNKNOWN_UNITS,
+        contours=lesions,
+        full_range=True,
+    )
 
 
 __all__ = ["write_figure"]

@@ -20,7 +20,7 @@ def write_csv(path: Path, df) -> Path:
 
 
 def region_names(df) -> list[str]:
-    return [c[len("bias_"):] for c in df.columns if c.startswith("bias_")]
+    return [c[len("bias_") :] for c in df.columns if c.startswith("bias_")]
 
 
 def order_columns(df):
@@ -33,9 +33,22 @@ def order_columns(df):
 
 def summary_metrics(df) -> list[str]:
     regions = [f"bias_{r}" for r in region_names(df)]
-    candidates = ["ssim", "psnr", "nmse", "lpips", "bias", *regions, "ssim_2d_axial", "psnr_2d_axial",
-                  "nmse_2d_axial", "ssim_2d", "psnr_2d", "nmse_2d",
-                  *[f"{m}_2d_{o}" for o in ("coronal", "sagittal") for m in ("ssim", "psnr", "nmse")], *PAPER_METRICS]
+    candidates = [
+        "ssim",
+        "psnr",
+        "nmse",
+        "lpips",
+        "bias",
+        *regions,
+        "ssim_2d_axial",
+        "psnr_2d_axial",
+        "nmse_2d_axial",
+        "ssim_2d",
+        "psnr_2d",
+        "nmse_2d",
+        *[f"{m}_2d_{o}" for o in ("coronal", "sagittal") for m in ("ssim", "psnr", "nmse")],
+        *PAPER_METRICS,
+    ]
     from m2diff_monai.evaluation.quantitation import recovery_metrics
 
     return [c for c in candidates if c in df.columns] + recovery_metrics(df)
@@ -45,8 +58,18 @@ def ttest_metrics(df) -> list[str]:
     import pandas as pd
 
     regions = [f"bias_{r}" for r in region_names(df)]
-    candidates = ["ssim", "psnr", "nmse", "lpips", "bias", *regions, "ssim_2d_axial", "psnr_2d_axial", "nmse_2d_axial",
-                  *PAPER_METRICS]
+    candidates = [
+        "ssim",
+        "psnr",
+        "nmse",
+        "lpips",
+        "bias",
+        *regions,
+        "ssim_2d_axial",
+        "psnr_2d_axial",
+        "nmse_2d_axial",
+        *PAPER_METRICS,
+    ]
     return [c for c in candidates if c in df.columns and pd.to_numeric(df[c], errors="coerce").notna().any()]
 
 

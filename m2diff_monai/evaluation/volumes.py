@@ -54,8 +54,9 @@ def _read(path: Path, subject: str, what: str) -> nib.Nifti1Image:
     except FileNotFoundError:
         raise InputError(f"{what} does not exist", subject=subject, path=path) from None
     except Exception as err:  # nibabel raises many types for bad files
-        raise InputError(f"cannot read the {what} ({type(err).__name__}: {' '.join(str(err).split())})",
-                         subject=subject, path=path) from None
+        raise InputError(
+            f"cannot read the {what} ({type(err).__name__}: {' '.join(str(err).split())})", subject=subject, path=path
+        ) from None
     return img
 
 
@@ -64,8 +65,11 @@ def _canonical(img: nib.Nifti1Image, path: Path, subject: str, what: str) -> tup
     try:
         data = np.asarray(img.dataobj, dtype=np.float32)
     except Exception as err:
-        raise InputError(f"cannot read the {what}'s voxels ({type(err).__name__}: {' '.join(str(err).split())})",
-                         subject=subject, path=path) from None
+        raise InputError(
+            f"cannot read the {what}'s voxels ({type(err).__name__}: {' '.join(str(err).split())})",
+            subject=subject,
+            path=path,
+        ) from None
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -98,17 +102,41 @@ class _MaskMapper:
         try:
             cube = np.asarray(img.dataobj) > 0.5
         except Exception as err:
-            raise InputError(f"cannot read the {what}'s voxels ({type(err).__name__})", subject=self.subject,
-                             path=path) from None
+            raise InputError(
+                f"cannot read the {what}'s voxels ({type(err).__name__})", subject=self.subject, path=path
+            ) from None
         if cube.ndim != 3:
             raise InputError(f"{what} must be a 3D volume, found shape {cube.shape}", subject=self.subject, path=path)
         affine = np.asarray(img.affine, dtype=np.float64)
         if self.space == "preprocessed":
             return cube
         if self.cube_space == "mri":  # the T1 grid: back through the inverse registration, nearest neighbour
-            return grid.map_back_through_registration(cube, affine, self.dst_shape, self.dst_affine, self.transforms,
-                                                      order=0, subject=self.subject) > 0.5
+            return (
+                grid.map_back_through_registration(
+                    cube, affine, self.dst_shape, self.dst_affine, self.transforms, order=0, subject=self.subject
+                )
+                > 0.5
+            )
         return grid.to_grid(cube.astype(np.uint8), affine, self.dst_shape, self.dst_affine, order=0) > 0
+
+
+def _masks(item: dict, base: Path, sid: str, mapper: _MaskMapper, reference: np.ndarray) -> tuple[np.ndarray, dict]:
+    """The brain mask (checked: not empty, SD uptake inside) and the named region masks on the evaluation grid."""
+    mask_path = item_path(base, item.get("brain_mask"))
+    if mask_path is None:
+        raise InputError("manifest volume item has no 'brain_mask'", subject=sid)
+    mask = mapper(mask_path, "brain mask")
+    if not mask.any():
+        raise InputError("brain mask is empty on the evaluation grid", subject=sid, path=mask_path)
+    if not (reference[mask] > 0).any():
+        raise InputError("standard-dose reference has no positive value inside the brain mask", subject=sid)
+    regions = {}
+    for name, rel in sorted((item.get("regions") or {}).items()):
+        safety.check_name(name, f"subject {sid}: region name")  # it names report columns
+        region_path = item_path(base, rel)
+        if region_path is not None:
+            regions[str(name)] = mapper(region_path, f"region mask {name!r}")
+    return mask, regions
 
 
 def load_subject(item: dict, base: Path, predictions: Mapping[str, Path], space: str = "native") -> SubjectVolumes:
@@ -121,8 +149,9 @@ def load_subject(item: dict, base: Path, predictions: Mapping[str, Path], space:
     notes: list[str] = []
     source_ld = item_path(base, item.get("source_ld_pet"))
     if source_ld is None:
-        raise InputError("manifest volume item has no 'source_ld_pet' (the grid predictions are written on)",
-                         subject=sid)
+        raise InputError(
+            "manifest volume item has no 'source_ld_pet' (the grid predictions are written on)", subject=sid
+        )
     source_sd = item_path(base, item.get("source_sd_pet")) if space == "native" else None
     if source_sd is not None and not source_sd.is_file():
         source_sd = None
@@ -140,10 +169,17 @@ def load_subject(item: dict, base: Path, predictions: Mapping[str, Path], space:
         data, affine = loaded.pop(key)
         path, what = reads[key]
         if not grid.same_grid(data.shape, affine, ld_native.shape, native_affine):
-            hint = ("the SD PET must share the LD PET's grid, as preprocessing requires" if key == REFERENCE else
-                    f"m2diff-infer writes predictions on the LD PET's own grid ({source_ld})")
-            raise InputError(f"{what} is not on the low-dose PET's grid (shape {data.shape} vs {ld_native.shape}, "
-                             f"or another affine); {hint}", subject=sid, path=path)
+            hint = (
+                "the SD PET must share the LD PET's grid, as preprocessing requires"
+                if key == REFERENCE
+                else f"m2diff-infer writes predictions on the LD PET's own grid ({source_ld})"
+            )
+            raise InputError(
+                f"{what} is not on the low-dose PET's grid (shape {data.shape} vs {ld_native.shape}, "
+                f"or another affine); {hint}",
+                subject=sid,
+                path=path,
+            )
         if not np.isfinite(data).all():
             raise InputError(f"{what} contains NaN or infinite values", subject=sid, path=path)
         return data
@@ -165,27 +201,17 @@ def load_subject(item: dict, base: Path, predictions: Mapping[str, Path], space:
         grid_shape = reference.shape
         offset = grid.integer_offset(native_affine, grid_affine)
         if offset is None:
-            raise InputError("--space preprocessed needs cubes cut from the PET's own grid (--space pet "
-                             "preprocessing at the PET's native --spacing); use --space native", subject=sid)
+            raise InputError(
+                "--space preprocessed needs cubes cut from the PET's own grid (--space pet "
+                "preprocessing at the PET's native --spacing); use --space native",
+                subject=sid,
+            )
         volumes = {LD_METHOD: ld_cube, **{m: grid.place(v, offset, grid_shape) for m, v in preds_native.items()}}
     if not np.isfinite(reference).all():
         raise InputError("standard-dose reference contains NaN or infinite values", subject=sid)
 
     mapper = _MaskMapper(item, base, record, sid, grid_shape, grid_affine, space)
-    mask_path = item_path(base, item.get("brain_mask"))
-    if mask_path is None:
-        raise InputError("manifest volume item has no 'brain_mask'", subject=sid)
-    mask = mapper(mask_path, "brain mask")
-    if not mask.any():
-        raise InputError("brain mask is empty on the evaluation grid", subject=sid, path=mask_path)
-    if not (reference[mask] > 0).any():
-        raise InputError("standard-dose reference has no positive value inside the brain mask", subject=sid)
-    regions = {}
-    for name, rel in sorted((item.get("regions") or {}).items()):
-        safety.check_name(name, f"subject {sid}: region name")  # it names report columns
-        region_path = item_path(base, rel)
-        if region_path is not None:
-            regions[str(name)] = mapper(region_path, f"region mask {name!r}")
+    mask, regions = _masks(item, base, sid, mapper, reference)
     return SubjectVolumes(sid, reference, volumes, mask, regions, grid.voxel_spacing(grid_affine), grid_affine, notes)
 
 

@@ -104,8 +104,9 @@ def _check_version(version: str) -> str:
     return version
 
 
-def _check_out(out: Path, bundle: Path, force: bool, checkpoint: Path | None = None,
-               metrics: Path | None = None) -> None:
+def _check_out(
+    out: Path, bundle: Path, force: bool, checkpoint: Path | None = None, metrics: Path | None = None
+) -> None:
     """``--out`` is replaced as a whole (under ``force``): it must not be, hold, or lie inside an input."""
     if out.resolve() == bundle.resolve() or bundle.resolve() in out.resolve().parents:
         raise InputError("--out must not be the source bundle or a folder inside it", path=out)
@@ -114,11 +115,15 @@ def _check_out(out: Path, bundle: Path, force: bool, checkpoint: Path | None = N
         raise InputError("--out exists and is not a folder", path=out)
     if out.is_dir() and any(out.iterdir()):
         if not force:
-            raise InputError("--out exists and is not empty; choose another folder or pass --force to replace it",
-                             path=out)
+            raise InputError(
+                "--out exists and is not empty; choose another folder or pass --force to replace it", path=out
+            )
         if not _is_export(out):
-            raise InputError("--force replaces only an earlier export (configs/metadata.json and models/), and "
-                             "--out is not one; choose another folder", path=out)
+            raise InputError(
+                "--force replaces only an earlier export (configs/metadata.json and models/), and "
+                "--out is not one; choose another folder",
+                path=out,
+            )
 
 
 def _is_export(folder: Path) -> bool:
@@ -169,18 +174,21 @@ def export_bundle(
     notes = []
     if defaulted:
         values = ", ".join(f"{k}={prep['values'][k]}" for k in defaulted)
-        notes.append(f"preprocessing {', '.join(defaulted)} not recorded by the checkpoint or a readable training "
-                     f"manifest ({data.get('manifest') or 'none named'}): froze this package's defaults ({values}); "
-                     "run the export where the manifest is readable if the model was trained otherwise")
+        notes.append(
+            f"preprocessing {', '.join(defaulted)} not recorded by the checkpoint or a readable training "
+            f"manifest ({data.get('manifest') or 'none named'}): froze this package's defaults ({values}); "
+            "run the export where the manifest is readable if the model was trained otherwise"
+        )
     created = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     bar.update()
 
     bar.set_postfix_str("configs")
     metadata = build_metadata(configs["metadata.json"], loaded, version, name, created, eval_metrics, onnx)
     validate_metadata(metadata, find_schema(bundle))
-    written: dict[str, Any] = {"configs/metadata.json": metadata,
-                               "configs/inference.json": rewrite_inference_config(configs["inference.json"], loaded,
-                                                                                 sampler_defaults)}
+    written: dict[str, Any] = {
+        "configs/metadata.json": metadata,
+        "configs/inference.json": rewrite_inference_config(configs["inference.json"], loaded, sampler_defaults),
+    }
     for fname in OPTIONAL_CONFIGS:
         if fname in configs:
             written[f"configs/{fname}"] = rewrite_config(configs[fname], loaded)
@@ -226,15 +234,19 @@ def export_bundle(
             "iteration": loaded["iteration"],
             "output_description": metadata["pred_classes"],
             "files": {f: FILE_DESCRIPTIONS.get(f, "") for f in sorted(files)},
-            "sampler_defaults": effective_sampler(written["configs/inference.json"],
-                                                  loaded["config"].get("inference_defaults")),
+            "sampler_defaults": effective_sampler(
+                written["configs/inference.json"], loaded["config"].get("inference_defaults")
+            ),
             "clip_denoised": diffusion.get("clip_denoised"),
         }
         manifest_info = model_card.read_manifest_provenance(data.get("manifest"), [Path.cwd()])
         card = model_card.render_model_card(
-            metadata, info, model_card.describe_training_data(data, manifest_info),
+            metadata,
+            info,
+            model_card.describe_training_data(data, manifest_info),
             {**prep["values"], "spatial_size": prep["spatial_size"], "sources": prep["sources"]},
-            metrics_rows, None if metrics is None else Path(metrics).name,
+            metrics_rows,
+            None if metrics is None else Path(metrics).name,
             model_card.evaluated_samplers(metrics) if metrics else None,
         )
         (tmp / "docs").mkdir(exist_ok=True)

@@ -32,29 +32,54 @@ def build_parser() -> argparse.ArgumentParser:
         "inference, training), models/model.pt, models/model.ts (TorchScript denoiser), optional "
         "models/model.onnx, docs/README.md (model card) and LICENSE. See docs/export.md.",
     )
-    p.add_argument("--bundle", required=True, type=Path,
-                   help="source bundle folder with inference.json and metadata.json (e.g. bundles/m2diff), or "
-                        "the name of a bundle an installed wheel ships (m2diff, mfdiff)")
+    p.add_argument(
+        "--bundle",
+        required=True,
+        type=Path,
+        help="source bundle folder with inference.json and metadata.json (e.g. bundles/m2diff), or "
+        "the name of a bundle an installed wheel ships (m2diff, mfdiff)",
+    )
     p.add_argument("--checkpoint", required=True, type=Path, help="training checkpoint (.pt) with its config")
     p.add_argument("--out", required=True, type=Path, help="folder to write the exported bundle to")
-    p.add_argument("--weights", choices=("ema", "raw", "network"), default=None, metavar="{ema,raw}",
-                   help="weights to export (default: the EMA weights when the checkpoint has them, else raw; "
-                        "'network' is accepted for 'raw')")
+    p.add_argument(
+        "--weights",
+        choices=("ema", "raw", "network"),
+        default=None,
+        metavar="{ema,raw}",
+        help="weights to export (default: the EMA weights when the checkpoint has them, else raw; "
+        "'network' is accepted for 'raw')",
+    )
     p.add_argument("--name", default=None, help="model name in metadata.json (default: the source bundle's)")
-    p.add_argument("--version", default=None,
-                   help="bundle version X.Y.Z recorded with a changelog entry (default: the source bundle's)")
-    p.add_argument("--metrics", type=Path, default=None,
-                   help="evaluation summary (.csv or .json, e.g. from m2diff-evaluate) for the model card and "
-                   "metadata eval_metrics")
-    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
-                   help="inference setting to write into configs/inference.json, e.g. --set steps=20; it wins over "
-                        "the sampler the checkpoint stores (its training run's inference_defaults), which is "
-                        "exported without this option (repeatable; keys as in m2diff-infer's settings; VALUE is "
-                        "JSON or text)")
+    p.add_argument(
+        "--version",
+        default=None,
+        help="bundle version X.Y.Z recorded with a changelog entry (default: the source bundle's)",
+    )
+    p.add_argument(
+        "--metrics",
+        type=Path,
+        default=None,
+        help="evaluation summary (.csv or .json, e.g. from m2diff-evaluate) for the model card and "
+        "metadata eval_metrics",
+    )
+    p.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="inference setting to write into configs/inference.json, e.g. --set steps=20; it wins over "
+        "the sampler the checkpoint stores (its training run's inference_defaults), which is "
+        "exported without this option (repeatable; keys as in m2diff-infer's settings; VALUE is "
+        "JSON or text)",
+    )
     p.add_argument("--onnx", action="store_true", help="also write models/model.onnx (needs the onnx package)")
-    p.add_argument("--force", action="store_true",
-                   help="replace --out if it exists and is not empty (an earlier export); never allowed when --out "
-                        "is or holds an input (the checkpoint, the source bundle, --metrics): see docs/safety.md")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace --out if it exists and is not empty (an earlier export); never allowed when --out "
+        "is or holds an input (the checkpoint, the source bundle, --metrics): see docs/safety.md",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -83,14 +108,25 @@ def _export(args: argparse.Namespace) -> int:
     from m2diff_monai.export.bundle import export_bundle
 
     result = export_bundle(
-        args.bundle, args.checkpoint, args.out, weights=args.weights, name=args.name, version=args.version,
-        onnx=args.onnx, metrics=args.metrics, force=args.force, check=True, progress=not args.no_progress,
+        args.bundle,
+        args.checkpoint,
+        args.out,
+        weights=args.weights,
+        name=args.name,
+        version=args.version,
+        onnx=args.onnx,
+        metrics=args.metrics,
+        force=args.force,
+        check=True,
+        progress=not args.no_progress,
         sampler_defaults=parse_settings(args.settings),
     )
     for note in result.warnings:
         print(f"{PROG}: warning: {note}", file=sys.stderr)
-    print(f"exported {result.weights} weights as bundle version {result.version} to {result.out} "
-          f"({len(result.files)} files)")
+    print(
+        f"exported {result.weights} weights as bundle version {result.version} to {result.out} "
+        f"({len(result.files)} files)"
+    )
     return 0
 
 

@@ -27,8 +27,17 @@ CHECKPOINT_EXPR = f"$@bundle_root + '/{MODEL_PT}'"
 # the source's null config ids → the checkpoint config's keys that fill them
 EMBEDDED_CONFIGS = {"network_config": "network", "diffusion_config": "diffusion", "data_config": "data"}
 # what a source inference.json must declare to be exported (the structure both share)
-REQUIRED_IDS = ("bundle_root", "checkpoint", *EMBEDDED_CONFIGS, "network_def", "model", "preprocessing", "inferer",
-                "postprocessing", "inference")
+REQUIRED_IDS = (
+    "bundle_root",
+    "checkpoint",
+    *EMBEDDED_CONFIGS,
+    "network_def",
+    "model",
+    "preprocessing",
+    "inferer",
+    "postprocessing",
+    "inference",
+)
 # the ids whose value export may change besides the top-level inference settings (``InferenceSettings`` fields:
 # --set, stored defaults); every other id is copied as it is (tests/test_bundle_shape.py)
 REWRITTEN_IDS = ("bundle_root", "checkpoint", *EMBEDDED_CONFIGS, "sampling_defaults")
@@ -78,8 +87,10 @@ def rewrite_inference_config(
 
     missing = [key for key in REQUIRED_IDS if key not in config]
     if missing:
-        raise InputError(f"the source inference.json does not declare {', '.join(missing)}; declare them as "
-                         "bundles/m2diff/inference.json does (docs/export.md)")
+        raise InputError(
+            f"the source inference.json does not declare {', '.join(missing)}; declare them as "
+            "bundles/m2diff/inference.json does (docs/export.md)"
+        )
     out = copy.deepcopy(dict(config))
     out["bundle_root"] = EXPORTED_ROOT
     out["checkpoint"] = CHECKPOINT_EXPR
@@ -110,7 +121,9 @@ def effective_sampler(inference_config: Mapping[str, Any], stored: Mapping[str, 
 
     fallback, explicit = split_bundle_settings(dict(inference_config))
     settings = resolve_settings(None, dict(stored or {}), fallback, **explicit)
-    return {k: getattr(settings, k) for k in ("sampler", "steps", "eta", "start_step", "samples", "ld_consistency_fwhm")}
+    return {
+        k: getattr(settings, k) for k in ("sampler", "steps", "eta", "start_step", "samples", "ld_consistency_fwhm")
+    }
 
 
 def exported_checkpoint(loaded: Mapping[str, Any], created: str) -> dict[str, Any]:
@@ -118,11 +131,18 @@ def exported_checkpoint(loaded: Mapping[str, Any], created: str) -> dict[str, An
     from m2diff_monai.checkpoint import new_checkpoint
 
     return new_checkpoint(
-        loaded["state"], copy.deepcopy(loaded["config"]), ema_state=None, epoch=loaded["epoch"],
+        loaded["state"],
+        copy.deepcopy(loaded["config"]),
+        ema_state=None,
+        epoch=loaded["epoch"],
         iteration=loaded["iteration"],
-        export={"weights": loaded["weights"], "source_checkpoint": loaded["path"].name,
-                "source_checkpoint_sha256": loaded["sha256"], "created": created,
-                "tool": f"m2diff-export {m2diff_monai.__version__}"},
+        export={
+            "weights": loaded["weights"],
+            "source_checkpoint": loaded["path"].name,
+            "source_checkpoint_sha256": loaded["sha256"],
+            "created": created,
+            "tool": f"m2diff-export {m2diff_monai.__version__}",
+        },
     )
 
 

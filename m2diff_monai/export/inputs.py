@@ -79,9 +79,14 @@ def freeze_preprocessing(data_config: Mapping[str, Any], image_size: int | None)
     from m2diff_monai.inference.preprocess import resolve_preprocessing
 
     prep = resolve_preprocessing(dict(data_config), {}, image_size)
-    frozen = {"size": prep.size, "normalization": prep.normalization, "transform": prep.transform,
-              "space": prep.space, "seed": prep.seed,
-              "spacing": "native" if prep.spacing is None else list(prep.spacing)}
+    frozen = {
+        "size": prep.size,
+        "normalization": prep.normalization,
+        "transform": prep.transform,
+        "space": prep.space,
+        "seed": prep.seed,
+        "spacing": "native" if prep.spacing is None else list(prep.spacing),
+    }
     return {"values": frozen, "spatial_size": prep.spatial_size, "sources": dict(prep.sources)}
 
 

@@ -25,21 +25,25 @@ def _installed_version(package: str) -> str | None:
         return None
 
 
-def output_description(network_config: Mapping[str, Any], diffusion: Mapping[str, Any], is_diffusion: bool,
-                       out_channels: int) -> dict[str, str]:
+def output_description(
+    network_config: Mapping[str, Any], diffusion: Mapping[str, Any], is_diffusion: bool, out_channels: int
+) -> dict[str, str]:
     if not is_diffusion:
         return {"0": "estimated standard-dose PET slice (normalized units; direct regression)"}
     mean = diffusion.get("model_mean_type")
-    first = {"x0": "estimate of the standard-dose PET slice x0 (normalized units)",
-             "eps": "predicted noise epsilon of x_t"}.get(str(mean), f"model output ({mean})")
+    first = {
+        "x0": "estimate of the standard-dose PET slice x0 (normalized units)",
+        "eps": "predicted noise epsilon of x_t",
+    }.get(str(mean), f"model output ({mean})")
     channels = {"0": first}
     if out_channels == 2:
         channels["1"] = "variance interpolation v in [-1, 1] (IDDPM learned range, log-space)"
     return channels
 
 
-def network_data_format(network: torch.nn.Module, diffusion: Mapping[str, Any],
-                        data_config: Mapping[str, Any]) -> dict[str, Any]:
+def network_data_format(
+    network: torch.nn.Module, diffusion: Mapping[str, Any], data_config: Mapping[str, Any]
+) -> dict[str, Any]:
     """The five traced inputs and the output, with shapes (``"M*n"``: any multiple of the downsampling factor M)
     and value ranges."""
     multiple = spatial_multiple(network)
@@ -57,33 +61,68 @@ def network_data_format(network: torch.nn.Module, diffusion: Mapping[str, Any],
     out_channels = int(getattr(network, "out_channels", 2 if learn_sigma else 1))
 
     def image(modality: str, what: str, value_range: list[float]) -> dict[str, Any]:
-        return {"type": "image", "format": "magnitude", "modality": modality, "num_channels": 1,
-                "spatial_shape": list(spatial), "dtype": "float32", "value_range": value_range,
-                "is_patch_data": False, "channel_def": {"0": what}}
+        return {
+            "type": "image",
+            "format": "magnitude",
+            "modality": modality,
+            "num_channels": 1,
+            "spatial_shape": list(spatial),
+            "dtype": "float32",
+            "value_range": value_range,
+            "is_patch_data": False,
+            "channel_def": {"0": what},
+        }
 
     ignored = "" if is_diffusion else "; ignored by this regression model"
     return {
         "inputs": {
             "x_t": image("PT", f"noisy standard-dose PET slice at step t (normalized units, unbounded){ignored}", []),
-            "t": {"type": "tensor", "format": "timestep", "modality": "n/a", "num_channels": 1, "spatial_shape": [],
-                  "dtype": "int64", "value_range": [0, timesteps - 1], "is_patch_data": False,
-                  "channel_def": {"0": f"diffusion timestep per sample, original 0..T-1 range (T={timesteps})"
-                                       f"{ignored}"}},
-            "ld": image("PT", "low-dose PET slice, normalized"
-                        + ("" if pet_range else " (shared scale: ~1 at the 99.5th brain percentile, hot spots above)"),
-                        pet_range),
+            "t": {
+                "type": "tensor",
+                "format": "timestep",
+                "modality": "n/a",
+                "num_channels": 1,
+                "spatial_shape": [],
+                "dtype": "int64",
+                "value_range": [0, timesteps - 1],
+                "is_patch_data": False,
+                "channel_def": {"0": f"diffusion timestep per sample, original 0..T-1 range (T={timesteps}){ignored}"},
+            },
+            "ld": image(
+                "PT",
+                "low-dose PET slice, normalized"
+                + ("" if pet_range else " (shared scale: ~1 at the 99.5th brain percentile, hot spots above)"),
+                pet_range,
+            ),
             "mri": image("MR", "T1-weighted MRI slice, normalized; zeros when unavailable", intensity),
-            "mri_available": {"type": "tensor", "format": "flag", "modality": "n/a", "num_channels": 1,
-                              "spatial_shape": [], "dtype": "float32", "value_range": [0, 1],
-                              "is_patch_data": False,
-                              "channel_def": {"0": "1 where the sample's MRI is given, 0 where it is not"
-                                              if accepts_missing_mri(network) else
-                                              "must be 1: this model needs every sample's MRI"}},
+            "mri_available": {
+                "type": "tensor",
+                "format": "flag",
+                "modality": "n/a",
+                "num_channels": 1,
+                "spatial_shape": [],
+                "dtype": "float32",
+                "value_range": [0, 1],
+                "is_patch_data": False,
+                "channel_def": {
+                    "0": "1 where the sample's MRI is given, 0 where it is not"
+                    if accepts_missing_mri(network)
+                    else "must be 1: this model needs every sample's MRI"
+                },
+            },
         },
         "outputs": {
-            "out": {"type": "image", "format": "magnitude", "modality": "PT", "num_channels": out_channels,
-                    "spatial_shape": list(spatial), "dtype": "float32", "value_range": [], "is_patch_data": False,
-                    "channel_def": output_description(net_config, diffusion, is_diffusion, out_channels)},
+            "out": {
+                "type": "image",
+                "format": "magnitude",
+                "modality": "PT",
+                "num_channels": out_channels,
+                "spatial_shape": list(spatial),
+                "dtype": "float32",
+                "value_range": [],
+                "is_patch_data": False,
+                "channel_def": output_description(net_config, diffusion, is_diffusion, out_channels),
+            },
         },
     }
 
@@ -100,8 +139,10 @@ def build_metadata(
     meta = copy.deepcopy(dict(source))
     network = loaded["network"]
     config = loaded["config"]
-    note = (f"exported by m2diff-export from {loaded['path'].name} (epoch {loaded['epoch']}, iteration "
-            f"{loaded['iteration']}, {loaded['weights']} weights) on {created[:10]}")
+    note = (
+        f"exported by m2diff-export from {loaded['path'].name} (epoch {loaded['epoch']}, iteration "
+        f"{loaded['iteration']}, {loaded['weights']} weights) on {created[:10]}"
+    )
     old = dict(meta.get("changelog") or {})
     if version in old:
         note = f"{old.pop(version)}; {note}"
@@ -118,16 +159,20 @@ def build_metadata(
             required[package] = installed
     meta["required_packages_version"] = required
     if onnx:
-        meta["optional_packages_version"] = {**dict(meta.get("optional_packages_version") or {}),
-                                             "onnx": _installed_version("onnx") or ""}
+        meta["optional_packages_version"] = {
+            **dict(meta.get("optional_packages_version") or {}),
+            "onnx": _installed_version("onnx") or "",
+        }
     if name:
         meta["name"] = name
     nd = network_data_format(network, config["diffusion"], config["data"])
     meta["network_data_format"] = nd
     channels = nd["outputs"]["out"]["channel_def"]
     meta["pred_classes"] = "; ".join(f"channel {k}: {v}" for k, v in channels.items())
-    meta["image_classes"] = ("inputs " + ", ".join(INPUT_NAMES) + " (see network_data_format); ld and mri are "
-                             "slices normalized like the training data")
+    meta["image_classes"] = (
+        "inputs " + ", ".join(INPUT_NAMES) + " (see network_data_format); ld and mri are "
+        "slices normalized like the training data"
+    )
     meta["data_type"] = "NIfTI volumes (bundle inference); 2D slice tensors (models/model.ts)"
     if eval_metrics:
         meta["eval_metrics"] = dict(eval_metrics)

@@ -41,8 +41,9 @@ def load_metrics(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, floa
         elif suffix == ".json":
             content = json.loads(path.read_text())
             if isinstance(content, dict):
-                inner = next((content[k] for k in ("metrics", "summary") if isinstance(content.get(k), (dict, list))),
-                             content)
+                inner = next(
+                    (content[k] for k in ("metrics", "summary") if isinstance(content.get(k), (dict, list))), content
+                )
                 content = inner
             if isinstance(content, dict):
                 flat = _flatten_numbers(content)
@@ -107,10 +108,17 @@ def evaluated_samplers(metrics: str | Path) -> list[dict[str, Any]]:
             continue
         settings = record.get("settings") or {}
         steps = settings.get("steps")
-        rows.append({"method": method, "sampler": settings.get("sampler"),
-                     "steps": "all" if steps is None else steps, "eta": settings.get("eta"),
-                     "start_step": "none" if settings.get("start_step") is None else settings.get("start_step"),
-                     "weights": record.get("weights"), "checkpoint": record.get("checkpoint")})
+        rows.append(
+            {
+                "method": method,
+                "sampler": settings.get("sampler"),
+                "steps": "all" if steps is None else steps,
+                "eta": settings.get("eta"),
+                "start_step": "none" if settings.get("start_step") is None else settings.get("start_step"),
+                "weights": record.get("weights"),
+                "checkpoint": record.get("checkpoint"),
+            }
+        )
     return rows
 
 
@@ -183,8 +191,13 @@ def read_manifest_provenance(manifest: str | Path | None, search_roots: list[Pat
             if content is None:
                 return None
             counts = {k: len(content[k]) for k in LIST_KEYS if isinstance(content.get(k), list)}
-            return {"path": str(manifest), "name": content.get("name"), "description": content.get("description"),
-                    "provenance": content.get("provenance") or {}, "counts": counts}
+            return {
+                "path": str(manifest),
+                "name": content.get("name"),
+                "description": content.get("description"),
+                "provenance": content.get("provenance") or {},
+                "counts": counts,
+            }
     return None
 
 
@@ -194,8 +207,10 @@ def describe_training_data(data_config: Mapping[str, Any], manifest_info: Mappin
     if manifest_info is None:
         if not manifest:
             return "The checkpoint does not record its training data."
-        return (f"Trained on the cohort of manifest `{manifest}` (not readable at export time, so its provenance "
-                "is not quoted here).")
+        return (
+            f"Trained on the cohort of manifest `{manifest}` (not readable at export time, so its provenance "
+            "is not quoted here)."
+        )
     prov = manifest_info.get("provenance") or {}
     notes = str(prov.get("notes") or "").strip()
     counts = manifest_info.get("counts") or {}
@@ -221,26 +236,35 @@ def sampler_sentence(defaults: Mapping[str, Any]) -> str:
     if not defaults:
         return "Sampler defaults: see `configs/inference.json`."
     steps = "all" if defaults.get("steps") is None else defaults.get("steps")
-    text = (f"Sampler defaults (`configs/inference.json` and the checkpoint's stored `inference_defaults`, the "
-            f"settings the training run was evaluated with): {defaults.get('sampler', 'ddim')}, {steps} steps")
+    text = (
+        f"Sampler defaults (`configs/inference.json` and the checkpoint's stored `inference_defaults`, the "
+        f"settings the training run was evaluated with): {defaults.get('sampler', 'ddim')}, {steps} steps"
+    )
     if defaults.get("start_step") is not None:
-        text += (f", starting from the LD PET noised to t = {defaults['start_step']} (truncated start; "
-                 "`--start_step none` samples from pure noise as the papers do)")
+        text += (
+            f", starting from the LD PET noised to t = {defaults['start_step']} (truncated start; "
+            "`--start_step none` samples from pure noise as the papers do)"
+        )
     else:
         text += ", starting from pure noise"
     if defaults.get("samples") not in (None, 1):
         text += f", mean of K = {defaults['samples']} draws"
     if defaults.get("ld_consistency_fwhm") is not None:
-        text += (f", then the LD PET's band below a Gaussian of FWHM {defaults['ld_consistency_fwhm']:g} mm "
-                 "(low-frequency consistency; not in the papers; `--ld_consistency_fwhm none` turns it off)")
+        text += (
+            f", then the LD PET's band below a Gaussian of FWHM {defaults['ld_consistency_fwhm']:g} mm "
+            "(low-frequency consistency; not in the papers; `--ld_consistency_fwhm none` turns it off)"
+        )
     return text + ". Any of them can be overridden on the command line."
 
 
 def _clip_text(clip: Any) -> str:
     if clip is None or clip is False:
         return "no range (unclipped)"
-    return f"[{', '.join(f'{float(v):g}' for v in clip)}] (normalized units)" if isinstance(clip, (list, tuple)) \
+    return (
+        f"[{', '.join(f'{float(v):g}' for v in clip)}] (normalized units)"
+        if isinstance(clip, (list, tuple))
         else f"`{clip}`"
+    )
 
 
 def render_model_card(
@@ -278,7 +302,8 @@ def render_model_card(
         f"- Diffusion: {steps} steps, `{diffusion.get('schedule')}` schedule, the network predicts "
         f"`{diffusion.get('model_mean_type')}`, variance `{diffusion.get('model_var_type')}`, x̂0 clipped to "
         f"{_clip_text(diffusion.get('clip_denoised'))} while sampling."
-        if export_info.get("is_diffusion", True) else "- Direct regression (no diffusion sampling).",
+        if export_info.get("is_diffusion", True)
+        else "- Direct regression (no diffusion sampling).",
         f"- Weights: **{export_info.get('weights')}** from `{export_info.get('source_checkpoint')}` "
         f"(epoch {export_info.get('epoch')}, iteration {export_info.get('iteration')}).",
         f"- Network output `out`: {out_desc}",
@@ -290,38 +315,72 @@ def render_model_card(
         "Preprocessing the model expects (applied by the bundle's inference to a raw NIfTI; frozen into "
         "`models/model.pt` at export):",
         "",
-        markdown_table([{"parameter": k, "value": "none" if v is None else v,
-                         "source": (preprocessing.get("sources") or {}).get(k, "")}
-                        for k, v in preprocessing.items() if k != "sources"]),
+        markdown_table(
+            [
+                {
+                    "parameter": k,
+                    "value": "none" if v is None else v,
+                    "source": (preprocessing.get("sources") or {}).get(k, ""),
+                }
+                for k, v in preprocessing.items()
+                if k != "sources"
+            ]
+        ),
         "",
-        *(["Parameters whose source is `default` were recorded neither by the checkpoint nor by a training "
-           "manifest readable at export time: check them against how the model was trained.", ""]
-          if "default" in (preprocessing.get("sources") or {}).values() else []),
+        *(
+            [
+                "Parameters whose source is `default` were recorded neither by the checkpoint nor by a training "
+                "manifest readable at export time: check them against how the model was trained.",
+                "",
+            ]
+            if "default" in (preprocessing.get("sources") or {}).values()
+            else []
+        ),
         "## Evaluation",
         "",
     ]
     if metrics_rows:
-        lines += [f"From `{metrics_source}` (given to `m2diff-export --metrics`); also in "
-                  "`configs/metadata.json` → `eval_metrics` (every column).", "",
-                  markdown_table(headline_metrics(metrics_rows)), ""]
+        lines += [
+            f"From `{metrics_source}` (given to `m2diff-export --metrics`); also in "
+            "`configs/metadata.json` → `eval_metrics` (every column).",
+            "",
+            markdown_table(headline_metrics(metrics_rows)),
+            "",
+        ]
         if evaluated_with:
-            lines += ["Sampler that produced the evaluated predictions (from each prediction folder's "
-                      f"`{PREDICTIONS_SUMMARY}`; the exported bundle's default is under *How to run*):", "",
-                      markdown_table(evaluated_with), ""]
+            lines += [
+                "Sampler that produced the evaluated predictions (from each prediction folder's "
+                f"`{PREDICTIONS_SUMMARY}`; the exported bundle's default is under *How to run*):",
+                "",
+                markdown_table(evaluated_with),
+                "",
+            ]
             default = export_info.get("sampler_defaults") or {}
             default_steps = "all" if default.get("steps") is None else default.get("steps")
-            differing = [r["method"] for r in evaluated_with
-                         if (r["sampler"], r["steps"]) != (default.get("sampler", "ddim"), default_steps)]
+            differing = [
+                r["method"]
+                for r in evaluated_with
+                if (r["sampler"], r["steps"]) != (default.get("sampler", "ddim"), default_steps)
+            ]
             if default and differing:
-                lines += [f"**Note:** {', '.join(differing)} was sampled with other settings than the exported "
-                          f"default ({default.get('sampler', 'ddim')}, {default_steps} steps): pass the evaluated "
-                          "ones to reproduce these numbers.", ""]
+                lines += [
+                    f"**Note:** {', '.join(differing)} was sampled with other settings than the exported "
+                    f"default ({default.get('sampler', 'ddim')}, {default_steps} steps): pass the evaluated "
+                    "ones to reproduce these numbers.",
+                    "",
+                ]
         else:
-            lines += ["The sampler that produced these predictions was not recorded next to the summary (no "
-                      f"`run.json` with prediction folders holding `{PREDICTIONS_SUMMARY}`).", ""]
+            lines += [
+                "The sampler that produced these predictions was not recorded next to the summary (no "
+                f"`run.json` with prediction folders holding `{PREDICTIONS_SUMMARY}`).",
+                "",
+            ]
     else:
-        lines += ["No evaluation summary was given at export (`m2diff-export --metrics summary.csv|json`). "
-                  "Evaluate on held-out data of your own site before drawing any conclusion.", ""]
+        lines += [
+            "No evaluation summary was given at export (`m2diff-export --metrics summary.csv|json`). "
+            "Evaluate on held-out data of your own site before drawing any conclusion.",
+            "",
+        ]
     lines += [
         "## Intended use",
         "",

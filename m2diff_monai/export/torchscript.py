@@ -143,8 +143,10 @@ def trace_denoiser(
     device = next(network.parameters()).device
     trace_flags = _flags_for(network, [1.0, 0.0] * (batch // 2) + [1.0] * (batch % 2))
     trace_inputs = example_inputs(batch, size, size, trace_flags, num_timesteps, seed=0, device=device)
-    check_inputs = [example_inputs(b, h, w, _flags_for(network, flags), num_timesteps, seed=1, device=device)
-                    for b, h, w, flags in _check_shapes(multiple)]
+    check_inputs = [
+        example_inputs(b, h, w, _flags_for(network, flags), num_timesteps, seed=1, device=device)
+        for b, h, w, flags in _check_shapes(multiple)
+    ]
     with warnings.catch_warnings(), torch.no_grad():
         # The tracer warns about every Python-side input check (they run at trace time only, by design) and that
         # torch.jit is deprecated in favour of torch.export; TorchScript is still what MONAI bundles ship.
@@ -174,8 +176,9 @@ def verify_traced(traced: nn.Module, eager: nn.Module, inputs: Sequence[Sequence
             got = traced(*args)
             shape = tuple(args[0].shape)
             if got.shape != expected.shape:
-                raise ExportError(f"traced module returned {tuple(got.shape)} for input {shape}, eager "
-                                  f"{tuple(expected.shape)}")
+                raise ExportError(
+                    f"traced module returned {tuple(got.shape)} for input {shape}, eager {tuple(expected.shape)}"
+                )
             if not torch.allclose(got, expected, atol=CHECK_ATOL, rtol=CHECK_RTOL):
                 diff = float((got - expected).abs().max())
                 raise ExportError(f"traced module differs from the network by {diff:.3g} for input {shape}")
@@ -201,8 +204,9 @@ def save_torchscript(
         extra[CONFIG_EXTRA_FILE] = json.dumps(inference_config, indent=2).encode()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.save is deprecated": still MONAI's format
-        save_net_with_metadata(traced, str(path), include_config_vals=True, meta_values=dict(meta_values),
-                               more_extra_files=extra)
+        save_net_with_metadata(
+            traced, str(path), include_config_vals=True, meta_values=dict(meta_values), more_extra_files=extra
+        )
     return path
 
 
@@ -210,8 +214,9 @@ def load_torchscript(path: str | Path, map_location: Any = "cpu") -> tuple[torch
     """``(module, metadata, {"inference.json": dict})`` of an exported ``model.ts``."""
     from monai.data import load_net_with_metadata
 
-    module, meta, extra = load_net_with_metadata(str(path), map_location=map_location,
-                                                 more_extra_files=(CONFIG_EXTRA_FILE,))
+    module, meta, extra = load_net_with_metadata(
+        str(path), map_location=map_location, more_extra_files=(CONFIG_EXTRA_FILE,)
+    )
     configs = {}
     raw = extra.get(CONFIG_EXTRA_FILE)
     if raw:
@@ -219,8 +224,10 @@ def load_torchscript(path: str | Path, map_location: Any = "cpu") -> tuple[torch
     return module, meta, configs
 
 
-ONNX_MISSING = ("--onnx needs the 'onnx' package, which is not installed in this environment "
-                "(install onnx, or export without --onnx)")
+ONNX_MISSING = (
+    "--onnx needs the 'onnx' package, which is not installed in this environment "
+    "(install onnx, or export without --onnx)"
+)
 
 
 def onnx_available() -> bool:
@@ -247,15 +254,29 @@ def export_onnx(network: nn.Module, path: str | Path, num_timesteps: int = 1000,
     device = next(network.parameters()).device
     args = example_inputs(2, 2 * multiple, 2 * multiple, _flags_for(network, [1.0, 0.0]), num_timesteps, device=device)
     image_axes = {0: "batch", 2: "height", 3: "width"}
-    dynamic_axes = {"x_t": image_axes, "t": {0: "batch"}, "ld": image_axes, "mri": image_axes,
-                    "mri_available": {0: "batch"}, OUTPUT_NAME: image_axes}
+    dynamic_axes = {
+        "x_t": image_axes,
+        "t": {0: "batch"},
+        "ld": image_axes,
+        "mri": image_axes,
+        "mri_available": {0: "batch"},
+        OUTPUT_NAME: image_axes,
+    }
     path = Path(path)
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(wrapper, args, buffer, dynamo=False, input_names=list(INPUT_NAMES),
-                          output_names=[OUTPUT_NAME], dynamic_axes=dynamic_axes, opset_version=opset,
-                          do_constant_folding=True)
+        torch.onnx.export(
+            wrapper,
+            args,
+            buffer,
+            dynamo=False,
+            input_names=list(INPUT_NAMES),
+            output_names=[OUTPUT_NAME],
+            dynamic_axes=dynamic_axes,
+            opset_version=opset,
+            do_constant_folding=True,
+        )
     model = onnx.load_model_from_string(buffer.getvalue())
     onnx.checker.check_model(model)
     path.write_bytes(buffer.getvalue())

@@ -112,10 +112,17 @@ def resolve_settings(
     return settings
 
 
-def _preprocessing_overrides(size=None, normalization=None, transform=None, space=None, spatial_size=None,
-                             spacing=None) -> dict:
-    return {"size": size, "normalization": normalization, "transform": transform, "space": space,
-            "spatial_size": spatial_size, "spacing": spacing}
+def _preprocessing_overrides(
+    size=None, normalization=None, transform=None, space=None, spatial_size=None, spacing=None
+) -> dict:
+    return {
+        "size": size,
+        "normalization": normalization,
+        "transform": transform,
+        "space": space,
+        "spatial_size": spatial_size,
+        "spacing": spacing,
+    }
 
 
 def infer_subject(
@@ -151,17 +158,21 @@ def infer_subject(
         raise InputError("no low-dose PET given (--ld-pet)")
     before_load = resolve_settings(bundle, None, bundle_fallback, **settings)  # device and weights to load with
     sid = subject or _subject_name(ld_pet)
-    _check_distinct(output_paths(output, before_load),
-                    [("--ld-pet", ld_pet), ("--mri", mri), ("--checkpoint", checkpoint_file(checkpoint))])
+    _check_distinct(
+        output_paths(output, before_load),
+        [("--ld-pet", ld_pet), ("--mri", mri), ("--checkpoint", checkpoint_file(checkpoint))],
+    )
     device = resolve_device(before_load.device)
     start = time.perf_counter()
     model = load_for_inference(checkpoint, device, before_load.use_ema)
     cfg = resolve_settings(bundle, model.inference_defaults, bundle_fallback, **settings)
     paths = output_paths(output, cfg)
     _check_distinct(paths, [("--ld-pet", ld_pet), ("--mri", mri), ("--checkpoint", checkpoint_file(checkpoint))])
-    prep = resolve_preprocessing(model.data_config,
-                                 _preprocessing_overrides(size, normalization, transform, space, spacing=spacing),
-                                 model.image_size)
+    prep = resolve_preprocessing(
+        model.data_config,
+        _preprocessing_overrides(size, normalization, transform, space, spacing=spacing),
+        model.image_size,
+    )
     use_mri = mri is not None and not cfg.no_mri
     check_model_inputs(model, use_mri or (prep.space == "mri" and mri is not None), sid, ld_pet)
     try:
@@ -177,8 +188,12 @@ def infer_subject(
         result = predict_and_write(prepared, model, cfg, prep, paths, device, inferer, use_mri)
     finally:
         prepared.cleanup()
-    result.seconds = {"load_model": round(t_load - start, 3), "preprocess": round(t_prep - t_load, 3),
-                      **result.seconds, "total": round(time.perf_counter() - start, 3)}
+    result.seconds = {
+        "load_model": round(t_load - start, 3),
+        "preprocess": round(t_prep - t_load, 3),
+        **result.seconds,
+        "total": round(time.perf_counter() - start, 3),
+    }
     return subject_summary(result, model, cfg, prep, device, mri_used=use_mri, extra=prepared.info)
 
 
@@ -216,8 +231,9 @@ def infer_manifest(
     mine = {id(it) for it in share.select(items)}
 
     def my_share(config: InferenceSettings) -> tuple[tuple, tuple]:
-        planned_all = cohort.plan_cohort_outputs(manifest, content, items, out_dir, config, checkpoint,
-                                                 share.summary_name)
+        planned_all = cohort.plan_cohort_outputs(
+            manifest, content, items, out_dir, config, checkpoint, share.summary_name
+        )
         pairs = [(it, p) for it, p in zip(items, planned_all, strict=True) if id(it) in mine]
         return tuple(zip(*pairs, strict=True)) if pairs else ((), ())
 
@@ -238,8 +254,14 @@ def infer_manifest(
             prepared = prepare_cohort_item(item, manifest.resolve().parent, prep)
             use_mri = prepared.mri is not None and not cfg.no_mri
             result = predict_and_write(prepared, model, cfg, prep, paths, device, inferer, use_mri)
-            results.append({**asdict(result), "mri_used": use_mri, "split": item.get("split"),
-                            "source_ld_pet": prepared.source.path})
+            results.append(
+                {
+                    **asdict(result),
+                    "mri_used": use_mri,
+                    "split": item.get("split"),
+                    "source_ld_pet": prepared.source.path,
+                }
+            )
         summary = {
             "tool": "m2diff-infer",
             "version": m2diff_monai.__version__,
@@ -250,8 +272,11 @@ def infer_manifest(
             "seconds": round(time.perf_counter() - start, 3),
         }
         if not share.whole:
-            summary.update(shard=f"{share.index}/{share.count}", selected=selected,
-                           checkpoint_fingerprint=cohort.checkpoint_fingerprint(model.path))
+            summary.update(
+                shard=f"{share.index}/{share.count}",
+                selected=selected,
+                checkpoint_fingerprint=cohort.checkpoint_fingerprint(model.path),
+            )
         save_json(out_dir / share.summary_name, summary)
     if share.distributed:
         return cohort.barrier_then_merge(share, out_dir) or summary
@@ -266,8 +291,9 @@ def _subject_name(path: str | Path) -> str:
     return name
 
 
-def _check_distinct(paths: dict[str, Path], inputs: Sequence[tuple[str, str | Path | None]],
-                    option: str = "--out") -> None:
+def _check_distinct(
+    paths: dict[str, Path], inputs: Sequence[tuple[str, str | Path | None]], option: str = "--out"
+) -> None:
     """No output file may be an input (:mod:`m2diff_monai.io.safety`)."""
     safety.RunInputs(inputs).check_all(paths.values(), option)
 
@@ -294,11 +320,14 @@ def run_bundle_inference(
     if manifest:
         if not out_dir:
             raise InputError("cohort inference needs out_dir: add --out_dir DIR", path=manifest)
-        return report_outputs(infer_manifest(checkpoint, manifest, out_dir, split=split, bundle_fallback=fallback,
-                                             **settings), out_dir)
+        return report_outputs(
+            infer_manifest(checkpoint, manifest, out_dir, split=split, bundle_fallback=fallback, **settings), out_dir
+        )
     if not ld_pet or not output:
-        raise InputError("bundle inference needs a scan and where to write: add --ld_pet PATH --output PATH "
-                         "(or --manifest PATH --out_dir DIR for a cohort)")
+        raise InputError(
+            "bundle inference needs a scan and where to write: add --ld_pet PATH --output PATH "
+            "(or --manifest PATH --out_dir DIR for a cohort)"
+        )
     return report_outputs(infer_subject(checkpoint, ld_pet, output, mri, bundle_fallback=fallback, **settings))
 
 

@@ -49,79 +49,140 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     io = p.add_argument_group("inputs and outputs")
-    io.add_argument("--bundle", type=Path, default=None,
-                    help="bundle folder (bundles/m2diff or bundles/mfdiff), or the name of a bundle an installed "
-                         "wheel ships (m2diff, mfdiff): default sampler settings from its inference.json; the "
-                         "network itself comes from the checkpoint")
+    io.add_argument(
+        "--bundle",
+        type=Path,
+        default=None,
+        help="bundle folder (bundles/m2diff or bundles/mfdiff), or the name of a bundle an installed "
+        "wheel ships (m2diff, mfdiff): default sampler settings from its inference.json; the "
+        "network itself comes from the checkpoint",
+    )
     io.add_argument("--checkpoint", required=True, type=Path, help="training checkpoint (.pt)")
     io.add_argument("--ld-pet", type=Path, default=None, help="raw low-dose PET NIfTI (single-subject mode)")
     io.add_argument("--mri", type=Path, default=None, help="raw T1-weighted MRI NIfTI (optional)")
     io.add_argument("--out", type=Path, default=None, help="prediction NIfTI to write (.nii.gz or .nii)")
     io.add_argument("--subject", default=None, help="subject name in messages and the PNG (default: file name)")
-    io.add_argument("--manifest", type=Path, default=None,
-                    help="cohort mode: a preprocessed manifest; its 'volumes' of --split are enhanced")
+    io.add_argument(
+        "--manifest",
+        type=Path,
+        default=None,
+        help="cohort mode: a preprocessed manifest; its 'volumes' of --split are enhanced",
+    )
     io.add_argument("--split", default="test", help="cohort mode: test | val | train | all")
     io.add_argument("--subjects", default=None, help="cohort mode: comma list of subject ids (default: all)")
     io.add_argument("--out-dir", type=Path, default=None, help="cohort mode: folder for <subject>.nii.gz files")
-    io.add_argument("--shard", default=None,
-                    help="cohort mode, job arrays: I/N (1-based) enhances the id-sorted subjects at positions "
-                         "I-1 mod N and writes predictions.shard-I-of-N.json; join with 'm2diff-infer merge "
-                         "--out-dir DIR'. Under torchrun each rank takes its share by itself")
+    io.add_argument(
+        "--shard",
+        default=None,
+        help="cohort mode, job arrays: I/N (1-based) enhances the id-sorted subjects at positions "
+        "I-1 mod N and writes predictions.shard-I-of-N.json; join with 'm2diff-infer merge "
+        "--out-dir DIR'. Under torchrun each rank takes its share by itself",
+    )
 
-    s = p.add_argument_group("sampling (defaults: the sampler the checkpoint's training run was evaluated with "
-                             "(its stored inference_defaults), else the bundle's inference.json, else the values "
-                             "shown)")
-    s.add_argument("--steps", default=None,
-                   help="sampling steps (respaced chain), or 'all' for the full T-step chain [default: 50]")
+    s = p.add_argument_group(
+        "sampling (defaults: the sampler the checkpoint's training run was evaluated with "
+        "(its stored inference_defaults), else the bundle's inference.json, else the values "
+        "shown)"
+    )
+    s.add_argument(
+        "--steps",
+        default=None,
+        help="sampling steps (respaced chain), or 'all' for the full T-step chain [default: 50]",
+    )
     s.add_argument("--sampler", choices=("ancestral", "ddim"), default=None, help="reverse sampler [default: ddim]")
     s.add_argument("--eta", type=float, default=None, help="DDIM noise scale, 0 = deterministic [default: 0]")
-    s.add_argument("--start-step", default=None,
-                   help="start from the LD PET noised to this timestep (truncated start, not in the papers; "
-                        "MFdiff demo: 200) instead of pure noise; 'none' = pure noise [default: none]")
-    s.add_argument("--clip-denoised", default=None,
-                   help="x̂0 clip range while sampling: auto (from the training data's normalization: (-1, 1) for "
-                        "min-max data, (-1, auto_clip_max) for shared) | none | LO,HI [default: the checkpoint's]")
-    s.add_argument("--orientations", default=None,
-                   help="comma list of axial,coronal,sagittal [default: all three]")
-    s.add_argument("--fusion", choices=("wavelet-stripe-residual", "wavelet-stripe", "mean", "wavelet3d"), default=None,
-                   help="how the orientation volumes are fused; wavelet-stripe is the papers' (LowGAN) stripe filter, "
-                        "which also damps small hot lesions; -residual filters only what each orientation alone "
-                        "holds [default: wavelet-stripe-residual]")
-    s.add_argument("--samples", type=int, default=None,
-                   help="K draws; K > 1 writes their mean and a *_std per-voxel uncertainty map [default: 1]")
-    s.add_argument("--ld-consistency-fwhm", default=None, metavar="MM",
-                   help="the fused volume takes the LD PET's band below a Gaussian of this FWHM (mm): keeps the "
-                        "coarse uptake and lesion means the network shifts, adds LD noise below the cut-off; "
-                        "'none' = off (the papers) [default: none; the demo recipes store theirs]")
-    s.add_argument("--shared-noise", action="store_true", default=None,
-                   help="one noise path for every slice (less inter-slice flicker)")
+    s.add_argument(
+        "--start-step",
+        default=None,
+        help="start from the LD PET noised to this timestep (truncated start, not in the papers; "
+        "MFdiff demo: 200) instead of pure noise; 'none' = pure noise [default: none]",
+    )
+    s.add_argument(
+        "--clip-denoised",
+        default=None,
+        help="x̂0 clip range while sampling: auto (from the training data's normalization: (-1, 1) for "
+        "min-max data, (-1, auto_clip_max) for shared) | none | LO,HI [default: the checkpoint's]",
+    )
+    s.add_argument("--orientations", default=None, help="comma list of axial,coronal,sagittal [default: all three]")
+    s.add_argument(
+        "--fusion",
+        choices=("wavelet-stripe-residual", "wavelet-stripe", "mean", "wavelet3d"),
+        default=None,
+        help="how the orientation volumes are fused; wavelet-stripe is the papers' (LowGAN) stripe filter, "
+        "which also damps small hot lesions; -residual filters only what each orientation alone "
+        "holds [default: wavelet-stripe-residual]",
+    )
+    s.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        help="K draws; K > 1 writes their mean and a *_std per-voxel uncertainty map [default: 1]",
+    )
+    s.add_argument(
+        "--ld-consistency-fwhm",
+        default=None,
+        metavar="MM",
+        help="the fused volume takes the LD PET's band below a Gaussian of this FWHM (mm): keeps the "
+        "coarse uptake and lesion means the network shifts, adds LD noise below the cut-off; "
+        "'none' = off (the papers) [default: none; the demo recipes store theirs]",
+    )
+    s.add_argument(
+        "--shared-noise",
+        action="store_true",
+        default=None,
+        help="one noise path for every slice (less inter-slice flicker)",
+    )
     s.add_argument("--seed", type=int, default=None, help="random seed [default: 0]")
     s.add_argument("--batch-size", type=int, default=None, help="slices per network batch [default: 16]")
     s.add_argument("--device", default=None, help="auto | cpu | cuda [default: auto]")
-    s.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default=None,
-                   help="autocast precision; auto = bf16 on CUDA, fp32 on CPU [default: auto]")
-    s.add_argument("--no-mri", action="store_true", default=None,
-                   help="MRI-free inference even when an MRI is given and the model was trained with MRI")
+    s.add_argument(
+        "--amp",
+        choices=("auto", "bf16", "fp16", "none"),
+        default=None,
+        help="autocast precision; auto = bf16 on CUDA, fp32 on CPU [default: auto]",
+    )
+    s.add_argument(
+        "--no-mri",
+        action="store_true",
+        default=None,
+        help="MRI-free inference even when an MRI is given and the model was trained with MRI",
+    )
     s.add_argument("--raw-weights", action="store_true", help="sample with the raw weights instead of the EMA")
-    s.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: OMP_NUM_THREADS, else the cgroup CPU quota, else "
-                        "SLURM_CPUS_PER_TASK, else the CPUs this process may use; docs/inference.md)")
+    s.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: OMP_NUM_THREADS, else the cgroup CPU quota, else "
+        "SLURM_CPUS_PER_TASK, else the CPUs this process may use; docs/inference.md)",
+    )
 
     o = p.add_argument_group("outputs")
-    o.add_argument("--save-orientations", action="store_true", default=None,
-                   help="also write the axial/coronal/sagittal volumes before fusion (*_<orientation>.nii.gz)")
+    o.add_argument(
+        "--save-orientations",
+        action="store_true",
+        default=None,
+        help="also write the axial/coronal/sagittal volumes before fusion (*_<orientation>.nii.gz)",
+    )
     o.add_argument("--no-png", action="store_true", help="do not write the PNG of the three views")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     o.add_argument("--summary", type=Path, default=None, help="also write the run summary as JSON here")
 
     pre = p.add_argument_group("preprocessing (default: what the checkpoint records for its training data)")
     pre.add_argument("--size", type=int, default=None, help="cube size of the training data (voxels at --spacing)")
-    pre.add_argument("--spacing", default=None,
-                     help="voxel size the model was trained at: X or X,Y,Z mm, or native (default: the checkpoint's "
-                          "record; none recorded = the scan's own). The scan is resampled to it and the "
-                          "prediction back to the scan's grid (single-subject mode)")
-    pre.add_argument("--normalization", type=cli_method, metavar="|".join(METHODS), default=None,
-                     help="shared | volume (per-volume min-max) | slice (per-slice min-max, the official code)")
+    pre.add_argument(
+        "--spacing",
+        default=None,
+        help="voxel size the model was trained at: X or X,Y,Z mm, or native (default: the checkpoint's "
+        "record; none recorded = the scan's own). The scan is resampled to it and the "
+        "prediction back to the scan's grid (single-subject mode)",
+    )
+    pre.add_argument(
+        "--normalization",
+        type=cli_method,
+        metavar="|".join(METHODS),
+        default=None,
+        help="shared | volume (per-volume min-max) | slice (per-slice min-max, the official code)",
+    )
     pre.add_argument("--transform", default=None, help="MRI-PET registration: SyN | affine | rigid")
     pre.add_argument("--space", choices=("pet", "mri"), default=None)
     pre.add_argument("--frame", type=int, default=None, help="0-based frame of a 4D PET to use")
@@ -164,16 +225,36 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
         if args.out_dir is None:
             parser.error("--manifest needs --out-dir")
         subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
-        return api.infer_manifest(args.checkpoint, args.manifest, args.out_dir, split=args.split,
-                                  subjects=subjects, bundle=args.bundle, shard=args.shard, **settings)
+        return api.infer_manifest(
+            args.checkpoint,
+            args.manifest,
+            args.out_dir,
+            split=args.split,
+            subjects=subjects,
+            bundle=args.bundle,
+            shard=args.shard,
+            **settings,
+        )
     if args.shard is not None:
         parser.error("--shard is for cohort mode (--manifest/--out-dir)")
     if args.ld_pet is None or args.out is None:
         parser.error("give --ld-pet and --out (or --manifest and --out-dir)")
     return api.infer_subject(
-        args.checkpoint, args.ld_pet, args.out, args.mri, bundle=args.bundle, subject=args.subject,
-        size=args.size, normalization=args.normalization, transform=args.transform, space=args.space,
-        spacing=args.spacing, frame=args.frame, sum_frames=args.sum_frames, qform_policy=args.qform_policy, **settings,
+        args.checkpoint,
+        args.ld_pet,
+        args.out,
+        args.mri,
+        bundle=args.bundle,
+        subject=args.subject,
+        size=args.size,
+        normalization=args.normalization,
+        transform=args.transform,
+        space=args.space,
+        spacing=args.spacing,
+        frame=args.frame,
+        sum_frames=args.sum_frames,
+        qform_policy=args.qform_policy,
+        **settings,
     )
 
 
@@ -193,8 +274,10 @@ def _merge(args: argparse.Namespace) -> int:
     from m2diff_monai.inference.cohort import merge_shards
 
     merged = merge_shards(args.out_dir)
-    print(f"{len(merged['subjects'])} subject(s) from {len(merged['shards'])} shard(s); list: "
-          f"{Path(args.out_dir) / 'predictions.json'}")
+    print(
+        f"{len(merged['subjects'])} subject(s) from {len(merged['shards'])} shard(s); list: "
+        f"{Path(args.out_dir) / 'predictions.json'}"
+    )
     return 0
 
 
@@ -203,8 +286,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["merge"]:
         return merge_main(argv[1:])
     parser = build_parser()
-    return run_cli(parser, lambda args: _infer(args, parser), argv,
-                   interrupted="nothing written for the subject in progress")
+    return run_cli(
+        parser, lambda args: _infer(args, parser), argv, interrupted="nothing written for the subject in progress"
+    )
 
 
 def _infer(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -214,8 +298,14 @@ def _infer(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.summary is not None:
         from m2diff_monai.io.safety import RunInputs
 
-        RunInputs([("--checkpoint", args.checkpoint), ("--ld-pet", args.ld_pet), ("--mri", args.mri),
-                   ("--manifest", args.manifest)]).check(args.summary, "--summary")
+        RunInputs(
+            [
+                ("--checkpoint", args.checkpoint),
+                ("--ld-pet", args.ld_pet),
+                ("--mri", args.mri),
+                ("--manifest", args.manifest),
+            ]
+        ).check(args.summary, "--summary")
     summary = {**_run(args, parser), "threads": threads}
     if args.summary is not None:
         from m2diff_monai.io.atomic import save_json
@@ -229,10 +319,14 @@ def _infer(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             return 0
         for entry in summary["subjects"]:
             print(f"{entry['subject']}: {entry['files']['prediction']} ({entry['seconds']['sampling']:.1f} s sampling)")
-        listed = f"predictions.shard-{summary['shard'].replace('/', '-of-')}.json" if "shard" in summary else \
-            "predictions.json"
-        print(f"{len(summary['subjects'])} subject(s) in {summary['seconds']:.1f} s; list: "
-              f"{Path(args.out_dir) / listed}")
+        listed = (
+            f"predictions.shard-{summary['shard'].replace('/', '-of-')}.json"
+            if "shard" in summary
+            else "predictions.json"
+        )
+        print(
+            f"{len(summary['subjects'])} subject(s) in {summary['seconds']:.1f} s; list: {Path(args.out_dir) / listed}"
+        )
     else:
         for warning in summary.get("warnings", []):
             print(f"{PROG}: warning: {warning}", file=sys.stderr)

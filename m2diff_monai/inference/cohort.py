@@ -42,12 +42,20 @@ SUMMARY_NAME = "predictions.json"
 LOCK_NAME = ".m2diff-infer.lock"
 SHARD_SUMMARY = re.compile(r"^predictions\.shard-(\d+)-of-(\d+)\.json$")
 # keys of a shard summary that must agree between shards (the device differs by rank and is left out)
-AGREEING_KEYS = ("tool", "version", "manifest", "split", "selected", "checkpoint", "checkpoint_fingerprint",
-                 "weights", "preprocessing")
+AGREEING_KEYS = (
+    "tool",
+    "version",
+    "manifest",
+    "split",
+    "selected",
+    "checkpoint",
+    "checkpoint_fingerprint",
+    "weights",
+    "preprocessing",
+)
 SETTINGS_NOT_COMPARED = ("device", "progress", "threads")  # precision is compared: it changes the numbers
 # a rank that finishes its share early waits at the barrier for the slowest one: the default 30 min is too short
 BARRIER_TIMEOUT = datetime.timedelta(hours=48)
-
 
 
 # ------------------------------------------------------------------------------- a manifest's cohort
@@ -67,9 +75,11 @@ def check_manifest_matches(content: dict, prep: TrainingPreprocessing, manifest:
             except ValueError as err:
                 raise InputError(f"manifest provenance: {err}", path=manifest) from None
         if known and recorded is not None and str(recorded) != str(getattr(prep, key)):
-            raise InputError(f"manifest was preprocessed with {key}={recorded} but the model was trained with "
-                             f"{key}={getattr(prep, key)}; preprocess the cohort again with the training settings",
-                             path=manifest)
+            raise InputError(
+                f"manifest was preprocessed with {key}={recorded} but the model was trained with "
+                f"{key}={getattr(prep, key)}; preprocess the cohort again with the training settings",
+                path=manifest,
+            )
 
 
 def with_manifest_normalization(content: dict, prep: TrainingPreprocessing) -> TrainingPreprocessing:
@@ -80,13 +90,20 @@ def with_manifest_normalization(content: dict, prep: TrainingPreprocessing) -> T
         return prep
     from dataclasses import replace
 
-    return replace(prep, normalization=recorded_method(recorded),
-                   sources={**prep.sources, "normalization": "cohort manifest"})
+    return replace(
+        prep, normalization=recorded_method(recorded), sources={**prep.sources, "normalization": "cohort manifest"}
+    )
 
 
-def plan_cohort_outputs(manifest: Path, content: dict, items: list[dict], out_dir: Path, cfg: InferenceSettings,
-                         checkpoint: str | Path | LoadedModel,
-                         summary_name: str = "predictions.json") -> list[tuple[str, dict[str, Path]]]:
+def plan_cohort_outputs(
+    manifest: Path,
+    content: dict,
+    items: list[dict],
+    out_dir: Path,
+    cfg: InferenceSettings,
+    checkpoint: str | Path | LoadedModel,
+    summary_name: str = "predictions.json",
+) -> list[tuple[str, dict[str, Path]]]:
     """``(subject, output paths)`` per item, checked before any work: subject ids are safe file names, every file
     stays in ``out_dir`` and none is the checkpoint, the manifest or a file the manifest lists."""
     if out_dir.exists() and not out_dir.is_dir():
@@ -98,8 +115,10 @@ def plan_cohort_outputs(manifest: Path, content: dict, items: list[dict], out_di
     for item in items:
         sid = safety.check_name(item.get("subject"), "manifest subject id", manifest)
         if sid.casefold() in seen:  # two items would write one prediction (case-insensitive file systems too)
-            raise InputError(f"manifest subject id {sid!r} repeats {seen[sid.casefold()]!r}: both predictions "
-                             "would be one file", path=manifest)
+            raise InputError(
+                f"manifest subject id {sid!r} repeats {seen[sid.casefold()]!r}: both predictions would be one file",
+                path=manifest,
+            )
         seen[sid.casefold()] = sid
         paths = output_paths(safety.child(out_dir, f"{sid}.nii.gz", "--out-dir", "subject id"), cfg)
         inputs.check_all(paths.values(), "--out-dir", root=out_dir)
@@ -166,8 +185,10 @@ def resolve_shard(shard: str | tuple[int, int] | Shard | None) -> Shard:
     world = torchrun_world()
     if world is not None:
         if parsed is not None:
-            raise InputError("--shard is for job arrays; under torchrun every rank already takes its share "
-                             "(subjects rank::WORLD_SIZE): drop --shard or run without torchrun")
+            raise InputError(
+                "--shard is for job arrays; under torchrun every rank already takes its share "
+                "(subjects rank::WORLD_SIZE): drop --shard or run without torchrun"
+            )
         rank, size, local_rank = world
         return Shard(rank + 1, size, distributed=True, local_rank=local_rank)
     return Shard() if parsed is None else Shard(*parsed)
@@ -221,34 +242,34 @@ def _comparable(summary: dict) -> dict:
     return out
 
 
-def merge_shards(out_dir: str | os.PathLike, expected: int | None = None) -> dict[str, Any]:
-    """Join ``OUT_DIR/predictions.shard-I-of-N.json`` (I = 1..N) into ``OUT_DIR/predictions.json``.
-
-    Refuses (:class:`InputError`, nothing written) when shard summaries of different N are present, a shard is
-    missing, the shards disagree on the manifest, split, subject selection, checkpoint (path and content),
-    weights, preprocessing or sampling settings, a selected subject has no prediction (or two), or a listed
-    prediction file is gone. Subjects are listed in the order an unsharded run lists them.
-    """
+def _read_shard_summaries(out_dir: Path, expected: int | None) -> tuple[list[dict], dict, int]:
+    """Every shard summary of one complete set I = 1..N, with the files they came from and N."""
     import json
 
-    out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise InputError("--out-dir is not a folder", path=out_dir)
     found = _shard_files(out_dir)
     if not found:
-        raise InputError("no predictions.shard-I-of-N.json here to merge (run m2diff-infer --shard I/N first)",
-                         path=out_dir)
+        raise InputError(
+            "no predictions.shard-I-of-N.json here to merge (run m2diff-infer --shard I/N first)", path=out_dir
+        )
     counts = sorted({n for _, n in found})
     if len(counts) > 1:
-        raise InputError(f"shard summaries of different shard counts ({', '.join(f'N={n}' for n in counts)}) are "
-                         "here; remove the stale ones", path=out_dir)
+        raise InputError(
+            f"shard summaries of different shard counts ({', '.join(f'N={n}' for n in counts)}) are "
+            "here; remove the stale ones",
+            path=out_dir,
+        )
     count = counts[0]
     if expected is not None and count != expected:
         raise InputError(f"expected {expected} shards, found summaries of N={count}", path=out_dir)
     missing = [i for i in range(1, count + 1) if (i, count) not in found]
     if missing:
-        raise InputError(f"shard(s) {', '.join(f'{i}/{count}' for i in missing)} have no summary yet "
-                         "(not run, still running or failed)", path=out_dir)
+        raise InputError(
+            f"shard(s) {', '.join(f'{i}/{count}' for i in missing)} have no summary yet "
+            "(not run, still running or failed)",
+            path=out_dir,
+        )
     summaries = []
     for i in range(1, count + 1):
         path = found[(i, count)]
@@ -256,17 +277,34 @@ def merge_shards(out_dir: str | os.PathLike, expected: int | None = None) -> dic
             summaries.append(json.loads(path.read_text()))
         except (OSError, ValueError) as err:
             raise InputError(f"unreadable shard summary ({err})", path=path) from None
+    return summaries, found, count
+
+
+def _check_shards_agree(summaries: list[dict], found: dict, count: int) -> None:
+    """Shards must share the manifest, split, selection, checkpoint, weights, preprocessing and settings."""
     reference = _comparable(summaries[0])
     for i, summary in enumerate(summaries[1:], start=2):
         mine = _comparable(summary)
         differing = sorted(k for k in reference if reference[k] != mine[k])
         if "settings" in differing:
             differing.remove("settings")
-            differing += [f"settings.{k}" for k in sorted(set(reference["settings"]) | set(mine["settings"]))
-                          if reference["settings"].get(k) != mine["settings"].get(k)]
+            differing += [
+                f"settings.{k}"
+                for k in sorted(set(reference["settings"]) | set(mine["settings"]))
+                if reference["settings"].get(k) != mine["settings"].get(k)
+            ]
         if differing:
-            raise InputError(f"shard {i}/{count} disagrees with shard 1/{count} on {', '.join(differing)}; "
-                             "rerun the odd shard with the same options", path=found[(i, count)])
+            raise InputError(
+                f"shard {i}/{count} disagrees with shard 1/{count} on {', '.join(differing)}; "
+                "rerun the odd shard with the same options",
+                path=found[(i, count)],
+            )
+
+
+def _predictions_by_subject(
+    summaries: list[dict], found: dict, count: int, out_dir: Path
+) -> tuple[list[str], dict[str, dict]]:
+    """The selection and each selected subject's entry: exactly one shard per subject, its files present."""
     selected = list(summaries[0].get("selected") or [])
     by_subject: dict[str, dict] = {}
     for i, summary in enumerate(summaries, start=1):
@@ -284,12 +322,34 @@ def merge_shards(out_dir: str | os.PathLike, expected: int | None = None) -> dic
         for key, file in by_subject[sid]["files"].items():
             if not Path(file).is_file():
                 raise InputError(f"subject {sid}: its {key} file is gone", path=file)
+    return selected, by_subject
+
+
+def merge_shards(out_dir: str | os.PathLike, expected: int | None = None) -> dict[str, Any]:
+    """Join ``OUT_DIR/predictions.shard-I-of-N.json`` (I = 1..N) into ``OUT_DIR/predictions.json``.
+
+    Refuses (:class:`InputError`, nothing written) when shard summaries of different N are present, a shard is
+    missing, the shards disagree on the manifest, split, subject selection, checkpoint (path and content),
+    weights, preprocessing or sampling settings, a selected subject has no prediction (or two), or a listed
+    prediction file is gone. Subjects are listed in the order an unsharded run lists them.
+    """
+    out_dir = Path(out_dir)
+    summaries, found, count = _read_shard_summaries(out_dir, expected)
+    _check_shards_agree(summaries, found, count)
+    selected, by_subject = _predictions_by_subject(summaries, found, count, out_dir)
     merged = {k: v for k, v in summaries[0].items() if k not in ("subjects", "seconds", "shard", "selected")}
     devices = sorted({str(s["settings"].get("device")) for s in summaries})  # a string, as in an unsharded run
     merged["settings"] = {**summaries[0]["settings"], "device": ",".join(devices)}
     merged["subjects"] = [by_subject[s] for s in selected]
-    merged["shards"] = [{"shard": f"{i}/{count}", "summary": found[(i, count)].name, "seconds": s.get("seconds"),
-                         "device": s["settings"].get("device")} for i, s in enumerate(summaries, start=1)]
+    merged["shards"] = [
+        {
+            "shard": f"{i}/{count}",
+            "summary": found[(i, count)].name,
+            "seconds": s.get("seconds"),
+            "device": s["settings"].get("device"),
+        }
+        for i, s in enumerate(summaries, start=1)
+    ]
     merged["seconds"] = max(float(s.get("seconds") or 0.0) for s in summaries)
     with safety.output_lock(out_dir, "m2diff-infer merge", "--out-dir", LOCK_NAME):  # not while an unsharded run writes
         save_json(out_dir / SUMMARY_NAME, merged)

@@ -26,7 +26,14 @@ from m2diff_monai.inference.settings import InferenceSettings
 # What a checkpoint may fix: how the prediction is sampled and fused. Not the machine (device, amp, batch size),
 # not the outputs (png, save_orientations), not the weights.
 INFERENCE_DEFAULT_KEYS: tuple[str, ...] = (
-    "sampler", "steps", "eta", "start_step", "orientations", "fusion", "samples", "shared_noise",
+    "sampler",
+    "steps",
+    "eta",
+    "start_step",
+    "orientations",
+    "fusion",
+    "samples",
+    "shared_noise",
     "ld_consistency_fwhm",
 )
 # The bundles' inference.json keep these null at the top level (null = "not set": the checkpoint's value or the

@@ -148,8 +148,11 @@ def stripe_filter_slice(
     padded = np.pad(image.astype(dtype, copy=False), pad, mode=pad_mode)
     name, n = stripe_plan((h, w), wavelet, levels, cap_levels=cap_levels, fallback_wavelets=fallback_wavelets)
     if n == 0 and levels > 0:
-        warnings.warn(f"stripe filter: {wavelet} allows no DWT level at {(ph, pw)} and no shorter wavelet was "
-                      "allowed; image left unfiltered", stacklevel=2)
+        warnings.warn(
+            f"stripe filter: {wavelet} allows no DWT level at {(ph, pw)} and no shorter wavelet was "
+            "allowed; image left unfiltered",
+            stacklevel=2,
+        )
     wav = pywt.Wavelet(name)
     approx = padded
     details = []
@@ -198,7 +201,12 @@ def filter_orientation_volume(
     def run(start: int) -> None:
         stop = min(start + chunk, stack.shape[0])
         out[start:stop] = stripe_filter_slice(
-            stack[start:stop], wavelet=wavelet, levels=levels, sigma=sigma, cap_levels=cap_levels, pad_mode=pad_mode,
+            stack[start:stop],
+            wavelet=wavelet,
+            levels=levels,
+            sigma=sigma,
+            cap_levels=cap_levels,
+            pad_mode=pad_mode,
             fallback_wavelets=fallback_wavelets,
         )
 
@@ -276,8 +284,11 @@ def fuse_volumes(
         fused = _wavelet3d_fusion(list(arrays.values()), wavelet3d, level3d)
     elif method in ("wavelet-stripe", "wavelet-stripe-residual"):
         fused = None
-        total = (np.sum([v.astype(np.float32, copy=False) for v in arrays.values()], axis=0)
-                 if method == "wavelet-stripe-residual" else None)
+        total = (
+            np.sum([v.astype(np.float32, copy=False) for v in arrays.values()], axis=0)
+            if method == "wavelet-stripe-residual"
+            else None
+        )
         for name, vol in arrays.items():
             vol = vol.astype(np.float32, copy=False)
             reference = None

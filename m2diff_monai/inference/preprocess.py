@@ -125,8 +125,13 @@ def resolve_preprocessing(
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for key in ("size", "normalization", "transform", "space", "seed", "spacing"):
-        for source, table in (("option", overrides), ("checkpoint", nested), ("checkpoint", data_config),
-                              ("manifest provenance", manifest), ("default", defaults)):
+        for source, table in (
+            ("option", overrides),
+            ("checkpoint", nested),
+            ("checkpoint", data_config),
+            ("manifest provenance", manifest),
+            ("default", defaults),
+        ):
             if table.get(key) is not None:
                 values[key], sources[key] = table[key], source
                 break
@@ -166,8 +171,15 @@ class PreparedSubject:
         canonical = crop_stage.uncrop(np.asarray(cube, dtype=np.float32), self.box, self.grid_shape, fill=fill)
         pet_shape, pet_affine = self.source.canonical_shape, self.source.canonical_affine
         if self.space == "mri":  # the T1 grid: back through the inverse PET→T1 registration (linear)
-            canonical = grid.map_back_through_registration(canonical, self.grid_affine, pet_shape, pet_affine,
-                                                           self.inverse_transforms, order=1, subject=self.subject)
+            canonical = grid.map_back_through_registration(
+                canonical,
+                self.grid_affine,
+                pet_shape,
+                pet_affine,
+                self.inverse_transforms,
+                order=1,
+                subject=self.subject,
+            )
         else:  # the PET grid itself (exact), or the PET grid resampled to the model's spacing (trilinear)
             canonical = grid.to_grid(canonical, self.grid_affine, pet_shape, pet_affine, order=1, mode="nearest")
         if canonical.shape != self.source.canonical_shape:
@@ -204,31 +216,44 @@ def prepare_subject(
     source = SourceGrid.from_file(ld_pet, subject)
     ld_img = loaded.ld_pet
     if ld_img.shape[:3] != source.canonical_shape or not np.allclose(ld_img.affine, source.canonical_affine, atol=1e-4):
-        raise InputError("internal: the intake's canonical grid does not match the file's header", subject=subject,
-                         path=ld_pet)
+        raise InputError(
+            "internal: the intake's canonical grid does not match the file's header", subject=subject, path=ld_pet
+        )
     loaded, resampling = spacing_stage.resample_subject(loaded, settings.spacing, settings.space)
     ld_img = loaded.ld_pet
     info: dict[str, Any] = {"resampling": resampling}
     workdir = ""
     inverse: list[str] = []
     if settings.space == "mri" and loaded.mri is None:
-        raise InputError("this model was trained in MRI space (space=mri) and needs an MRI (--mri)",
-                         subject=subject, path=ld_pet)
+        raise InputError(
+            "this model was trained in MRI space (space=mri) and needs an MRI (--mri)", subject=subject, path=ld_pet
+        )
     # the LD PET is the registration's PET here: a new scan has no SD PET (training uses the SD PET when it can)
-    aligned = register_to_cube_grid({"ld_pet": ld_img}, loaded.mri, "ld_pet", settings.space, settings.transform,
-                                    seed=settings.seed)
+    aligned = register_to_cube_grid(
+        {"ld_pet": ld_img}, loaded.mri, "ld_pet", settings.space, settings.transform, seed=settings.seed
+    )
     reg = aligned.registration
     if reg is not None:
-        info["registration"] = {"transform": reg.transform, "similarity": reg.similarity,
-                                "seconds": round(reg.seconds, 3)}
+        info["registration"] = {
+            "transform": reg.transform,
+            "similarity": reg.similarity,
+            "seconds": round(reg.seconds, 3),
+        }
         if settings.space == "mri":  # the inverse transforms map the prediction back: kept until cleanup()
             workdir, inverse = reg.workdir, [str(t) for t in reg.inv_transforms]
         else:
             reg.cleanup()
     ld, affine, mri_data = aligned.pets["ld_pet"], aligned.affine, aligned.mri
     try:
-        cubes = prepare_cubes(ld, affine, mri=mri_data, normalization=settings.normalization, size=settings.size,
-                              subject=subject, path=str(ld_pet))
+        cubes = prepare_cubes(
+            ld,
+            affine,
+            mri=mri_data,
+            normalization=settings.normalization,
+            size=settings.size,
+            subject=subject,
+            path=str(ld_pet),
+        )
         return PreparedSubject(
             subject=subject,
             ld=cubes.ld,
@@ -267,8 +292,9 @@ def prepare_from_manifest_item(item: dict[str, Any], manifest_dir: str | Path) -
     try:
         record = json.loads(Path(record_path).read_text())
     except FileNotFoundError:
-        raise InputError("subject.json of the preprocessed subject does not exist", subject=sid,
-                         path=record_path) from None
+        raise InputError(
+            "subject.json of the preprocessed subject does not exist", subject=sid, path=record_path
+        ) from None
     except (OSError, ValueError) as err:
         raise InputError(f"cannot read subject.json ({err})", subject=sid, path=record_path) from None
 
@@ -281,16 +307,18 @@ def prepare_from_manifest_item(item: dict[str, Any], manifest_dir: str | Path) -
         except FileNotFoundError:
             raise InputError(f"preprocessed {key} does not exist", subject=sid, path=path) from None
         except Exception as err:
-            raise InputError(f"cannot read preprocessed {key} ({type(err).__name__}: {err})", subject=sid,
-                             path=path) from None
+            raise InputError(
+                f"cannot read preprocessed {key} ({type(err).__name__}: {err})", subject=sid, path=path
+            ) from None
 
     ld = cube("ld_pet")
     mri = cube("mri") if int(item.get("mri_available", 0)) and item.get("mri") else None
     mask = cube("brain_mask") > 0.5
     source_path = path_of("source_ld_pet")
     if source_path is None:
-        raise InputError("manifest volume item has no 'source_ld_pet' (the grid to write the prediction on)",
-                         subject=sid)
+        raise InputError(
+            "manifest volume item has no 'source_ld_pet' (the grid to write the prediction on)", subject=sid
+        )
     source = SourceGrid.from_file(source_path, sid)
     crop = record.get("crop") or {}
     box = crop_stage.CropBox(start=tuple(int(s) for s in crop["start"]), size=int(crop["size"]))
@@ -302,8 +330,11 @@ def prepare_from_manifest_item(item: dict[str, Any], manifest_dir: str | Path) -
     grid_shape = tuple(int(s) for s in record.get("grid_shape", source.canonical_shape))
     grid_affine = np.asarray(record.get("grid_affine", source.canonical_affine), dtype=np.float64)
     if ld.shape != (box.size,) * 3:
-        raise InputError(f"preprocessed LD PET has shape {ld.shape}, expected the {box.size}^3 cube of subject.json",
-                         subject=sid, path=path_of("ld_pet"))
+        raise InputError(
+            f"preprocessed LD PET has shape {ld.shape}, expected the {box.size}^3 cube of subject.json",
+            subject=sid,
+            path=path_of("ld_pet"),
+        )
     return PreparedSubject(
         subject=sid,
         ld=ld,
@@ -321,8 +352,9 @@ def prepare_from_manifest_item(item: dict[str, Any], manifest_dir: str | Path) -
     )
 
 
-def prepare_cohort_item(item: dict[str, Any], manifest_dir: str | Path, settings: TrainingPreprocessing
-                        ) -> PreparedSubject:
+def prepare_cohort_item(
+    item: dict[str, Any], manifest_dir: str | Path, settings: TrainingPreprocessing
+) -> PreparedSubject:
     """Cohort mode: the item's preprocessed cubes when they are at the model's spacing (or the model records
     none); else the item's source files prepared like a new scan (resampled to the model's spacing), so a model
     never sees cubes at another voxel size than it was trained at."""
@@ -337,6 +369,8 @@ def prepare_cohort_item(item: dict[str, Any], manifest_dir: str | Path, settings
     if mri is not None and not mri.is_file():
         mri = None
     fresh = prepare_subject(prepared.source.path, mri, settings, sid)
-    fresh.warnings.append(f"subject {sid}: the manifest's cubes are at {cube_mm} mm but the model was trained at "
-                          f"{model_mm} mm; prepared from the source files instead (LD-PET brain mask)")
+    fresh.warnings.append(
+        f"subject {sid}: the manifest's cubes are at {cube_mm} mm but the model was trained at "
+        f"{model_mm} mm; prepared from the source files instead (LD-PET brain mask)"
+    )
     return fresh

@@ -76,7 +76,8 @@ def check_model_inputs(model: LoadedModel, has_mri: bool, subject: str, path: st
         raise InputError(
             f"this {model.network_config.get('name', 'model')} {model.network_config.get('variant', '')} checkpoint "
             "needs an MRI (it was built with allow_missing_mri=false); give --mri, or use an MRI-free model",
-            subject=subject, path=path,
+            subject=subject,
+            path=path,
         )
 
 
@@ -139,8 +140,9 @@ def predict_and_write(
             ld_consistency_sigma=consistency_sigma(settings.ld_consistency_fwhm, voxel_sizes(prepared.cube_affine)),
         )
     except ValueError as err:  # e.g. a cube size the network's downsampling cannot take
-        raise InputError(f"the model cannot run on this input ({err})", subject=prepared.subject,
-                         path=prepared.source.path) from None
+        raise InputError(
+            f"the model cannot run on this input ({err})", subject=prepared.subject, path=prepared.source.path
+        ) from None
     t1 = time.perf_counter()
     images = _output_images(prepared, prediction, paths)
     with ExitStack() as stack:  # every file lands together, or none does
@@ -181,8 +183,13 @@ def _output_images(prepared: PreparedSubject, prediction: VolumePrediction, path
     return images
 
 
-def save_views_png(path: str | Path, prepared: PreparedSubject, prediction: VolumePrediction, use_mri: bool,
-                   settings: InferenceSettings) -> None:
+def save_views_png(
+    path: str | Path,
+    prepared: PreparedSubject,
+    prediction: VolumePrediction,
+    use_mri: bool,
+    settings: InferenceSettings,
+) -> None:
     """Rows axial / coronal / sagittal through the brain's centre; columns LD PET | prediction (| std for K > 1),
     normalized units, one window for LD and prediction (0 to the LD's 99.5th brain percentile; titles give each
     volume's brain maximum). Neurological display (subject's right on the right)."""
@@ -201,8 +208,10 @@ def save_views_png(path: str | Path, prepared: PreparedSubject, prediction: Volu
     vmax = vmax if vmax > 0 else 1.0
     # The window saturates hot spots (99.5th percentile of the LD): each title states the volume's maximum in the
     # brain, so a lesion kept (prediction max ≈ LD max) and one flattened (max ≈ 1) are told apart.
-    columns = [(f"{title} (max {float((vol[mask] if mask.any() else vol).max()):.2f})", vol, cmap)
-               for title, vol, cmap in columns]
+    columns = [
+        (f"{title} (max {float((vol[mask] if mask.any() else vol).max()):.2f})", vol, cmap)
+        for title, vol, cmap in columns
+    ]
     fig, axes = plt.subplots(3, len(columns), figsize=(2.8 * len(columns), 8.0), squeeze=False)
     for row, orientation in enumerate(("axial", "coronal", "sagittal")):
         axis = ORIENTATION_AXIS[orientation]
@@ -220,14 +229,18 @@ def save_views_png(path: str | Path, prepared: PreparedSubject, prediction: Volu
     if settings.start_step is not None:
         steps = f"{steps} (from LD at t={settings.start_step})"
     fusion = describe_fusion(settings.fusion, prediction.fused.shape) if len(prediction.per_orientation) > 1 else ""
-    fig.suptitle(f"{prepared.subject}: {settings.sampler} {steps} steps, {fusion or 'one orientation'}, "
-                 f"K={settings.samples}"
-                 f"{'' if use_mri else ', MRI-free'}", fontsize=9)
+    fig.suptitle(
+        f"{prepared.subject}: {settings.sampler} {steps} steps, {fusion or 'one orientation'}, "
+        f"K={settings.samples}"
+        f"{'' if use_mri else ', MRI-free'}",
+        fontsize=9,
+    )
     fig.tight_layout()
     try:
         fig.savefig(str(path), format="png", dpi=80)
     finally:
         plt.close(fig)
+
 
 def load_for_inference(checkpoint: str | Path | LoadedModel, device: torch.device, use_ema: bool) -> LoadedModel:
     """The model on ``device``: EMA weights when asked for and present, else raw; its stored sampler checked."""
@@ -244,8 +257,9 @@ def checkpoint_file(checkpoint: str | Path | LoadedModel) -> str | Path | None:
     return checkpoint.path if isinstance(checkpoint, LoadedModel) else checkpoint
 
 
-def run_record(model: LoadedModel, cfg: InferenceSettings, prep: TrainingPreprocessing,
-                device: torch.device) -> dict[str, Any]:
+def run_record(
+    model: LoadedModel, cfg: InferenceSettings, prep: TrainingPreprocessing, device: torch.device
+) -> dict[str, Any]:
     """What produced a prediction (weights, resolved settings and where each came from, clip range,
     preprocessing), shared by the single-subject and cohort summaries so both record the same."""
     return {
@@ -258,8 +272,15 @@ def run_record(model: LoadedModel, cfg: InferenceSettings, prep: TrainingPreproc
     }
 
 
-def subject_summary(result: SubjectResult, model: LoadedModel, cfg: InferenceSettings, prep: TrainingPreprocessing,
-             device: torch.device, mri_used: bool, extra: dict) -> dict[str, Any]:
+def subject_summary(
+    result: SubjectResult,
+    model: LoadedModel,
+    cfg: InferenceSettings,
+    prep: TrainingPreprocessing,
+    device: torch.device,
+    mri_used: bool,
+    extra: dict,
+) -> dict[str, Any]:
     return {
         "subject": result.subject,
         "files": result.files,

@@ -229,8 +229,19 @@ def predict_volume(
             if samples > 1:
                 bar.set_description(f"draw {k + 1}/{samples}")
             per_orientation = {
-                o: predict_orientation(network, inferer, ld, mri, o, brain_mask, batch_size, device, bar, spatial_size,
-                                       slice_minmax=slice_minmax)
+                o: predict_orientation(
+                    network,
+                    inferer,
+                    ld,
+                    mri,
+                    o,
+                    brain_mask,
+                    batch_size,
+                    device,
+                    bar,
+                    spatial_size,
+                    slice_minmax=slice_minmax,
+                )
                 for o in orientations
             }
             for o, vol in per_orientation.items():

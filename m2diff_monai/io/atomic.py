@@ -79,8 +79,9 @@ def new_staging_folder(dest: str | Path) -> Path:
     return staging
 
 
-def publish_folder(staging: str | Path, dest: str | Path, *, inputs: Any | None = None, option: str = "--out",
-                   lock: bool = True) -> Path:
+def publish_folder(
+    staging: str | Path, dest: str | Path, *, inputs: Any | None = None, option: str = "--out", lock: bool = True
+) -> Path:
     """Make the finished folder ``staging`` become ``dest``, replacing an earlier ``dest`` as a whole.
 
     ``inputs`` (a :class:`~m2diff_monai.io.safety.RunInputs`): refuse with an InputError naming ``option`` when
@@ -145,8 +146,9 @@ def _publish_lock(dest: Path, enabled: bool) -> Iterator[None]:
 
 
 @contextmanager
-def staged_folder(dest: str | Path, *, inputs: Any | None = None, option: str = "--out",
-                  lock: bool = True) -> Iterator[Path]:
+def staged_folder(
+    dest: str | Path, *, inputs: Any | None = None, option: str = "--out", lock: bool = True
+) -> Iterator[Path]:
     """Yield an empty temporary folder next to ``dest``; publish it as ``dest`` only if the block succeeds, else
     delete it (``dest`` is untouched). See :func:`publish_folder` for ``inputs``, ``option`` and ``lock``."""
     staging = new_staging_folder(dest)

@@ -47,8 +47,17 @@ FULL_HASH_MAX_BYTES = 2 << 20  # files up to 2 MiB are hashed whole
 # ``.nii`` changed only in its middle is caught by its modification time.
 EDGE_BYTES = 1 << 20
 LOCK_NAME = ".m2diff.lock"
-MANIFEST_PATH_KEYS = ("ld_pet", "sd_pet", "mri", "brain_mask", "source_ld_pet", "source_sd_pet", "source_mri",
-                      "subject_json", "preprocessed_dir")
+MANIFEST_PATH_KEYS = (
+    "ld_pet",
+    "sd_pet",
+    "mri",
+    "brain_mask",
+    "source_ld_pet",
+    "source_sd_pet",
+    "source_mri",
+    "subject_json",
+    "preprocessed_dir",
+)
 
 PathLike = str | os.PathLike
 
@@ -87,8 +96,10 @@ def check_name(value: object, what: str = "subject id", source: PathLike | None 
     Called wherever a name is read from data (tables, manifests, folders), because such names become file names:
     ``../x``, ``/abs`` or ``a/b`` would put a file outside its folder."""
     if not isinstance(value, str) or not SAFE_NAME.fullmatch(value):
-        raise InputError(f"{what} {value!r} may contain only {SAFE_NAME_RULE} (it names files)",
-                         path=None if source is None else source)
+        raise InputError(
+            f"{what} {value!r} may contain only {SAFE_NAME_RULE} (it names files)",
+            path=None if source is None else source,
+        )
     return value
 
 
@@ -208,8 +219,13 @@ def fingerprint(path: PathLike) -> dict:
             digest.update(fh.read(EDGE_BYTES))
             fh.seek(-EDGE_BYTES, os.SEEK_END)
             digest.update(fh.read(EDGE_BYTES))
-    return {"path": str(p), "size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns), "sha256": digest.hexdigest(),
-            "hashed": scope}
+    return {
+        "path": str(p),
+        "size": int(st.st_size),
+        "mtime_ns": int(st.st_mtime_ns),
+        "sha256": digest.hexdigest(),
+        "hashed": scope,
+    }
 
 
 def fingerprint_files(files: Mapping[str, PathLike | None]) -> dict:
@@ -248,11 +264,13 @@ def output_lock(root: PathLike, tool: str, option: str, name: str = LOCK_NAME) -
     try:
         lock.acquire()
     except Timeout:
-        raise InputError(f"another {tool} run is writing to this {option} folder (it holds {path.name}); wait for "
-                         f"it to finish or choose another {option}", path=root) from None
+        raise InputError(
+            f"another {tool} run is writing to this {option} folder (it holds {path.name}); wait for "
+            f"it to finish or choose another {option}",
+            path=root,
+        ) from None
     except (OSError, NotImplementedError) as err:  # a file system without locks: the temp rules still hold
-        print(f"{tool}: warning: cannot lock {path} ({err}); make sure no other run writes to {root}",
-              file=sys.stderr)
+        print(f"{tool}: warning: cannot lock {path} ({err}); make sure no other run writes to {root}", file=sys.stderr)
         yield path
         return
     try:

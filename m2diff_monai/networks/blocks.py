@@ -389,9 +389,7 @@ class UNetDecoder(nn.Module):
                 self.blocks.append(TimestepEmbedSequential(*layers))
         self.out_channels = ch
 
-    def forward(
-        self, h: torch.Tensor, emb: torch.Tensor, skips: Sequence[Sequence[torch.Tensor]]
-    ) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, skips: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
         if len(skips) != len(self.blocks):
             raise ValueError(f"decoder needs {len(self.blocks)} skip groups, got {len(skips)}")
         for block, group in zip(self.blocks, skips, strict=True):

@@ -160,8 +160,14 @@ def resolve_m2diff_config(config: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("image_size", "model_channels", "num_res_blocks", "num_heads"):
         resolved[key] = int(resolved[key])
     resolved["dropout"] = float(resolved["dropout"])
-    for key in ("learn_sigma", "use_scale_shift_norm", "mri_attention", "resblock_updown", "conv_resample",
-                "use_checkpoint"):
+    for key in (
+        "learn_sigma",
+        "use_scale_shift_norm",
+        "mri_attention",
+        "resblock_updown",
+        "conv_resample",
+        "use_checkpoint",
+    ):
         resolved[key] = bool(resolved[key])
     if resolved["variant"] == "V5" and resolved["mri_dropout"] is None:
         resolved["mri_dropout"] = V5_DEFAULT_MRI_DROPOUT

@@ -92,9 +92,7 @@ class DetailBranch(nn.Module):
         super().__init__()
         if channels % 2:
             raise ValueError(f"the detail branch needs an even channel count, got {channels}")
-        self.layers = nn.ModuleList(
-            [AffineCoupling(channels // 2, expand_ratio, coupling) for _ in range(num_layers)]
-        )
+        self.layers = nn.ModuleList([AffineCoupling(channels // 2, expand_ratio, coupling) for _ in range(num_layers)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = x.chunk(2, dim=1)

@@ -277,16 +277,28 @@ class M2DiffUNet(nn.Module):
         fused_skips = [2 * s for s in skips] if hff else skips
         self.pet_middle = middle_block(ch, emb_ch, dropout, num_heads, True, use_scale_shift_norm)
         self.pet_decoder = UNetDecoder(
-            ch, fused_skips, model_channels, channel_mult, attention_ds=attention_ds, dropout=dropout,
-            start_ds=start_ds, **common,
+            ch,
+            fused_skips,
+            model_channels,
+            channel_mult,
+            attention_ds=attention_ds,
+            dropout=dropout,
+            start_ds=start_ds,
+            **common,
         )
         self.pet_head = nn.Conv2d(model_channels, out_channels, 3, padding=1)
         if mri_decoder:
             dec_dropout = dropout if mri_dropout is None else mri_dropout
             self.mri_middle = middle_block(ch, emb_ch, dropout, num_heads, mri_attention, use_scale_shift_norm)
             self.mri_decoder = UNetDecoder(
-                ch, fused_skips, model_channels, channel_mult, attention_ds=mri_attention_ds, dropout=dec_dropout,
-                start_ds=start_ds, **common,
+                ch,
+                fused_skips,
+                model_channels,
+                channel_mult,
+                attention_ds=mri_attention_ds,
+                dropout=dec_dropout,
+                start_ds=start_ds,
+                **common,
             )
             self.mri_head = nn.Conv2d(model_channels, out_channels, 3, padding=1)
 

@@ -29,8 +29,17 @@ BRANCH_KINDS = ("global", "detail")
 OUTPUT_ACTIVATIONS = ("none", "sigmoid")
 
 
-def _make_branch(kind: str, dim: int, heads: int, layer_norm: str, global_attention: str,
-                 global_ffn_expansion: float, inn_layers: int, coupling: str, bias: bool) -> nn.Module:
+def _make_branch(
+    kind: str,
+    dim: int,
+    heads: int,
+    layer_norm: str,
+    global_attention: str,
+    global_ffn_expansion: float,
+    inn_layers: int,
+    coupling: str,
+    bias: bool,
+) -> nn.Module:
     if kind == "global":
         return GlobalFeatureBlock(dim, heads, global_ffn_expansion, bias, layer_norm, global_attention)
     if kind == "detail":
@@ -41,8 +50,18 @@ def _make_branch(kind: str, dim: int, heads: int, layer_norm: str, global_attent
 class ModalityFeatureExtractor(nn.Module):
     """One modality's IML path: Restormer encoder, then one feature branch per slot."""
 
-    def __init__(self, in_channels: int, dim: int, num_blocks: int, heads: int, ffn_expansion: float,
-                 bias: bool, layer_norm: str, branches: Sequence[str], **branch_kwargs):
+    def __init__(
+        self,
+        in_channels: int,
+        dim: int,
+        num_blocks: int,
+        heads: int,
+        ffn_expansion: float,
+        bias: bool,
+        layer_norm: str,
+        branches: Sequence[str],
+        **branch_kwargs,
+    ):
         super().__init__()
         self.encoder = RestormerEncoder(in_channels, dim, num_blocks, heads, ffn_expansion, bias, layer_norm)
         self.branches = nn.ModuleList(
@@ -88,14 +107,15 @@ class MFdiffFusion(nn.Module):
             raise ValueError(f"output_activation must be one of {OUTPUT_ACTIVATIONS}, got {output_activation!r}")
         self.branches = branches
         self.out_channels = out_channels
-        common = dict(global_attention=global_attention, global_ffn_expansion=global_ffn_expansion,
-                      coupling=coupling)
+        common = dict(global_attention=global_attention, global_ffn_expansion=global_ffn_expansion, coupling=coupling)
         encoder_args = (in_channels, dim, num_blocks, heads, ffn_expansion, bias, layer_norm, branches)
         self.pet = ModalityFeatureExtractor(*encoder_args, inn_layers=inn_layers, **common)
         self.mri = ModalityFeatureExtractor(*encoder_args, inn_layers=inn_layers, **common)
         self.fusion_layers = nn.ModuleList(
-            [_make_branch(kind, dim, heads, layer_norm, bias=bias, inn_layers=fusion_inn_layers, **common)
-             for kind in branches]
+            [
+                _make_branch(kind, dim, heads, layer_norm, bias=bias, inn_layers=fusion_inn_layers, **common)
+                for kind in branches
+            ]
         )
         self.reduce = nn.Conv2d(2 * dim, dim, kernel_size=1, bias=bias)
         self.decoder = nn.Sequential(

@@ -125,8 +125,9 @@ class GatedDconvFFN(nn.Module):
 class TransformerBlock(nn.Module):
     """Restormer transformer block: x + MDTA(LN(x)), then x + GDFN(LN(x))."""
 
-    def __init__(self, dim: int, heads: int, ffn_expansion: float = 2.0, bias: bool = False,
-                 layer_norm: str = "with_bias"):
+    def __init__(
+        self, dim: int, heads: int, ffn_expansion: float = 2.0, bias: bool = False, layer_norm: str = "with_bias"
+    ):
         super().__init__()
         self.norm1 = ChannelLayerNorm(dim, layer_norm)
         self.attn = ChannelAttention(dim, heads, bias=bias, depthwise_qkv=True)
@@ -146,8 +147,15 @@ class GlobalFeatureBlock(nn.Module):
     paper's words ("Transformer with spatial self-attention") instead.
     """
 
-    def __init__(self, dim: int, heads: int, ffn_expansion: float = 1.0, bias: bool = False,
-                 layer_norm: str = "with_bias", attention: str = "channel"):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        ffn_expansion: float = 1.0,
+        bias: bool = False,
+        layer_norm: str = "with_bias",
+        attention: str = "channel",
+    ):
         super().__init__()
         if attention not in ATTENTION_KINDS:
             raise ValueError(f"global attention must be one of {ATTENTION_KINDS}, got {attention!r}")
@@ -167,8 +175,16 @@ class GlobalFeatureBlock(nn.Module):
 class RestormerEncoder(nn.Module):
     """Modality encoder: overlapped patch embedding (3×3 conv) followed by ``num_blocks`` transformer blocks."""
 
-    def __init__(self, in_channels: int = 1, dim: int = 64, num_blocks: int = 4, heads: int = 8,
-                 ffn_expansion: float = 2.0, bias: bool = False, layer_norm: str = "with_bias"):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        dim: int = 64,
+        num_blocks: int = 4,
+        heads: int = 8,
+        ffn_expansion: float = 2.0,
+        bias: bool = False,
+        layer_norm: str = "with_bias",
+    ):
         super().__init__()
         self.patch_embed = nn.Conv2d(in_channels, dim, kernel_size=3, padding=1, bias=bias)
         self.blocks = nn.Sequential(

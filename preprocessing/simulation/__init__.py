@@ -39,10 +39,19 @@ def float_image_like(data: np.ndarray, reference: nib.Nifti1Image) -> nib.Nifti1
     return out
 
 
-def simulate_image(image: nib.Nifti1Image, drf: float, *, seed: int | None = 0, mode: str = "independent",
-                   params: ScannerParams = ScannerParams(), mu_map: np.ndarray | None = None,
-                   calibration_mask: np.ndarray | None = None, return_sd: bool = False, backend: str = "numpy",
-                   device: str | None = None) -> tuple[nib.Nifti1Image, nib.Nifti1Image | None, dict[str, Any]]:
+def simulate_image(
+    image: nib.Nifti1Image,
+    drf: float,
+    *,
+    seed: int | None = 0,
+    mode: str = "independent",
+    params: ScannerParams = ScannerParams(),
+    mu_map: np.ndarray | None = None,
+    calibration_mask: np.ndarray | None = None,
+    return_sd: bool = False,
+    backend: str = "numpy",
+    device: str | None = None,
+) -> tuple[nib.Nifti1Image, nib.Nifti1Image | None, dict[str, Any]]:
     """Low-dose (and optionally standard-dose) images on ``image``'s own grid and in its units.
 
     ``mu_map`` (1/mm) and ``calibration_mask`` are arrays on the same grid, in the image's voxel order.
@@ -54,12 +63,34 @@ def simulate_image(image: nib.Nifti1Image, drf: float, *, seed: int | None = 0, 
     spacing = grid.canonical_spacing(affine, image.header.get_zooms()[:3])
     mu_c = None if mu_map is None else grid.to_canonical(np.asarray(mu_map, np.float32), affine)[0]
     mask_c = None if calibration_mask is None else grid.to_canonical(np.asarray(calibration_mask), affine)[0]
-    result = simulate_volume(activity, spacing, drf, seed=seed, mode=mode, params=params, mu_map=mu_c,
-                             calibration_mask=mask_c, return_sd=return_sd, backend=backend, device=device)
+    result = simulate_volume(
+        activity,
+        spacing,
+        drf,
+        seed=seed,
+        mode=mode,
+        params=params,
+        mu_map=mu_c,
+        calibration_mask=mask_c,
+        return_sd=return_sd,
+        backend=backend,
+        device=device,
+    )
     ld = float_image_like(grid.from_canonical(result.ld, affine), image)
     sd = None if result.sd is None else float_image_like(grid.from_canonical(result.sd, affine), image)
     return ld, sd, result.info
 
 
-__all__ = ["DEFAULT_COUNTS", "MODES", "MU_WATER_PER_MM", "PlaneStackScanner", "ScannerParams", "SimulationResult",
-           "draw_counts", "float_image_like", "head_support", "simulate_image", "simulate_volume"]
+__all__ = [
+    "DEFAULT_COUNTS",
+    "MODES",
+    "MU_WATER_PER_MM",
+    "PlaneStackScanner",
+    "ScannerParams",
+    "SimulationResult",
+    "draw_counts",
+    "float_image_like",
+    "head_support",
+    "simulate_image",
+    "simulate_volume",
+]

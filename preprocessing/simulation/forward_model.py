@@ -84,13 +84,15 @@ class SimulationResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def head_support(activity: np.ndarray, spacing: tuple[float, float, float], threshold: float = 0.02,
-                 margin_mm: float = 4.0) -> np.ndarray:
+def head_support(
+    activity: np.ndarray, spacing: tuple[float, float, float], threshold: float = 0.02, margin_mm: float = 4.0
+) -> np.ndarray:
     """Body/head outline from a PET image: smoothed activity above ``threshold`` × its 99.5th percentile,
     holes filled, dilated by ``margin_mm``. Assumption: the object's outline is where the tracer is.
     """
-    sm = ndimage.gaussian_filter(np.clip(activity, 0, None).astype(np.float32),
-                                 sigma=[4.0 * FWHM_TO_SIGMA / s for s in spacing])
+    sm = ndimage.gaussian_filter(
+        np.clip(activity, 0, None).astype(np.float32), sigma=[4.0 * FWHM_TO_SIGMA / s for s in spacing]
+    )
     positive = sm[sm > 0]
     if positive.size == 0:
         return np.zeros(activity.shape, bool)
@@ -123,8 +125,15 @@ def blur_sinogram(sino: np.ndarray, sigma_bins: float, sigma_planes: float) -> n
 class PlaneStackScanner:
     """The acquisition model for one activity volume: expected data, noise draws, and matching reconstructions."""
 
-    def __init__(self, activity: np.ndarray, spacing: tuple[float, float, float], mu_map: np.ndarray,
-                 params: ScannerParams = ScannerParams(), backend: str = "numpy", device: str | None = None):
+    def __init__(
+        self,
+        activity: np.ndarray,
+        spacing: tuple[float, float, float],
+        mu_map: np.ndarray,
+        params: ScannerParams = ScannerParams(),
+        backend: str = "numpy",
+        device: str | None = None,
+    ):
         params.check()
         if activity.ndim != 3:
             raise ValueError(f"activity must be 3D, got shape {activity.shape}")
@@ -145,8 +154,9 @@ class PlaneStackScanner:
         x = self._planes(activity)
         mu = self._planes(np.asarray(mu_map, dtype=np.float32))
         attenuation = np.exp(-(full @ mu)).reshape(g.n_angles, g.n_bins, -1)
-        trues = attenuation * blur_sinogram((full @ x).reshape(attenuation.shape),
-                                            self.data_blur.sigma_bins, self.data_blur.sigma_planes)
+        trues = attenuation * blur_sinogram(
+            (full @ x).reshape(attenuation.shape), self.data_blur.sigma_bins, self.data_blur.sigma_planes
+        )
         self.eta = float(params.counts / trues.sum(dtype=np.float64))
         trues *= self.eta
         per_plane = trues.sum(axis=(0, 1), dtype=np.float64)
@@ -179,8 +189,9 @@ class PlaneStackScanner:
         return postfilter(volume, self.spacing, self.params.postfilter_fwhm_mm)
 
 
-def draw_counts(expected: np.ndarray, drf: float, mode: str, rng: np.random.Generator,
-                want_sd: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
+def draw_counts(
+    expected: np.ndarray, drf: float, mode: str, rng: np.random.Generator, want_sd: bool = True
+) -> tuple[np.ndarray | None, np.ndarray]:
     """Standard- and low-dose counts from expected standard-dose data ``ȳ``.
 
     ``nested``: ``y_SD ~ Poisson(ȳ)``, ``y_LD ~ Binomial(y_SD, 1/DRF)`` (so ``y_LD ≤ y_SD`` and
@@ -198,11 +209,21 @@ def draw_counts(expected: np.ndarray, drf: float, mode: str, rng: np.random.Gene
     return y_sd, y_ld
 
 
-def simulate_volume(activity: np.ndarray, spacing: tuple[float, float, float], drf: float, *, seed: int | None = 0,
-                    mode: str = "independent", params: ScannerParams = ScannerParams(),
-                    mu_map: np.ndarray | None = None, calibration_mask: np.ndarray | None = None,
-                    return_sd: bool = False, backend: str = "numpy", device: str | None = None,
-                    rng: np.random.Generator | None = None) -> SimulationResult:
+def simulate_volume(
+    activity: np.ndarray,
+    spacing: tuple[float, float, float],
+    drf: float,
+    *,
+    seed: int | None = 0,
+    mode: str = "independent",
+    params: ScannerParams = ScannerParams(),
+    mu_map: np.ndarray | None = None,
+    calibration_mask: np.ndarray | None = None,
+    return_sd: bool = False,
+    backend: str = "numpy",
+    device: str | None = None,
+    rng: np.random.Generator | None = None,
+) -> SimulationResult:
     """Simulate a low-dose (and optionally the matching standard-dose) reconstruction of a canonical volume.
 
     ``activity``: the noise-free activity (a phantom, or a standard-dose image taken as the truth), ``[x, y, z]``
@@ -222,8 +243,13 @@ def simulate_volume(activity: np.ndarray, spacing: tuple[float, float, float], d
     want_sd = return_sd or mode == "nested"
 
     info: dict[str, Any] = {
-        "drf": float(drf), "mode": mode, "seed": seed, "backend": scanner.arith.name,
-        "params": asdict(params), "geometry": asdict(scanner.geometry), "eta": scanner.eta,
+        "drf": float(drf),
+        "mode": mode,
+        "seed": seed,
+        "backend": scanner.arith.name,
+        "params": asdict(params),
+        "geometry": asdict(scanner.geometry),
+        "eta": scanner.eta,
         "expected_true_counts_sd": scanner.true_counts,
         "expected_prompts_sd": float(scanner.expected.sum(dtype=np.float64)),
     }
@@ -249,5 +275,15 @@ def simulate_volume(activity: np.ndarray, spacing: tuple[float, float, float], d
     return SimulationResult(ld=ld, sd=sd, noise_free=noise_free, info=info)
 
 
-__all__ = ["DEFAULT_COUNTS", "MODES", "MU_WATER_PER_MM", "PlaneStackScanner", "ScannerParams", "SimulationResult",
-           "blur_sinogram", "draw_counts", "head_support", "simulate_volume"]
+__all__ = [
+    "DEFAULT_COUNTS",
+    "MODES",
+    "MU_WATER_PER_MM",
+    "PlaneStackScanner",
+    "ScannerParams",
+    "SimulationResult",
+    "blur_sinogram",
+    "draw_counts",
+    "head_support",
+    "simulate_volume",
+]

@@ -68,8 +68,15 @@ class Geometry:
         return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def make_geometry(nx: int, ny: int, dx: float, dy: float, n_angles: int | None = None,
-                  bin_mm: float | None = None, angle_multiple: int = 1) -> Geometry:
+def make_geometry(
+    nx: int,
+    ny: int,
+    dx: float,
+    dy: float,
+    n_angles: int | None = None,
+    bin_mm: float | None = None,
+    angle_multiple: int = 1,
+) -> Geometry:
     """Geometry covering the whole image: bins of one pixel (the smaller side) spanning the image diagonal.
 
     Default angles: about ``π/2 × (FOV diameter / bin)``, the usual sampling for parallel-beam tomography,

@@ -107,8 +107,12 @@ class TorchOps:
 
     def _csr(self, m):
         t = self.torch
-        return t.sparse_csr_tensor(t.from_numpy(m.indptr.astype(np.int64)), t.from_numpy(m.indices.astype(np.int64)),
-                                   t.from_numpy(m.data.astype(np.float32)), size=m.shape).to(self.device)
+        return t.sparse_csr_tensor(
+            t.from_numpy(m.indptr.astype(np.int64)),
+            t.from_numpy(m.indices.astype(np.int64)),
+            t.from_numpy(m.data.astype(np.float32)),
+            size=m.shape,
+        ).to(self.device)
 
     def asarray(self, a: np.ndarray):
         return self.torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(self.device)
@@ -162,8 +166,9 @@ class SubsetModel:
         self.n_angles = [len(a) for a in ops.angle_index]
         self.weights = [arith.asarray(self.split(weights, k)) for k in range(ops.n_subsets)]
         self.background = [arith.asarray(self.split(background, k)) for k in range(ops.n_subsets)]
-        self.sensitivity = [arith.backproject(k, arith.blur(self.weights[k], self.n_angles[k]))
-                            for k in range(ops.n_subsets)]
+        self.sensitivity = [
+            arith.backproject(k, arith.blur(self.weights[k], self.n_angles[k])) for k in range(ops.n_subsets)
+        ]
 
     def split(self, sino: np.ndarray, k: int) -> np.ndarray:
         """Subset ``k``'s rows of a ``(angles, bins, planes)`` sinogram as a ``(rows, planes)`` matrix."""
@@ -188,8 +193,12 @@ def osem(model: SubsetModel, data: np.ndarray, iterations: int, dose: float = 1.
     ops = a.ops
     y = [a.asarray(model.split(np.asarray(data, dtype=np.float32), k)) for k in range(ops.n_subsets)]
     sens_total = sum(a.to_numpy(s).sum(axis=0) for s in model.sensitivity) * dose
-    net = np.clip(np.asarray(data, dtype=np.float64).sum(axis=(0, 1))
-                  - dose * sum(a.to_numpy(b).sum(axis=0) for b in model.background), 0, None)
+    net = np.clip(
+        np.asarray(data, dtype=np.float64).sum(axis=(0, 1))
+        - dose * sum(a.to_numpy(b).sum(axis=0) for b in model.background),
+        0,
+        None,
+    )
     level = np.where(sens_total > 0, net / np.maximum(sens_total, 1e-30), 0.0)
     level = np.where(level > 0, level, 1e-3 * max(float(level.max()), 1e-12))
     x = a.asarray(np.broadcast_to(level[None, :], (ops.geometry.n_pixels, len(level))))
