@@ -25,6 +25,7 @@ from m2diff_monai.inference.cohort import Shard, merge_shards, resolve_shard
 from test_inference import CUBE, tiny_m2diff_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {
     "sampler": "ancestral",
     "steps": 2,
@@ -227,3 +228,33 @@ def test_torchrun_two_cpu_processes_equal_one_run(cohort, tmp_path):
     merged = json.loads((out / "predictions.json").read_text())
     assert merged["settings"]["device"] == "cpu" and len(merged["shards"]) == 2
     assert result.stdout.count("3 subject(s)") == 1  # rank 0 reports the merged cohort, rank 1 stays quiet
+
+
+def test_bundle_config_shards_then_merge_equal_one_run(cohort, tmp_path):
+    """`python -m monai.bundle run --config_file bundles/m2diff/inference.json --shard I/N ...` as a job array:
+    the bundle's own config, parsed as MONAI parses it, with only the command-line ids overridden."""
+    from monai.bundle import ConfigParser
+
+    out = tmp_path / "bundle-sharded"
+    for index in (1, 2):
+        parser = ConfigParser()
+        parser.read_config(REPO / "bundles" / "m2diff" / "inference.json")
+        overrides = {
+            "checkpoint": str(cohort["checkpoint"]),
+            "manifest": str(cohort["manifest"]),
+            "out_dir": str(out),
+            "shard": f"{index}/2",
+            **SETTINGS,
+        }
+        for key, value in overrides.items():
+            parser[key] = value
+        parser.get_parsed_content("inference", lazy=False)
+    assert main(["merge", "--out-dir", str(out)]) == 0
+    _assert_same_predictions(out, cohort["whole"])
+
+
+def test_bundle_shard_without_a_cohort_is_one_line(tmp_path):
+    with pytest.raises(InputError, match="shard splits a cohort"):
+        api.run_bundle_inference(
+            tmp_path / "x.pt", ld_pet=tmp_path / "a.nii.gz", output=tmp_path / "o.nii.gz", shard="1/2"
+        )

@@ -307,10 +307,12 @@ def run_bundle_inference(
     out_dir: str | Path | None = None,
     split: str = "test",
     sampling_defaults: dict[str, Any] | None = None,
+    shard: str | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
     """Entry point of the bundles' ``inference`` key: one subject (``ld_pet`` + ``output``) or a manifest cohort
-    (``manifest`` + ``out_dir``). Settings given as null in the bundle are not set: the checkpoint's stored
+    (``manifest`` + ``out_dir``; ``shard="I/N"`` enhances one share of it, as ``m2diff-infer --shard``, merged by
+    ``m2diff-infer merge``). Settings given as null in the bundle are not set: the checkpoint's stored
     ``inference_defaults``, then ``sampling_defaults`` (the bundle's block), then the defaults apply."""
     if not checkpoint:
         raise InputError("inference needs a checkpoint: add --checkpoint PATH")
@@ -321,8 +323,13 @@ def run_bundle_inference(
         if not out_dir:
             raise InputError("cohort inference needs out_dir: add --out_dir DIR", path=manifest)
         return report_outputs(
-            infer_manifest(checkpoint, manifest, out_dir, split=split, bundle_fallback=fallback, **settings), out_dir
+            infer_manifest(
+                checkpoint, manifest, out_dir, split=split, bundle_fallback=fallback, shard=shard or None, **settings
+            ),
+            out_dir,
         )
+    if shard:
+        raise InputError("shard splits a cohort: give --manifest PATH --out_dir DIR with --shard I/N")
     if not ld_pet or not output:
         raise InputError(
             "bundle inference needs a scan and where to write: add --ld_pet PATH --output PATH "
