@@ -658,7 +658,7 @@ def test_region_metrics_equal_evaluate_volume(cohort):
     a = cohort["arrays"]["s02"]
     regions = {r: a[r] for r in REGIONS}
     full = metrics.evaluate_volume(a["good"], a["sd"], a["brain"], regions, orientations=("axial",))
-    fast = scoring.region_metrics(a["good"], a["sd"], {r: (m, scoring.mask_box(m)) for r, m in regions.items()})
+    fast = scoring.region_metrics(a["good"], a["sd"], {r: (m, grid.mask_box(m)) for r, m in regions.items()})
     assert set(fast) == {k for k in full if k.startswith(("bias_", "mean_pred_", "mean_target_"))}
     for key, value in fast.items():
         assert value == pytest.approx(full[key], rel=1e-12, nan_ok=True), key

@@ -163,6 +163,37 @@ def crop(volume: np.ndarray, start: Sequence[int], size: int | Sequence[int], fi
     return place(volume, [-int(s) for s in start[:3]], shape, fill)
 
 
+def occupied_indices(mask: np.ndarray, axis: int) -> np.ndarray:
+    """Ascending indices along ``axis`` of the slices holding at least one True voxel (empty for an empty mask)."""
+    other = tuple(a for a in range(np.ndim(mask)) if a != axis)
+    return np.flatnonzero(np.asarray(mask).any(axis=other))
+
+
+def mask_extent(mask: np.ndarray) -> tuple[tuple[int, int], ...] | None:
+    """Inclusive ``(first, last)`` index of ``mask`` along each axis; None for an empty mask, so that every
+    caller states its own policy for it (raise, skip, or use the whole volume)."""
+    extent = []
+    for axis in range(np.ndim(mask)):
+        hit = occupied_indices(mask, axis)
+        if hit.size == 0:
+            return None
+        extent.append((int(hit[0]), int(hit[-1])))
+    return tuple(extent)
+
+
+def mask_box(mask: np.ndarray, margin: int = 0, axes: Sequence[int] | None = None) -> tuple[slice, ...] | None:
+    """Slices of ``mask``'s bounding box grown by ``margin`` voxels along ``axes`` (all axes when None) and
+    clipped to the array; None for an empty mask."""
+    extent = mask_extent(mask)
+    if extent is None:
+        return None
+    grown = range(np.ndim(mask)) if axes is None else axes
+    return tuple(
+        slice(max(0, first - (margin if axis in grown else 0)), min(n, last + 1 + (margin if axis in grown else 0)))
+        for axis, ((first, last), n) in enumerate(zip(extent, np.shape(mask), strict=True))
+    )
+
+
 def resample(
     data: np.ndarray,
     affine: np.ndarray,
