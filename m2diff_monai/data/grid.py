@@ -237,6 +237,18 @@ def to_grid(
 
 
 # --------------------------------------------------------------------------------------------------- a file's grid
+def load_nifti(path: str | Path, subject: str | None, *, missing: str, unreadable: str) -> nib.Nifti1Image:
+    """``nibabel.load`` (header only; voxels stay on disk) with one-line ``InputError``s naming the subject and the
+    file: ``missing`` for an absent file, ``unreadable (ErrorType: reason)`` for anything else nibabel raises."""
+    try:
+        return nib.load(str(path))
+    except FileNotFoundError:
+        raise InputError(missing, subject=subject, path=path) from None
+    except Exception as err:  # nibabel raises many types for bad files
+        reason = " ".join(str(err).split())
+        raise InputError(f"{unreadable} ({type(err).__name__}: {reason})", subject=subject, path=path) from None
+
+
 @dataclass
 class SourceGrid:
     """A NIfTI file's own grid (the input LD PET): predictions are written on it, voxel for voxel."""
@@ -249,14 +261,9 @@ class SourceGrid:
     @classmethod
     def from_file(cls, path: str | Path, subject: str | None = None, what: str = "low-dose PET") -> SourceGrid:
         """Header only (the voxels were read and checked by the intake when the subject was prepared)."""
-        try:
-            img = nib.load(str(path))
-        except FileNotFoundError:
-            raise InputError(f"{what} (output grid) does not exist", subject=subject, path=path) from None
-        except Exception as err:  # nibabel raises many types for bad headers
-            raise InputError(
-                f"cannot read the {what} header ({type(err).__name__}: {err})", subject=subject, path=path
-            ) from None
+        img = load_nifti(
+            path, subject, missing=f"{what} (output grid) does not exist", unreadable=f"cannot read the {what} header"
+        )
         header = nib.Nifti1Header.from_header(img.header)
         return cls(str(path), tuple(int(s) for s in img.shape[:3]), np.asarray(img.affine, dtype=np.float64), header)
 

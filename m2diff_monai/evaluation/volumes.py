@@ -49,15 +49,7 @@ class SubjectVolumes:
 
 
 def _read(path: Path, subject: str, what: str) -> nib.Nifti1Image:
-    try:
-        img = nib.load(str(path))
-    except FileNotFoundError:
-        raise InputError(f"{what} does not exist", subject=subject, path=path) from None
-    except Exception as err:  # nibabel raises many types for bad files
-        raise InputError(
-            f"cannot read the {what} ({type(err).__name__}: {' '.join(str(err).split())})", subject=subject, path=path
-        ) from None
-    return img
+    return grid.load_nifti(path, subject, missing=f"{what} does not exist", unreadable=f"cannot read the {what}")
 
 
 def _canonical(img: nib.Nifti1Image, path: Path, subject: str, what: str) -> tuple[np.ndarray, np.ndarray]:
