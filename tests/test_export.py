@@ -34,7 +34,7 @@ from m2diff_monai.export.torchscript import (
 )
 from m2diff_monai.inference import api
 from m2diff_monai.networks.factory import build_network
-from tiny_networks import randomize_zero_params, tiny_m2diff, tiny_mfdiff
+from tiny_networks import randomize_zero_params, save_checkpoint, tiny_m2diff, tiny_mfdiff
 
 torch.set_num_threads(1)
 
@@ -363,18 +363,7 @@ def test_export_writes_the_stored_sampler_and_the_card_states_it(source, tmp_pat
     stored = {"sampler": "ddim", "steps": 7, "eta": 0.0, "start_step": 120}
     data = {"intensity_range": [0, 1], "manifest": str(source["root"] / "demo.json")}
     ckpt = tmp_path / "evaluated.pt"
-    torch.save(
-        {
-            "network": net.state_dict(),
-            "ema": None,
-            "optimizer": {},
-            "scaler": None,
-            "epoch": 1,
-            "iteration": 1,
-            "config": checkpoint_config(net, {"timesteps": 50}, data, stored),
-        },
-        ckpt,
-    )
+    save_checkpoint(ckpt, net, {"timesteps": 50}, data, stored)
     out = tmp_path / "exported"
     export_mod.export_bundle(BUNDLE, ckpt, out, check=False)
     config = json.loads((out / "configs/inference.json").read_text())

@@ -16,10 +16,10 @@ import pytest
 import torch
 from torch import nn
 
+import tiny_networks
 from badinputs import centred_affine, write_subject, write_table
 from m2diff_monai.checkpoint import load_model, read_checkpoint
 from m2diff_monai.data.grid import SourceGrid
-from m2diff_monai.engines.workflow import checkpoint_config
 from m2diff_monai.errors import InputError
 from m2diff_monai.inference import api
 from m2diff_monai.inference.inferer import DiffusionSamplerInferer
@@ -49,21 +49,9 @@ def save_checkpoint(
     data: dict | None = None,
     ema_state: dict | None = None,
 ) -> Path:
-    """A checkpoint in the ARCHITECTURE format, written as training writes it."""
-    config = checkpoint_config(network, diffusion or {"timesteps": 100}, data if data is not None else DATA_CONFIG)
-    torch.save(
-        {
-            "network": network.state_dict(),
-            "ema": ema_state,
-            "optimizer": {},
-            "scaler": None,
-            "epoch": 1,
-            "iteration": 10,
-            "config": config,
-        },
-        path,
-    )
-    return path
+    """A checkpoint in the ARCHITECTURE format, written as training writes it (this file's cube unless ``data``)."""
+    data = DATA_CONFIG if data is None else data
+    return tiny_networks.save_checkpoint(path, network, diffusion or None, data, ema_state=ema_state, iteration=10)
 
 
 def tiny_m2diff_checkpoint(path: Path, seed: int = 0) -> Path:
