@@ -1,8 +1,8 @@
 """Fixtures shared by the test files.
 
 Shared helpers are plain modules next to this file, imported by name (``pythonpath = ["tests"]`` in pyproject.toml):
-``tiny_networks`` (the tiny network configs), ``synthetic_slices`` (2-D slice manifests), ``badinputs`` (NIfTI
-subjects and the bad-input corpus).
+``tiny_networks`` (the tiny network configs and ``save_checkpoint``), ``inference_checkpoints`` (the inference tests'
+checkpoints), ``synthetic_slices`` (2-D slice manifests), ``badinputs`` (NIfTI subjects and the bad-input corpus).
 """
 
 from pathlib import Path
