@@ -114,7 +114,7 @@ def time_baselines(size: int, names: list[str], bm4d_default: bool = False, seed
         runs["bm3d_default_profile"] = lambda: baselines.bm4d_baseline(
             ld, brain, 1.0, sigma, baselines.BaselineSettings(bm4d_fast_profile=False)
         )
-    box = baselines._box(brain, baselines.BaselineSettings().margin_voxels)
+    box = baselines.brain_box(brain, baselines.BaselineSettings().margin_voxels)
     out = {}
     for name, call in runs.items():
         if name.split("_")[0] not in names:

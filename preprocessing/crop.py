@@ -48,15 +48,13 @@ def crop_box(
     """The cube centred on ``mask``'s bounding box; InputError when the brain is larger than the cube (the message
     gives the voxel ``spacing`` the size counts in, when known)."""
     size = validate_size(size)
-    if not mask.any():
+    extent_of_brain = grid.mask_extent(mask)
+    if extent_of_brain is None:
         raise InputError(
             "no brain found in the PET (empty brain mask); is this a brain PET?", subject=subject, path=path
         )
     start = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        idx = np.flatnonzero(mask.any(axis=other))
-        first, last = int(idx[0]), int(idx[-1])
+    for axis, (first, last) in enumerate(extent_of_brain):
         extent = last - first + 1
         if extent > size:
             at = "" if spacing is None else f" of {float(spacing[axis]):.3g} mm"

@@ -19,6 +19,8 @@ import numpy as np
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
+from m2diff_monai.data.grid import mask_extent
+
 COMBINE_MODES: tuple[str, ...] = ("pet", "intersection", "union")
 
 
@@ -66,14 +68,10 @@ def brain_mask(
 
 def bounding_box(mask: np.ndarray) -> tuple[tuple[int, int], ...]:
     """Inclusive (first, last) index of the mask along each axis."""
-    if not mask.any():
+    extent = mask_extent(mask)
+    if extent is None:
         raise ValueError("empty mask has no bounding box")
-    box = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        idx = np.flatnonzero(mask.any(axis=other))
-        box.append((int(idx[0]), int(idx[-1])))
-    return tuple(box)
+    return extent
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

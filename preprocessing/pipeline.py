@@ -205,18 +205,24 @@ def _run_locked(
             todo.append(row)
 
     bar = tqdm(total=len(todo), desc="subjects", unit="subject", disable=None)
+
+    def take(result: tuple) -> None:
+        """One subject's outcome (from :func:`_run_one`, here or in a worker): recorded, or failed."""
+        sid, record, line, is_input = result
+        bar.update(1)
+        if record is None:
+            fail(sid, line or "failed", is_input)
+        else:
+            records[sid] = record
+            summary.processed.append(sid)
+
     try:
         if options.workers == 1 or len(todo) <= 1:
             for row in todo:
-                sid, record, line, is_input = _run_one(row, out_dir, options)
-                bar.update(1)
-                if record is None:
-                    fail(sid, line or "failed", is_input)
-                else:
-                    records[sid] = record
-                    summary.processed.append(sid)
+                take(_run_one(row, out_dir, options))
         else:
-            _run_parallel(todo, out_dir, options, records, summary, fail, bar)
+            _run_parallel(todo, out_dir, options, take)
+            summary.processed.sort()
     finally:
         bar.close()
 
@@ -247,7 +253,8 @@ def _run_locked(
     return summary
 
 
-def _run_parallel(todo, out_dir, options, records, summary, fail, bar) -> None:
+def _run_parallel(todo, out_dir, options, take) -> None:
+    """:func:`_run_one` for each row of ``todo`` in worker processes; ``take`` gets each result as it finishes."""
     threads = max(1, allowed_threads()[0] // options.workers)  # CPUs we may use, not all visible
     if os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
         threads = min(threads, int(os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"]))
@@ -260,18 +267,11 @@ def _run_parallel(todo, out_dir, options, records, summary, fail, bar) -> None:
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    sid, record, line, is_input = future.result()
-                    bar.update(1)
-                    if record is None:
-                        fail(sid, line or "failed", is_input)
-                    else:
-                        records[sid] = record
-                        summary.processed.append(sid)
+                    take(future.result())
         except BaseException:
             for future in pending:
                 future.cancel()
             raise
-    summary.processed.sort()
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from m2diff_monai.data.grid import occupied_indices
 from m2diff_monai.data.orientation import axis_of, extract_slice
 from m2diff_monai.io.atomic import save_npy
 
@@ -40,9 +41,7 @@ def parse_slices_per_subject(value: str | int | None) -> int | None:
 
 
 def brain_slice_indices(mask: np.ndarray, orientation: str) -> np.ndarray:
-    axis = axis_of(orientation)
-    other = tuple(a for a in range(mask.ndim) if a != axis)
-    return np.flatnonzero(mask.any(axis=other))
+    return occupied_indices(mask, axis_of(orientation))
 
 
 def select_slices(mask: np.ndarray, orientation: str, per_subject: int | None) -> list[int]:

@@ -19,7 +19,8 @@ from m2diff_monai.deploy.runner import read_bundle_config
 from m2diff_monai.inference.inferer import DiffusionSamplerInferer
 from m2diff_monai.inference.volume import predict_volume
 from preprocessing.cubes import prepare_cubes
-from test_export import exported, source  # noqa: F401  (module fixtures: a tiny M2Diff V6 export, 16³ cubes)
+
+torch.set_num_threads(1)  # as test_export: the tiny export and its sampling run fastest on one thread
 
 FAST = {"steps": 2, "orientations": "axial,coronal", "sampler": "ancestral", "fusion": "mean", "amp": "none"}
 SIZE, SPACING = 16, 3.0

@@ -20,8 +20,9 @@ import pytest
 from scipy import ndimage
 from scipy import stats as sps
 
+from m2diff_monai.data import grid
 from m2diff_monai.data.manifest import VOLUME_PATH_KEYS, provenance, write_manifest
-from m2diff_monai.evaluation import baselines, cli, metrics, quantitation, run, scoring
+from m2diff_monai.evaluation import baselines, cli, metrics, quantitation, run
 
 SHAPE = (30, 32, 22)
 SPACING = (2.0, 2.0, 2.5)
@@ -223,8 +224,8 @@ def test_lesion_recovery_equals_a_hand_computation():
     volume[1:3, 1:3, 1] = [[8.0, 18.0], [20.0, 30.0]]
     volume[5, 5, 5] = 1000.0  # outside the lesion: ignored
     regions = {
-        "lesion_hot": (lesion, scoring.mask_box(lesion)),
-        "gm": (lesion, scoring.mask_box(lesion)),
+        "lesion_hot": (lesion, grid.mask_box(lesion)),
+        "gm": (lesion, grid.mask_box(lesion)),
         "lesion_cold": (np.zeros_like(lesion), None),
     }
     row = quantitation.lesion_recovery(volume, reference, regions)
@@ -340,7 +341,7 @@ def test_baselines_filter_the_ld_only_inside_the_brain_box(full_report, cohort):
     out = baselines.nlm_baseline(
         a["ld"], a["brain"], 1.0, baselines.estimate_noise_sigma(a["ld"], a["brain"]), settings
     )
-    box = baselines._box(a["brain"], settings.margin_voxels)
+    box = baselines.brain_box(a["brain"], settings.margin_voxels)
     outside = np.ones(SHAPE, bool)
     outside[box] = False
     if outside.any():

@@ -24,7 +24,7 @@ from m2diff_monai.data import grid
 from m2diff_monai.errors import InputError
 from m2diff_monai.evaluation import cli, complexity, inputs, metrics, paper_protocol, run, scoring
 from m2diff_monai.evaluation.lpips_metric import LPIPSMetric
-from tiny_networks import tiny_m2diff
+from tiny_networks import save_checkpoint, tiny_m2diff
 
 NATIVE = (36, 40, 20)
 SIZE = 32
@@ -418,26 +418,13 @@ def test_lpips_code_path_with_a_random_backbone(cohort, tmp_path):
 
 
 def save_tiny_checkpoint(path: Path, config: dict, epoch: int = 2, iteration: int = 20) -> Path:
-    from m2diff_monai.engines.workflow import checkpoint_config
     from m2diff_monai.networks.factory import build_network
 
     torch.manual_seed(0)
     net = build_network(config)
-    cfg = checkpoint_config(net, {"timesteps": 100}, {"size": SIZE, "normalization": "shared", "space": "pet"})
+    data = {"size": SIZE, "normalization": "shared", "space": "pet"}
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "network": net.state_dict(),
-            "ema": None,
-            "optimizer": {},
-            "scaler": None,
-            "epoch": epoch,
-            "iteration": iteration,
-            "config": cfg,
-        },
-        path,
-    )
-    return path
+    return save_checkpoint(path, net, None, data, epoch=epoch, iteration=iteration)
 
 
 def test_complexity_from_checkpoint_logs_and_inference_summary(tmp_path):
@@ -582,7 +569,6 @@ def test_end_to_end_with_the_pipeline_and_m2diff_infer(tmp_path, space):
     """Real manifest (m2diff-preprocess) and real cohort predictions (m2diff-infer): the names line up, and the
     masks come back onto the LD grid (exactly for space=pet, through ANTs nearest neighbour for space=mri)."""
     from badinputs import write_subject, write_table
-    from m2diff_monai.engines.workflow import checkpoint_config
     from m2diff_monai.inference import api
     from m2diff_monai.networks.factory import build_network
     from preprocessing.pipeline import PipelineOptions, run_pipeline
@@ -601,16 +587,7 @@ def test_end_to_end_with_the_pipeline_and_m2diff_infer(tmp_path, space):
     )
     net = build_network({"name": "inference_test_identity"})
     data = {"size": SIZE, "normalization": "shared", "transform": "rigid", "space": space}
-    torch.save(
-        {
-            "network": net.state_dict(),
-            "ema": None,
-            "epoch": 1,
-            "iteration": 10,
-            "config": checkpoint_config(net, {"timesteps": 100}, data),
-        },
-        tmp_path / "id.pt",
-    )
+    save_checkpoint(tmp_path / "id.pt", net, None, data, iteration=10)
     api.infer_manifest(
         tmp_path / "id.pt",
         manifest,
@@ -658,7 +635,7 @@ def test_region_metrics_equal_evaluate_volume(cohort):
     a = cohort["arrays"]["s02"]
     regions = {r: a[r] for r in REGIONS}
     full = metrics.evaluate_volume(a["good"], a["sd"], a["brain"], regions, orientations=("axial",))
-    fast = scoring.region_metrics(a["good"], a["sd"], {r: (m, scoring.mask_box(m)) for r, m in regions.items()})
+    fast = scoring.region_metrics(a["good"], a["sd"], {r: (m, grid.mask_box(m)) for r, m in regions.items()})
     assert set(fast) == {k for k in full if k.startswith(("bias_", "mean_pred_", "mean_target_"))}
     for key, value in fast.items():
         assert value == pytest.approx(full[key], rel=1e-12, nan_ok=True), key

@@ -18,8 +18,8 @@ from monai.bundle import ConfigParser, verify_metadata
 from monai.data import load_net_with_metadata
 
 from badinputs import centred_affine, phantom
+from export_source import BUNDLE, REPO, TINY_V6, write_checkpoint
 from m2diff_monai.checkpoint import LoadedModel, load_model
-from m2diff_monai.engines.workflow import checkpoint_config
 from m2diff_monai.export import bundle as export_mod
 from m2diff_monai.export.cli import main
 from m2diff_monai.export.model_card import load_metrics
@@ -34,14 +34,11 @@ from m2diff_monai.export.torchscript import (
 )
 from m2diff_monai.inference import api
 from m2diff_monai.networks.factory import build_network
-from tiny_networks import randomize_zero_params, tiny_m2diff, tiny_mfdiff
+from tiny_networks import randomize_zero_params, save_checkpoint, tiny_mfdiff
 
 torch.set_num_threads(1)
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLE = REPO / "bundles" / "m2diff"
 SCHEMA = REPO / "bundles" / "schema" / "meta_schema.json"
-TINY_V6 = tiny_m2diff(attention=True)
 TINY_MFDIFF = tiny_mfdiff(attention=True, allow_missing_mri=True)
 EXPECTED_FILES = {
     "configs/metadata.json",
@@ -54,75 +51,6 @@ EXPECTED_FILES = {
     "docs/README.md",
     "LICENSE",
 } | ({"configs/evaluate.json"} if (BUNDLE / "evaluate.json").is_file() else set())
-
-
-def write_checkpoint(
-    path: Path, net_config: dict, manifest: Path | None = None, ema: bool = True, with_config: bool = True
-) -> Path:
-    net = randomize_zero_params(build_network(net_config)).eval()
-    state = net.state_dict()
-    data = {"intensity_range": [0, 1], **({"manifest": str(manifest)} if manifest else {})}
-    ckpt = {
-        "network": state,
-        "ema": {k: v + 0.01 for k, v in state.items()} if ema else None,
-        "optimizer": {},
-        "scaler": None,
-        "epoch": 3,
-        "iteration": 30,
-    }
-    if with_config:
-        ckpt["config"] = checkpoint_config(net, {"timesteps": 50}, data)
-    torch.save(ckpt, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    root = tmp_path_factory.mktemp("source")
-    manifest = root / "demo.json"
-    manifest.write_text(
-        json.dumps(
-            {
-                "name": "demo",
-                "description": "m2diff-monai preprocessed data (3 subjects)",
-                "size": 16,
-                "training": [{}] * 6,
-                "validation": [{}] * 2,
-                "test": [{}] * 2,
-                "volumes": [{}] * 3,
-                "provenance": {
-                    "tool": "m2diff-preprocess",
-                    "version": "0.1.0",
-                    "created": "2026-01-01T00:00:00",
-                    "parameters": {"size": 16, "normalization": "paper"},
-                    "notes": "Simulated PET on real MNI152 anatomy (demo cohort). Not patient data.",
-                },
-            }
-        )
-    )
-    metrics = root / "summary.csv"
-    metrics.write_text("method,psnr,ssim\nm2diff,31.25,0.912\nld_pet,25.5,0.801\n")
-    return {"checkpoint": write_checkpoint(root / "best.pt", TINY_V6, manifest), "metrics": metrics, "root": root}
-
-
-@pytest.fixture(scope="module")
-def exported(source, tmp_path_factory):
-    out = tmp_path_factory.mktemp("export") / "m2diff_bundle"
-    rc = main(
-        [
-            "--bundle",
-            str(BUNDLE),
-            "--checkpoint",
-            str(source["checkpoint"]),
-            "--out",
-            str(out),
-            "--metrics",
-            str(source["metrics"]),
-            "--no-progress",
-        ]
-    )
-    assert rc == 0
-    return out
 
 
 def files_under(folder: Path) -> set[str]:
@@ -363,18 +291,7 @@ def test_export_writes_the_stored_sampler_and_the_card_states_it(source, tmp_pat
     stored = {"sampler": "ddim", "steps": 7, "eta": 0.0, "start_step": 120}
     data = {"intensity_range": [0, 1], "manifest": str(source["root"] / "demo.json")}
     ckpt = tmp_path / "evaluated.pt"
-    torch.save(
-        {
-            "network": net.state_dict(),
-            "ema": None,
-            "optimizer": {},
-            "scaler": None,
-            "epoch": 1,
-            "iteration": 1,
-            "config": checkpoint_config(net, {"timesteps": 50}, data, stored),
-        },
-        ckpt,
-    )
+    save_checkpoint(ckpt, net, {"timesteps": 50}, data, stored)
     out = tmp_path / "exported"
     export_mod.export_bundle(BUNDLE, ckpt, out, check=False)
     config = json.loads((out / "configs/inference.json").read_text())

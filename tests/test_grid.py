@@ -219,3 +219,21 @@ def test_stored_inverse_transforms_reads_subject_json(tmp_path):
     record = {"registration": {"transforms": {"inverse": ["transforms/pet_to_mri_0GenericAffine.mat"]}}}
     assert grid.stored_inverse_transforms(record, tmp_path) == [tmp_path / "transforms/pet_to_mri_0GenericAffine.mat"]
     assert grid.stored_inverse_transforms({"registration": None}, tmp_path) == []
+
+
+def test_mask_box_matches_argwhere_and_says_empty():
+    """The one bounding-box owner: extent = argwhere min/max, box grown by the margin only along ``axes`` and
+    clipped to the array; an empty mask gives None (callers choose their own policy)."""
+    rng = np.random.default_rng(3)
+    mask = np.zeros((9, 11, 7), dtype=bool)
+    mask[2:5, 0:4, 3:7] = rng.random((3, 4, 4)) > 0.3
+    mask[2, 0, 3] = mask[4, 3, 6] = True
+    points = np.argwhere(mask)
+    expected = tuple((int(lo), int(hi)) for lo, hi in zip(points.min(0), points.max(0), strict=True))
+    assert grid.mask_extent(mask) == expected
+    assert grid.mask_box(mask) == tuple(slice(lo, hi + 1) for lo, hi in expected)
+    assert grid.mask_box(mask, margin=2, axes=(0, 2)) == (slice(0, 7), slice(0, 4), slice(1, 7))
+    np.testing.assert_array_equal(grid.occupied_indices(mask, 0), [2, 3, 4])
+    empty = np.zeros((4, 4, 4), dtype=bool)
+    assert grid.mask_extent(empty) is None and grid.mask_box(empty, margin=1) is None
+    assert grid.occupied_indices(empty, 1).size == 0

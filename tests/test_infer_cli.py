@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from badinputs import write_subject, write_table
+from inference_checkpoints import CUBE, identity_checkpoint, tiny_m2diff_checkpoint
 from m2diff_monai.inference.cli import main
-from test_inference import CUBE, identity_checkpoint, tiny_m2diff_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}

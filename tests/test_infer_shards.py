@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 
 from badinputs import write_subject, write_table
+from inference_checkpoints import CUBE, tiny_m2diff_checkpoint
 from m2diff_monai.errors import InputError
 from m2diff_monai.inference import api
 from m2diff_monai.inference.cli import main
 from m2diff_monai.inference.cohort import Shard, merge_shards, resolve_shard
-from test_inference import CUBE, tiny_m2diff_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO = Path(__file__).resolve().parents[1]

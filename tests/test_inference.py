@@ -17,9 +17,16 @@ import torch
 from torch import nn
 
 from badinputs import centred_affine, write_subject, write_table
+from inference_checkpoints import (
+    CUBE,
+    DATA_CONFIG,
+    TINY_M2DIFF,
+    identity_checkpoint,
+    save_checkpoint,
+    tiny_m2diff_checkpoint,
+)
 from m2diff_monai.checkpoint import load_model, read_checkpoint
 from m2diff_monai.data.grid import SourceGrid
-from m2diff_monai.engines.workflow import checkpoint_config
 from m2diff_monai.errors import InputError
 from m2diff_monai.inference import api
 from m2diff_monai.inference.inferer import DiffusionSamplerInferer
@@ -31,50 +38,11 @@ from m2diff_monai.inference.preprocess import (
 )
 from m2diff_monai.inference.volume import SliceGeometry, _coverage_count, fuse_with_coverage
 from m2diff_monai.networks.factory import build_network
-from tiny_networks import tiny_m2diff
 
-CUBE = 32
-TINY_M2DIFF = tiny_m2diff(CUBE, channel_mult=[1])
-DATA_CONFIG = {"size": CUBE, "normalization": "shared", "transform": "rigid", "space": "pet"}
 FAST = {"steps": 2, "batch_size": 64, "progress": False, "png": False, "device": "cpu"}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def save_checkpoint(
-    path: Path,
-    network: nn.Module,
-    diffusion: dict | None = None,
-    data: dict | None = None,
-    ema_state: dict | None = None,
-) -> Path:
-    """A checkpoint in the ARCHITECTURE format, written as training writes it."""
-    config = checkpoint_config(network, diffusion or {"timesteps": 100}, data if data is not None else DATA_CONFIG)
-    torch.save(
-        {
-            "network": network.state_dict(),
-            "ema": ema_state,
-            "optimizer": {},
-            "scaler": None,
-            "epoch": 1,
-            "iteration": 10,
-            "config": config,
-        },
-        path,
-    )
-    return path
-
-
-def tiny_m2diff_checkpoint(path: Path, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    net = build_network(TINY_M2DIFF)
-    return save_checkpoint(path, net, ema_state=net.state_dict())
-
-
-def identity_checkpoint(path: Path, normalization: str = "shared") -> Path:
-    net = build_network({"name": "inference_test_identity"})
-    return save_checkpoint(path, net, data={**DATA_CONFIG, "normalization": normalization})
 
 
 @pytest.fixture(scope="module")

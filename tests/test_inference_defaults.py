@@ -18,6 +18,7 @@ from m2diff_monai.errors import InputError
 from m2diff_monai.inference import api
 from m2diff_monai.inference.cli import main as infer_main
 from m2diff_monai.networks.factory import build_network, register_network
+from tiny_networks import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "bundles" / "m2diff"
@@ -61,20 +62,7 @@ def one_thread():
 def counter_checkpoint(path: Path, inference_defaults: dict | None) -> Path:
     net = build_network({"name": "defaults_test_counter"})
     data = {"size": CUBE, "normalization": "shared", "transform": "rigid", "space": "pet"}
-    config = checkpoint_config(net, {"timesteps": 100}, data, inference_defaults)
-    torch.save(
-        {
-            "network": net.state_dict(),
-            "ema": None,
-            "optimizer": {},
-            "scaler": None,
-            "epoch": 1,
-            "iteration": 1,
-            "config": config,
-        },
-        path,
-    )
-    return path
+    return save_checkpoint(path, net, None, data, inference_defaults)
 
 
 @pytest.fixture(scope="module")

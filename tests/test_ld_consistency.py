@@ -12,12 +12,12 @@ import torch
 from torch import nn
 
 from badinputs import write_subject
-from m2diff_monai.engines.workflow import checkpoint_config
 from m2diff_monai.inference import api
 from m2diff_monai.inference.cli import main as infer_main
 from m2diff_monai.inference.consistency import FWHM_PER_SIGMA, consistency_sigma, ld_consistency
 from m2diff_monai.inference.defaults import check_inference_defaults
 from m2diff_monai.networks.factory import build_network, register_network
+from tiny_networks import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "bundles" / "m2diff"
@@ -98,20 +98,7 @@ def subject(tmp_path_factory) -> Path:
 def _checkpoint(path: Path, inference_defaults: dict | None) -> Path:
     net = build_network({"name": "consistency_test_shrink"})
     data = {"size": CUBE, "normalization": "shared", "transform": "rigid", "space": "pet"}
-    config = checkpoint_config(net, {"timesteps": 100}, data, inference_defaults)
-    torch.save(
-        {
-            "network": net.state_dict(),
-            "ema": None,
-            "optimizer": {},
-            "scaler": None,
-            "epoch": 1,
-            "iteration": 1,
-            "config": config,
-        },
-        path,
-    )
-    return path
+    return save_checkpoint(path, net, None, data, inference_defaults)
 
 
 def _level(pred: Path, ld: Path, sampled: np.ndarray) -> float:

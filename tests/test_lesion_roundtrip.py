@@ -20,10 +20,10 @@ from torch import nn
 
 from badinputs import PET_SHAPE, PET_VOXEL_MM, centred_affine, phantom, save, world_coordinates
 from m2diff_monai.diffusion import build_diffusion
-from m2diff_monai.engines.workflow import checkpoint_config
 from m2diff_monai.inference import api
 from m2diff_monai.inference.preprocess import TrainingPreprocessing, prepare_subject
 from m2diff_monai.networks.factory import build_network, register_network
+from tiny_networks import save_checkpoint
 
 CUBE = 32
 LESION_RATIO = 2.5  # lesion value / the subject's normalization scale
@@ -99,19 +99,7 @@ def _checkpoint(path: Path, mean_type: str, clip, normalization: str = "shared",
     network = build_network({"name": "lesion_test_oracle", "mean_type": mean_type, "timesteps": 100})
     diffusion = {"timesteps": 100, "model_mean_type": mean_type, "clip_denoised": clip}
     data = {"size": size, "normalization": normalization, "transform": "rigid", "space": "pet"}
-    torch.save(
-        {
-            "network": network.state_dict(),
-            "ema": None,
-            "optimizer": {},
-            "scaler": None,
-            "epoch": 1,
-            "iteration": 1,
-            "config": checkpoint_config(network, diffusion, data),
-        },
-        path,
-    )
-    return path
+    return save_checkpoint(path, network, diffusion, data)
 
 
 def lesion_recovery(subject: dict, checkpoint: Path, out: Path, **settings) -> dict[str, float]:

@@ -193,3 +193,26 @@ def test_owner_sits_at_the_bottom_layer_and_breaks_the_evaluation_loop():
     assert all(m.startswith(allowed) or m == "m2diff_monai" for m in own), own
     package = Path(mf.__file__).parents[1]
     assert "m2diff_monai.evaluation.run" not in imported_modules(package / "evaluation" / "representation.py")
+
+
+def test_item_paths_and_subject_record_resolve_against_the_manifest_folder(tmp_path):
+    """Relative paths resolve against the manifest's folder; ``subject.json`` is found through ``subject_json``,
+    else ``preprocessed_dir``, else the manifest folder; missing is {} or an InputError by the caller's choice."""
+    assert mf.item_path(tmp_path, "a/b.nii.gz") == tmp_path / "a" / "b.nii.gz"
+    assert mf.item_path(tmp_path, "") is None and mf.item_path(tmp_path, None) is None
+    assert mf.subject_record_path({}, tmp_path) == tmp_path / "subject.json"
+    assert mf.subject_record_path({"preprocessed_dir": "s1"}, tmp_path) == tmp_path / "s1" / "subject.json"
+    explicit = {"preprocessed_dir": "s1", "subject_json": "elsewhere/r.json"}
+    assert mf.subject_record_path(explicit, tmp_path) == tmp_path / "elsewhere" / "r.json"
+
+    item = {"subject": "s1", "preprocessed_dir": "s1"}
+    assert mf.read_subject_record(item, tmp_path, "s1", required=False) == {}
+    with pytest.raises(InputError, match="s1.*subject.json of the preprocessed subject does not exist"):
+        mf.read_subject_record(item, tmp_path, "s1", required=True)
+    (tmp_path / "s1").mkdir()
+    (tmp_path / "s1" / "subject.json").write_text("{not json")
+    for required in (False, True):
+        with pytest.raises(InputError, match="cannot read subject.json"):
+            mf.read_subject_record(item, tmp_path, "s1", required=required)
+    (tmp_path / "s1" / "subject.json").write_text(json.dumps({"space": "pet"}))
+    assert mf.read_subject_record(item, tmp_path, "s1", required=True) == {"space": "pet"}

@@ -19,7 +19,6 @@ from badinputs import write_subject, write_table
 from m2diff_monai.data.datasets import load_slice_items
 from m2diff_monai.data.orientation import ORIENTATIONS, axis_of
 from m2diff_monai.data.transforms import slice_transforms
-from m2diff_monai.engines.workflow import checkpoint_config
 from m2diff_monai.errors import InputError
 from m2diff_monai.inference import api, cohort
 from m2diff_monai.inference.preprocess import TrainingPreprocessing, prepare_subject, resolve_preprocessing
@@ -28,6 +27,7 @@ from m2diff_monai.networks.factory import build_network, register_network
 from preprocessing import normalization
 from preprocessing.normalization import SliceRange, minmax_slices, recorded_method
 from preprocessing.pipeline import PipelineOptions, run_pipeline
+from tiny_networks import save_checkpoint
 
 CUBE = 32
 FAST = {"steps": 2, "batch_size": 64, "progress": False, "png": False, "device": "cpu", "fusion": "mean"}
@@ -55,19 +55,7 @@ register_network("slicenorm_test_scaled_ld", ScaledLD)
 def checkpoint(path: Path, recorded: str, k: float = 1.0) -> Path:
     net = build_network({"name": "slicenorm_test_scaled_ld", "k": k})
     data = {"size": CUBE, "normalization": recorded, "transform": "rigid", "space": "pet"}
-    torch.save(
-        {
-            "network": net.state_dict(),
-            "ema": None,
-            "optimizer": {},
-            "scaler": None,
-            "epoch": 1,
-            "iteration": 1,
-            "config": checkpoint_config(net, {"timesteps": 100}, data),
-        },
-        path,
-    )
-    return path
+    return save_checkpoint(path, net, None, data)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -15,10 +15,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from scipy import ndimage
 
 from badinputs import centred_affine, save, world_coordinates, write_subject, write_table
+from m2diff_monai.checkpoint import new_checkpoint, write_checkpoint
 from m2diff_monai.data import grid
 from m2diff_monai.engines.workflow import checkpoint_config
 from m2diff_monai.errors import InputError
@@ -27,7 +27,7 @@ from m2diff_monai.inference.preprocess import resolve_preprocessing
 from m2diff_monai.networks.factory import build_network
 from preprocessing import spacing as sp
 from preprocessing.pipeline import PipelineOptions, run_pipeline
-from tiny_networks import IdentityRegressor  # noqa: F401  (registers inference_test_identity)
+from tiny_networks import IdentityRegressor, save_checkpoint  # noqa: F401  (registers inference_test_identity)
 
 FAST = {"steps": 2, "batch_size": 64, "progress": False, "png": False, "device": "cpu", "fusion": "mean"}
 FOV_SHAPE_2MM = (48, 56, 40)  # 96 x 112 x 80 mm
@@ -86,20 +86,7 @@ def identity_checkpoint(path: Path, size: int, spacing) -> Path:
     preprocessing = {"size": size, "normalization": "shared", "transform": "Rigid", "space": "pet"}
     if spacing is not None:
         preprocessing["spacing"] = None if spacing == "native" else list(spacing)
-    config = checkpoint_config(net, {"timesteps": 100}, {"size": size, "preprocessing": preprocessing})
-    torch.save(
-        {
-            "network": net.state_dict(),
-            "ema": None,
-            "optimizer": {},
-            "scaler": None,
-            "epoch": 1,
-            "iteration": 1,
-            "config": config,
-        },
-        path,
-    )
-    return path
+    return save_checkpoint(path, net, None, {"size": size, "preprocessing": preprocessing})
 
 
 def canonical(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -414,7 +401,7 @@ def test_mri_space_resamples_the_t1_grid_and_maps_back_through_the_registration(
     data = checkpoint_config(net, {"timesteps": 100}, {"manifest": str(manifest)})["data"]
     config = {"network": net.config, "diffusion": {"timesteps": 100}, "data": data}
     ckpt = tmp_path / "id.pt"
-    torch.save({"network": net.state_dict(), "ema": None, "epoch": 1, "iteration": 1, "config": config}, ckpt)
+    write_checkpoint(ckpt, new_checkpoint(net.state_dict(), config, epoch=1, iteration=1))
     api.infer_manifest(ckpt, manifest, tmp_path / "preds", split="test", **FAST)
     source = nib.load(str(raw / row["ld_pet"]))
     pred = nib.load(str(tmp_path / "preds" / "r01.nii.gz"))

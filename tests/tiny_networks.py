@@ -11,10 +11,13 @@ Known-answer stand-ins, registered with the network factory on import (so they t
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from m2diff_monai.checkpoint import new_checkpoint, write_checkpoint
+from m2diff_monai.engines.workflow import checkpoint_config
 from m2diff_monai.networks.factory import register_network
 
 TINY_SIZE = 16
@@ -70,6 +73,28 @@ def tiny_mfdiff(
         "unet": tiny_unet(image_size, attention),
         **overrides,
     }
+
+
+def save_checkpoint(
+    path: Path,
+    network: torch.nn.Module,
+    diffusion: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
+    inference_defaults: dict[str, Any] | None = None,
+    *,
+    ema_state: dict[str, torch.Tensor] | None = None,
+    epoch: int = 1,
+    iteration: int = 1,
+) -> Path:
+    """``network`` saved as training saves it (:func:`m2diff_monai.checkpoint.new_checkpoint`, config by
+    ``checkpoint_config``; diffusion ``{"timesteps": 100}`` unless given; raw weights, EMA only when given)."""
+    config = checkpoint_config(
+        network, {"timesteps": 100} if diffusion is None else diffusion, data, inference_defaults
+    )
+    checkpoint = new_checkpoint(
+        network.state_dict(), config, ema_state=ema_state, optimizer={}, epoch=epoch, iteration=iteration
+    )
+    return write_checkpoint(path, checkpoint)
 
 
 def randomize_zero_params(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

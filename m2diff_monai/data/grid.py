@@ -163,6 +163,37 @@ def crop(volume: np.ndarray, start: Sequence[int], size: int | Sequence[int], fi
     return place(volume, [-int(s) for s in start[:3]], shape, fill)
 
 
+def occupied_indices(mask: np.ndarray, axis: int) -> np.ndarray:
+    """Ascending indices along ``axis`` of the slices holding at least one True voxel (empty for an empty mask)."""
+    other = tuple(a for a in range(np.ndim(mask)) if a != axis)
+    return np.flatnonzero(np.asarray(mask).any(axis=other))
+
+
+def mask_extent(mask: np.ndarray) -> tuple[tuple[int, int], ...] | None:
+    """Inclusive ``(first, last)`` index of ``mask`` along each axis; None for an empty mask, so that every
+    caller states its own policy for it (raise, skip, or use the whole volume)."""
+    extent = []
+    for axis in range(np.ndim(mask)):
+        hit = occupied_indices(mask, axis)
+        if hit.size == 0:
+            return None
+        extent.append((int(hit[0]), int(hit[-1])))
+    return tuple(extent)
+
+
+def mask_box(mask: np.ndarray, margin: int = 0, axes: Sequence[int] | None = None) -> tuple[slice, ...] | None:
+    """Slices of ``mask``'s bounding box grown by ``margin`` voxels along ``axes`` (all axes when None) and
+    clipped to the array; None for an empty mask."""
+    extent = mask_extent(mask)
+    if extent is None:
+        return None
+    grown = range(np.ndim(mask)) if axes is None else axes
+    return tuple(
+        slice(max(0, first - (margin if axis in grown else 0)), min(n, last + 1 + (margin if axis in grown else 0)))
+        for axis, ((first, last), n) in enumerate(zip(extent, np.shape(mask), strict=True))
+    )
+
+
 def resample(
     data: np.ndarray,
     affine: np.ndarray,
@@ -206,6 +237,18 @@ def to_grid(
 
 
 # --------------------------------------------------------------------------------------------------- a file's grid
+def load_nifti(path: str | Path, subject: str | None, *, missing: str, unreadable: str) -> nib.Nifti1Image:
+    """``nibabel.load`` (header only; voxels stay on disk) with one-line ``InputError``s naming the subject and the
+    file: ``missing`` for an absent file, ``unreadable (ErrorType: reason)`` for anything else nibabel raises."""
+    try:
+        return nib.load(str(path))
+    except FileNotFoundError:
+        raise InputError(missing, subject=subject, path=path) from None
+    except Exception as err:  # nibabel raises many types for bad files
+        reason = " ".join(str(err).split())
+        raise InputError(f"{unreadable} ({type(err).__name__}: {reason})", subject=subject, path=path) from None
+
+
 @dataclass
 class SourceGrid:
     """A NIfTI file's own grid (the input LD PET): predictions are written on it, voxel for voxel."""
@@ -218,14 +261,9 @@ class SourceGrid:
     @classmethod
     def from_file(cls, path: str | Path, subject: str | None = None, what: str = "low-dose PET") -> SourceGrid:
         """Header only (the voxels were read and checked by the intake when the subject was prepared)."""
-        try:
-            img = nib.load(str(path))
-        except FileNotFoundError:
-            raise InputError(f"{what} (output grid) does not exist", subject=subject, path=path) from None
-        except Exception as err:  # nibabel raises many types for bad headers
-            raise InputError(
-                f"cannot read the {what} header ({type(err).__name__}: {err})", subject=subject, path=path
-            ) from None
+        img = load_nifti(
+            path, subject, missing=f"{what} (output grid) does not exist", unreadable=f"cannot read the {what} header"
+        )
         header = nib.Nifti1Header.from_header(img.header)
         return cls(str(path), tuple(int(s) for s in img.shape[:3]), np.asarray(img.affine, dtype=np.float64), header)
 

@@ -178,6 +178,35 @@ def relative_path(path: str | Path | None, base: str | Path) -> str:
     return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(base))).as_posix()
 
 
+def item_path(base: str | Path, value: Any) -> Path | None:
+    """A manifest item's relative path resolved against the manifest's folder ``base``; None when the key is empty."""
+    return Path(base) / str(value) if value not in (None, "") else None
+
+
+def subject_record_path(item: Mapping[str, Any], base: str | Path) -> Path:
+    """Where a volume item's ``subject.json`` lies: its ``subject_json`` key, else ``subject.json`` in its
+    ``preprocessed_dir`` (the manifest's folder when that is not given either)."""
+    folder = item_path(base, item.get("preprocessed_dir")) or Path(base)
+    return item_path(base, item.get("subject_json")) or folder / "subject.json"
+
+
+def read_subject_record(item: Mapping[str, Any], base: str | Path, subject: str, required: bool) -> dict[str, Any]:
+    """The preprocessed subject's record (``subject.json``, see :func:`subject_record_path`). A missing record is
+    an ``InputError`` when ``required`` (inference needs its crop box) and ``{}`` otherwise (evaluation falls back
+    to the manifest item); an unreadable one is always an ``InputError`` naming the subject and the file."""
+    path = subject_record_path(item, base)
+    if not required and not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(
+            "subject.json of the preprocessed subject does not exist", subject=subject, path=path
+        ) from None
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot read subject.json ({err})", subject=subject, path=path) from None
+
+
 def rebase(manifest: Mapping[str, Any], from_dir: str | Path, to_dir: str | Path) -> dict[str, Any]:
     """Rewrite every relative path of ``manifest`` (written in ``from_dir``) to be relative to ``to_dir``."""
     from_dir, to_dir = Path(from_dir).resolve(), Path(to_dir).resolve()
@@ -248,8 +277,7 @@ def slice_items(
             continue
         resolved = dict(item)
         for name in SLICE_PATH_KEYS:
-            value = item.get(name) or ""
-            resolved[name] = str(base / value) if value else ""
+            resolved[name] = str(item_path(base, item.get(name)) or "")
         resolved["mri_available"] = int(bool(item.get("mri_available", 0)) and bool(resolved["mri"]))
         items.append(resolved)
     if not items:
@@ -271,17 +299,20 @@ __all__ = [
     "VOLUME_PATH_KEYS",
     "canonical_split",
     "datalist_key",
+    "item_path",
     "load_schema",
     "manifest_provenance",
     "now_iso",
     "provenance",
     "provenance_parameters",
     "read_manifest",
+    "read_subject_record",
     "rebase",
     "relative_path",
     "schema_problems",
     "select_volumes",
     "slice_items",
+    "subject_record_path",
     "validate_manifest",
     "write_manifest",
 ]

@@ -11,7 +11,7 @@ import torch
 from monai.inferers import Inferer
 
 from m2diff_monai.inference.consistency import consistency_sigma
-from m2diff_monai.inference.inferer import DiffusionSamplerInferer, resolve_amp
+from m2diff_monai.inference.inferer import DiffusionSamplerInferer
 from m2diff_monai.inference.volume import predict_volume
 
 
@@ -133,16 +133,7 @@ class PETEnhancementInferer(Inferer):
         mask = _volume(brain_mask, "the brain mask")
         if mri_volume is not None and mri_volume.shape != ld.shape or mask is not None and mask.shape != ld.shape:
             raise ValueError(f"the MRI and brain mask must have the LD PET's shape {ld.shape}")
-        sampler = DiffusionSamplerInferer(
-            self.diffusion_config,
-            sampler=cfg.sampler,
-            steps=cfg.steps,
-            eta=cfg.eta,
-            start_step=cfg.start_step,
-            shared_noise=cfg.shared_noise,
-            amp_dtype=resolve_amp(cfg.amp, device),
-            seed=cfg.seed,
-        )
+        sampler = DiffusionSamplerInferer.from_settings(self.diffusion_config, cfg, device)
         prediction = predict_volume(
             as_project_network(network, self.is_diffusion).to(device),
             sampler,

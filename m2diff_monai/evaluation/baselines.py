@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from m2diff_monai.data.grid import mask_box
 from m2diff_monai.errors import InputError
 
 #: ``--baselines`` name → method row name.
@@ -138,13 +139,10 @@ def gaussian_baseline(ld: np.ndarray, fwhm_mm: float, spacing: Sequence[float]) 
     ).astype(np.float32, copy=False)
 
 
-def _box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
-    box = []
-    for axis in range(3):
-        hit = np.flatnonzero(np.asarray(mask).any(axis=tuple(a for a in range(3) if a != axis)))
-        lo, hi = (int(hit[0]), int(hit[-1]) + 1) if hit.size else (0, mask.shape[axis])
-        box.append(slice(max(0, lo - margin), min(mask.shape[axis], hi + margin)))
-    return tuple(box)
+def brain_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
+    """The region a baseline filters: the brain's bounding box grown by ``margin``; the whole volume without brain."""
+    box = mask_box(np.asarray(mask), margin)
+    return tuple(slice(0, n) for n in np.shape(mask)) if box is None else box
 
 
 def _unit_scale(crop: np.ndarray) -> float:
@@ -186,7 +184,7 @@ def _in_box(
     """``denoise(crop / scale, scale) * scale`` on the brain box of ``ld`` (``scale``: the crop's 99th
     percentile, so settings do not depend on the units); outside the box: the LD."""
     out = np.array(ld, dtype=np.float32, copy=True)
-    box = _box(mask, margin)
+    box = brain_box(mask, margin)
     crop = out[box]
     scale = _unit_scale(crop)
     out[box] = np.asarray(denoise(crop / np.float32(scale), scale), dtype=np.float32) * np.float32(scale)

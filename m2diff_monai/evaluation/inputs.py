@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from m2diff_monai.data.manifest import canonical_split
+from m2diff_monai.data.manifest import canonical_split, item_path
 from m2diff_monai.data.orientation import ORIENTATION_AXIS, ORIENTATIONS, parse_orientations
 from m2diff_monai.errors import InputError
 from m2diff_monai.io import safety
@@ -119,11 +119,6 @@ def prediction_path(pred_dir: str | Path, subject: str) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
-
-
-def item_path(base: Path, value: Any) -> Path | None:
-    """A manifest item's relative path resolved against the manifest's folder; None when the key is empty."""
-    return base / str(value) if value not in (None, "") else None
 
 
 def has_reference(item: dict, base: Path) -> bool:

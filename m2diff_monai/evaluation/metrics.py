@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
+from m2diff_monai.data.grid import mask_box
 from m2diff_monai.data.orientation import ORIENTATION_AXIS, ORIENTATIONS
 
 
@@ -170,14 +171,11 @@ def _window_radius(kwargs: Mapping) -> int:
 
 
 def _mask_box(mask: np.ndarray, axes: Sequence[int], margin: int) -> tuple[slice, ...]:
-    """The mask's bounding box, grown by ``margin`` along ``axes``: SSIM there only needs voxels inside it."""
-    box = []
-    for axis in range(mask.ndim):
-        other = tuple(i for i in range(mask.ndim) if i != axis)
-        hit = np.flatnonzero(mask.any(axis=other))
-        grow = margin if axis in axes else 0
-        box.append(slice(max(0, hit[0] - grow), min(mask.shape[axis], hit[-1] + 1 + grow)))
-    return tuple(box)
+    """The mask's bounding box, grown by ``margin`` along ``axes``: SSIM there only needs voxels inside it. The
+    callers have checked that the mask is not empty (:func:`_check_pair`, or a labelled component)."""
+    box = mask_box(mask, margin, axes)
+    assert box is not None, "empty mask reached _mask_box"
+    return box
 
 
 def _interior_in_box(shape: tuple[int, ...], box: tuple[slice, ...], axes: Sequence[int], pad: int) -> np.ndarray:

@@ -26,6 +26,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from m2diff_monai.data.manifest import item_path
 from m2diff_monai.errors import InputError
 from m2diff_monai.evaluation.cka import cka_matrix, collect_activations, save_cka_heatmap
 from m2diff_monai.io.atomic import save_json
@@ -71,9 +72,9 @@ def load_two_branch_model(checkpoint: str | Path, device: str = "cpu", use_ema: 
 
 
 def _cube(base: Path, item: dict, key: str, sid: str) -> np.ndarray:
-    path = base / str(item.get(key) or "")
-    if not item.get(key) or not path.is_file():
-        raise InputError(f"preprocessed {key} does not exist", subject=sid, path=path)
+    path = item_path(base, item.get(key))
+    if path is None or not path.is_file():
+        raise InputError(f"preprocessed {key} does not exist", subject=sid, path=path or base)
     return np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
 
 

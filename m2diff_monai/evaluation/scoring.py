@@ -13,20 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from m2diff_monai.data.grid import mask_box
 from m2diff_monai.data.orientation import ORIENTATION_AXIS
 from m2diff_monai.evaluation.inputs import EvaluationOptions
 from m2diff_monai.evaluation.volumes import SubjectVolumes
-
-
-def mask_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """Bounding box of ``mask`` (None when empty)."""
-    box = []
-    for axis in range(mask.ndim):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        if hit.size == 0:
-            return None
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return tuple(box)
 
 
 def region_metrics(volume: np.ndarray, reference: np.ndarray, regions: Mapping[str, tuple]) -> dict[str, float]:
@@ -138,4 +128,4 @@ def score_subject(
     return rows, slice_rows
 
 
-__all__ = ["mask_box", "region_metrics", "score_subject"]
+__all__ = ["region_metrics", "score_subject"]

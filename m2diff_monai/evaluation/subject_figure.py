@@ -6,14 +6,16 @@ from pathlib import Path
 
 import numpy as np
 
+from m2diff_monai.data.grid import mask_box
 from m2diff_monai.evaluation.inputs import LD_METHOD, REFERENCE
-from m2diff_monai.evaluation.scoring import mask_box
 from m2diff_monai.evaluation.volumes import SubjectVolumes
 
 
 def _brain_box(mask: np.ndarray, margin: int = 4) -> tuple[slice, ...]:
-    box = mask_box(mask)
-    return tuple(slice(max(0, b.start - margin), min(n, b.stop + margin)) for b, n in zip(box, mask.shape, strict=True))
+    box = mask_box(mask, margin)
+    if box is None:
+        raise ValueError("empty brain mask has no box to draw")
+    return box
 
 
 def write_figure(data: SubjectVolumes, out_png: Path, units: str | None = None) -> Path:

@@ -31,18 +31,15 @@ def order_columns(df):
     return df[first + [c for c in df.columns if c not in first]]
 
 
+def _headline_metrics(df) -> list[str]:
+    """SSIM, PSNR, NMSE, LPIPS, bias (brain), bias per region, axial 2D metrics: what both the summary and the
+    t-tests report first, in this order."""
+    return [*_LEADING[2:], *(f"bias_{r}" for r in region_names(df)), "ssim_2d_axial", "psnr_2d_axial", "nmse_2d_axial"]
+
+
 def summary_metrics(df) -> list[str]:
-    regions = [f"bias_{r}" for r in region_names(df)]
     candidates = [
-        "ssim",
-        "psnr",
-        "nmse",
-        "lpips",
-        "bias",
-        *regions,
-        "ssim_2d_axial",
-        "psnr_2d_axial",
-        "nmse_2d_axial",
+        *_headline_metrics(df),
         "ssim_2d",
         "psnr_2d",
         "nmse_2d",
@@ -57,19 +54,7 @@ def summary_metrics(df) -> list[str]:
 def ttest_metrics(df) -> list[str]:
     import pandas as pd
 
-    regions = [f"bias_{r}" for r in region_names(df)]
-    candidates = [
-        "ssim",
-        "psnr",
-        "nmse",
-        "lpips",
-        "bias",
-        *regions,
-        "ssim_2d_axial",
-        "psnr_2d_axial",
-        "nmse_2d_axial",
-        *PAPER_METRICS,
-    ]
+    candidates = [*_headline_metrics(df), *PAPER_METRICS]
     return [c for c in candidates if c in df.columns and pd.to_numeric(df[c], errors="coerce").notna().any()]
 
 

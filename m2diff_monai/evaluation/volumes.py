@@ -17,7 +17,6 @@ The grid math (RAS+ reordering, placement, inverse registration) is :mod:`m2diff
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,8 +26,9 @@ import nibabel as nib
 import numpy as np
 
 from m2diff_monai.data import grid
+from m2diff_monai.data.manifest import item_path, read_subject_record
 from m2diff_monai.errors import InputError
-from m2diff_monai.evaluation.inputs import LD_METHOD, REFERENCE, item_path
+from m2diff_monai.evaluation.inputs import LD_METHOD, REFERENCE
 from m2diff_monai.io import safety
 
 READ_THREADS = 4
@@ -49,15 +49,7 @@ class SubjectVolumes:
 
 
 def _read(path: Path, subject: str, what: str) -> nib.Nifti1Image:
-    try:
-        img = nib.load(str(path))
-    except FileNotFoundError:
-        raise InputError(f"{what} does not exist", subject=subject, path=path) from None
-    except Exception as err:  # nibabel raises many types for bad files
-        raise InputError(
-            f"cannot read the {what} ({type(err).__name__}: {' '.join(str(err).split())})", subject=subject, path=path
-        ) from None
-    return img
+    return grid.load_nifti(path, subject, missing=f"{what} does not exist", unreadable=f"cannot read the {what}")
 
 
 def _canonical(img: nib.Nifti1Image, path: Path, subject: str, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -75,17 +67,6 @@ def _canonical(img: nib.Nifti1Image, path: Path, subject: str, what: str) -> tup
     if data.ndim != 3:
         raise InputError(f"{what} must be a 3D volume, found shape {data.shape}", subject=subject, path=path)
     return grid.to_canonical(data, img.affine)
-
-
-def _subject_record(item: dict, base: Path, subject: str) -> dict:
-    folder = item_path(base, item.get("preprocessed_dir")) or base
-    path = item_path(base, item.get("subject_json")) or folder / "subject.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise InputError(f"cannot read subject.json ({err})", subject=subject, path=path) from None
 
 
 class _MaskMapper:
@@ -145,7 +126,7 @@ def load_subject(item: dict, base: Path, predictions: Mapping[str, Path], space:
     ``predictions``: ``{method: prediction file}`` (on the LD PET's own grid, original units, as m2diff-infer
     writes). Raises :class:`InputError` naming the subject and file for anything unreadable or off-grid."""
     sid = str(item.get("subject"))
-    record = _subject_record(item, base, sid)
+    record = read_subject_record(item, base, sid, required=False)
     notes: list[str] = []
     source_ld = item_path(base, item.get("source_ld_pet"))
     if source_ld is None:

@@ -99,6 +99,24 @@ class DiffusionSamplerInferer(Inferer):
         self.progress = progress
         self._calls = 0
 
+    @classmethod
+    def from_settings(
+        cls, diffusion_config: dict[str, Any], settings: Any, device: torch.device
+    ) -> DiffusionSamplerInferer:
+        """The sampler ``settings`` ask for (an ``InferenceSettings``: sampler, steps, eta, start_step,
+        shared_noise, amp, seed), with the autocast dtype ``amp`` resolves to on ``device``; one place for the CLI
+        and the bundle inferer to build it."""
+        return cls(
+            diffusion_config,
+            sampler=settings.sampler,
+            steps=settings.steps,
+            eta=settings.eta,
+            start_step=settings.start_step,
+            shared_noise=settings.shared_noise,
+            amp_dtype=resolve_amp(settings.amp, device),
+            seed=settings.seed,
+        )
+
     def reseed(self, seed: int | None) -> None:
         """Start a new, reproducible sequence of calls (one draw of a whole volume)."""
         self.seed = seed

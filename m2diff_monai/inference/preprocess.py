@@ -29,7 +29,6 @@ order.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ import numpy as np
 
 from m2diff_monai.data import grid
 from m2diff_monai.data.grid import SourceGrid
+from m2diff_monai.data.manifest import item_path, read_subject_record, subject_record_path
 from m2diff_monai.errors import InputError
 from preprocessing import crop as crop_stage
 from preprocessing import spacing as spacing_stage
@@ -284,22 +284,11 @@ def prepare_from_manifest_item(item: dict[str, Any], manifest_dir: str | Path) -
     base = Path(manifest_dir)
     sid = str(item.get("subject", "?"))
 
-    def path_of(key: str) -> Path | None:
-        value = item.get(key) or ""
-        return base / value if value else None
-
-    record_path = path_of("subject_json") or (path_of("preprocessed_dir") or base) / "subject.json"
-    try:
-        record = json.loads(Path(record_path).read_text())
-    except FileNotFoundError:
-        raise InputError(
-            "subject.json of the preprocessed subject does not exist", subject=sid, path=record_path
-        ) from None
-    except (OSError, ValueError) as err:
-        raise InputError(f"cannot read subject.json ({err})", subject=sid, path=record_path) from None
+    record_path = subject_record_path(item, base)
+    record = read_subject_record(item, base, sid, required=True)
 
     def cube(key: str, dtype=np.float32) -> np.ndarray:
-        path = path_of(key)
+        path = item_path(base, item.get(key))
         if path is None:
             raise InputError(f"manifest volume item has no '{key}'", subject=sid)
         try:
@@ -314,7 +303,7 @@ def prepare_from_manifest_item(item: dict[str, Any], manifest_dir: str | Path) -
     ld = cube("ld_pet")
     mri = cube("mri") if int(item.get("mri_available", 0)) and item.get("mri") else None
     mask = cube("brain_mask") > 0.5
-    source_path = path_of("source_ld_pet")
+    source_path = item_path(base, item.get("source_ld_pet"))
     if source_path is None:
         raise InputError(
             "manifest volume item has no 'source_ld_pet' (the grid to write the prediction on)", subject=sid
@@ -325,7 +314,7 @@ def prepare_from_manifest_item(item: dict[str, Any], manifest_dir: str | Path) -
     space = str(record.get("space", item.get("space", "pet")))
     inverse: list[str] = []
     if space == "mri":
-        folder = path_of("preprocessed_dir") or Path(record_path).parent
+        folder = item_path(base, item.get("preprocessed_dir")) or Path(record_path).parent
         inverse = [str(t) for t in grid.stored_inverse_transforms(record, folder)]
     grid_shape = tuple(int(s) for s in record.get("grid_shape", source.canonical_shape))
     grid_affine = np.asarray(record.get("grid_affine", source.canonical_affine), dtype=np.float64)
@@ -333,7 +322,7 @@ def prepare_from_manifest_item(item: dict[str, Any], manifest_dir: str | Path) -
         raise InputError(
             f"preprocessed LD PET has shape {ld.shape}, expected the {box.size}^3 cube of subject.json",
             subject=sid,
-            path=path_of("ld_pet"),
+            path=item_path(base, item.get("ld_pet")),
         )
     return PreparedSubject(
         subject=sid,
@@ -348,7 +337,7 @@ def prepare_from_manifest_item(item: dict[str, Any], manifest_dir: str | Path) -
         source=source,
         space=space,
         inverse_transforms=inverse,
-        info={"preprocessed_dir": str(path_of("preprocessed_dir") or "")},
+        info={"preprocessed_dir": str(item_path(base, item.get("preprocessed_dir")) or "")},
     )
 
 
@@ -362,10 +351,9 @@ def prepare_cohort_item(
     if spacing_stage.same_spacing(prepared.cube_affine, settings.spacing):
         return prepared
     sid = prepared.subject
-    base = Path(manifest_dir)
     cube_mm = "x".join(f"{v:.3g}" for v in grid.voxel_spacing(prepared.cube_affine))
     model_mm = "x".join(f"{v:.3g}" for v in settings.spacing)
-    mri = base / item["source_mri"] if item.get("source_mri") else None
+    mri = item_path(manifest_dir, item.get("source_mri"))
     if mri is not None and not mri.is_file():
         mri = None
     fresh = prepare_subject(prepared.source.path, mri, settings, sid)

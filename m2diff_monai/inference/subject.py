@@ -25,7 +25,7 @@ from m2diff_monai.errors import InputError
 from m2diff_monai.inference.consistency import consistency_sigma
 from m2diff_monai.inference.defaults import check_stored_defaults
 from m2diff_monai.inference.fusion import describe_fusion
-from m2diff_monai.inference.inferer import DiffusionSamplerInferer, resolve_amp
+from m2diff_monai.inference.inferer import DiffusionSamplerInferer
 from m2diff_monai.inference.preprocess import PreparedSubject, TrainingPreprocessing
 from m2diff_monai.inference.settings import InferenceSettings
 from m2diff_monai.inference.volume import VolumePrediction, predict_volume
@@ -94,16 +94,7 @@ def sampling_diffusion_config(model: LoadedModel, settings: InferenceSettings) -
 
 def build_inferer(model: LoadedModel, settings: InferenceSettings, device: torch.device) -> DiffusionSamplerInferer:
     try:
-        return DiffusionSamplerInferer(
-            sampling_diffusion_config(model, settings),
-            sampler=settings.sampler,
-            steps=settings.steps,
-            eta=settings.eta,
-            start_step=settings.start_step,
-            shared_noise=settings.shared_noise,
-            amp_dtype=resolve_amp(settings.amp, device),
-            seed=settings.seed,
-        )
+        return DiffusionSamplerInferer.from_settings(sampling_diffusion_config(model, settings), settings, device)
     except ValueError as err:
         raise InputError(f"sampler settings: {err}", path=model.path or None) from None
 

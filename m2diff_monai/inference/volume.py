@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from m2diff_monai.data.grid import occupied_indices
 from m2diff_monai.data.orientation import axis_of, slices_to_volume, volume_to_slices
 from m2diff_monai.inference.consistency import ld_consistency
 from m2diff_monai.inference.fusion import fuse_volumes
@@ -93,9 +94,7 @@ def brain_slice_indices(brain_mask: np.ndarray | None, orientation: str, n_slice
     """Indices of the slices of ``orientation`` that contain brain (all slices without a mask)."""
     if brain_mask is None:
         return np.arange(n_slices)
-    axis = axis_of(orientation)
-    other = tuple(a for a in range(3) if a != axis)
-    return np.flatnonzero(np.asarray(brain_mask).any(axis=other))
+    return occupied_indices(brain_mask, axis_of(orientation))
 
 
 def predict_orientation(

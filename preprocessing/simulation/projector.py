@@ -91,6 +91,30 @@ def make_geometry(
     return Geometry(int(nx), int(ny), float(dx), float(dy), int(n_angles), n_bins, bin_mm)
 
 
+def _joseph_walk(
+    s: np.ndarray,
+    step_centres: np.ndarray,
+    step_mm: float,
+    n_interp: int,
+    interp_mm: float,
+    along: float,
+    across: float,
+):
+    """One angle's rays ``{p : p·n = s}`` walked over the pixel centres ``step_centres`` of the stepped axis; each
+    crossing interpolates linearly between the two nearest pixels of the other axis (``n_interp`` pixels of
+    ``interp_mm``). ``along``/``across``: the normal's components on the interpolated/stepped axis. Yields, per
+    neighbour, (bin index, interpolated-axis index, stepped-axis index, length in mm) of the kept entries."""
+    step_len = step_mm / abs(along)
+    f = ((s[:, None] - step_centres[None, :] * across) / along) / interp_mm + (n_interp - 1) / 2.0
+    lo = np.floor(f)
+    w = f - lo
+    lo = lo.astype(np.int64)
+    other = np.broadcast_to(np.arange(len(step_centres))[None, :], f.shape)
+    for idx, weight in ((lo, 1.0 - w), (lo + 1, w)):
+        ok = (idx >= 0) & (idx < n_interp) & (weight > 1e-9)
+        yield np.nonzero(ok)[0], idx[ok], other[ok], weight[ok] * step_len
+
+
 def build_joseph_matrix(geom: Geometry) -> sp.csr_matrix:
     """The system matrix: entry (angle·n_bins + bin, x·ny + y) = length (mm) of that ray attributed to that pixel.
 
@@ -105,31 +129,13 @@ def build_joseph_matrix(geom: Geometry) -> sp.csr_matrix:
         c, sn = math.cos(theta), math.sin(theta)
         # ray: {p : p·(c, sn) = s}, direction (-sn, c)
         if abs(c) >= abs(sn):  # mostly along y: step over rows y_j, interpolate in x
-            step_len = geom.dy / abs(c)
-            fx = ((s[:, None] - yc[None, :] * sn) / c) / geom.dx + (geom.nx - 1) / 2.0
-            lo = np.floor(fx)
-            w = fx - lo
-            lo = lo.astype(np.int64)
-            other = np.broadcast_to(np.arange(geom.ny)[None, :], fx.shape)
-            for idx, weight in ((lo, 1.0 - w), (lo + 1, w)):
-                ok = (idx >= 0) & (idx < geom.nx) & (weight > 1e-9)
-                b_idx = np.nonzero(ok)[0]
-                rows_all.append(a * geom.n_bins + b_idx)
-                cols_all.append(idx[ok] * geom.ny + other[ok])
-                vals_all.append(weight[ok] * step_len)
+            entries = [(b, x * geom.ny + y, v) for b, x, y, v in _joseph_walk(s, yc, geom.dy, geom.nx, geom.dx, c, sn)]
         else:  # mostly along x: step over columns x_i, interpolate in y
-            step_len = geom.dx / abs(sn)
-            fy = ((s[:, None] - xc[None, :] * c) / sn) / geom.dy + (geom.ny - 1) / 2.0
-            lo = np.floor(fy)
-            w = fy - lo
-            lo = lo.astype(np.int64)
-            other = np.broadcast_to(np.arange(geom.nx)[None, :], fy.shape)
-            for idx, weight in ((lo, 1.0 - w), (lo + 1, w)):
-                ok = (idx >= 0) & (idx < geom.ny) & (weight > 1e-9)
-                b_idx = np.nonzero(ok)[0]
-                rows_all.append(a * geom.n_bins + b_idx)
-                cols_all.append(other[ok] * geom.ny + idx[ok])
-                vals_all.append(weight[ok] * step_len)
+            entries = [(b, x * geom.ny + y, v) for b, y, x, v in _joseph_walk(s, xc, geom.dx, geom.ny, geom.dy, sn, c)]
+        for b_idx, col, val in entries:
+            rows_all.append(a * geom.n_bins + b_idx)
+            cols_all.append(col)
+            vals_all.append(val)
     rows = np.concatenate(rows_all).astype(np.int32)
     cols = np.concatenate(cols_all).astype(np.int32)
     vals = np.concatenate(vals_all).astype(np.float32)
