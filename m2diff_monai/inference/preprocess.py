@@ -39,7 +39,13 @@ import numpy as np
 
 from m2diff_monai.data import grid
 from m2diff_monai.data.grid import SourceGrid
-from m2diff_monai.data.manifest import item_path, read_subject_record, subject_record_path
+from m2diff_monai.data.manifest import (
+    item_path,
+    manifest_provenance,
+    provenance_parameters,
+    read_subject_record,
+    subject_record_path,
+)
 from m2diff_monai.errors import InputError
 from preprocessing import crop as crop_stage
 from preprocessing import spacing as spacing_stage
@@ -95,8 +101,6 @@ def _manifest_parameters(data_config: dict[str, Any]) -> dict[str, Any]:
     path = Path(str(name))
     if not path.is_file():
         return {}
-    from m2diff_monai.data.manifest import manifest_provenance, provenance_parameters
-
     content = manifest_provenance(path) or {}
     params = provenance_parameters(path)
     for key in ("size", "space"):
