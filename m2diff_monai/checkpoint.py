@@ -257,6 +257,9 @@ def _frozen(network: torch.nn.Module, device: torch.device | str | None) -> torc
     network = network.eval()
     for parameter in network.parameters():
         parameter.requires_grad_(False)
+    for_sampling = getattr(network, "for_sampling", None)  # skip outputs only the training loss reads
+    if callable(for_sampling):
+        for_sampling()
     return network
 
 

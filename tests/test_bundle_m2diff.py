@@ -90,6 +90,10 @@ def test_train_config_has_paper_defaults():
     assert demo["network_config"]["preset"] == "demo" and demo["max_epochs"] < 100
     net = build_network(demo["network_config"])
     assert net.config["image_size"] == 64  # the 4 mm / 64³ demo cohort of the main job
+    # the papers train on whole slices; the demo on 32² patches centred on uptake (4 per slice, 16 per step)
+    assert (parser["train_crop_size"], parser["crops_per_slice"]) == (None, 1)
+    assert (demo["train_crop_size"], demo["crops_per_slice"], demo["batch_size"]) == (32, 4, 4)
+    assert demo["train"]["preprocessing"]["crop_size"] == "@train_crop_size"
     # the sampler scripts/main_job.sh evaluates with is stored in the demo's checkpoints
     assert demo["inference_defaults"] == {
         "sampler": "ddim",
@@ -152,6 +156,18 @@ def test_single_orientation_model_from_config(slice_manifest, tmp_path):
     ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["iteration"] == 1 and ckpt["config"]["data"]["orientations"] == ["axial"]  # 4 axial slices
     assert ckpt["ema"] is None and not (out / "checkpoints" / "best.pt").exists()  # no validation ran
+
+
+def test_training_on_patches_validates_on_whole_slices(slice_manifest, tmp_path):
+    out = tmp_path / "patches"
+    overrides = tiny_overrides(slice_manifest, out, train_crop_size=8, crops_per_slice=2, batch_size=2)
+    workflow = run_training(**overrides)
+    batch = next(iter(workflow.parser.get_parsed_content("train#dataloader")))
+    assert batch["sd_pet"].shape == (4, 1, 8, 8)  # 2 slices × 2 patches of 8²
+    val_batch = next(iter(workflow.parser.get_parsed_content("validate#dataloader")))
+    assert val_batch["sd_pet"].shape[-2:] == (16, 16)  # validation samples whole slices
+    ckpt = torch.load(out / "checkpoints" / "best.pt", weights_only=True)  # validation sampled whole 16² slices
+    assert ckpt["iteration"] > 0 and "ema" in ckpt
 
 
 def test_missing_manifest_error_names_the_demo_command(tmp_path):

@@ -103,6 +103,31 @@ def test_slice_transforms_pad_to_spatial_size(manifest):
     assert float(out["sd_pet"][0, :4].abs().sum()) == 0.0
 
 
+def test_slice_transforms_crops_patches_where_the_uptake_is(tmp_path):
+    """Training patches: the same window of every image, ``crops_per_slice`` per slice, centred on SD uptake."""
+    sd = np.zeros((1, 32, 32), np.float32)
+    sd[0, 20:28, 4:12] = 1.0  # the only uptake: a patch without it would be all zeros
+    ld = sd + np.arange(32 * 32, dtype=np.float32).reshape(1, 32, 32) * 1e-3  # position-coded
+    item = {"subject": "s", "mri_available": 1}
+    for key, array in (("sd_pet", sd), ("ld_pet", ld), ("mri", ld + 5.0)):
+        np.save(tmp_path / f"{key}.npy", array)
+        item[key] = str(tmp_path / f"{key}.npy")
+    patches = slice_transforms(crop_size=8, crops_per_slice=5)(item)
+    assert isinstance(patches, list) and len(patches) == 5
+    for patch in patches:
+        assert patch["sd_pet"].shape == (1, 8, 8) and type(patch["ld_pet"]) is torch.Tensor
+        assert float(patch["sd_pet"].sum()) > 0  # centred where the tracer is
+        # LD and MRI come from the same window as SD: the position code of LD matches SD's window
+        code = ((patch["ld_pet"] - patch["sd_pet"]) * 1e3).round()
+        row, col = divmod(int(code[0, 0, 0]), 32)
+        np.testing.assert_array_equal(patch["sd_pet"].numpy(), sd[:, row : row + 8, col : col + 8])
+        np.testing.assert_allclose(patch["mri"].numpy(), patch["ld_pet"].numpy() + 5.0, atol=1e-5)
+    loader = build_loader(build_dataset([item] * 3, slice_transforms(crop_size=8, crops_per_slice=2)), batch_size=3)
+    assert next(iter(loader))["sd_pet"].shape == (6, 1, 8, 8)  # B slices × crops_per_slice patches
+    with pytest.raises(ValueError, match="crops_per_slice"):
+        slice_transforms(crop_size=8, crops_per_slice=0)
+
+
 def test_dataset_and_loader_batch(manifest):
     data = load_slice_items(manifest, "training")
     for cache in ("memory", "none"):

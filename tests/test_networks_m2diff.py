@@ -152,6 +152,19 @@ def test_output_mode_mean_is_the_average_of_both_branches():
         _tiny("V4", output_mode="mean")
 
 
+@pytest.mark.parametrize("output_mode", ["pet", "mean"])
+def test_for_sampling_skips_only_the_branch_nothing_reads(output_mode):
+    net = randomize_zero_params(_tiny("V6", output_mode=output_mode)).eval()
+    x, t, ld, mri = _inputs()
+    with torch.no_grad():
+        full = net(x, t, ld, mri)
+        net.for_sampling()
+        sampled = net(x, t, ld, mri)
+    torch.testing.assert_close(sampled["out"], full["out"], rtol=0, atol=0)
+    # "pet": the MRI decoder feeds only the training loss, so sampling does not run it; "mean" reads it
+    assert ("mri" in sampled) == (output_mode == "mean")
+
+
 def test_pet_mode_returns_the_pet_branch():
     net = randomize_zero_params(_tiny("V6")).eval()
     x, t, ld, mri = _inputs()

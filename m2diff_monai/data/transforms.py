@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.transforms import Compose, EnsureTyped, MapTransform, ResizeWithPadOrCropd
+from monai.transforms import Compose, EnsureTyped, MapTransform, RandWeightedCropd, ResizeWithPadOrCropd
 
 from m2diff_monai.errors import InputError
 
@@ -88,17 +88,44 @@ class LoadSliced(MapTransform):
         return d
 
 
-def slice_transforms(spatial_size: int | Sequence[int] | None = None) -> Compose:
+def slice_transforms(
+    spatial_size: int | Sequence[int] | None = None,
+    crop_size: int | Sequence[int] | None = None,
+    crops_per_slice: int = 1,
+) -> Compose:
     """The training/validation preprocessing: load the slices, optionally zero-pad/crop them to ``spatial_size``.
 
     ``spatial_size=None`` keeps the manifest's size. The official M2Diff code zero-pads 2D slices to 256²;
     ``spatial_size=256`` does the same (centred, MONAI ``ResizeWithPadOrCropd``).
+
+    ``crop_size`` (training only; not in the papers, which train on whole slices) then takes ``crops_per_slice``
+    random patches of that size from each slice with MONAI ``RandWeightedCropd``, the centres drawn with
+    probability proportional to the SD PET's uptake. Why: about three quarters of a demo slice is air, so a
+    whole-slice step spends most of its arithmetic on background; patches centred where the tracer is spend it
+    on the brain and its lesions (the demo measured +0.8 dB in the same training time, README). A loader batch of
+    B slices then holds B × ``crops_per_slice`` patches. The networks are convolutional (their attention is over
+    whatever tokens there are), so a model trained on patches samples whole slices.
     """
     transforms: list = [LoadSliced()]
     if spatial_size is not None:
-        size = (int(spatial_size),) * 2 if isinstance(spatial_size, int) else tuple(int(s) for s in spatial_size)
         transforms += [
-            ResizeWithPadOrCropd(keys=list(IMAGE_KEYS), spatial_size=size, mode="constant"),
+            ResizeWithPadOrCropd(keys=list(IMAGE_KEYS), spatial_size=_pair(spatial_size), mode="constant"),
+            EnsureTyped(keys=list(IMAGE_KEYS), data_type="tensor", track_meta=False),
+        ]
+    if crop_size is not None:
+        if int(crops_per_slice) < 1:
+            raise ValueError(f"crops_per_slice must be at least 1, got {crops_per_slice}")
+        transforms += [
+            RandWeightedCropd(
+                keys=list(IMAGE_KEYS), w_key="sd_pet", spatial_size=_pair(crop_size), num_samples=int(crops_per_slice)
+            ),
             EnsureTyped(keys=list(IMAGE_KEYS), data_type="tensor", track_meta=False),
         ]
     return Compose(transforms)
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    pair = (int(size),) * 2 if isinstance(size, (int, np.integer)) else tuple(int(s) for s in size)
+    if len(pair) != 2 or min(pair) < 1:
+        raise ValueError(f"a 2D size needs two positive integers, got {size!r}")
+    return pair  # type: ignore[return-value]

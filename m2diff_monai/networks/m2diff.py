@@ -218,7 +218,13 @@ class M2DiffUNet(nn.Module):
     ``output_mode="mean"`` such samples take the PET branch alone. ``mri=None`` skips the MRI path altogether
     (inference without MRI, same PET output as all flags 0); training should always pass ``mri`` (zeros where
     missing) so that every parameter stays in the graph (DDP).
+
+    ``for_sampling()`` (called by ``checkpoint.load_model`` on every frozen network) stops decoding the MRI branch
+    when nothing reads it: with ``output_mode="pet"`` its output only feeds the training loss, so a sampling pass
+    skips the MRI decoder (output ``"out"`` unchanged, ``"mri"`` absent; ``benchmarks/bench_inference.py``).
     """
+
+    decode_mri_branch: bool = True
 
     def __init__(
         self,
@@ -302,6 +308,11 @@ class M2DiffUNet(nn.Module):
             )
             self.mri_head = nn.Conv2d(model_channels, out_channels, 3, padding=1)
 
+    def for_sampling(self) -> M2DiffUNet:
+        """Decode only what sampling reads (the MRI branch only for ``output_mode="mean"``); returns self."""
+        self.decode_mri_branch = self.output_mode == "mean"
+        return self
+
     def forward(
         self,
         x_t: torch.Tensor,
@@ -343,7 +354,7 @@ class M2DiffUNet(nn.Module):
         pet = self.pet_head(self.pet_decoder(h_pet, emb, pet_groups))
         outputs = {"pet": pet, "out": pet}
 
-        if self.has_mri_decoder and mri is not None:
+        if self.has_mri_decoder and mri is not None and self.decode_mri_branch:
             h_mri = self.mri_middle(h_mri, emb)
             if self.hff:
                 mri_groups = [(sm, sp) for sm, sp in zip(reversed(skips_mri), reversed(skips_pet), strict=True)]
