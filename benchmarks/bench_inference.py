@@ -127,12 +127,24 @@ def main(argv: list[str] | None = None) -> dict:
 
     steps_list = [int(s) for s in args.steps.split(",") if s]
     batch_list = [int(b) for b in args.batch_sizes.split(",") if b]
+    # What a loaded checkpoint samples with (checkpoint.load_model calls for_sampling): no MRI decoder for
+    # output_mode "pet". The first batch size is also timed before, decoding every branch, for the ratio.
+    decode_all = None
+    if hasattr(net, "for_sampling") and mri is not None:
+        decode_all = step_seconds(net, inferer_kwargs, ld, mri, batch_list[0], device, args.repeats)
+        net.for_sampling()
     per_step = {}
     for batch in batch_list:
         per_step[batch] = step_seconds(net, inferer_kwargs, ld, mri, batch, device, args.repeats)
         print(
             f"batch {batch:4d}: {per_step[batch]:.3f} s per sampler step ({per_step[batch] / batch * 1000:.1f} ms "
             "per slice)",
+            flush=True,
+        )
+    if decode_all is not None:
+        print(
+            f"batch {batch_list[0]:4d}: {decode_all:.3f} s per sampler step decoding every branch; sampling as a "
+            f"loaded checkpoint does: {per_step[batch_list[0]] / decode_all:.2f}x of that",
             flush=True,
         )
     estimates = []
@@ -198,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
         "size": args.size,
         "sampler": args.sampler,
         "mri": not args.no_mri,
+        "step_seconds_decoding_every_branch": None if decode_all is None else round(decode_all, 4),
         "device": str(device),
         "amp": args.amp,
         "threads": torch.get_num_threads(),

@@ -9,8 +9,10 @@ bash scripts/setup_env.sh
 export PATH="$PWD/.venv/bin:$PATH"
 WORK="${WORK:-work/demo}"
 RUN="${RUN:-runs/mfdiff-demo}"
-STEPS="${STEPS:-10}"
-START_STEP="${START_STEP:-200}"
+# STEPS / START_STEP unset: the sampler the training run was evaluated with (stored in the checkpoint by demo.json:
+# DDIM 10 steps from t0 = 200, then the LD consistency at FWHM 7 mm)
+SAMPLER_FLAGS=(${STEPS:+--steps "$STEPS"} ${START_STEP:+--start-step "$START_STEP"})
+EXPORT_FLAGS=(${STEPS:+--set steps="$STEPS"} ${START_STEP:+--set start_step="$START_STEP"})
 
 cohort_size() { python -c "import sys; from m2diff_monai.data.manifest import read_manifest; print(read_manifest(sys.argv[1]).get('size'))" "$1" 2>/dev/null || true; }
 if [[ -f data_manifests/demo.json && -d "$WORK/preprocessed" && "$(cohort_size data_manifests/demo.json)" == 64 ]]; then
@@ -24,10 +26,10 @@ echo "== 2/5 training MFdiff (demo preset, stage 1) =="
 python -m monai.bundle run training \
   --config_file "['bundles/mfdiff/train.json','bundles/mfdiff/demo.json']" --output_root "$RUN"
 
-echo "== 3/5 three-orientation inference on the test subjects (start at t=$START_STEP, $STEPS DDIM steps) =="
+echo "== 3/5 three-orientation inference on the test subjects (the sampler stored in the checkpoint) =="
 m2diff-infer --bundle bundles/mfdiff --checkpoint "$RUN/external/checkpoints/best.pt" \
   --manifest data_manifests/demo.json --split test --out-dir "$WORK/predictions-mfdiff" \
-  --steps "$STEPS" --start-step "$START_STEP"
+  "${SAMPLER_FLAGS[@]}"
 
 echo "== 4/5 evaluation =="
 methods=(--pred "MFdiff=$WORK/predictions-mfdiff")
@@ -38,6 +40,6 @@ m2diff-evaluate --manifest data_manifests/demo.json --split test "${methods[@]}"
 
 echo "== 5/5 export =="
 m2diff-export --bundle bundles/mfdiff --checkpoint "$RUN/external/checkpoints/best.pt" \
-  --out "$WORK/exported_bundle_mfdiff" --force --set start_step="$START_STEP" --set steps="$STEPS"
+  --out "$WORK/exported_bundle_mfdiff" --force "${EXPORT_FLAGS[@]}"
 
 echo "Done. Report: $WORK/report-mfdiff/report.md  Predictions: $WORK/predictions-mfdiff  Bundle: $WORK/exported_bundle_mfdiff"

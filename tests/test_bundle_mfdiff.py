@@ -123,7 +123,11 @@ def test_configs_have_paper_defaults():
         "steps": 10,
         "eta": 0.0,
         "start_step": 200,
+        "ld_consistency_fwhm": 7.0,
     }
+    # like M2Diff's demo: 32² patches centred on uptake, 4 per slice; train.json keeps the paper's whole slices
+    assert (stage1_demo["train_crop_size"], stage1_demo["crops_per_slice"], stage1_demo["batch_size"]) == (32, 4, 4)
+    assert (parser["train_crop_size"], parser["crops_per_slice"]) == (None, 1)
 
     mixed = ConfigParser()
     mixed.read_config([TRAIN, MIXED])
