@@ -91,7 +91,7 @@ def test_train_config_has_paper_defaults():
     net = build_network(demo["network_config"])
     assert net.config["image_size"] == 64  # the 4 mm / 64³ demo cohort of the main job
     # the papers train on whole slices; the demo on 32² patches centred on uptake (4 per slice, 16 per step)
-    assert (parser["train_crop_size"], parser["crops_per_slice"]) == (None, 1)
+    assert (parser["train_crop_size"], parser["crops_per_slice"], parser["train_crop_centres"]) == (None, 1, "uptake")
     assert (demo["train_crop_size"], demo["crops_per_slice"], demo["batch_size"]) == (32, 4, 4)
     assert demo["train"]["preprocessing"]["crop_size"] == "@train_crop_size"
     # the sampler scripts/main_job.sh evaluates with is stored in the demo's checkpoints

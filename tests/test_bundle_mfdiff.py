@@ -115,7 +115,7 @@ def test_configs_have_paper_defaults():
     assert build_network(demo["network_config"]).config["image_size"] == 64
     stage1_demo = ConfigParser()
     stage1_demo.read_config([TRAIN, DEMO])
-    assert stage1_demo.get_parsed_content("max_iterations") == 2000
+    assert stage1_demo.get_parsed_content("max_iterations") == 1200
     assert stage1_demo.get_parsed_content("validate#inferer").start_step == 200  # truncated start (docs/inference.md)
     # the sampler scripts/mfdiff_demo.sh evaluates with is stored in the demo's checkpoints
     assert stage1_demo.get_parsed_content("checkpoint_config")["inference_defaults"] == {

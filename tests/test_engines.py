@@ -128,6 +128,27 @@ def test_slice_transforms_crops_patches_where_the_uptake_is(tmp_path):
         slice_transforms(crop_size=8, crops_per_slice=0)
 
 
+def test_head_crop_centres_visit_low_uptake_as_often_as_hot_spots(tmp_path):
+    """ "uptake" centres follow the SD uptake (hot spots favoured); "head" centres are uniform over the head."""
+    sd = np.zeros((1, 32, 32), np.float32)
+    sd[0, 2:6, 2:6] = 20.0  # a hot lesion of 16 voxels
+    sd[0, 12:30, 12:30] = 1.0  # 324 voxels of ordinary uptake, far from it
+    item = {"subject": "s", "mri_available": 0}
+    for key in ("sd_pet", "ld_pet"):
+        np.save(tmp_path / f"{key}.npy", sd)
+        item[key] = str(tmp_path / f"{key}.npy")
+    hot_share = {}
+    for centres in ("uptake", "head"):
+        transform = slice_transforms(crop_size=4, crops_per_slice=200, crop_centres=centres).set_random_state(0)
+        patches = transform(item)
+        hot_share[centres] = np.mean([float(p["sd_pet"].max()) == 20.0 for p in patches])
+        assert all("crop_weight" not in p for p in patches)
+    # expected: 320 / 644 ≈ 0.50 of the weight on the lesion with "uptake", 16 / 340 ≈ 0.05 with "head"
+    assert hot_share["uptake"] > 0.35 and hot_share["head"] < 0.15, hot_share
+    with pytest.raises(ValueError, match="crop_centres"):
+        slice_transforms(crop_size=4, crop_centres="lesions")
+
+
 def test_dataset_and_loader_batch(manifest):
     data = load_slice_items(manifest, "training")
     for cache in ("memory", "none"):

@@ -13,7 +13,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.transforms import Compose, EnsureTyped, MapTransform, RandWeightedCropd, ResizeWithPadOrCropd
+from monai.transforms import (
+    Compose,
+    DeleteItemsd,
+    EnsureTyped,
+    MapTransform,
+    RandWeightedCropd,
+    ResizeWithPadOrCropd,
+)
 
 from m2diff_monai.errors import InputError
 
@@ -88,10 +95,34 @@ class LoadSliced(MapTransform):
         return d
 
 
+CROP_CENTRES = ("uptake", "head")
+CROP_WEIGHT_KEY = "crop_weight"
+HEAD_FRACTION = 0.1
+
+
+class HeadWeightd(MapTransform):
+    """``crop_weight``: 1 where the SD PET exceeds ``HEAD_FRACTION`` of the median of its positive voxels, else 1e-6
+    (so that an empty slice still yields a crop): patch centres uniform over the head, whatever the uptake. The
+    median, not the maximum, so that a hot lesion does not push ordinary tissue out of the head."""
+
+    def __init__(self, key: str = "sd_pet", weight_key: str = CROP_WEIGHT_KEY) -> None:
+        super().__init__(keys=[key])
+        self.key, self.weight_key = key, weight_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        image = torch.as_tensor(d[self.key])
+        positive = image[image > 0]
+        level = HEAD_FRACTION * float(positive.median()) if positive.numel() else 0.0
+        d[self.weight_key] = (image > level).to(torch.float32) + 1e-6
+        return d
+
+
 def slice_transforms(
     spatial_size: int | Sequence[int] | None = None,
     crop_size: int | Sequence[int] | None = None,
     crops_per_slice: int = 1,
+    crop_centres: str = "uptake",
 ) -> Compose:
     """The training/validation preprocessing: load the slices, optionally zero-pad/crop them to ``spatial_size``.
 
@@ -104,7 +135,9 @@ def slice_transforms(
     whole-slice step spends most of its arithmetic on background; patches centred where the tracer is spend it
     on the brain and its lesions (the demo measured +0.8 dB in the same training time, README). A loader batch of
     B slices then holds B × ``crops_per_slice`` patches. The networks are convolutional (their attention is over
-    whatever tokens there are), so a model trained on patches samples whole slices.
+    whatever tokens there are), so a model trained on patches samples whole slices. ``crop_centres="head"`` draws
+    the centres uniformly over the head instead (``HeadWeightd``): fewer patches on hot
+    lesions, more on cold defects (the demo measured cold lesions +3.3 % instead of +5.9 %, at −0.24 dB PSNR).
     """
     transforms: list = [LoadSliced()]
     if spatial_size is not None:
@@ -115,10 +148,18 @@ def slice_transforms(
     if crop_size is not None:
         if int(crops_per_slice) < 1:
             raise ValueError(f"crops_per_slice must be at least 1, got {crops_per_slice}")
+        if crop_centres not in CROP_CENTRES:
+            raise ValueError(f"crop_centres must be one of {CROP_CENTRES}, got {crop_centres!r}")
+        head = crop_centres == "head"
         transforms += [
+            *([HeadWeightd()] if head else []),
             RandWeightedCropd(
-                keys=list(IMAGE_KEYS), w_key="sd_pet", spatial_size=_pair(crop_size), num_samples=int(crops_per_slice)
+                keys=list(IMAGE_KEYS),
+                w_key=CROP_WEIGHT_KEY if head else "sd_pet",
+                spatial_size=_pair(crop_size),
+                num_samples=int(crops_per_slice),
             ),
+            *([DeleteItemsd(keys=CROP_WEIGHT_KEY)] if head else []),
             EnsureTyped(keys=list(IMAGE_KEYS), data_type="tensor", track_meta=False),
         ]
     return Compose(transforms)
