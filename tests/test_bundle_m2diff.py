@@ -168,6 +168,8 @@ def test_training_on_patches_validates_on_whole_slices(slice_manifest, tmp_path)
     assert val_batch["sd_pet"].shape[-2:] == (16, 16)  # validation samples whole slices
     ckpt = torch.load(out / "checkpoints" / "best.pt", weights_only=True)  # validation sampled whole 16² slices
     assert ckpt["iteration"] > 0 and "ema" in ckpt
+    recipe = {k: ckpt["config"]["data"][k] for k in ("train_crop_size", "crops_per_slice", "train_crop_centres")}
+    assert recipe == {"train_crop_size": 8, "crops_per_slice": 2, "train_crop_centres": "uptake"}  # the checkpoint says
 
 
 def test_missing_manifest_error_names_the_demo_command(tmp_path):
