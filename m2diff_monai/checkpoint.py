@@ -251,14 +251,14 @@ class LoadedModel:
         return None if size is None else int(size)
 
 
-def _frozen(network: torch.nn.Module, device: torch.device | str | None) -> torch.nn.Module:
+def _frozen(network: torch.nn.Module, device: torch.device | str | None, sampling: bool = True) -> torch.nn.Module:
     if device is not None:
         network = network.to(torch.device(device))
     network = network.eval()
     for parameter in network.parameters():
         parameter.requires_grad_(False)
     for_sampling = getattr(network, "for_sampling", None)  # skip outputs only the training loss reads
-    if callable(for_sampling):
+    if sampling and callable(for_sampling):
         for_sampling()
     return network
 
@@ -272,9 +272,11 @@ def load_model(
     network: torch.nn.Module | None = None,
     diffusion: Mapping[str, Any] | None = None,
     data_config: Mapping[str, Any] | None = None,
+    sampling: bool = True,
 ) -> LoadedModel:
     """Read a checkpoint, rebuild its network (or fill the given ``network``) with the chosen weights and return
-    it frozen, in eval mode, on ``device``.
+    it frozen, in eval mode, on ``device``; ``sampling`` (default) also drops branches only the training loss reads
+    (M2Diff's ``for_sampling``); ``sampling=False`` keeps every branch (e.g. to look at the MRI decoder's features).
 
     ``weights``/``fallback``: see :func:`select_weights` (None: EMA when present, else raw). An exported
     ``models/model.pt`` records the weights it was exported with, and ``weights`` reports that choice.
@@ -293,7 +295,7 @@ def load_model(
     )
     exported = checkpoint.get("export") or {}
     return LoadedModel(
-        network=_frozen(network, device),
+        network=_frozen(network, device, sampling),
         diffusion_config=resolved,
         data_config=data,
         network_config=dict(getattr(network, "config", None) or config["network"]),

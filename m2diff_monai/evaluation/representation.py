@@ -63,7 +63,7 @@ def load_two_branch_model(checkpoint: str | Path, device: str = "cpu", use_ema: 
     """The checkpoint's network (EMA weights when present), checked to have both branches."""
     from m2diff_monai.checkpoint import RAW, load_model
 
-    model = load_model(checkpoint, device=torch.device(device), weights=None if use_ema else RAW)
+    model = load_model(checkpoint, device=torch.device(device), weights=None if use_ema else RAW, sampling=False)
     try:
         branch_layers(model.network)
     except InputError as err:
