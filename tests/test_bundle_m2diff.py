@@ -93,6 +93,7 @@ def test_train_config_has_paper_defaults():
     # the papers train on whole slices; the demo on 32² patches centred on uptake (4 per slice, 16 per step)
     assert (parser["train_crop_size"], parser["crops_per_slice"], parser["train_crop_centres"]) == (None, 1, "uptake")
     assert (demo["train_crop_size"], demo["crops_per_slice"], demo["batch_size"]) == (32, 4, 4)
+    assert demo["train_crop_centres"] == "head"  # lesion-neutral centres: uptake-weighted ones neglect cold defects
     assert demo["train"]["preprocessing"]["crop_size"] == "@train_crop_size"
     # the sampler scripts/main_job.sh evaluates with is stored in the demo's checkpoints
     assert demo["inference_defaults"] == {
