@@ -130,14 +130,14 @@ def slice_transforms(
     ``spatial_size=256`` does the same (centred, MONAI ``ResizeWithPadOrCropd``).
 
     ``crop_size`` (training only; not in the papers, which train on whole slices) then takes ``crops_per_slice``
-    random patches of that size from each slice with MONAI ``RandWeightedCropd``, the centres drawn with
-    probability proportional to the SD PET's uptake. Why: about three quarters of a demo slice is air, so a
-    whole-slice step spends most of its arithmetic on background; patches centred where the tracer is spend it
-    on the brain and its lesions (the demo: 34.4 dB in 7.5 min of training against 33.7 dB for whole slices). A loader batch of
-    B slices then holds B × ``crops_per_slice`` patches. The networks are convolutional (their attention is over
-    whatever tokens there are), so a model trained on patches samples whole slices. ``crop_centres="head"`` draws
-    the centres uniformly over the head instead (``HeadWeightd``): fewer patches on hot
-    lesions, more on cold defects (the demo's choice: cold lesions +4.4 % instead of +5.9 %, PSNR within 0.05 dB).
+    random patches of that size from each slice with MONAI ``RandWeightedCropd``. Why: about three quarters of a
+    demo slice is air, so a whole-slice step spends most of its arithmetic on background; patches spend it on the
+    brain and its lesions (the demo: 34.4 dB in 7.5 min of training against 33.7 dB for whole slices). A loader
+    batch of B slices then holds B × ``crops_per_slice`` patches. The networks are convolutional (their attention
+    is over whatever tokens there are), so a model trained on patches samples whole slices.
+    ``crop_centres="uptake"`` draws the centres in proportion to the SD PET's uptake; ``"head"`` uniformly over
+    the head (``HeadWeightd``): fewer patches on hot lesions, more on cold defects (the demo's choice: cold
+    lesions +4.4 % instead of +5.9 %, PSNR within 0.05 dB).
     """
     transforms: list = [LoadSliced()]
     if spatial_size is not None:
