@@ -21,6 +21,7 @@ from monai.transforms import (
     RandWeightedCropd,
     ResizeWithPadOrCropd,
 )
+from monai.utils import ensure_tuple_rep
 
 from m2diff_monai.errors import InputError
 
@@ -166,7 +167,10 @@ def slice_transforms(
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
-    pair = (int(size),) * 2 if isinstance(size, (int, np.integer)) else tuple(int(s) for s in size)
+    try:
+        pair = tuple(int(s) for s in ensure_tuple_rep(size, 2))
+    except (TypeError, ValueError):
+        pair = ()
     if len(pair) != 2 or min(pair) < 1:
         raise ValueError(f"a 2D size needs two positive integers, got {size!r}")
     return pair  # type: ignore[return-value]
