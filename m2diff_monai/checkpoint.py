@@ -9,7 +9,7 @@ Format (``docs/ARCHITECTURE.md``) — a dict saved with ``torch.save`` and read 
 so that a checkpoint from an untrusted source cannot run code::
 
     {"network": raw state dict, "ema": EMA state dict | None, "optimizer", "scaler", "epoch", "iteration",
-     "config": {"network", "diffusion", "data", "inference_defaults"}, ...extras}
+     "config": {"network", "diffusion", "data", "inference_defaults", ["training"]}, ...extras}
 
 ``config["network"]`` rebuilds the network with :func:`~m2diff_monai.networks.factory.build_network`. An exported
 ``models/model.pt`` has the same shape with the chosen weights under ``"network"``, ``"ema": None`` and an
@@ -234,6 +234,14 @@ class LoadedModel:
     extras: dict[str, Any] = field(default_factory=dict)
     # The sampler settings the training run was evaluated with (``config["inference_defaults"]``; {} when none).
     inference_defaults: dict[str, Any] = field(default_factory=dict)
+    # How it was trained (``config["training"]``; {} for checkpoints written before it was recorded).
+    training: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def trained_max_timestep(self) -> int | None:
+        """The largest timestep the network was trained at, when training drew t from a truncated range."""
+        value = self.training.get("train_max_timestep")
+        return None if value is None else int(value)
 
     @property
     def is_diffusion(self) -> bool:
@@ -305,6 +313,7 @@ def load_model(
         iteration=checkpoint.get("iteration"),
         extras={k: checkpoint[k] for k in ("best_metric", "best_metric_epoch") if k in checkpoint},
         inference_defaults=stored_inference_defaults(config, path),
+        training=dict(config.get("training") or {}),
     )
 
 

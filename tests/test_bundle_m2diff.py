@@ -124,6 +124,12 @@ def test_training_run_writes_checkpoints_with_config_and_resume_continues(slice_
     # what the run was evaluated with travels too; "auto" is stored resolved (no normalization recorded by this
     # synthetic manifest: the wide range, which never cuts) and validation sampled with exactly that config
     assert ckpt["config"]["inference_defaults"] == evaluated
+    # and how it was trained: the loss recipe (official L_bias and MRI dropout by default) and the optimiser
+    training = ckpt["config"]["training"]
+    assert training["bias_loss"] == "official_xprev" and training["mri_dropout"] == "official"
+    assert training["mri_drop_prob"] == 0.3 and (training["lambda_task"], training["lambda_bias"]) == (0.4, 0.2)
+    assert training["batch_size"] == 4 and training["max_epochs"] == 1 and training["amp_dtype"] is None
+    assert training["learning_rate"] == 1e-4
     assert ckpt["config"]["diffusion"]["clip_denoised"] == [-1.0, 10.0]
     assert workflow.parser.get_parsed_content("validate#inferer").diffusion_config == ckpt["config"]["diffusion"]
     # the network config travels with the checkpoint: rebuild without knowing the overlay

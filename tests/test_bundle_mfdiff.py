@@ -165,6 +165,9 @@ def test_two_stage_training_hands_stage1_weights_to_stage2(manifests, tmp_path):
     assert ckpt1["iteration"] == 3 and ckpt1["config"]["diffusion"]["model_mean_type"] == "eps"
     assert ckpt1["config"]["data"]["stage"] == "external" and ckpt1["config"]["network"]["variant"] == "MFdiff"
     assert isinstance(stage1.parser.get_parsed_content("optimizer"), torch.optim.AdamW)
+    training = ckpt1["config"]["training"]  # how the checkpoint was trained travels with it
+    assert (training["learning_rate"], training["weight_decay"], training["grad_clip_norm"]) == (1e-4, 0.01, 1.0)
+    assert training["max_iterations"] == 3 and training["batch_size"] == 4 and training["amp_dtype"] is None
     assert (root / "external" / "checkpoints" / "best.pt").is_file()
 
     # stage 2 (internal): default stage1_checkpoint = <output_root>/external/checkpoints/last.pt, in-vivo manifest

@@ -190,6 +190,23 @@ def test_prepare_batch_shapes_and_forward_process():
     torch.testing.assert_close(targets["mri_supervised"], flag)  # zero_and_mask: dropped samples lose L_mri
 
 
+def test_truncated_timestep_range_trains_only_the_steps_a_truncated_sampler_takes():
+    diffusion = build_diffusion({"timesteps": 1000})
+    g = torch.Generator().manual_seed(0)
+    t = diffusion.sample_timesteps(20000, generator=g, max_timestep=200)
+    assert int(t.min()) == 0 and int(t.max()) == 200  # both ends reached, nothing above
+    counts = torch.bincount(t, minlength=201).float()
+    assert counts.std() / counts.mean() < 0.15  # uniform over 0..200 (≈ 100 draws per step)
+    assert int(diffusion.sample_timesteps(20000, generator=g).max()) > 900  # the default stays the papers' U{0..T−1}
+    prep = DiffusionPrepareBatch(diffusion, bias_loss="x0_mse", max_timestep=50, generator=g)
+    for _ in range(20):
+        x_t, targets, _, kwargs = prep(_batch(), "cpu")
+        assert int(targets["t"].max()) <= 50 and int(kwargs["t"].max()) <= 50
+    for bad in (1000, -1, 2.5):
+        with pytest.raises(ValueError, match="max_timestep must be an integer in 0..999"):
+            DiffusionPrepareBatch(diffusion, max_timestep=bad)
+
+
 def test_prepare_batch_official_dropout_and_second_pass():
     """Official mode: the real T1 is passed, the flag only goes to the network, L_mri is masked by the DATA's
     availability; the official L_bias's second pass is the batch's second half, at the same t and a fresh ε'."""

@@ -200,3 +200,25 @@ def test_clip_option_parses_and_overrides_the_checkpoint():
     assert api.InferenceSettings(clip_denoised="-1,4").clip_denoised == [-1.0, 4.0]
     with pytest.raises(ValueError, match="clip_denoised"):
         api.InferenceSettings(clip_denoised="4,-1")
+
+
+def test_sampling_above_the_trained_timesteps_warns():
+    import warnings
+
+    from m2diff_monai.checkpoint import LoadedModel
+    from m2diff_monai.inference.settings import InferenceSettings
+
+    def model(training):
+        return LoadedModel(nn.Identity(), {}, {}, {}, "ema", path="demo.pt", training=training)
+
+    truncated = model({"train_max_timestep": 200})
+    assert truncated.trained_max_timestep == 200
+    with pytest.warns(UserWarning, match=r"demo.pt was trained only on timesteps 0..200 .*pure noise"):
+        api.warn_if_untrained_start(truncated, InferenceSettings())
+    with pytest.warns(UserWarning, match=r"starts from t = 300; use --start-step 200 or lower"):
+        api.warn_if_untrained_start(truncated, InferenceSettings(start_step=300))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        api.warn_if_untrained_start(truncated, InferenceSettings(start_step=200, steps=10))
+        api.warn_if_untrained_start(model({}), InferenceSettings())  # the papers' U{0..T−1}: any start is fine
+        api.warn_if_untrained_start(model({"train_max_timestep": None}), InferenceSettings())

@@ -11,13 +11,14 @@ Public API:
 
 from .clip import auto_clip_range, training_normalization
 from .config import DIFFUSION_CONFIG_DEFAULTS, build_diffusion, normalize_diffusion_config, resolve_clip
-from .gaussian_diffusion import GaussianDiffusion, mean_flat, normalize_clip_range
+from .gaussian_diffusion import GaussianDiffusion, check_max_timestep, mean_flat, normalize_clip_range
 from .losses import approx_standard_normal_cdf, discretized_gaussian_log_likelihood, normal_kl
 from .respace import SpacedDiffusion, respaced, space_timesteps
 from .samplers import SAMPLERS, ancestral_step, ddim_step, sample
 from .schedules import betas_for_alpha_bar, get_named_beta_schedule
 
 __all__ = [
+    "check_max_timestep",
     "DIFFUSION_CONFIG_DEFAULTS",
     "SAMPLERS",
     "GaussianDiffusion",

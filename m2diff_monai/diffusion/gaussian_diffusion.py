@@ -63,6 +63,14 @@ def normalize_clip_range(clip_denoised) -> tuple[float, float] | None:
     return (lo, hi)
 
 
+def check_max_timestep(max_timestep: int, num_timesteps: int) -> int:
+    """``max_timestep`` as an int in 0..T−1, or a one-line ``ValueError`` naming the range."""
+    value = int(max_timestep)
+    if value != max_timestep or not 0 <= value < num_timesteps:
+        raise ValueError(f"max_timestep must be an integer in 0..{num_timesteps - 1}, got {max_timestep!r}")
+    return value
+
+
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
     """Mean over all non-batch dimensions: one value per sample."""
     return x.mean(dim=tuple(range(1, x.ndim))) if x.ndim > 1 else x
@@ -176,10 +184,19 @@ class GaussianDiffusion:
         return mapped
 
     def sample_timesteps(
-        self, batch_size: int, device: torch.device | str | None = None, generator: torch.Generator | None = None
+        self,
+        batch_size: int,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+        max_timestep: int | None = None,
     ) -> torch.Tensor:
-        """Uniform t ∈ {0..T−1} per sample (IDDPM's uniform schedule sampler)."""
-        return torch.randint(0, self.num_timesteps, (batch_size,), device=device, generator=generator)
+        """Uniform t ∈ {0..T−1} per sample (IDDPM's uniform schedule sampler), or t ∈ {0..max_timestep}: a model
+        that is only ever sampled from a truncated start at t0 ≤ max_timestep (not in the papers) then spends all
+        its training on the steps it will be asked to take."""
+        high = self.num_timesteps
+        if max_timestep is not None:
+            high = check_max_timestep(max_timestep, self.num_timesteps) + 1
+        return torch.randint(0, high, (batch_size,), device=device, generator=generator)
 
     def split_model_output(self, model_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(mean part, variance-interpolation part or None): channels [mean part, v] when the variance is learned."""

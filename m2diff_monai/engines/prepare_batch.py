@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from monai.engines.utils import PrepareBatch
 
+from m2diff_monai.diffusion import check_max_timestep
 from m2diff_monai.engines.losses import BIAS_LOSSES
 
 # What MRI dropout does (see ``DiffusionPrepareBatch``): "official" = the official code's mri_flag, which only
@@ -44,7 +45,8 @@ def mri_dropout_flags(
 class DiffusionPrepareBatch(PrepareBatch):
     """Training batches for a conditional diffusion network (or a plain regressor).
 
-    For each sample: t ~ U{0..T−1}, ε ~ N(0, I), x_t = q_sample(sd_pet, t, ε), MRI flag = availability ×
+    For each sample: t ~ U{0..T−1} (U{0..max_timestep} when given: for a model sampled only from a truncated
+    start, not in the papers), ε ~ N(0, I), x_t = q_sample(sd_pet, t, ε), MRI flag = availability ×
     keep-draw (``mri_drop_prob``). Returns ``(x_t, targets, (), {"t", "ld", "mri", "mri_available"})`` so
     ``SupervisedTrainer`` calls ``network(x_t, t=t, ld=ld, mri=mri, mri_available=flag)`` (t mapped by
     ``diffusion.model_timesteps``: the original 0..T−1 steps); ``targets`` is the dict the loss module needs
@@ -80,6 +82,7 @@ class DiffusionPrepareBatch(PrepareBatch):
         generator: torch.Generator | None = None,
         mri_dropout: str = "official",
         bias_loss: str = "official_xprev",
+        max_timestep: int | None = None,
     ) -> None:
         if not 0.0 <= mri_drop_prob <= 1.0:
             raise ValueError(f"mri_drop_prob must be in [0, 1], got {mri_drop_prob}")
@@ -96,6 +99,9 @@ class DiffusionPrepareBatch(PrepareBatch):
         self.bias_pass = bias_loss == "official_xprev" and two_branch and self.is_diffusion
         self.channels_last = channels_last
         self.generator = generator
+        self.max_timestep = max_timestep
+        if max_timestep is not None:
+            self.max_timestep = check_max_timestep(max_timestep, diffusion.num_timesteps)
 
     def _noise_like(self, x: torch.Tensor) -> torch.Tensor:
         noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=self.generator)
@@ -125,7 +131,9 @@ class DiffusionPrepareBatch(PrepareBatch):
         if not self.is_diffusion:
             targets.update(x_t=None, t=None, noise=None)
             return None, targets, (), {"t": None, "ld": ld, "mri": mri, "mri_available": flag}
-        t = self.diffusion.sample_timesteps(sd.shape[0], device=sd.device, generator=self.generator)
+        t = self.diffusion.sample_timesteps(
+            sd.shape[0], device=sd.device, generator=self.generator, max_timestep=self.max_timestep
+        )
         noise = self._noise_like(sd)
         x_t = self.diffusion.q_sample(sd, t, noise)
         targets.update(x_t=x_t, t=t, noise=noise)

@@ -81,12 +81,14 @@ def checkpoint_config(
     diffusion_config: dict[str, Any] | None,
     data_config: dict[str, Any] | None = None,
     inference_defaults: dict[str, Any] | None = None,
+    training_config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``config`` stored in every checkpoint: the network's resolved config (``net.config``, enough for
     ``build_network`` to rebuild it), the normalized diffusion config with ``clip_denoised: "auto"`` resolved from
-    the training data's normalization (``diffusion.clip``), the data settings, and the sampler settings the run
+    the training data's normalization (``diffusion.clip``), the data settings, the sampler settings the run
     was evaluated with (``inference_defaults``: ``m2diff-infer`` and ``m2diff-export`` use them when no flag says
-    otherwise; ``{}`` when the config declares none)."""
+    otherwise; ``{}`` when the config declares none) and, when given, the training recipe (``training``: losses,
+    MRI dropout, optimiser settings), so that a checkpoint says how it was trained without its run folder."""
     check_network_diffusion(network, diffusion_config or {})
     net_config = getattr(unwrap(network), "config", None)
     if not isinstance(net_config, dict):
@@ -100,12 +102,15 @@ def checkpoint_config(
             data["preprocessing"] = manifest_preprocessing(data["manifest"])
     from m2diff_monai.inference.defaults import check_inference_defaults
 
-    return {
+    config = {
         "network": dict(net_config),
         "diffusion": resolve_clip(diffusion_config or {}, data),
         "data": data,
         "inference_defaults": check_inference_defaults(inference_defaults),
     }
+    if training_config is not None:
+        config["training"] = dict(training_config)
+    return config
 
 
 def manifest_preprocessing(manifest: str | Path) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -112,6 +113,22 @@ def resolve_settings(
     return settings
 
 
+def warn_if_untrained_start(model: LoadedModel, settings: InferenceSettings) -> None:
+    """Warn when sampling starts above the timesteps the network was trained on (training with
+    ``train_max_timestep``): such steps see inputs the network never learned, e.g. pure noise."""
+    trained = model.trained_max_timestep
+    if trained is None:
+        return
+    start = settings.start_step
+    if start is None or start > trained:
+        where = "pure noise (t = T−1)" if start is None else f"t = {start}"
+        warnings.warn(
+            f"{model.path or 'the checkpoint'} was trained only on timesteps 0..{trained} (train_max_timestep), "
+            f"but sampling starts from {where}; use --start-step {trained} or lower",
+            stacklevel=2,
+        )
+
+
 def _preprocessing_overrides(
     size=None, normalization=None, transform=None, space=None, spatial_size=None, spacing=None
 ) -> dict:
@@ -166,6 +183,7 @@ def infer_subject(
     start = time.perf_counter()
     model = load_for_inference(checkpoint, device, before_load.use_ema)
     cfg = resolve_settings(bundle, model.inference_defaults, bundle_fallback, **settings)
+    warn_if_untrained_start(model, cfg)
     paths = output_paths(output, cfg)
     _check_distinct(paths, [("--ld-pet", ld_pet), ("--mri", mri), ("--checkpoint", checkpoint_file(checkpoint))])
     prep = resolve_preprocessing(
@@ -243,6 +261,7 @@ def infer_manifest(
         start = time.perf_counter()
         model = load_for_inference(checkpoint, device, before_load.use_ema)
         cfg = resolve_settings(bundle, model.inference_defaults, bundle_fallback, **settings)
+        warn_if_untrained_start(model, cfg)
         # the checkpoint's stored sampler may add outputs (e.g. _std): check the final names too
         my_items, planned = my_share(cfg)
         prep = resolve_preprocessing(model.data_config, {}, model.image_size)
