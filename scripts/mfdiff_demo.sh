@@ -10,7 +10,7 @@ export PATH="$PWD/.venv/bin:$PATH"
 WORK="${WORK:-work/demo}"
 RUN="${RUN:-runs/mfdiff-demo}"
 # STEPS / START_STEP unset: the sampler the training run was evaluated with (stored in the checkpoint by demo.json:
-# DDIM 10 steps from t0 = 200, then the LD consistency at FWHM 7 mm)
+# DDIM 10 steps from t0 = 300, the steps it was trained on, then the LD consistency at FWHM 7 mm)
 SAMPLER_FLAGS=(${STEPS:+--steps "$STEPS"} ${START_STEP:+--start-step "$START_STEP"})
 EXPORT_FLAGS=(${STEPS:+--set steps="$STEPS"} ${START_STEP:+--set start_step="$START_STEP"})
 

@@ -116,15 +116,19 @@ def test_configs_have_paper_defaults():
     stage1_demo = ConfigParser()
     stage1_demo.read_config([TRAIN, DEMO])
     assert stage1_demo.get_parsed_content("max_iterations") == 1200
-    assert stage1_demo.get_parsed_content("validate#inferer").start_step == 200  # truncated start (docs/inference.md)
+    assert stage1_demo.get_parsed_content("validate#inferer").start_step == 300  # truncated start (docs/inference.md)
     # the sampler scripts/mfdiff_demo.sh evaluates with is stored in the demo's checkpoints
     assert stage1_demo.get_parsed_content("checkpoint_config")["inference_defaults"] == {
         "sampler": "ddim",
         "steps": 10,
         "eta": 0.0,
-        "start_step": 200,
+        "start_step": 300,
         "ld_consistency_fwhm": 7.0,
     }
+    # ... and it trains only on the steps that sampler takes; the paper's config on all T
+    assert stage1_demo.get_parsed_content("train#prepare_batch").max_timestep == 300
+    assert stage1_demo.get_parsed_content("checkpoint_config")["training"]["train_max_timestep"] == 300
+    assert parser.get_parsed_content("train#prepare_batch").max_timestep is None
     # like M2Diff's demo: 32² patches centred on uptake, 4 per slice; train.json keeps the paper's whole slices
     assert (stage1_demo["train_crop_size"], stage1_demo["crops_per_slice"], stage1_demo["batch_size"]) == (32, 4, 4)
     assert (parser["train_crop_size"], parser["crops_per_slice"]) == (None, 1)

@@ -149,7 +149,7 @@ def export_bundle(
     """Write the exported bundle to ``out`` (see the module docstring). ``weights``: "ema", "raw" or None (EMA
     when the checkpoint has one). ``check``: verify the traced module against the network on other batch and
     image sizes (always on in the CLI). ``sampler_defaults``: inference settings written into the exported
-    ``inference.json`` (e.g. ``{"start_step": 200, "steps": 10}`` for the MFdiff demo). Raises InputError for bad
+    ``inference.json`` (e.g. ``{"start_step": 300, "steps": 10}`` for the MFdiff demo). Raises InputError for bad
     input; nothing is left behind on failure."""
     from tqdm.auto import tqdm
 
