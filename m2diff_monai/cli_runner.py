@@ -6,7 +6,10 @@
 - anything else (a bug, a full disk, a library failure): ``PROG: internal error: Type: message`` and the path of a
   log file holding the full traceback and the command line, exit 1 — one line, because a traceback in the middle
   of a cohort run's output hides the progress report the user needs, and the log keeps what a bug report needs;
-- Ctrl-C: ``PROG: interrupted ...``, exit 130.
+- Ctrl-C: ``PROG: interrupted ...``, exit 130;
+- a :class:`~m2diff_monai.errors.UserFacingWarning` (e.g. a sampler start above the steps a checkpoint was
+  trained on): ``PROG: warning: <one line>``, not Python's ``file:line: UserWarning`` plus a source line; other
+  warnings keep Python's format.
 
 ``--debug`` (added to every command by :func:`run_cli`) or ``M2DIFF_DEBUG=1`` also prints the full traceback on
 stderr. The error log goes to ``$M2DIFF_LOG_DIR`` when set, else the system's temporary folder: never into an
@@ -28,7 +31,9 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 DEBUG_VARIABLE = "M2DIFF_DEBUG"
@@ -129,6 +134,26 @@ def add_debug_option(parser: argparse.ArgumentParser) -> None:
         )
 
 
+@contextmanager
+def one_line_warnings(prog: str, debug: bool = False) -> Iterator[None]:
+    """Inside: :class:`~m2diff_monai.errors.UserFacingWarning` prints as ``PROG: warning: message`` (with ``debug``,
+    Python's own format, which names the file and line)."""
+    from m2diff_monai.errors import UserFacingWarning
+
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001 (warnings' signature)
+        if debug or not issubclass(category, UserFacingWarning):
+            return original(message, category, filename, lineno, file, line)
+        print(f"{prog}: warning: {one_line(message)}", file=file or sys.stderr, flush=True)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = original
+
+
 def run_guarded(prog: str, body: Callable[[], int | None], *, debug: bool = False, interrupted: str = "") -> int:
     """Run ``body`` and turn its outcome into an exit status and at most one line on stderr (see the module
     docstring). ``interrupted``: what the user should know after Ctrl-C (e.g. "no report written")."""
@@ -169,7 +194,9 @@ def run_cli(
     Returns the exit status: ``command``'s return value (None → 0), or 1, 2, 130 as above."""
     add_debug_option(parser)
     args = parser.parse_args(argv)
-    return run_guarded(prog or parser.prog, lambda: command(args), debug=args.debug, interrupted=interrupted)
+    name = prog or parser.prog
+    with one_line_warnings(name, debug_requested(args.debug)):
+        return run_guarded(name, lambda: command(args), debug=args.debug, interrupted=interrupted)
 
 
 __all__ = [
@@ -181,6 +208,7 @@ __all__ = [
     "exception_chain",
     "input_error_in",
     "one_line",
+    "one_line_warnings",
     "print_error",
     "run_cli",
     "run_guarded",

@@ -1,4 +1,5 @@
-"""The one error type users see for bad input: one line naming the subject, the file and the problem."""
+"""The one error type users see for bad input: one line naming the subject, the file and the problem; and the
+warning category the command line tools print as one line."""
 
 from __future__ import annotations
 
@@ -22,3 +23,8 @@ class InputError(Exception):
             where.append(f"file {self.path}")
         prefix = ", ".join(where)
         return f"{prefix}: {self.problem}" if prefix else self.problem
+
+
+class UserFacingWarning(UserWarning):
+    """A warning meant for the person running a command (e.g. a sampler start above the steps a checkpoint was
+    trained on). The CLIs print it as ``PROG: warning: <one line>`` (``cli_runner.one_line_warnings``)."""

@@ -32,6 +32,37 @@ def test_success_returns_the_commands_status(capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_our_warnings_are_one_line_and_library_warnings_keep_their_format(capsys):
+    import warnings
+
+    from m2diff_monai.checkpoint import LoadedModel
+    from m2diff_monai.inference.api import warn_if_untrained_start
+    from m2diff_monai.inference.settings import InferenceSettings
+
+    model = LoadedModel(None, {}, {}, {}, "ema", path="demo.pt", training={"train_max_timestep": 200})
+
+    def command(args):
+        warn_if_untrained_start(model, InferenceSettings())  # a UserFacingWarning
+        warnings.warn("a library's own warning", UserWarning, stacklevel=1)
+
+    passed_on = []  # what reaches the handler that was installed before the command ran
+
+    def recorder(message, category, *args, **kwargs):
+        passed_on.append((category, str(message)))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = recorder
+        assert _run(command) == 0
+        err = capsys.readouterr().err
+        ours = "m2diff-x: warning: demo.pt was trained only on timesteps 0..200 (train_max_timestep)"
+        assert ours in err and "UserFacingWarning" not in err and err.count("\n") == 1
+        assert passed_on == [(UserWarning, "a library's own warning")]  # other warnings: Python's handling
+        assert _run(command, "--debug") == 0  # --debug: every warning goes to Python's handling
+        assert capsys.readouterr().err == "" and len(passed_on) == 3
+        assert warnings.showwarning is recorder  # restored
+
+
 def test_input_error_is_its_one_line_and_exit_2(capsys, tmp_path):
     def bad(args):
         raise InputError("not a NIfTI file", subject="s01", path="/d/ld.nii.gz")

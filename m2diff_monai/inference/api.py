@@ -27,7 +27,7 @@ import m2diff_monai
 from m2diff_monai.bundle_run import report_outputs
 from m2diff_monai.checkpoint import LoadedModel
 from m2diff_monai.data.manifest import canonical_split, read_manifest, select_volumes
-from m2diff_monai.errors import InputError
+from m2diff_monai.errors import InputError, UserFacingWarning
 from m2diff_monai.inference import cohort
 from m2diff_monai.inference.defaults import INFERENCE_DEFAULT_KEYS, SAMPLING_DEFAULTS_KEY, layered_settings
 from m2diff_monai.inference.preprocess import prepare_cohort_item, prepare_subject, resolve_preprocessing
@@ -125,6 +125,7 @@ def warn_if_untrained_start(model: LoadedModel, settings: InferenceSettings) -> 
         warnings.warn(
             f"{model.path or 'the checkpoint'} was trained only on timesteps 0..{trained} (train_max_timestep), "
             f"but sampling starts from {where}; use --start-step {trained} or lower",
+            UserFacingWarning,
             stacklevel=2,
         )
 
