@@ -15,8 +15,8 @@ Each configuration runs in its own subprocess so peak memory is its own (CPU: pe
 ``max_memory_allocated``). Prints a table; ``--json PATH`` writes the rows.
 
 ``--interleaved`` instead times the plain loop at the official code's 64² layout (``--preset official-64``: 64
-channels, mult 1,2,3,4, attention at 16 and 8, scale-shift norm; batch 4) as fp32 and bf16, eager and (with
-``--compile``) ``torch.compile``d, in ONE process, alternating the configurations step by step so that load from
+channels, mult 1,2,3,4, attention at 16 and 8, scale-shift norm; batch 4) as fp32 and bf16, fp32 channels-last,
+eager and (with ``--compile``) ``torch.compile``d, in ONE process, alternating the configurations step by step so that load from
 other processes hits all of them alike; it prints each median, the ratios to fp32 eager, the resolved ``auto``
 precision and the 1-minute load average before and after.
 
@@ -134,11 +134,13 @@ def run_one(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# name → (bf16 autocast, torch.compile, channels_last)
 INTERLEAVED = {
-    "fp32": (False, False),
-    "bf16": (True, False),
-    "fp32 compile": (False, True),
-    "bf16 compile": (True, True),
+    "fp32": (False, False, False),
+    "bf16": (True, False, False),
+    "fp32 channels_last": (False, False, True),
+    "fp32 compile": (False, True, False),
+    "bf16 compile": (True, True, False),
 }
 
 
@@ -159,25 +161,32 @@ def run_interleaved(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"--configs: unknown {unknown}; choose from {', '.join(INTERLEAVED)}")
     diffusion = build_diffusion({"timesteps": 1000, "model_mean_type": "x0"})
     batch = synthetic_batch(args.batch, args.size, device)
-    ld, sd, mri, flag = batch["ld_pet"], batch["sd_pet"], batch["mri"], batch["mri_available"]
+    flag = batch["mri_available"]
+    layouts = {
+        memory: tuple(batch[k].contiguous(memory_format=memory) for k in ("ld_pet", "sd_pet", "mri"))
+        for memory in (torch.contiguous_format, torch.channels_last)
+    }
     mse = torch.nn.functional.mse_loss
     runs: dict[str, dict[str, Any]] = {}
     for name in names:
-        amp, compiled = INTERLEAVED[name]
+        amp, compiled, channels_last = INTERLEAVED[name]
         seed_everything(0)  # every configuration starts from the same weights
+        memory = torch.channels_last if channels_last else torch.contiguous_format
         net = build_network(
             {"name": "m2diff", "preset": args.preset, "variant": args.variant, "image_size": args.size}
-        ).to(device)
+        ).to(device, memory_format=memory)
         step_net = torch.compile(net) if compiled else net
         runs[name] = {
             "net": step_net,
             "params": count_parameters(net),
             "amp": amp,
+            "inputs": layouts[memory],
             "times": [],
             "optimizer": torch.optim.Adam(net.parameters(), lr=1e-4),
         }
 
     def one_step(run: dict[str, Any]) -> float:
+        ld, sd, mri = run["inputs"]
         sync(device)
         start = time.perf_counter()
         t = torch.randint(0, 1000, (args.batch,), device=device)
@@ -241,10 +250,10 @@ def print_interleaved(result: dict[str, Any]) -> None:
         f"{result['loadavg_1min_after']:.2f} on {result['cpu_count']} CPUs; 'auto' precision here: "
         f"{result['auto_precision']}"
     )
-    print(f"{'config':14s} {'params M':>9s} {'step s':>8s} {'min s':>8s} {'vs fp32':>8s}")
+    print(f"{'config':18s} {'params M':>9s} {'step s':>8s} {'min s':>8s} {'vs fp32':>8s}")
     for r in result["rows"]:
         print(
-            f"{r['config']:14s} {r['params_m']:9.2f} {r['step_s_median']:8.3f} {r['step_s_min']:8.3f} "
+            f"{r['config']:18s} {r['params_m']:9.2f} {r['step_s_median']:8.3f} {r['step_s_min']:8.3f} "
             f"{r['vs_fp32_eager']:8.2f}"
         )
 
