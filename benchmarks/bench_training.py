@@ -16,9 +16,9 @@ Each configuration runs in its own subprocess so peak memory is its own (CPU: pe
 
 ``--interleaved`` instead times the plain loop at the official code's 64² layout (``--preset official-64``: 64
 channels, mult 1,2,3,4, attention at 16 and 8, scale-shift norm; batch 4) as fp32 and bf16, fp32 channels-last,
-eager and (with ``--compile``) ``torch.compile``d, in ONE process, alternating the configurations step by step so that load from
-other processes hits all of them alike; it prints each median, the ratios to fp32 eager, the resolved ``auto``
-precision and the 1-minute load average before and after.
+eager and (with ``--compile``) ``torch.compile``d, in ONE process, alternating the configurations step by step so
+that load from other processes hits all of them alike; it prints each median, the ratios to fp32 eager, the
+resolved ``auto`` precision and the 1-minute load average before and after.
 
     .venv/bin/python benchmarks/bench_training.py [--preset demo] [--size 64] [--batch 4] [--steps 5]
         [--device cpu|cuda] [--compile] [--json out.json]
