@@ -28,7 +28,8 @@ m2diff-infer --bundle bundles/m2diff --checkpoint "$RUN/checkpoints/best.pt" \
 
 echo "== 4/5 evaluation =="
 m2diff-evaluate --manifest data_manifests/demo.json --split test --pred "M2Diff=$WORK/predictions" \
-  --pred "M2Diff-noMRI=$WORK/predictions_nomri" --out "$WORK/report" --baselines gaussian,nlm,bm3d
+  --pred "M2Diff-noMRI=$WORK/predictions_nomri" --out "$WORK/report" --baselines gaussian,nlm,bm3d \
+  --subset "in-distribution=demo-*" --subset "held-out anatomy=heldout-*"
 
 echo "== 5/5 export =="
 m2diff-export --bundle bundles/m2diff --checkpoint "$RUN/checkpoints/best.pt" --out "$WORK/exported_bundle" \

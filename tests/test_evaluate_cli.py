@@ -196,6 +196,10 @@ def report(cohort, tmp_path_factory) -> dict:
                 str(out),
                 "--per-slice",
                 "--no-progress",
+                "--subset",
+                f"first={SUBJECTS[0]}",
+                "--subset",
+                f"others={','.join(SUBJECTS[1:])}",
             ]
         )
     finally:
@@ -248,6 +252,23 @@ def test_report_files_rows_and_columns(report):
     assert (slices.groupby(["subject", "method", "orientation"]).size() > 3).all()
     assert not (out.parent / f".{out.name}.tmp-").exists()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_subsets_are_the_mean_of_their_subjects_rows(report):
+    # --subset: per-group means in subsets.csv and a report section, so a pooled mean cannot hide a group
+    table = pd.read_csv(report["out"] / "subsets.csv")
+    df = report["per_subject"]
+    assert list(dict.fromkeys(table["subset"])) == ["first", "others"]
+    for (subset, method), row in table.set_index(["subset", "method"]).iterrows():
+        members = [SUBJECTS[0]] if subset == "first" else SUBJECTS[1:]
+        rows = df[(df["method"] == method) & df["subject"].isin(members)]
+        assert row["n"] == len(members) == len(rows) and row["subjects"].split() == list(rows["subject"])
+        for column in ("psnr", "ssim", *(c for c in table.columns if c.startswith("bias_"))):
+            assert row[column] == pytest.approx(rows[column].mean(), rel=1e-9, abs=1e-12), (subset, method, column)
+    text = (report["out"] / "report.md").read_text()
+    assert "## By subset" in text and f"### first (n = 1: {SUBJECTS[0]})" in text and "### others" in text
+    run = json.loads((report["out"] / "run.json").read_text())
+    assert run["options"]["subsets"] == {"first": [SUBJECTS[0]], "others": list(SUBJECTS[1:])}
 
 
 def test_ld_scores_worse_and_identical_prediction_is_perfect(report):
@@ -377,6 +398,12 @@ def test_bad_inputs_are_one_line_errors(cohort, tmp_path, capsys):
     assert "reserved" in capsys.readouterr().err
     assert cli.main([*base, "--pred", f"X={tmp_path / 'nowhere'}", "--out", str(tmp_path / "o3")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    good = ["--pred", f"Good={cohort['preds'] / 'Good'}"]
+    assert cli.main([*base, *good, "--subset", "typo=nobody-*", "--out", str(tmp_path / "o4")]) == 2
+    assert "--subset typo=nobody-* matches none of the subjects evaluated" in capsys.readouterr().err
+    assert cli.main([*base, *good, "--subset", "no-pattern", "--out", str(tmp_path / "o5")]) == 2
+    assert "--subset must be NAME=PATTERN" in capsys.readouterr().err
+    assert not (tmp_path / "o4").exists() and not (tmp_path / "o5").exists()
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
@@ -529,6 +556,17 @@ def test_cka_heatmaps_from_a_tiny_m2diff(cohort, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "two-branch" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "rep2").exists()
+
+
+def test_subset_parsing():
+    from m2diff_monai.evaluation.subsets import parse_subsets, subset_members
+
+    assert parse_subsets({"held-out": "heldout-*"}) == (("held-out", ("heldout-*",)),)
+    assert parse_subsets(["a=x*, y?", "b=z"]) == (("a", ("x*", "y?")), ("b", ("z",)))
+    assert subset_members(["x1", "y2", "yy2", "z"], ("x*", "y?")) == ["x1", "y2"]
+    for bad, message in ((["a=x", "a=y"], "given twice"), (["=x"], "needs a name"), (["a="], "needs a name")):
+        with pytest.raises(InputError, match=message):
+            parse_subsets(bad)
 
 
 def test_method_map_parsing():

@@ -107,6 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
         "means, h tuned on validation), bm3d (runs volumetric BM4D, σ estimated; slow: about a "
         "minute per 2 mm brain on one core). Default: none. The demo scripts pass all three",
     )
+    m.add_argument(
+        "--subset",
+        action="append",
+        default=[],
+        metavar="NAME=PATTERN[,PATTERN]",
+        help="also summarise the subjects whose id matches a shell-style pattern on their own (repeatable), e.g. "
+        "--subset 'held-out=heldout-*' --subset 'in-distribution=demo-*': the report then adds per subset the mean "
+        "PSNR, SSIM and regional bias of every method and its PSNR margin over the best baseline (subsets.csv)",
+    )
     x = p.add_argument_group("extras")
     x.add_argument(
         "--checkpoint",
@@ -173,6 +182,7 @@ def _run(args: argparse.Namespace) -> dict:
         cka_checkpoint=args.cka,
         cka_options=cka_options,
         baselines=args.baselines,
+        subsets=args.subset,
         paper_scaling=args.paper_scaling,
         paper_pad=args.paper_pad,
         paper_min_size=args.paper_min_size,

@@ -48,6 +48,7 @@ class EvaluationOptions:
     paper_pad: int = 256
     paper_min_size: int | None = None
     baselines: tuple[str, ...] = ()
+    subsets: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (name, subject-id patterns): subsets.py
 
     def __post_init__(self) -> None:
         canonical_split(self.split, allow_all=True)
@@ -72,6 +73,9 @@ class EvaluationOptions:
         from m2diff_monai.evaluation.baselines import parse_baselines
 
         object.__setattr__(self, "baselines", parse_baselines(self.baselines))
+        from m2diff_monai.evaluation.subsets import parse_subsets
+
+        object.__setattr__(self, "subsets", parse_subsets(self.subsets))
 
     def paper_options(self):
         from m2diff_monai.evaluation.paper_protocol import PaperOptions
@@ -79,7 +83,9 @@ class EvaluationOptions:
         return PaperOptions(scaling=self.paper_scaling, pad_to=int(self.paper_pad), min_size=self.paper_min_size)
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+        record = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+        record["subsets"] = {name: list(patterns) for name, patterns in self.subsets}
+        return record
 
 
 def parse_method_map(values: Mapping[str, Any] | Sequence[str] | str | None, what: str) -> dict[str, str]:

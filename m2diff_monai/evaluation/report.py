@@ -238,6 +238,10 @@ def report_markdown(summary: Mapping[str, Any], df, tt, staging: Path) -> str:
         "- Definitions: docs/evaluation.md.\n",
         quantitation_markdown(df, summary["regions"], summary.get("units") or UNKNOWN_UNITS),
     ]
+    if summary.get("_subsets") is not None:
+        from m2diff_monai.evaluation.subsets import subsets_markdown
+
+        lines.append(subsets_markdown(summary["_subsets"], list(baselines_mod.BASELINE_ROWS.values())))
     summary_md = (staging / "summary.md").read_text().split("\n", 1)[1].replace("\n" + _lpips_line(lpips), "", 1)
     lines += ["## Image quality (mean ± std over subjects)\n", summary_md.replace("\n## ", "\n### ")]
     lines += _ttests_versus_ld(tt)
@@ -253,6 +257,7 @@ def report_markdown(summary: Mapping[str, Any], df, tt, staging: Path) -> str:
         "per_subject.csv": "one row per (subject, method): every metric",
         "per_slice.csv": "one row per (subject, method, orientation, slice): 2D PSNR, SSIM, NMSE (+ LPIPS, axial)",
         "summary.csv": "mean, std and n per method and metric",
+        "subsets.csv": "per --subset and method: n, subjects, mean PSNR, SSIM and regional bias",
         "summary.md": "the tables above",
         "ttests.csv": "paired t-tests, every metric and pair",
         "ttests.md": "the same as a table",

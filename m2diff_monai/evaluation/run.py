@@ -118,6 +118,7 @@ def evaluate_cohort(
     paper_min_size: int | None = None,
     baselines: Sequence[str] | str | None = None,
     baseline_settings: Any | None = None,
+    subsets: Mapping[str, Any] | Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Score every ``split`` subject of ``manifest`` (LD first, then each method of ``predictions``) against its SD
     reference and write the report folder ``out_dir`` (see docs/evaluation.md). Returns the ``run.json`` dict.
@@ -128,7 +129,9 @@ def evaluate_cohort(
     checkpoint whose PET/MRI branches are compared with linear CKA (``cka_options`` go to
     :func:`.representation.cka_analysis`). ``baselines``: ``"gaussian,nlm,bm3d"`` or a list — classical filters
     of the LD scored as rows after LD, tuned on the validation split (:mod:`.baselines`; ``baseline_settings``: a
-    :class:`.baselines.BaselineSettings` or a dict of its fields, e.g. the FWHM grid). Raises :class:`InputError`
+    :class:`.baselines.BaselineSettings` or a dict of its fields, e.g. the FWHM grid). ``subsets``:
+    ``["held-out=heldout-*", ...]`` or ``{name: patterns}`` — groups of subjects also summarised on their own
+    (:mod:`.subsets`). Raises :class:`InputError`
     (one line) on bad input; nothing is written then. Under ``keep_going`` failing subjects are listed in
     ``run.json['failed']`` instead.
     """
@@ -150,6 +153,7 @@ def evaluate_cohort(
         paper_pad=int(paper_pad),
         paper_min_size=paper_min_size,
         baselines=baselines or (),
+        subsets=subsets or (),
     )
     manifest = Path(manifest)
     base = manifest.resolve().parent
@@ -174,6 +178,9 @@ def evaluate_cohort(
     inputs = _run_inputs(manifest, content, pred_dirs, checkpoint_map, timing_map, cka_checkpoint, lpips_weights)
     _check_out_dir(out_dir, inputs)
     plan = plan_subjects(items, base, pred_dirs, options.keep_going)
+    from m2diff_monai.evaluation.subsets import check_subsets
+
+    check_subsets(options.subsets, [str(item["subject"]) for item in items])
     if not plan.items:
         reasons = {**plan.skipped, **plan.failed}
         first = next(iter(reasons.items()), ("", "no subject"))
@@ -345,6 +352,12 @@ def _run(
     write_csv(staging / "summary.csv", summary_df)
     save_text(staging / "summary.md", summary_markdown(per_subject, regions, lpips_status))
     ttests = ttest_frame(per_subject, ttest_metrics(per_subject))
+    subset_rows = None
+    if options.subsets:
+        from m2diff_monai.evaluation.subsets import subset_table
+
+        subset_rows = subset_table(per_subject, options.subsets, regions)
+        write_csv(staging / "subsets.csv", subset_rows)
     write_csv(staging / "ttests.csv", ttests)
     save_text(staging / "ttests.md", ttests_markdown(ttests))
 
@@ -394,7 +407,8 @@ def _run(
         "files": sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
         + ["report.md", "run.json"],
     }
-    save_text(staging / "report.md", report_markdown({**summary, "_baselines": chosen}, per_subject, ttests, staging))
+    report = {**summary, "_baselines": chosen, "_subsets": subset_rows}
+    save_text(staging / "report.md", report_markdown(report, per_subject, ttests, staging))
     save_json(staging / "run.json", summary)
     return summary
 
