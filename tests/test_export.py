@@ -317,6 +317,29 @@ def test_export_writes_the_stored_sampler_and_the_card_states_it(source, tmp_pat
     assert shared["inputs"]["ld"]["value_range"] == [] and shared["inputs"]["mri"]["value_range"] == [0.0, 1.0]
 
 
+def test_export_keeps_the_training_record_and_warns_on_an_untrained_start(source, tmp_path):
+    """A truncated-timestep model (``train_max_timestep``) keeps its record in ``models/model.pt``, so the exported
+    bundle warns like ``m2diff-infer``; exporting a sampler that starts above the trained steps warns too."""
+    import warnings
+
+    from m2diff_monai.errors import UserFacingWarning
+
+    net = randomize_zero_params(build_network(TINY_V6)).eval()
+    data = {"intensity_range": [0, 1], "manifest": str(source["root"] / "demo.json")}
+    ckpt = tmp_path / "truncated.pt"
+    save_checkpoint(ckpt, net, {"timesteps": 50}, data, {"sampler": "ddim", "steps": 3, "start_step": 30})
+    saved = torch.load(ckpt, weights_only=True)
+    saved["config"]["training"] = {"train_max_timestep": 30, "batch_size": 4}
+    torch.save(saved, ckpt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserFacingWarning)  # the stored start (30) is inside the trained steps
+        export_mod.export_bundle(BUNDLE, ckpt, tmp_path / "ok", check=False)
+    model = load_model(tmp_path / "ok" / "models/model.pt")
+    assert model.training == {"train_max_timestep": 30, "batch_size": 4} and model.trained_max_timestep == 30
+    with pytest.warns(UserFacingWarning, match=r"trained only on timesteps 0..30 .* starts from t = 40"):
+        export_mod.export_bundle(BUNDLE, ckpt, tmp_path / "late", check=False, sampler_defaults={"start_step": 40})
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 def run_bad(args: list[str], out: Path, capsys) -> str:
     rc = main([*args, "--out", str(out), "--no-progress"])

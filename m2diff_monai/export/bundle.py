@@ -222,6 +222,11 @@ def export_bundle(
         bar.set_postfix_str("model card")
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         files += ["docs/README.md", "LICENSE"]
+        sampler = effective_sampler(written["configs/inference.json"], loaded["config"].get("inference_defaults"))
+        from m2diff_monai.inference.api import warn_untrained_start
+
+        trained = (loaded["config"].get("training") or {}).get("train_max_timestep")
+        warn_untrained_start(trained, sampler["start_step"], str(loaded["path"]))
         info = {
             "package_version": m2diff_monai.__version__,
             "created": created,
@@ -234,9 +239,7 @@ def export_bundle(
             "iteration": loaded["iteration"],
             "output_description": metadata["pred_classes"],
             "files": {f: FILE_DESCRIPTIONS.get(f, "") for f in sorted(files)},
-            "sampler_defaults": effective_sampler(
-                written["configs/inference.json"], loaded["config"].get("inference_defaults")
-            ),
+            "sampler_defaults": sampler,
             "clip_denoised": diffusion.get("clip_denoised"),
         }
         manifest_info = model_card.read_manifest_provenance(data.get("manifest"), [Path.cwd()])

@@ -48,7 +48,8 @@ def load_checkpoint_for_export(checkpoint: str | Path, weights: str | None = Non
     """Read and check the checkpoint, rebuild its network with the chosen weights (``m2diff_monai.checkpoint``;
     None: EMA when present, else raw; an explicit choice must exist).
 
-    Returns ``{"network", "weights", "state", "config": {"network", "diffusion", "data", "inference_defaults"},
+    Returns ``{"network", "weights", "state", "config": {"network", "diffusion", "data", "inference_defaults",
+    ["training"]},
     "epoch", "iteration", "path", "sha256"}``; InputError (one line naming the file) for every way the checkpoint
     can be wrong.
     """
@@ -65,6 +66,7 @@ def load_checkpoint_for_export(checkpoint: str | Path, weights: str | None = Non
             "diffusion": model.diffusion_config,
             "data": copy.deepcopy(model.data_config),
             "inference_defaults": check_stored_defaults(model.inference_defaults, path),
+            **({"training": copy.deepcopy(model.training)} if model.training else {}),
         },
         "epoch": model.epoch,
         "iteration": model.iteration,

@@ -116,17 +116,21 @@ def resolve_settings(
 def warn_if_untrained_start(model: LoadedModel, settings: InferenceSettings) -> None:
     """Warn when sampling starts above the timesteps the network was trained on (training with
     ``train_max_timestep``): such steps see inputs the network never learned, e.g. pure noise."""
-    trained = model.trained_max_timestep
-    if trained is None:
+    warn_untrained_start(model.trained_max_timestep, settings.start_step, model.path or "the checkpoint")
+
+
+def warn_untrained_start(trained_max_timestep: int | None, start_step: int | None, name: str) -> None:
+    """The check behind :func:`warn_if_untrained_start`, also run by ``m2diff-export`` on the sampler it writes."""
+    if trained_max_timestep is None:
         return
-    start = settings.start_step
-    if start is None or start > trained:
-        where = "pure noise (t = T−1)" if start is None else f"t = {start}"
+    trained = int(trained_max_timestep)
+    if start_step is None or start_step > trained:
+        where = "pure noise (t = T−1)" if start_step is None else f"t = {start_step}"
         warnings.warn(
-            f"{model.path or 'the checkpoint'} was trained only on timesteps 0..{trained} (train_max_timestep), "
+            f"{name} was trained only on timesteps 0..{trained} (train_max_timestep), "
             f"but sampling starts from {where}; use --start-step {trained} or lower",
             UserFacingWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
 
 
