@@ -98,7 +98,11 @@ HELDOUT_PREFIX = "heldout-"
 def subject_plan(n: int, heldout: int = 0) -> list[tuple[str, str, str]]:
     """``(subject_id, pathology kind, split)`` for ``n`` subjects: kinds cycle healthy, hypometabolism, lesions,
     both; the last ``n_test`` are test, the ``n_val`` before them validation (12 → 8 / 2 / 2). Then ``heldout``
-    test subjects ``heldout-NNN`` (held-out anatomy; kinds alternate lesions and hypometabolism+lesions)."""
+    test subjects ``heldout-NNN`` (held-out anatomy; kinds alternate lesions and hypometabolism+lesions).
+
+    Validation and test subjects all carry lesions (kinds alternate hypometabolism+lesions and lesions): whatever
+    is selected on validation (baseline settings, the best checkpoint, the demo's LD-consistency FWHM) is then
+    selected on lesions too, and the test split scores lesion recovery on every subject."""
     from .phantom import PATHOLOGY_KINDS
 
     if n < 3:
@@ -109,10 +113,11 @@ def subject_plan(n: int, heldout: int = 0) -> list[tuple[str, str, str]]:
     for i in range(n):
         split = "train" if i < n_train else ("val" if i < n_train + n_hold else "test")
         plan.append((f"demo-{i + 1:03d}", PATHOLOGY_KINDS[i % len(PATHOLOGY_KINDS)], split))
-    if n >= 4:  # make sure the test subjects carry pathology: the last two kinds are lesions and both
-        test_idx = [i for i, p in enumerate(plan) if p[2] == "test"]
-        for j, i in enumerate(test_idx):
-            plan[i] = (plan[i][0], PATHOLOGY_KINDS[-1 - (j % 2)], "test")
+    if n >= 4:  # validation and test subjects carry lesions: the last two kinds are lesions and both
+        for split in ("val", "test"):
+            split_idx = [i for i, p in enumerate(plan) if p[2] == split]
+            for j, i in enumerate(split_idx):
+                plan[i] = (plan[i][0], PATHOLOGY_KINDS[-1 - (j % 2)], split)
     plan += [(f"{HELDOUT_PREFIX}{j + 1:03d}", PATHOLOGY_KINDS[-1 - (j % 2)], "test") for j in range(heldout)]
     return plan
 

@@ -97,6 +97,37 @@ def _lesion_centres(candidates: np.ndarray, spacing, rng: np.random.Generator, n
     return centres
 
 
+def _add_lesions(
+    activity: np.ndarray,
+    candidates: np.ndarray,
+    spacing,
+    rng: np.random.Generator,
+    gm_level: float,
+) -> tuple[np.ndarray, dict[str, np.ndarray], list[dict[str, Any]]]:
+    """One or two hot (2-3x GM uptake) and one or two cold (-85 %) spheres of radius 4-7 mm (scaled up on grids
+    coarser than 2 mm), 25 mm apart inside ``candidates``: the new activity, the masks, their descriptions."""
+    shape = activity.shape
+    radius_scale = max(1.0, spacing[0] / 2.0)
+    n_hot, n_cold = int(rng.integers(1, 3)), int(rng.integers(1, 3))
+    centres = _lesion_centres(candidates, spacing, rng, n_hot + n_cold, min_gap_mm=25.0)
+    hot = np.zeros(shape, np.float32)
+    cold = np.zeros(shape, np.float32)
+    lesions = []
+    for i, c in enumerate(centres):
+        radius = float(rng.uniform(4.0, 7.0) * radius_scale)
+        profile = _sphere_profile(shape, spacing, c, radius)
+        if i < n_hot:
+            level = float(rng.uniform(2.0, 3.0) * gm_level)
+            activity = activity * (1 - profile) + np.maximum(activity, level) * profile
+            hot = np.maximum(hot, profile)
+            lesions.append({"type": "hot", "centre_vox": c.tolist(), "radius_mm": round(radius, 2)})
+        else:
+            activity = activity * (1.0 - 0.85 * profile)
+            cold = np.maximum(cold, profile)
+            lesions.append({"type": "cold", "centre_vox": c.tolist(), "radius_mm": round(radius, 2)})
+    return activity, {"lesion_hot": hot >= 0.5, "lesion_cold": cold >= 0.5}, lesions
+
+
 def _anatomy_changes(anatomy: Anatomy, rng: np.random.Generator, variation: AnatomyVariation):
     """Template-space displacement for enlarged ventricles and a hemispheric asymmetry (or None), and its info."""
     spacing, shape = anatomy.spacing, anatomy.shape
@@ -202,28 +233,11 @@ def make_subject(
     activity = activity.astype(np.float32)
 
     if "lesions" in kind:
-        radius_scale = max(1.0, spacing[0] / 2.0)
-        inner = distance_mm(brain > 0.5, spacing) > 12.0
-        candidates = inner & ((gm + wm) > 0.8)
-        n_hot, n_cold = int(rng_path.integers(1, 3)), int(rng_path.integers(1, 3))
-        centres = _lesion_centres(candidates, spacing, rng_path, n_hot + n_cold, min_gap_mm=25.0)
-        hot = np.zeros(shape, np.float32)
-        cold = np.zeros(shape, np.float32)
-        lesions = []
-        for i, c in enumerate(centres):
-            radius = float(rng_path.uniform(4.0, 7.0) * radius_scale)
-            profile = _sphere_profile(shape, spacing, c, radius)
-            if i < n_hot:
-                level = float(rng_path.uniform(2.0, 3.0) * ratio * wm_level)
-                activity = activity * (1 - profile) + np.maximum(activity, level) * profile
-                hot = np.maximum(hot, profile)
-                lesions.append({"type": "hot", "centre_vox": c.tolist(), "radius_mm": round(radius, 2)})
-            else:
-                activity = activity * (1.0 - 0.85 * profile)
-                cold = np.maximum(cold, profile)
-                lesions.append({"type": "cold", "centre_vox": c.tolist(), "radius_mm": round(radius, 2)})
-        masks["lesion_hot"], masks["lesion_cold"] = hot >= 0.5, cold >= 0.5
-        info["lesions"] = lesions
+        candidates = (distance_mm(brain > 0.5, spacing) > 12.0) & ((gm + wm) > 0.8)
+        activity, lesion_masks, info["lesions"] = _add_lesions(
+            activity, candidates, spacing, rng_path, ratio * wm_level
+        )
+        masks.update(lesion_masks)
 
     skull = head & (distance_mm(brain <= 0.5, spacing) > 2.0) & ~scalp
     mu = np.where(head, MU_WATER_PER_MM, 0.0).astype(np.float32)

@@ -179,6 +179,9 @@ def test_heldout_subjects_are_test_only_and_in_no_training_item():
     held = [p for p in plan if p[0].startswith(HELDOUT_PREFIX)]
     assert len(held) == 2 and all(split == "test" for _, _, split in held)
     assert all("lesions" in kind for _, kind, _ in held)
+    # validation selects on lesions too: every validation and test subject carries them
+    assert all("lesions" in kind for _, kind, split in plan if split in ("val", "test"))
+    assert any(kind == "healthy" for _, kind, split in plan if split == "train")
     assert [p for p in plan if not p[0].startswith(HELDOUT_PREFIX)] == subject_plan(12)
 
 
