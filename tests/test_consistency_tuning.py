@@ -69,3 +69,16 @@ def test_command_prints_the_table_and_writes_the_choice(tmp_path, capsys):
     empty.mkdir()
     assert main([str(empty)]) == 2
     assert "summary.csv" in capsys.readouterr().err and not (empty / CHOICE_FILE).exists()
+
+
+def test_script_refuses_the_test_split_and_shows_its_usage():
+    import os
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "tune_consistency.sh"
+    usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    assert usage.returncode == 2 and "BUNDLE CHECKPOINT" in usage.stderr
+    env = {**os.environ, "SPLIT": "test"}
+    refused = subprocess.run(["bash", str(script), "b", "c"], capture_output=True, text=True, env=env)
+    assert refused.returncode == 2 and "use val" in refused.stderr
