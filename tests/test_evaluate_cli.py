@@ -271,6 +271,28 @@ def test_subsets_are_the_mean_of_their_subjects_rows(report):
     assert run["options"]["subsets"] == {"first": [SUBJECTS[0]], "others": list(SUBJECTS[1:])}
 
 
+def test_targets_judge_each_method_per_group_with_the_ld_beside(report):
+    # the Targets section: each judged method's group mean against its tolerance, the LD's own bias as context
+    table = pd.read_csv(report["out"] / "targets.csv")
+    df = report["per_subject"]
+    assert list(dict.fromkeys(table["group"])) == ["all subjects", "first", "others"]
+    assert set(table["method"]) == {"Good", "Same"}  # LD is context, not judged
+    groups = {"all subjects": list(SUBJECTS), "first": [SUBJECTS[0]], "others": list(SUBJECTS[1:])}
+    assert table["check"].str.endswith("bias (%)").all()  # no baselines, no -noMRI partner: bias checks only
+    for row in table.itertuples():
+        column = "bias_" + row.check.removesuffix(" bias (%)")
+        part = df[df["subject"].isin(groups[row.group])]
+        mean = 100.0 * part.loc[part["method"] == row.method, column].mean()
+        assert row.value == pytest.approx(mean, abs=1e-9)
+        assert row.ld == pytest.approx(100.0 * part.loc[part["method"] == "LD", column].mean(), abs=1e-9)
+        assert row.met == (abs(mean) <= (5.0 if "lesion" in column else 2.0))
+    text = (report["out"] / "report.md").read_text()
+    assert "## Targets" in text and "No baselines were scored" in text
+    assert text.index("## Targets") < text.index("## By subset")
+    run = json.loads((report["out"] / "run.json").read_text())
+    assert run["options"]["targets"] == {"margin": 1.0, "lesion": 5.0, "region": 2.0, "mri": 0.5}
+
+
 def test_ld_scores_worse_and_identical_prediction_is_perfect(report):
     df = report["per_subject"].set_index(["subject", "method"])
     for sid in SUBJECTS:
@@ -403,6 +425,9 @@ def test_bad_inputs_are_one_line_errors(cohort, tmp_path, capsys):
     assert "--subset typo=nobody-* matches none of the subjects evaluated" in capsys.readouterr().err
     assert cli.main([*base, *good, "--subset", "no-pattern", "--out", str(tmp_path / "o5")]) == 2
     assert "--subset must be NAME=PATTERN" in capsys.readouterr().err
+    assert cli.main([*base, *good, "--targets", "margin=x", "--out", str(tmp_path / "o6")]) == 2
+    assert "--targets margin must be a number" in capsys.readouterr().err
+    assert not (tmp_path / "o6").exists()
     assert not (tmp_path / "o4").exists() and not (tmp_path / "o5").exists()
     foreign = tmp_path / "foreign"
     foreign.mkdir()

@@ -116,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--subset 'held-out=heldout-*' --subset 'in-distribution=demo-*': the report then adds per subset the mean "
         "PSNR, SSIM and regional bias of every method and its PSNR margin over the best baseline (subsets.csv)",
     )
+    m.add_argument(
+        "--targets",
+        default="default",
+        metavar="KEY=VALUE[,KEY=VALUE]|off",
+        help="acceptance targets judged per method on all subjects and on each --subset, with the LD's own bias "
+        "beside each bias check (targets.csv): margin (dB PSNR over the best baseline, with at least its SSIM), "
+        "lesion (%% bias in lesion regions), region (%% bias elsewhere), mri (dB of X over X-noMRI). "
+        "Default: margin=1,lesion=5,region=2,mri=0.5; off: no Targets section",
+    )
     x = p.add_argument_group("extras")
     x.add_argument(
         "--checkpoint",
@@ -183,6 +192,7 @@ def _run(args: argparse.Namespace) -> dict:
         cka_options=cka_options,
         baselines=args.baselines,
         subsets=args.subset,
+        targets=args.targets,
         paper_scaling=args.paper_scaling,
         paper_pad=args.paper_pad,
         paper_min_size=args.paper_min_size,

@@ -49,6 +49,7 @@ class EvaluationOptions:
     paper_min_size: int | None = None
     baselines: tuple[str, ...] = ()
     subsets: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (name, subject-id patterns): subsets.py
+    targets: Any = "default"  # acceptance targets (targets.py): a dict after parsing, None = off
 
     def __post_init__(self) -> None:
         canonical_split(self.split, allow_all=True)
@@ -76,6 +77,9 @@ class EvaluationOptions:
         from m2diff_monai.evaluation.subsets import parse_subsets
 
         object.__setattr__(self, "subsets", parse_subsets(self.subsets))
+        from m2diff_monai.evaluation.targets import parse_targets
+
+        object.__setattr__(self, "targets", parse_targets(self.targets))
 
     def paper_options(self):
         from m2diff_monai.evaluation.paper_protocol import PaperOptions

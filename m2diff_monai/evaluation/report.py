@@ -238,6 +238,12 @@ def report_markdown(summary: Mapping[str, Any], df, tt, staging: Path) -> str:
         "- Definitions: docs/evaluation.md.\n",
         quantitation_markdown(df, summary["regions"], summary.get("units") or UNKNOWN_UNITS),
     ]
+    if summary.get("_targets") is not None:
+        from m2diff_monai.evaluation.targets import targets_markdown
+
+        lines.append(
+            targets_markdown(summary["_targets"], summary["options"]["targets"], bool(summary["_baselines"].names))
+        )
     if summary.get("_subsets") is not None:
         from m2diff_monai.evaluation.subsets import subsets_markdown
 
@@ -258,6 +264,7 @@ def report_markdown(summary: Mapping[str, Any], df, tt, staging: Path) -> str:
         "per_slice.csv": "one row per (subject, method, orientation, slice): 2D PSNR, SSIM, NMSE (+ LPIPS, axial)",
         "summary.csv": "mean, std and n per method and metric",
         "subsets.csv": "per --subset and method: n, subjects, mean PSNR, SSIM and regional bias",
+        "targets.csv": "per group (all subjects, each --subset), method and check: mean, target, met, LD's own bias",
         "summary.md": "the tables above",
         "ttests.csv": "paired t-tests, every metric and pair",
         "ttests.md": "the same as a table",

@@ -119,6 +119,7 @@ def evaluate_cohort(
     baselines: Sequence[str] | str | None = None,
     baseline_settings: Any | None = None,
     subsets: Mapping[str, Any] | Sequence[str] | None = None,
+    targets: str | Mapping[str, Any] | None = "default",
 ) -> dict[str, Any]:
     """Score every ``split`` subject of ``manifest`` (LD first, then each method of ``predictions``) against its SD
     reference and write the report folder ``out_dir`` (see docs/evaluation.md). Returns the ``run.json`` dict.
@@ -131,7 +132,8 @@ def evaluate_cohort(
     of the LD scored as rows after LD, tuned on the validation split (:mod:`.baselines`; ``baseline_settings``: a
     :class:`.baselines.BaselineSettings` or a dict of its fields, e.g. the FWHM grid). ``subsets``:
     ``["held-out=heldout-*", ...]`` or ``{name: patterns}`` — groups of subjects also summarised on their own
-    (:mod:`.subsets`). Raises :class:`InputError`
+    (:mod:`.subsets`). ``targets``: the acceptance targets judged per method on all subjects and each subset
+    (:mod:`.targets`; ``"off"`` drops them). Raises :class:`InputError`
     (one line) on bad input; nothing is written then. Under ``keep_going`` failing subjects are listed in
     ``run.json['failed']`` instead.
     """
@@ -154,6 +156,7 @@ def evaluate_cohort(
         paper_min_size=paper_min_size,
         baselines=baselines or (),
         subsets=subsets or (),
+        targets=targets,
     )
     manifest = Path(manifest)
     base = manifest.resolve().parent
@@ -358,6 +361,16 @@ def _run(
 
         subset_rows = subset_table(per_subject, options.subsets, regions)
         write_csv(staging / "subsets.csv", subset_rows)
+    target_rows = None
+    if options.targets is not None:
+        from m2diff_monai.evaluation.subsets import subset_members
+        from m2diff_monai.evaluation.targets import ALL_SUBJECTS, target_table
+
+        subjects = list(dict.fromkeys(per_subject["subject"]))
+        groups = [(ALL_SUBJECTS, subjects)]
+        groups += [(name, subset_members(subjects, patterns)) for name, patterns in options.subsets]
+        target_rows = target_table(per_subject, groups, regions, chosen.rows, options.targets)
+        write_csv(staging / "targets.csv", target_rows)
     write_csv(staging / "ttests.csv", ttests)
     save_text(staging / "ttests.md", ttests_markdown(ttests))
 
@@ -407,7 +420,7 @@ def _run(
         "files": sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
         + ["report.md", "run.json"],
     }
-    report = {**summary, "_baselines": chosen, "_subsets": subset_rows}
+    report = {**summary, "_baselines": chosen, "_subsets": subset_rows, "_targets": target_rows}
     save_text(staging / "report.md", report_markdown(report, per_subject, ttests, staging))
     save_json(staging / "run.json", summary)
     return summary
