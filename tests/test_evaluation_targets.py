@@ -83,3 +83,12 @@ def test_markdown_marks_each_check_and_lists_the_misses_with_the_ld_context():
     met = target_table(_per_subject(), [("all", ["a", "b"])], ["gm"], BASELINES, DEFAULT_TARGETS)
     met = met[met["method"] == "Net"]
     assert "Every check is met." in targets_markdown(met, DEFAULT_TARGETS, baselines_scored=True)
+
+
+def test_a_miss_never_reads_as_the_threshold():
+    from m2diff_monai.evaluation.targets import _shown
+
+    assert _shown(0.9976, ">= 1", False, 2) == "+0.998"  # not "+1.00 ✗"
+    assert _shown(1.06, ">= 1", True, 2) == "+1.06"
+    assert _shown(5.004, "within ±5", False, 2) == "+5.004"
+    assert _shown(-0.00004, ">= 0", False, 4) == "-0.00004"

@@ -134,6 +134,21 @@ def target_table(
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
+def _passes(value: float, target: str) -> bool:
+    """The verdict of ``target`` (">= X" or "within ±X", as :func:`target_table` writes them) on ``value``."""
+    if target.startswith(">= "):
+        return value >= float(target[3:])
+    return abs(value) <= float(target.removeprefix("within ±"))
+
+
+def _shown(value: float, target: str, met: bool, digits: int) -> str:
+    """``value`` with ``digits`` decimals, or more when the rounded number would read as the other verdict
+    (0.9976 dB against ">= 1" shows as +0.998, not +1.00)."""
+    while digits < 6 and _passes(round(value, digits), target) != met:
+        digits += 1
+    return f"{value:+.{digits}f}"
+
+
 def targets_markdown(table, targets: Mapping[str, float], baselines_scored: bool) -> str:
     """The report section: per group, a checks × methods table with ✓/✗ and the LD's own bias; then the misses."""
     if table is None or len(table) == 0:
@@ -162,7 +177,7 @@ def targets_markdown(table, targets: Mapping[str, float], baselines_scored: bool
                     cells.append("")
                     continue
                 row = rows.loc[method]
-                value = f"{row['value']:+.4f}" if check.startswith("SSIM") else f"{row['value']:+.2f}"
+                value = _shown(row["value"], row["target"], bool(row["met"]), 4 if check.startswith("SSIM") else 2)
                 cells.append(f"{value} {'✓' if row['met'] else '✗'}")
                 if not row["met"]:
                     context = f" (LD itself {row['ld']:+.1f})" if math.isfinite(row["ld"]) else ""
