@@ -92,7 +92,10 @@ def register(
 
     Rigid and Affine run ANTs' multi-resolution linear stages; SyN adds the symmetric-normalisation
     deformable stage (the paper's choice), also driven by Mattes MI because T1 and PET contrasts differ.
-    ``seed`` fixes ANTs' random metric sampling so reruns give the same result.
+    ``seed`` fixes ANTs' random metric sampling. Reruns still differ slightly: Mattes MI in ANTs is not
+    bit-reproducible. Measured on the demo's demo-001 at 4 mm, rigid: three calls in one process differed by up to
+    150 of a 940 maximum, even with ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1`` (ANTsPy issue 297 points to the
+    ``*Repro`` transform types, which use other metrics).
     """
     ants = _ants()
     kind = normalize_transform_name(transform)
