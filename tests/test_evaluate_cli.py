@@ -587,6 +587,8 @@ def test_subset_parsing():
     from m2diff_monai.evaluation.subsets import parse_subsets, subset_members
 
     assert parse_subsets({"held-out": "heldout-*"}) == (("held-out", ("heldout-*",)),)
+    with pytest.raises(InputError, match="reserved"):
+        parse_subsets(["all subjects=demo-*"])  # the name of the targets' whole-split group
     assert parse_subsets(["a=x*, y?", "b=z"]) == (("a", ("x*", "y?")), ("b", ("z",)))
     assert subset_members(["x1", "y2", "yy2", "z"], ("x*", "y?")) == ["x1", "y2"]
     for bad, message in ((["a=x", "a=y"], "given twice"), (["=x"], "needs a name"), (["a="], "needs a name")):

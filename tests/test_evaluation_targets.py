@@ -6,7 +6,9 @@ import pandas as pd
 import pytest
 
 from m2diff_monai.errors import InputError
-from m2diff_monai.evaluation.targets import DEFAULT_TARGETS, parse_targets, target_table, targets_markdown
+from m2diff_monai.evaluation.subsets import subset_table
+from m2diff_monai.evaluation.targets import DEFAULT_TARGETS, parse_targets, targets_markdown
+from m2diff_monai.evaluation.targets import target_table as judge
 
 BASELINES = ["Gaussian", "BM4D"]
 
@@ -26,6 +28,11 @@ def _per_subject() -> pd.DataFrame:
         for s, (p, q, c, g) in zip(("a", "b"), per_subject, strict=True)
     ]
     return pd.DataFrame(rows)
+
+
+def target_table(df, groups, regions, baselines, targets):
+    """Judge the per-subject table's group means, as the report does (groups: name → subject ids)."""
+    return judge(subset_table(df, [(name, tuple(ids)) for name, ids in groups], regions), baselines, targets)
 
 
 def _check(table, group, method, prefix):
@@ -92,3 +99,11 @@ def test_a_miss_never_reads_as_the_threshold():
     assert _shown(1.06, ">= 1", True, 2) == "+1.06"
     assert _shown(5.004, "within ±5", False, 2) == "+5.004"
     assert _shown(-0.00004, ">= 0", False, 4) == "-0.00004"
+
+
+def test_best_baseline_is_the_highest_psnr_among_baseline_rows_only():
+    from m2diff_monai.evaluation.baselines import best_baseline
+
+    psnr = {"LD": 29.0, "Gaussian": 32.9, "BM4D": 33.0, "Net": 34.2, "NLM": float("nan")}
+    assert best_baseline(psnr) == "BM4D"  # Net is higher but not a baseline; NaN is ignored
+    assert best_baseline(psnr, ["Gaussian"]) == "Gaussian" and best_baseline({"LD": 29.0, "Net": 34.0}) is None

@@ -106,6 +106,14 @@ class ChosenSettings:
         return out
 
 
+def best_baseline(psnr_by_method: Mapping[str, float], rows: Sequence[str] | None = None) -> str | None:
+    """The baseline row (``rows``, default every :data:`BASELINE_ROWS` name) with the highest finite PSNR in
+    ``psnr_by_method``; None when the table has none. The bar the report's margins and targets measure against."""
+    names = set(BASELINE_ROWS.values() if rows is None else rows)
+    scored = {m: float(p) for m, p in psnr_by_method.items() if m in names and math.isfinite(float(p))}
+    return max(scored, key=scored.__getitem__) if scored else None
+
+
 def parse_baselines(value: str | Sequence[str] | None) -> tuple[str, ...]:
     """``"gaussian,nlm,bm3d"`` (or a list) → canonical names in the given order; ``None``/``""`` → ()."""
     if value is None:
@@ -467,6 +475,7 @@ def as_settings(value: BaselineSettings | Mapping[str, Any] | None) -> BaselineS
 
 __all__ = [
     "BASELINE_ROWS",
+    "best_baseline",
     "BaselineSettings",
     "ChosenSettings",
     "TuningCase",

@@ -363,13 +363,11 @@ def _run(
         write_csv(staging / "subsets.csv", subset_rows)
     target_rows = None
     if options.targets is not None:
-        from m2diff_monai.evaluation.subsets import subset_members
-        from m2diff_monai.evaluation.targets import ALL_SUBJECTS, target_table
+        from m2diff_monai.evaluation.subsets import subset_table
+        from m2diff_monai.evaluation.targets import target_groups, target_table
 
-        subjects = list(dict.fromkeys(per_subject["subject"]))
-        groups = [(ALL_SUBJECTS, subjects)]
-        groups += [(name, subset_members(subjects, patterns)) for name, patterns in options.subsets]
-        target_rows = target_table(per_subject, groups, regions, chosen.rows, options.targets)
+        group_means = subset_table(per_subject, target_groups(options.subsets), regions)
+        target_rows = target_table(group_means, chosen.rows, options.targets)
         write_csv(staging / "targets.csv", target_rows)
     write_csv(staging / "ttests.csv", ttests)
     save_text(staging / "ttests.md", ttests_markdown(ttests))

@@ -12,8 +12,10 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from m2diff_monai.errors import InputError
+from m2diff_monai.evaluation.baselines import best_baseline
 
 SUBSET_METRICS: tuple[str, ...] = ("psnr", "ssim")
+ALL_SUBJECTS = "all subjects"  # reserved: the group the report's targets judge before the subsets
 
 
 def parse_subsets(values: Mapping[str, Any] | Sequence[str] | None) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -38,6 +40,8 @@ def parse_subsets(values: Mapping[str, Any] | Sequence[str] | None) -> tuple[tup
             raise InputError(f"--subset needs a name and at least one pattern, got {name!r}={patterns!r}")
         if name in out:
             raise InputError(f"--subset {name!r} given twice")
+        if name == ALL_SUBJECTS:
+            raise InputError(f"--subset name {ALL_SUBJECTS!r} is reserved for the whole split; choose another")
         out[name] = cleaned
     return tuple(out.items())
 
@@ -99,16 +103,24 @@ def subsets_markdown(table, baseline_rows: Sequence[str]) -> str:
         for _, row in part.iterrows():
             cells = [f"{row['psnr']:.2f}", f"{row['ssim']:.4f}", *(f"{100.0 * row[c]:+.1f}" for c in bias)]
             lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
-        baselines = part[part["method"].isin(list(baseline_rows))]
-        if len(baselines):
-            best = baselines.loc[baselines["psnr"].idxmax()]
+        psnr = dict(zip(part["method"], part["psnr"], strict=True))
+        best = best_baseline(psnr, baseline_rows)
+        if best is not None:
             others = part[~part["method"].isin([*baseline_rows, "LD"])]
-            margins = ", ".join(f"{r['method']} {r['psnr'] - best['psnr']:+.2f} dB" for _, r in others.iterrows())
-            here = f"{best['method']}, {best['psnr']:.2f} dB"
+            margins = ", ".join(f"{r['method']} {r['psnr'] - psnr[best]:+.2f} dB" for _, r in others.iterrows())
+            here = f"{best}, {psnr[best]:.2f} dB"
             lines.append(f"\nPSNR over the best baseline here ({here}): {margins or 'no method'}.\n")
         else:
             lines.append("")
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["SUBSET_METRICS", "check_subsets", "parse_subsets", "subset_members", "subset_table", "subsets_markdown"]
+__all__ = [
+    "ALL_SUBJECTS",
+    "SUBSET_METRICS",
+    "check_subsets",
+    "parse_subsets",
+    "subset_members",
+    "subset_table",
+    "subsets_markdown",
+]

@@ -25,10 +25,11 @@ from functools import partial
 from typing import Any
 
 from m2diff_monai.errors import InputError
+from m2diff_monai.evaluation.baselines import best_baseline
+from m2diff_monai.evaluation.subsets import ALL_SUBJECTS
 
 DEFAULT_TARGETS: dict[str, float] = {"margin": 1.0, "lesion": 5.0, "region": 2.0, "mri": 0.5}
 NO_MRI_SUFFIX = "-noMRI"
-ALL_SUBJECTS = "all subjects"
 COLUMNS = ["group", "method", "check", "value", "target", "met", "ld"]
 
 
@@ -90,42 +91,38 @@ def _add_row(
     )
 
 
-def target_table(
-    df,
-    groups: Sequence[tuple[str, Sequence[str]]],
-    regions: Sequence[str],
-    baseline_rows: Sequence[str],
-    targets: Mapping[str, float],
-):
+def target_groups(subsets: Sequence[tuple[str, Sequence[str]]]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """All subjects first, then each ``--subset``: the groups the targets are judged on (subset patterns)."""
+    return ((ALL_SUBJECTS, ("*",)), *((name, tuple(patterns)) for name, patterns in subsets))
+
+
+def target_table(group_means, baseline_rows: Sequence[str], targets: Mapping[str, float]):
     """One row per (group, judged method, check): the group mean, the target, whether it is met, and for bias
-    checks the LD's own value. ``groups``: ``(name, subject ids)``; ``df``: the per-subject table."""
-    import numpy as np
+    checks the LD's own value. ``group_means``: :func:`.subsets.subset_table` over :func:`target_groups`, so the
+    verdicts judge the very means the "By subset" section shows."""
     import pandas as pd
 
     rows: list[dict[str, Any]] = []
-    bias_columns = [(r, f"bias_{r}") for r in regions if f"bias_{r}" in df.columns]
-    for group, members in groups:
-        part = df[df["subject"].isin(list(members))]
-        means = part.groupby("method", sort=False)[["psnr", "ssim", *(c for _, c in bias_columns)]].mean()
-        present = [m for m in dict.fromkeys(part["method"])]
-        baselines = [m for m in present if m in set(baseline_rows)]
-        judged = [m for m in present if m != "LD" and m not in set(baseline_rows)]
-        best = max(baselines, key=lambda m: means.loc[m, "psnr"]) if baselines else None
-        ld = means.loc["LD"] if "LD" in means.index else None
+    bias_columns = [c for c in group_means.columns if c.startswith("bias_")]
+    for group, part in group_means.groupby("subset", sort=False):
+        means = part.set_index("method")
+        best = best_baseline(means["psnr"].to_dict(), baseline_rows)
+        judged = [m for m in means.index if m != "LD" and m not in set(baseline_rows)]
         for method in judged:
             row = means.loc[method]
             add = partial(_add_row, rows, group, method)
             if best is not None:
                 margin = row["psnr"] - means.loc[best, "psnr"]
                 add(f"PSNR over {best} (dB)", margin, f">= {targets['margin']:g}", margin >= targets["margin"])
-                best_ssim = float(means.loc[baselines, "ssim"].max())
+                best_ssim = float(means.loc[means.index.isin(list(baseline_rows)), "ssim"].max())
                 add("SSIM minus the best baseline's", row["ssim"] - best_ssim, ">= 0", row["ssim"] >= best_ssim)
-            for region, column in bias_columns:
+            for column in bias_columns:
                 value = 100.0 * row[column]
-                if not np.isfinite(value):
+                if not math.isfinite(value):
                     continue
+                region = column.removeprefix("bias_")
                 tolerance = _bias_tolerance(region, targets)
-                ld_value = 100.0 * ld[column] if ld is not None else float("nan")
+                ld_value = 100.0 * means.loc["LD", column] if "LD" in means.index else float("nan")
                 add(f"{region} bias (%)", value, f"within ±{tolerance:g}", abs(value) <= tolerance, ld_value)
             partner = method + NO_MRI_SUFFIX
             if partner in means.index:
@@ -194,4 +191,4 @@ def targets_markdown(table, targets: Mapping[str, float], baselines_scored: bool
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["DEFAULT_TARGETS", "NO_MRI_SUFFIX", "parse_targets", "target_table", "targets_markdown"]
+__all__ = ["DEFAULT_TARGETS", "NO_MRI_SUFFIX", "parse_targets", "target_groups", "target_table", "targets_markdown"]

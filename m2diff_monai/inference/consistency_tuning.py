@@ -38,11 +38,16 @@ OFF = "off"
 CHOICE_FILE = "consistency_choice.json"
 
 
+def fwhm_label(fwhm_mm: float) -> str:
+    """``7.0`` → ``"7"``, inf → ``"off"``: the candidate's name after ``fwhm-``."""
+    return OFF if math.isinf(fwhm_mm) else f"{fwhm_mm:g}"
+
+
 def candidate_fwhm(method: str) -> float | None:
     """``fwhm-7`` → 7.0, ``fwhm-off`` → inf; any other method name → None."""
     if not method.startswith(CANDIDATE_PREFIX):
         return None
-    value = method[len(CANDIDATE_PREFIX) :]
+    value = method.removeprefix(CANDIDATE_PREFIX)
     if value == OFF:
         return math.inf
     try:
@@ -87,19 +92,18 @@ def choose_fwhm(
 
 def choose_from_summary(summary, margin_db: float = 1.0) -> tuple[ConsistencyChoice, object]:
     """``summary.csv`` of an evaluation (pandas) → the choice and the candidates' table (sorted by FWHM)."""
-    from m2diff_monai.evaluation.baselines import BASELINE_ROWS
+    from m2diff_monai.evaluation.baselines import best_baseline
 
     summary = summary.assign(fwhm_mm=summary["method"].map(candidate_fwhm))
     candidates = summary[summary["fwhm_mm"].notna()].sort_values("fwhm_mm")
     if candidates.empty:
         raise InputError(f"no prediction named {CANDIDATE_PREFIX}<mm> or {CANDIDATE_PREFIX}{OFF} in the evaluation")
-    baselines = summary[summary["method"].isin(list(BASELINE_ROWS.values()))].dropna(subset=["psnr_mean"])
-    if baselines.empty:
+    psnr_by_method = dict(zip(summary["method"], summary["psnr_mean"], strict=True))
+    best = best_baseline(psnr_by_method)
+    if best is None:
         raise InputError("the evaluation has no baseline rows: run m2diff-evaluate with --baselines")
-    best = baselines.loc[baselines["psnr_mean"].idxmax()]
     psnr = {float(r.fwhm_mm): float(r.psnr_mean) for r in candidates.itertuples()}
-    choice = choose_fwhm(psnr, str(best["method"]), float(best["psnr_mean"]), margin_db)
-    return choice, candidates
+    return choose_fwhm(psnr, best, float(psnr_by_method[best]), margin_db), candidates
 
 
 def choice_markdown(choice: ConsistencyChoice, candidates) -> str:
@@ -108,7 +112,7 @@ def choice_markdown(choice: ConsistencyChoice, candidates) -> str:
     header = ["FWHM (mm)", "PSNR (dB)", "SSIM", *(f"{c[5:-5]} bias (%)" for c in bias)]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(["---:"] * len(header)) + " |"]
     for row in candidates.itertuples():
-        fwhm = "off" if math.isinf(row.fwhm_mm) else f"{row.fwhm_mm:g}"
+        fwhm = fwhm_label(row.fwhm_mm)
         values = [f"{row.psnr_mean:.2f}", f"{row.ssim_mean:.4f}"]
         values += [f"{100.0 * getattr(row, c):+.1f}" if math.isfinite(getattr(row, c)) else "n/a" for c in bias]
         lines.append(f"| {fwhm} | " + " | ".join(values) + " |")
@@ -147,9 +151,7 @@ def _run(args: argparse.Namespace) -> int:
         raise InputError("no summary.csv: give an m2diff-evaluate output folder", path=args.report)
     choice, candidates = choose_from_summary(pd.read_csv(summary_csv), args.margin)
     print(choice_markdown(choice, candidates), end="")
-    table = {
-        ("off" if math.isinf(r.fwhm_mm) else f"{r.fwhm_mm:g}"): float(r.psnr_mean) for r in candidates.itertuples()
-    }
+    table = {fwhm_label(r.fwhm_mm): float(r.psnr_mean) for r in candidates.itertuples()}
     save_json(args.report / CHOICE_FILE, {**asdict(choice), "setting": choice.setting(), "psnr_by_fwhm": table})
     return 0
 
