@@ -13,6 +13,14 @@ is, in order of precedence:
 Whatever the source, the result is never above the affinity count (a quota or an env var cannot grant cores the
 scheduler will not give) and never below 1. :func:`configure_threads` is cheap and idempotent: every CLI entry
 point and the bundle imports call it.
+
+ITK (and ANTs through it) is the exception: its pool gets **one** thread unless
+``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` is set. Why: ANTs' Mattes-MI registration sums its joint histogram over
+threads in whatever order they finish, so with 2+ threads two runs on the same files give different T1s (up to 55
+of 950 on a demo subject) and everything downstream differs too; with one thread and a seed it is bit-reproducible
+(``tests/test_registration.py``). The cost is small where our ITK work is (a rigid 4 mm registration: 0.49 → 0.72 s);
+``m2diff-preprocess --workers N`` runs subjects in parallel instead. Set the variable to trade reproducibility for
+speed (e.g. SyN at 1 mm on many cores).
 """
 
 from __future__ import annotations
@@ -31,7 +39,8 @@ CGROUP_V1_QUOTA = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
 CGROUP_V1_PERIOD = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
 
 # ITK's thread-pool size, which ANTs (antspyx) reads as well; set (when unset) before either starts its pool.
-NATIVE_THREAD_VARIABLES = ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS",)
+ITK_THREADS_VARIABLE = "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"
+ITK_REPRODUCIBLE_THREADS = 1
 
 _configured: dict[str, int | str] | None = None
 
@@ -87,8 +96,8 @@ def allowed_threads() -> tuple[int, str]:
 
 
 def configure_threads(threads: int | None = None, import_torch: bool = True) -> dict[str, int | str]:
-    """Apply the allowed thread count (or an explicit ``threads``, e.g. a CLI's ``--threads``) to torch and set
-    ITK's/ANTs' thread variable when unset (``import_torch=False``: torch only if already imported).
+    """Apply the allowed thread count (or an explicit ``threads``, e.g. a CLI's ``--threads``) to torch, and set
+    ITK's/ANTs' thread variable to one thread when unset (``import_torch=False``: torch only if already imported).
     Returns ``{"threads", "source"}`` for logs and run summaries.
 
     Idempotent: later calls without ``threads`` return the first decision; an explicit ``threads`` re-applies.
@@ -101,8 +110,7 @@ def configure_threads(threads: int | None = None, import_torch: bool = True) -> 
         count, source = max(1, int(threads)), "--threads"
     else:
         count, source = allowed_threads()
-    for variable in NATIVE_THREAD_VARIABLES:
-        os.environ.setdefault(variable, str(count))
+    os.environ.setdefault(ITK_THREADS_VARIABLE, str(ITK_REPRODUCIBLE_THREADS))  # read once, at ITK's first use
     # Preprocessing does not otherwise need torch (seconds to import): size its pools only once something loaded it.
     torch = sys.modules.get("torch")
     if torch is None and import_torch:

@@ -74,6 +74,8 @@ class PipelineOptions:
             raise ValueError(f"--normalization: {err}") from None
         if int(self.workers) < 1:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
+        if int(self.seed) < 0:
+            raise ValueError(f"--seed must be >= 0, got {self.seed}")
         set_(self, "shard", parse_shard(self.shard))
 
     @property

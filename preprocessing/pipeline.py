@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from m2diff_monai.errors import InputError
 from m2diff_monai.io import safety
-from m2diff_monai.runtime import allowed_threads
+from m2diff_monai.runtime import ITK_REPRODUCIBLE_THREADS, ITK_THREADS_VARIABLE, allowed_threads
 
 from . import manifest as manifest_stage
 from . import outputs as output_guard
@@ -101,8 +101,8 @@ def _existing_record(
     return record
 
 
-def _init_worker(threads: int) -> None:
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
+def _init_worker(threads: int, itk_threads: str) -> None:
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = itk_threads
     os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
@@ -256,11 +256,11 @@ def _run_locked(
 def _run_parallel(todo, out_dir, options, take) -> None:
     """:func:`_run_one` for each row of ``todo`` in worker processes; ``take`` gets each result as it finishes."""
     threads = max(1, allowed_threads()[0] // options.workers)  # CPUs we may use, not all visible
-    if os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
-        threads = min(threads, int(os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"]))
+    # ITK: the parent's choice (one thread, i.e. reproducible registration, unless the user set the variable)
+    itk_threads = os.environ.get(ITK_THREADS_VARIABLE) or str(ITK_REPRODUCIBLE_THREADS)
     context = multiprocessing.get_context("spawn")  # no fork of a process that may hold ITK/OpenMP threads
     with ProcessPoolExecutor(
-        options.workers, mp_context=context, initializer=_init_worker, initargs=(threads,)
+        options.workers, mp_context=context, initializer=_init_worker, initargs=(threads, itk_threads)
     ) as pool:
         pending = {pool.submit(_run_one, row, out_dir, options) for row in todo}
         try:

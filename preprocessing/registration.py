@@ -11,10 +11,12 @@ never reads a user file here.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,6 +87,26 @@ class RegistrationResult:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def ants_seed(ants, seed: int) -> Iterator[None]:
+    """ANTs' ``--random-seed`` for the calls inside, restored afterwards.
+
+    Why not ``ants.registration(random_seed=...)``: antspyx 0.6.3 swallows that keyword in ``**kwargs`` and
+    passes a seed only from ``ants.config._random_seed`` (set by ``ants.set_ants_deterministic``, which would also
+    refuse every transform type but the ``*Repro`` ones, whose linear stages use correlation, not MI, a poor metric
+    between a T1 and a PET). So the seed goes through that module attribute; ``pyproject.toml`` pins antspyx.
+    ANTs reads ``--random-seed 0`` as "seed from the clock", so our seed ``s >= 0`` is passed as ``s + 1``.
+    """
+    if int(seed) < 0:
+        raise ValueError(f"the registration seed must be >= 0, got {seed}")
+    previous = ants.config._random_seed
+    ants.config._random_seed = int(seed) + 1
+    try:
+        yield
+    finally:
+        ants.config._random_seed = previous
+
+
 def register(
     fixed: nib.Nifti1Image, moving: nib.Nifti1Image, transform: str = "SyN", seed: int = 0
 ) -> RegistrationResult:
@@ -92,10 +114,10 @@ def register(
 
     Rigid and Affine run ANTs' multi-resolution linear stages; SyN adds the symmetric-normalisation
     deformable stage (the paper's choice), also driven by Mattes MI because T1 and PET contrasts differ.
-    ``seed`` fixes ANTs' random metric sampling. Reruns still differ slightly: Mattes MI in ANTs is not
-    bit-reproducible. Measured on the demo's demo-001 at 4 mm, rigid: three calls in one process differed by up to
-    150 of a 940 maximum, even with ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1`` (ANTsPy issue 297 points to the
-    ``*Repro`` transform types, which use other metrics).
+    ``seed`` fixes ANTs' random metric sampling (:func:`ants_seed`). With one ITK thread the result is then
+    identical bit for bit on every rerun; with more threads Mattes MI's parallel histogram sums make reruns differ
+    (demo-001 at 4 mm, rigid: up to 55 of a 950 maximum with 2 threads, 0 with 1). Our CLIs start ITK with one
+    thread unless ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` says otherwise (:mod:`m2diff_monai.runtime`).
     """
     ants = _ants()
     kind = normalize_transform_name(transform)
@@ -104,15 +126,15 @@ def register(
     moving_a = nib_to_ants(moving)
     workdir = tempfile.mkdtemp(prefix="m2diff-reg-")
     before_a = ants.resample_image_to_target(moving_a, fixed_a, interp_type="linear")
-    result = ants.registration(
-        fixed_a,
-        moving_a,
-        type_of_transform=kind,
-        aff_metric="mattes",
-        syn_metric="mattes",
-        outprefix=os.path.join(workdir, "reg_"),
-        random_seed=int(seed),
-    )
+    with ants_seed(ants, seed):
+        result = ants.registration(
+            fixed_a,
+            moving_a,
+            type_of_transform=kind,
+            aff_metric="mattes",
+            syn_metric="mattes",
+            outprefix=os.path.join(workdir, "reg_"),
+        )
     warped_a = result["warpedmovout"]
     fixed_np = fixed_a.numpy()
     compare = _foreground(fixed_np)

@@ -83,6 +83,24 @@ def test_invalid_values_are_ignored(node, monkeypatch):
     assert runtime.allowed_threads() == (8, "CPU affinity")
 
 
+def test_itk_gets_one_thread_unless_the_user_chose(node, monkeypatch):
+    """ITK's pool is one thread (reproducible registration) even when torch gets two; a value the user set stays."""
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.delenv("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", raising=False)
+    runtime.reset_for_tests()
+    try:
+        assert runtime.configure_threads()["threads"] == min(2, runtime.affinity_cpus())
+        assert os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] == "1"
+        monkeypatch.setenv("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "4")
+        runtime.reset_for_tests()
+        runtime.configure_threads()
+        assert os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] == "4"
+    finally:
+        runtime.reset_for_tests()
+        torch.set_num_threads(before)
+
+
 def test_configure_threads_applies_once_and_sets_itk(node, monkeypatch):
     before = torch.get_num_threads()
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
