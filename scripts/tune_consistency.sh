@@ -2,7 +2,8 @@
 # Choose a checkpoint's LD-consistency FWHM on the validation split (never on test):
 # inference on the validation subjects with each candidate FWHM (and with the consistency off), one evaluation
 # with the classical baselines, then the smallest FWHM whose PSNR is at least MARGIN dB above the best baseline
-# (m2diff_monai/inference/consistency_tuning.py says why). The demo recipes' ld_consistency_fwhm was chosen with
+# (m2diff_monai/inference/consistency_tuning.py says why). The evaluation also scores each FWHM's floor, the
+# consistency applied to the SD (what a perfect network would read: m2diff_monai/inference/consistency_floor.py). The demo recipes' ld_consistency_fwhm was chosen with
 # it; run it for your own checkpoint and pass the result to m2diff-infer --ld-consistency-fwhm or store it with
 # m2diff-export --set ld_consistency_fwhm=<mm>.
 #
@@ -11,7 +12,7 @@
 # Environment: FWHMS (default "4 5 6 7 8 9 10 off"), MARGIN (default 1.0), SPLIT (default val).
 set -euo pipefail
 if [[ $# -lt 2 ]]; then
-  sed -n '2,12p' "$0" >&2
+  sed -n '2,13p' "$0" >&2
   exit 2
 fi
 BUNDLE=$1
@@ -34,6 +35,14 @@ for fwhm in $FWHMS; do
     --out-dir "$OUT/fwhm-$fwhm" --ld-consistency-fwhm "$setting" --no-png
   methods+=(--pred "fwhm-$fwhm=$OUT/fwhm-$fwhm")
 done
+finite=()
+for fwhm in $FWHMS; do [[ "$fwhm" != "off" ]] && finite+=("$fwhm"); done
+if [[ ${#finite[@]} -gt 0 ]]; then
+  echo "== floors: the consistency applied to the SD, FWHM ${finite[*]} =="
+  python -m m2diff_monai.inference.consistency_floor --manifest "$MANIFEST" --split "$SPLIT" --fwhm "${finite[@]}" \
+    --out-dir "$OUT"
+  for fwhm in "${finite[@]}"; do methods+=(--pred "floor-$fwhm=$OUT/floor-$fwhm"); done
+fi
 echo "== evaluation of the $SPLIT split with the classical baselines =="
 m2diff-evaluate --manifest "$MANIFEST" --split "$SPLIT" "${methods[@]}" --baselines gaussian,nlm,bm3d \
   --out "$OUT/report" --no-figures --no-lpips

@@ -18,7 +18,10 @@ named ``fwhm-<mm>`` or ``fwhm-off``, and the classical baselines (``--baselines`
 
     python -m m2diff_monai.inference.consistency_tuning REPORT_DIR [--margin 1.0]
 
-This prints the table and the choice, and writes ``REPORT_DIR/consistency_choice.json``.
+This prints the table and the choice, and writes ``REPORT_DIR/consistency_choice.json``. When the evaluation also
+holds ``floor-<mm>`` rows (:mod:`.consistency_floor`: the consistency applied to the SD itself), a second table
+shows them: the biases a perfect network would still have at each FWHM, so a lesion miss can be split into what
+the network adds and what the LD's noise imposes. The floors never enter the choice.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from m2diff_monai.errors import InputError
 
 PROG = "python -m m2diff_monai.inference.consistency_tuning"
 CANDIDATE_PREFIX = "fwhm-"
+FLOOR_PREFIX = "floor-"
 OFF = "off"
 CHOICE_FILE = "consistency_choice.json"
 
@@ -43,11 +47,11 @@ def fwhm_label(fwhm_mm: float) -> str:
     return OFF if math.isinf(fwhm_mm) else f"{fwhm_mm:g}"
 
 
-def candidate_fwhm(method: str) -> float | None:
-    """``fwhm-7`` → 7.0, ``fwhm-off`` → inf; any other method name → None."""
-    if not method.startswith(CANDIDATE_PREFIX):
+def candidate_fwhm(method: str, prefix: str = CANDIDATE_PREFIX) -> float | None:
+    """``fwhm-7`` → 7.0, ``fwhm-off`` → inf; any other method name → None (``prefix``: ``floor-`` rows)."""
+    if not method.startswith(prefix):
         return None
-    value = method.removeprefix(CANDIDATE_PREFIX)
+    value = method.removeprefix(prefix)
     if value == OFF:
         return math.inf
     try:
@@ -106,26 +110,50 @@ def choose_from_summary(summary, margin_db: float = 1.0) -> tuple[ConsistencyCho
     return choose_fwhm(psnr, best, float(psnr_by_method[best]), margin_db), candidates
 
 
-def choice_markdown(choice: ConsistencyChoice, candidates) -> str:
-    """The candidates' PSNR, SSIM and regional biases, then the rule and its outcome."""
-    bias = [c for c in candidates.columns if c.startswith("bias_") and c.endswith("_mean") and c != "bias_mean"]
+def floor_rows(summary):
+    """The ``floor-<mm>`` rows of an evaluation's summary (pandas), sorted by FWHM; empty when there are none."""
+    summary = summary.assign(fwhm_mm=summary["method"].map(lambda m: candidate_fwhm(m, FLOOR_PREFIX)))
+    finite = summary["fwhm_mm"].map(lambda f: f is not None and math.isfinite(f)).astype(bool)
+    return summary.loc[finite].sort_values("fwhm_mm")
+
+
+def _bias_columns(table) -> list[str]:
+    return [c for c in table.columns if c.startswith("bias_") and c.endswith("_mean") and c != "bias_mean"]
+
+
+def _rows_markdown(table, bias: list[str]) -> list[str]:
     header = ["FWHM (mm)", "PSNR (dB)", "SSIM", *(f"{c[5:-5]} bias (%)" for c in bias)]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(["---:"] * len(header)) + " |"]
-    for row in candidates.itertuples():
-        fwhm = fwhm_label(row.fwhm_mm)
+    for row in table.itertuples():
         values = [f"{row.psnr_mean:.2f}", f"{row.ssim_mean:.4f}"]
-        values += [f"{100.0 * getattr(row, c):+.1f}" if math.isfinite(getattr(row, c)) else "n/a" for c in bias]
-        lines.append(f"| {fwhm} | " + " | ".join(values) + " |")
-    floor = choice.best_baseline_psnr + choice.margin_db
+        values += [
+            f"{100.0 * getattr(row, c):+.1f}" if c in table.columns and math.isfinite(getattr(row, c)) else "n/a"
+            for c in bias
+        ]
+        lines.append(f"| {fwhm_label(row.fwhm_mm)} | " + " | ".join(values) + " |")
+    return lines
+
+
+def choice_markdown(choice: ConsistencyChoice, candidates, floors=None) -> str:
+    """The candidates' PSNR, SSIM and regional biases, then the rule and its outcome (then the floors, if any)."""
+    bias = _bias_columns(candidates)
+    lines = _rows_markdown(candidates, bias)
+    needed = choice.best_baseline_psnr + choice.margin_db
     outcome = (
-        f"the smallest FWHM with PSNR ≥ {floor:.2f} dB"
+        f"the smallest FWHM with PSNR ≥ {needed:.2f} dB"
         if choice.margin_met
-        else f"no candidate reaches {floor:.2f} dB: the highest PSNR, and the margin is NOT met"
+        else f"no candidate reaches {needed:.2f} dB: the highest PSNR, and the margin is NOT met"
     )
     lines.append(
         f"\nBest baseline {choice.best_baseline} {choice.best_baseline_psnr:.2f} dB, margin {choice.margin_db:g} dB: "
         f"ld_consistency_fwhm = {choice.setting()} ({outcome}; PSNR {choice.psnr:.2f} dB)."
     )
+    if floors is not None and not floors.empty:
+        lines.append(
+            "\nFloor: SD + G*(LD − SD), the consistency applied to the standard dose, i.e. what a perfect network "
+            "would read at each FWHM (not a candidate; the LD's noise below the filter sets these biases):\n"
+        )
+        lines += _rows_markdown(floors, bias)
     return "\n".join(lines) + "\n"
 
 
@@ -149,10 +177,19 @@ def _run(args: argparse.Namespace) -> int:
     summary_csv = args.report / "summary.csv"
     if not summary_csv.is_file():
         raise InputError("no summary.csv: give an m2diff-evaluate output folder", path=args.report)
-    choice, candidates = choose_from_summary(pd.read_csv(summary_csv), args.margin)
-    print(choice_markdown(choice, candidates), end="")
+    summary = pd.read_csv(summary_csv)
+    choice, candidates = choose_from_summary(summary, args.margin)
+    floors = floor_rows(summary)
+    print(choice_markdown(choice, candidates, floors), end="")
     table = {fwhm_label(r.fwhm_mm): float(r.psnr_mean) for r in candidates.itertuples()}
-    save_json(args.report / CHOICE_FILE, {**asdict(choice), "setting": choice.setting(), "psnr_by_fwhm": table})
+    floor_bias = {
+        fwhm_label(r.fwhm_mm): {c[5:-5]: float(getattr(r, c)) for c in _bias_columns(floors)}
+        for r in floors.itertuples()
+    }
+    save_json(
+        args.report / CHOICE_FILE,
+        {**asdict(choice), "setting": choice.setting(), "psnr_by_fwhm": table, "floor_bias_by_fwhm": floor_bias},
+    )
     return 0
 
 
