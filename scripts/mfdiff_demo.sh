@@ -2,7 +2,7 @@
 # MFdiff on the demo cohort: train the demo preset (stage 1, external) → three-orientation inference of the test
 # subjects with a truncated start → evaluation report (beside M2Diff's predictions when the main job made them)
 # → export as a MONAI bundle whose inference defaults are the demo's sampler.
-# About 26 min on 2 CPU cores; reuses the main job's cohort (data_manifests/demo.json) when it exists.
+# About 9 min on 2 AVX-512 CPU cores (26 on AVX2-only ones); reuses the main job's cohort (data_manifests/demo.json) when it exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
