@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 from monai.data import load_decathlon_datalist
@@ -22,8 +23,12 @@ REPO = Path(__file__).resolve().parents[1]
 FAST = ["--transform", "rigid", "--size", "32"]
 
 
-def cli(*args, check_rc: int | None = 0) -> subprocess.CompletedProcess:
+def cli(*args, check_rc: int | None = 0, default_threads: bool = False) -> subprocess.CompletedProcess:
+    """``default_threads``: ITK's variable unset and 2 torch/OpenMP threads, i.e. what a user's shell gives."""
     env = {**os.environ, "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    if default_threads:
+        env.pop("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
+        env["OMP_NUM_THREADS"] = "2"
     proc = subprocess.run(
         [sys.executable, "-m", "preprocessing.cli", *[str(a) for a in args]],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
@@ -163,7 +168,16 @@ def test_workers_shards_and_merge_match_a_full_run(cohort, tmp_path):
         *FAST,
         "--shard",
         "2/2",
+        default_threads=True,
     )
+    # registration is reproducible: worker processes, the main process, and a shell without ITK's variable (the
+    # CLI then gives ITK one thread) register the same T1 bit for bit
+    for sid, folders in (("s01", (shard_out,)), ("s02", (shard_out, tmp_path / "elsewhere"))):
+        reference = nib.load(str(tmp_path / "full" / "subjects" / sid / "mri.nii.gz")).get_fdata()
+        for folder in folders:
+            np.testing.assert_array_equal(
+                nib.load(str(folder / "subjects" / sid / "mri.nii.gz")).get_fdata(), reference
+            )
     apart = tmp_path / "apart" / "cohort.json"
     cli("merge", "--manifests", tmp_path / "m" / "s1.json", tmp_path / "m" / "s2c.json", "--out", apart)
     with open(tmp_path / "apart" / "cohort_qc_summary.csv") as fh:
