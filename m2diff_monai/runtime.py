@@ -15,9 +15,9 @@ scheduler will not give) and never below 1. :func:`configure_threads` is cheap a
 point and the bundle imports call it.
 
 ITK (and ANTs through it) is the exception: its pool gets **one** thread unless
-``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` is set. Why: ANTs' Mattes-MI registration sums its joint histogram over
-threads in whatever order they finish, so with 2+ threads two runs on the same files give different T1s (up to 55
-of 950 on a demo subject) and everything downstream differs too; with one thread and a seed it is bit-reproducible
+``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` is set. Why: ANTs' Mattes-MI registration does not reproduce when its
+metric runs on 2+ threads (measured: two runs on the same files gave T1s up to 55 of 950 apart on a demo subject),
+and everything downstream then differs too; with one thread and a seed it is bit-reproducible
 (``tests/test_registration.py``). The cost is small where our ITK work is (a rigid 4 mm registration: 0.49 → 0.72 s);
 ``m2diff-preprocess --workers N`` runs subjects in parallel instead. Set the variable to trade reproducibility for
 speed (e.g. SyN at 1 mm on many cores).
