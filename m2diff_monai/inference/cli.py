@@ -139,7 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--amp",
         choices=("auto", "bf16", "fp16", "none"),
         default=None,
-        help="autocast precision; auto = bf16 on CUDA, fp32 on CPU [default: auto]",
+        help=(
+            "autocast precision; auto = bf16 where the hardware computes it natively (CUDA with bf16, CPUs "
+            "with AVX512-BF16 or AMX), fp32 elsewhere [default: auto]"
+        ),
     )
     s.add_argument(
         "--no-mri",
