@@ -27,9 +27,10 @@ m2diff-infer --bundle bundles/m2diff --checkpoint "$RUN/checkpoints/best.pt" \
   --manifest data_manifests/demo.json --split test --out-dir "$WORK/predictions_nomri" "${SAMPLER_FLAGS[@]}" --no-mri
 
 echo "== 4/5 evaluation =="
+# --floor-fwhm: demo.json's ld_consistency_fwhm (7 mm), so the Targets show what the LD's noise alone imposes
 m2diff-evaluate --manifest data_manifests/demo.json --split test --pred "M2Diff=$WORK/predictions" \
   --pred "M2Diff-noMRI=$WORK/predictions_nomri" --out "$WORK/report" --baselines gaussian,nlm,bm3d \
-  --subset "in-distribution=demo-*" --subset "held-out anatomy=heldout-*"
+  --floor-fwhm 7 --subset "in-distribution=demo-*" --subset "held-out anatomy=heldout-*"
 
 echo "== 5/5 export =="
 m2diff-export --bundle bundles/m2diff --checkpoint "$RUN/checkpoints/best.pt" --out "$WORK/exported_bundle" \

@@ -36,8 +36,9 @@ methods=(--pred "MFdiff=$WORK/predictions-mfdiff")
 if [[ -f "$WORK/predictions/predictions.json" ]]; then
   methods=(--pred "M2Diff=$WORK/predictions" "${methods[@]}")
 fi
-m2diff-evaluate --manifest data_manifests/demo.json --split test "${methods[@]}" --out "$WORK/report-mfdiff" --baselines gaussian,nlm,bm3d \
-  --subset "in-distribution=demo-*" --subset "held-out anatomy=heldout-*"
+# --floor-fwhm: demo.json's ld_consistency_fwhm (7 mm), so the Targets show what the LD's noise alone imposes
+m2diff-evaluate --manifest data_manifests/demo.json --split test "${methods[@]}" --out "$WORK/report-mfdiff" \
+  --baselines gaussian,nlm,bm3d --floor-fwhm 7 --subset "in-distribution=demo-*" --subset "held-out anatomy=heldout-*"
 
 echo "== 5/5 export =="
 m2diff-export --bundle bundles/mfdiff --checkpoint "$RUN/external/checkpoints/best.pt" \

@@ -67,3 +67,15 @@ def test_tuning_table_shows_the_floors_and_never_chooses_one(tmp_path, capsys):
     assert "| 7 | 37.00 |" in floor_table and "+7.0" in floor_table
     saved = json.loads((tmp_path / consistency_tuning.CHOICE_FILE).read_text())
     assert saved["floor_bias_by_fwhm"]["6"]["lesion_cold"] == 0.06 and saved["setting"] == "7"
+
+
+def test_demo_scripts_show_the_floor_of_the_consistency_their_checkpoints_use():
+    """The main job's and the MFdiff demo's reports carry the floor at the FWHM their demo.json stores."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for script, bundle in (("main_job.sh", "m2diff"), ("mfdiff_demo.sh", "mfdiff")):
+        stored = json.loads((root / "bundles" / bundle / "demo.json").read_text())["inference_defaults"]
+        passed = re.findall(r"--floor-fwhm (\S+)", (root / "scripts" / script).read_text())
+        assert [float(v) for v in passed] == [stored["ld_consistency_fwhm"]], script

@@ -293,6 +293,38 @@ def test_targets_judge_each_method_per_group_with_the_ld_beside(report):
     assert run["options"]["targets"] == {"margin": 1.0, "lesion": 5.0, "region": 2.0, "mri": 0.5}
 
 
+def test_floor_row_is_scored_shown_beside_the_targets_and_never_judged(cohort, tmp_path, monkeypatch):
+    """--floor-fwhm: SD + G*(LD − SD) on the native grid as the reference row floor-6, with its bias beside each
+    bias target (the part of a miss the LD's noise imposes) and not judged itself."""
+    from scipy import ndimage
+
+    monkeypatch.delenv("M2DIFF_LPIPS_ALEXNET_WEIGHTS", raising=False)
+    out = tmp_path / "floor"
+    args = ["--manifest", str(cohort["manifest"]), "--pred", f"Good={cohort['preds'] / 'Good'}", "--out", str(out)]
+    assert cli.main([*args, "--floor-fwhm", "6", "--no-progress", "--no-figures", "--no-lpips"]) == 0
+    df = pd.read_csv(out / "per_subject.csv").set_index(["subject", "method"])
+    sigma = 6.0 / (2.0 * math.sqrt(2.0 * math.log(2.0))) / SPACING
+    for sid in ("s01", "s02"):  # s02 is stored LPS: the floor must still be computed on the canonical grid
+        a = cohort["arrays"][sid]
+        floor = a["sd"] + ndimage.gaussian_filter(a["ld"] - a["sd"], sigma, mode="nearest")
+        expected = metrics.relative_bias(floor, a["sd"], a["gm"])
+        assert df.loc[(sid, "floor-6"), "bias_gm"] == pytest.approx(expected, rel=1e-4, abs=1e-7)
+        assert df.loc[(sid, "floor-6"), "psnr"] == pytest.approx(metrics.psnr(floor, a["sd"], a["brain"]), rel=1e-5)
+    table = pd.read_csv(out / "targets.csv")
+    assert set(table["method"]) == {"Good"}  # the floor is context, like the LD
+    gm = table[(table["group"] == "all subjects") & (table["check"] == "gm bias (%)")].iloc[0]
+    assert gm["floor"] == pytest.approx(100.0 * df.xs("floor-6", level="method")["bias_gm"].mean(), abs=1e-9)
+    text = (out / "report.md").read_text()
+    targets = text[text.index("## Targets") :]
+    assert "| check | target | Good | LD | floor |" in targets and "floor column is SD + G*(LD − SD)" in targets
+    assert json.loads((out / "run.json").read_text())["options"]["floor_fwhm"] == 6.0
+
+    clash = cli.main([*args[:2], "--pred", f"floor-6={cohort['preds'] / 'Good'}", "--out", str(tmp_path / "c"),
+                      "--floor-fwhm", "6", "--no-progress", "--no-lpips"])  # fmt: skip
+    assert clash == 2 and not (tmp_path / "c").exists()
+    assert cli.main([*args[:4], "--out", str(tmp_path / "z"), "--floor-fwhm", "0", "--no-lpips"]) == 2
+
+
 def test_ld_scores_worse_and_identical_prediction_is_perfect(report):
     df = report["per_subject"].set_index(["subject", "method"])
     for sid in SUBJECTS:

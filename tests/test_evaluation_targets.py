@@ -107,3 +107,21 @@ def test_best_baseline_is_the_highest_psnr_among_baseline_rows_only():
     psnr = {"LD": 29.0, "Gaussian": 32.9, "BM4D": 33.0, "Net": 34.2, "NLM": float("nan")}
     assert best_baseline(psnr) == "BM4D"  # Net is higher but not a baseline; NaN is ignored
     assert best_baseline(psnr, ["Gaussian"]) == "Gaussian" and best_baseline({"LD": 29.0, "Net": 34.0}) is None
+
+
+def test_a_floor_row_is_context_beside_each_bias_and_in_the_miss_line():
+    df = _per_subject()
+    floor = df[df["method"] == "LD"].assign(method="floor-7", psnr=36.0, ssim=0.97, bias_lesion_cold=0.06)
+    table = target_table(
+        pd.concat([df, floor]), [("all", ["a", "b"])], ["lesion_cold", "gm"], BASELINES, DEFAULT_TARGETS
+    )
+    assert set(table["method"]) == {"Net", "Net-noMRI"}  # a floor beats every baseline but is never judged
+    assert _check(table, "all", "Net", "PSNR over BM4D")["value"] == pytest.approx(1.15)  # nor the bar
+    cold = _check(table, "all", "Net", "lesion_cold")
+    assert cold["floor"] == pytest.approx(6.0) and cold["ld"] == pytest.approx(5.0)
+    text = targets_markdown(table, DEFAULT_TARGETS, baselines_scored=True)
+    assert "| LD | floor |" in text
+    assert "all: Net lesion_cold bias (%) +9.00, target within ±5 (LD itself +5.0; floor +6.0)" in text
+    plain = targets_markdown(target_table(df, [("all", ["a", "b"])], ["lesion_cold"], BASELINES, DEFAULT_TARGETS),
+                             DEFAULT_TARGETS, baselines_scored=True)  # fmt: skip
+    assert "floor" not in plain

@@ -108,6 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
         "minute per 2 mm brain on one core). Default: none. The demo scripts pass all three",
     )
     m.add_argument(
+        "--floor-fwhm",
+        type=float,
+        default=None,
+        metavar="MM",
+        help="also score the LD consistency's floor at this FWHM, SD + G*(LD - SD): what a perfect network would "
+        "read after m2diff-infer's --ld-consistency-fwhm MM. A reference row (floor-MM), not judged; the Targets "
+        "section shows its bias beside the LD's, so a lesion miss can be split into what the LD's noise imposes "
+        "and what the method adds. Default: none",
+    )
+    m.add_argument(
         "--subset",
         action="append",
         default=[],
@@ -191,6 +201,7 @@ def _run(args: argparse.Namespace) -> dict:
         cka_checkpoint=args.cka,
         cka_options=cka_options,
         baselines=args.baselines,
+        floor_fwhm=args.floor_fwhm,
         subsets=args.subset,
         targets=args.targets,
         paper_scaling=args.paper_scaling,

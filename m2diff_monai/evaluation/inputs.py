@@ -8,6 +8,7 @@ Predictions are looked up as ``DIR/<subject>.nii.gz`` (or ``.nii``): the names `
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ class EvaluationOptions:
     paper_pad: int = 256
     paper_min_size: int | None = None
     baselines: tuple[str, ...] = ()
+    floor_fwhm: float | None = None  # the LD consistency's floor as a reference row (consistency_floor.py)
     subsets: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (name, subject-id patterns): subsets.py
     targets: Any = "default"  # acceptance targets (targets.py): a dict after parsing, None = off
 
@@ -74,6 +76,11 @@ class EvaluationOptions:
         from m2diff_monai.evaluation.baselines import parse_baselines
 
         object.__setattr__(self, "baselines", parse_baselines(self.baselines))
+        if self.floor_fwhm is not None:
+            fwhm = float(self.floor_fwhm)
+            if not math.isfinite(fwhm) or fwhm <= 0:
+                raise InputError(f"--floor-fwhm must be a positive FWHM in mm, got {self.floor_fwhm!r}")
+            object.__setattr__(self, "floor_fwhm", fwhm)
         from m2diff_monai.evaluation.subsets import parse_subsets
 
         object.__setattr__(self, "subsets", parse_subsets(self.subsets))

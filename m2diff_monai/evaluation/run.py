@@ -14,6 +14,7 @@ import json
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,15 @@ def _is_report(folder: Path) -> bool:
         return False
 
 
+def _floor_rows(data, fwhm_mm: float | None) -> dict[str, Any]:
+    """``{floor-<mm>: SD + G*(LD − SD)}`` on the evaluation grid (its own voxel size); ``{}`` without a FWHM."""
+    from m2diff_monai.inference.consistency_floor import floor_row, floor_volume
+
+    if fwhm_mm is None:
+        return {}
+    return {floor_row(fwhm_mm): floor_volume(data.reference, data.volumes[LD_METHOD], fwhm_mm, data.spacing)}
+
+
 def evaluate_cohort(
     manifest: str | Path,
     predictions: Mapping[str, str | Path] | Sequence[str] | str,
@@ -120,6 +130,7 @@ def evaluate_cohort(
     baseline_settings: Any | None = None,
     subsets: Mapping[str, Any] | Sequence[str] | None = None,
     targets: str | Mapping[str, Any] | None = "default",
+    floor_fwhm: float | None = None,
 ) -> dict[str, Any]:
     """Score every ``split`` subject of ``manifest`` (LD first, then each method of ``predictions``) against its SD
     reference and write the report folder ``out_dir`` (see docs/evaluation.md). Returns the ``run.json`` dict.
@@ -133,7 +144,9 @@ def evaluate_cohort(
     :class:`.baselines.BaselineSettings` or a dict of its fields, e.g. the FWHM grid). ``subsets``:
     ``["held-out=heldout-*", ...]`` or ``{name: patterns}`` — groups of subjects also summarised on their own
     (:mod:`.subsets`). ``targets``: the acceptance targets judged per method on all subjects and each subset
-    (:mod:`.targets`; ``"off"`` drops them). Raises :class:`InputError`
+    (:mod:`.targets`; ``"off"`` drops them). ``floor_fwhm``: also score SD + G*(LD − SD) at that FWHM (mm) as the
+    reference row ``floor-<mm>``, shown beside every bias target, never judged
+    (:mod:`m2diff_monai.inference.consistency_floor`). Raises :class:`InputError`
     (one line) on bad input; nothing is written then. Under ``keep_going`` failing subjects are listed in
     ``run.json['failed']`` instead.
     """
@@ -155,6 +168,7 @@ def evaluate_cohort(
         paper_pad=int(paper_pad),
         paper_min_size=paper_min_size,
         baselines=baselines or (),
+        floor_fwhm=floor_fwhm,
         subsets=subsets or (),
         targets=targets,
     )
@@ -169,6 +183,11 @@ def evaluate_cohort(
     clash = sorted({BASELINE_ROWS[b] for b in options.baselines} & set(pred_dirs))
     if clash:
         raise InputError(f"--pred method name {clash[0]!r} is the name of a --baselines row; rename the method")
+    from m2diff_monai.inference.consistency_floor import is_floor_row
+
+    floors = sorted(m for m in pred_dirs if is_floor_row(m)) if options.floor_fwhm is not None else []
+    if floors:
+        raise InputError(f"--pred method name {floors[0]!r} is the name of the --floor-fwhm row; rename the method")
     checkpoint_map = {m: Path(p) for m, p in parse_method_map(checkpoints, "--checkpoint").items()}
     timing_map = {m: Path(p) for m, p in parse_method_map(timings, "--timings").items()}
     for name, mapping in (("--checkpoint", checkpoint_map), ("--timings", timing_map)):
@@ -304,6 +323,8 @@ def _run(
                 data.volumes[LD_METHOD], data.mask, data.spacing, chosen, sid
             )
             data.volumes = baselines_mod.with_baselines(data.volumes, filtered, LD_METHOD)
+            pictured = data.volumes  # the floor is scored, not pictured
+            data.volumes = {**data.volumes, **_floor_rows(data, options.floor_fwhm)}
             units[sid] = units_of(item, item_path(base, item.get("source_ld_pet")))
             t1, c1 = time.perf_counter(), time.process_time()
             try:
@@ -313,7 +334,9 @@ def _run(
             t2, c2 = time.perf_counter(), time.process_time()
             if options.figures:
                 figures[sid] = (
-                    write_figure(data, staging / "figures" / f"{sid}.png", units[sid]).relative_to(staging).as_posix()
+                    write_figure(replace(data, volumes=pictured), staging / "figures" / f"{sid}.png", units[sid])
+                    .relative_to(staging)
+                    .as_posix()
                 )
         except InputError as err:
             if not options.keep_going:

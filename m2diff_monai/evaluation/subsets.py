@@ -13,6 +13,7 @@ from typing import Any
 
 from m2diff_monai.errors import InputError
 from m2diff_monai.evaluation.baselines import best_baseline
+from m2diff_monai.inference.consistency_floor import is_floor_row
 
 SUBSET_METRICS: tuple[str, ...] = ("psnr", "ssim")
 ALL_SUBJECTS = "all subjects"  # reserved: the group the report's targets judge before the subsets
@@ -106,7 +107,7 @@ def subsets_markdown(table, baseline_rows: Sequence[str]) -> str:
         psnr = dict(zip(part["method"], part["psnr"], strict=True))
         best = best_baseline(psnr, baseline_rows)
         if best is not None:
-            others = part[~part["method"].isin([*baseline_rows, "LD"])]
+            others = part[~part["method"].isin([*baseline_rows, "LD"]) & ~part["method"].map(is_floor_row)]
             margins = ", ".join(f"{r['method']} {r['psnr'] - psnr[best]:+.2f} dB" for _, r in others.iterrows())
             here = f"{best}, {psnr[best]:.2f} dB"
             lines.append(f"\nPSNR over the best baseline here ({here}): {margins or 'no method'}.\n")

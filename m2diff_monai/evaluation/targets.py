@@ -14,7 +14,9 @@ and ``--targets off`` drops the section. Each value is a mean over the group's s
 The LD's own bias is shown beside every bias check, as context, and is not judged. Where the unprocessed
 measurement already misses a bias target on a group, no enhancement that stays faithful to it can be expected
 to meet it. The report then says so, rather than the target being quietly dropped. Baselines are not judged:
-they are the bar.
+they are the bar. With ``--floor-fwhm`` the floor row (SD + G*(LD − SD), what a perfect network would read after
+the LD consistency) is shown the same way: a bias the floor already has is the measurement's, the rest the
+method's.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ from typing import Any
 from m2diff_monai.errors import InputError
 from m2diff_monai.evaluation.baselines import best_baseline
 from m2diff_monai.evaluation.subsets import ALL_SUBJECTS
+from m2diff_monai.inference.consistency_floor import is_floor_row
 
 DEFAULT_TARGETS: dict[str, float] = {"margin": 1.0, "lesion": 5.0, "region": 2.0, "mri": 0.5}
 NO_MRI_SUFFIX = "-noMRI"
-COLUMNS = ["group", "method", "check", "value", "target", "met", "ld"]
+COLUMNS = ["group", "method", "check", "value", "target", "met", "ld", "floor"]
 
 
 def parse_targets(value: str | Mapping[str, Any] | None) -> dict[str, float] | None:
@@ -77,6 +80,7 @@ def _add_row(
     target: str,
     met: bool,
     ld_value: float = float("nan"),
+    floor_value: float = float("nan"),
 ) -> None:
     rows.append(
         {
@@ -87,6 +91,7 @@ def _add_row(
             "target": target,
             "met": bool(met),
             "ld": float(ld_value),
+            "floor": float(floor_value),
         }
     )
 
@@ -107,7 +112,8 @@ def target_table(group_means, baseline_rows: Sequence[str], targets: Mapping[str
     for group, part in group_means.groupby("subset", sort=False):
         means = part.set_index("method")
         best = best_baseline(means["psnr"].to_dict(), baseline_rows)
-        judged = [m for m in means.index if m != "LD" and m not in set(baseline_rows)]
+        floors = [m for m in means.index if is_floor_row(m)]
+        judged = [m for m in means.index if m != "LD" and m not in set(baseline_rows) and m not in floors]
         for method in judged:
             row = means.loc[method]
             add = partial(_add_row, rows, group, method)
@@ -123,7 +129,15 @@ def target_table(group_means, baseline_rows: Sequence[str], targets: Mapping[str
                 region = column.removeprefix("bias_")
                 tolerance = _bias_tolerance(region, targets)
                 ld_value = 100.0 * means.loc["LD", column] if "LD" in means.index else float("nan")
-                add(f"{region} bias (%)", value, f"within ±{tolerance:g}", abs(value) <= tolerance, ld_value)
+                floor_value = 100.0 * means.loc[floors[0], column] if floors else float("nan")
+                add(
+                    f"{region} bias (%)",
+                    value,
+                    f"within ±{tolerance:g}",
+                    abs(value) <= tolerance,
+                    ld_value,
+                    floor_value,
+                )
             partner = method + NO_MRI_SUFFIX
             if partner in means.index:
                 gain = row["psnr"] - means.loc[partner, "psnr"]
@@ -159,13 +173,20 @@ def targets_markdown(table, targets: Mapping[str, float], baselines_scored: bool
     ]
     if not baselines_scored:
         lines.append("No baselines were scored (`--baselines`), so the PSNR and SSIM checks are absent.")
+    with_floor = "floor" in table.columns and bool(table["floor"].notna().any())
+    if with_floor:
+        lines.append(
+            "The floor column is SD + G*(LD − SD) (`--floor-fwhm`): what a perfect network would read after the LD "
+            "consistency, i.e. the part of a bias the LD's noise imposes: context, not judged."
+        )
     misses: list[str] = []
     for group, part in table.groupby("group", sort=False):
         methods = list(dict.fromkeys(part["method"]))
         checks = list(dict.fromkeys(part["check"]))
+        context_columns = ["LD", *(["floor"] if with_floor else [])]
         lines.append(f"\n### {group}\n")
-        lines.append("| check | target | " + " | ".join(methods) + " | LD |")
-        lines.append("| --- | --- | " + " | ".join(["---:"] * (len(methods) + 1)) + " |")
+        lines.append("| check | target | " + " | ".join(methods + context_columns) + " |")
+        lines.append("| --- | --- | " + " | ".join(["---:"] * (len(methods) + len(context_columns))) + " |")
         for check in checks:
             rows = part[part["check"] == check].set_index("method")
             cells = []
@@ -177,12 +198,17 @@ def targets_markdown(table, targets: Mapping[str, float], baselines_scored: bool
                 value = _shown(row["value"], row["target"], bool(row["met"]), 4 if check.startswith("SSIM") else 2)
                 cells.append(f"{value} {'✓' if row['met'] else '✗'}")
                 if not row["met"]:
-                    context = f" (LD itself {row['ld']:+.1f})" if math.isfinite(row["ld"]) else ""
-                    misses.append(f"{group}: {method} {check} {value}, target {row['target']}{context}")
-            ld_values = rows["ld"].dropna()
-            ld_cell = f"{ld_values.iloc[0]:+.2f}" if len(ld_values) else ""
+                    context = [f"LD itself {row['ld']:+.1f}"] if math.isfinite(row["ld"]) else []
+                    if with_floor and math.isfinite(row["floor"]):
+                        context.append(f"floor {row['floor']:+.1f}")
+                    said = f" ({'; '.join(context)})" if context else ""
+                    misses.append(f"{group}: {method} {check} {value}, target {row['target']}{said}")
+            context_cells = []
+            for column in ("ld", *(["floor"] if with_floor else [])):
+                values = rows[column].dropna()
+                context_cells.append(f"{values.iloc[0]:+.2f}" if len(values) else "")
             target = rows["target"].iloc[0]
-            lines.append(f"| {check} | {target} | " + " | ".join(cells) + f" | {ld_cell} |")
+            lines.append(f"| {check} | {target} | " + " | ".join(cells + context_cells) + " |")
     lines.append("")
     if misses:
         lines.append("Missed: " + "; ".join(misses) + ".")

@@ -9,7 +9,8 @@ measurement and the consistency impose.
 
 It needs the standard-dose PET, so it is a diagnostic for validation (or any split with references), never an
 inference setting. Each floor volume is written on the LD PET's own grid, like an ``m2diff-infer`` prediction, so
-``m2diff-evaluate --pred floor-7=DIR/floor-7`` scores it with the same masks and metrics as the candidates. The
+``m2diff-evaluate --pred floor-7=DIR/floor-7`` scores it with the same masks and metrics as the candidates.
+``m2diff-evaluate --floor-fwhm 7`` computes the same row in memory and shows it beside every bias target. The
 filter runs on that grid with the file's voxel size. The product filters the preprocessed cube, which has the
 same voxel size when preprocessing keeps the native spacing (the demo) and differs only by resampling otherwise.
 
@@ -36,6 +37,16 @@ from m2diff_monai.io.atomic import save_nifti
 PROG = "python -m m2diff_monai.inference.consistency_floor"
 
 
+def floor_row(fwhm_mm: float) -> str:
+    """The name a floor is scored under: ``floor-7`` (as ``m2diff-evaluate --floor-fwhm 7`` and the tuning use)."""
+    return f"{FLOOR_PREFIX}{fwhm_label(fwhm_mm)}"
+
+
+def is_floor_row(method: str) -> bool:
+    """A floor row is a reference, never a method to judge."""
+    return str(method).startswith(FLOOR_PREFIX)
+
+
 def floor_volume(sd: np.ndarray, ld: np.ndarray, fwhm_mm: float, spacing_mm: Sequence[float]) -> np.ndarray:
     """The consistency applied to the standard dose itself: what an exact network would be corrected to."""
     return ld_consistency(sd, ld, consistency_sigma(fwhm_mm, spacing_mm))
@@ -60,7 +71,7 @@ def write_floors(
     manifest_path = Path(manifest_path)
     base = manifest_path.resolve().parent
     items = select_volumes(read_manifest(manifest_path), split, subjects, manifest_path, "compute the floor of")
-    folders = {f"{FLOOR_PREFIX}{fwhm_label(f)}": Path(out_dir) / f"{FLOOR_PREFIX}{fwhm_label(f)}" for f in fwhms_mm}
+    folders = {floor_row(f): Path(out_dir) / floor_row(f) for f in fwhms_mm}
     for item in items:
         sid = str(item["subject"])
         ld_img = _load(item_path(base, item.get("source_ld_pet")), sid, "low-dose PET (source_ld_pet)")
