@@ -368,3 +368,16 @@ __all__ = [
     "slice_scores",
     "ssim_padded",
 ]
+
+
+def run_record(options: PaperOptions, columns: Sequence[str]) -> dict:
+    """What ``run.json`` records of the papers' protocol: its columns, the one-line description, torchmetrics'
+    version (its SSIM/PSNR compute the columns) and the options."""
+    import torchmetrics
+
+    return {
+        "columns": list(columns),
+        "description": describe(options=options),
+        "torchmetrics": torchmetrics.__version__,
+        **options.__dict__,
+    }

@@ -22,6 +22,7 @@ import m2diff_monai
 from m2diff_monai.data.manifest import read_manifest, select_volumes
 from m2diff_monai.data.orientation import ORIENTATIONS
 from m2diff_monai.errors import InputError
+from m2diff_monai.evaluation import paper_protocol
 from m2diff_monai.evaluation.inputs import (
     LD_METHOD,
     TOOL,
@@ -46,6 +47,7 @@ from m2diff_monai.evaluation.tables import (
     write_csv,
 )
 from m2diff_monai.evaluation.volumes import load_subject
+from m2diff_monai.inference.consistency_floor import floor_rows, reject_floor_names
 from m2diff_monai.io import safety
 from m2diff_monai.io.atomic import save_json, save_text, staged_folder
 from m2diff_monai.runtime import configure_threads
@@ -93,15 +95,6 @@ def _is_report(folder: Path) -> bool:
         return False
 
 
-def _floor_rows(data, fwhm_mm: float | None) -> dict[str, Any]:
-    """``{floor-<mm>: SD + G*(LD − SD)}`` on the evaluation grid (its own voxel size); ``{}`` without a FWHM."""
-    from m2diff_monai.inference.consistency_floor import floor_row, floor_volume
-
-    if fwhm_mm is None:
-        return {}
-    return {floor_row(fwhm_mm): floor_volume(data.reference, data.volumes[LD_METHOD], fwhm_mm, data.spacing)}
-
-
 def evaluate_cohort(
     manifest: str | Path,
     predictions: Mapping[str, str | Path] | Sequence[str] | str,
@@ -144,8 +137,7 @@ def evaluate_cohort(
     :class:`.baselines.BaselineSettings` or a dict of its fields, e.g. the FWHM grid). ``subsets``:
     ``["held-out=heldout-*", ...]`` or ``{name: patterns}`` — groups of subjects also summarised on their own
     (:mod:`.subsets`). ``targets``: the acceptance targets judged per method on all subjects and each subset
-    (:mod:`.targets`; ``"off"`` drops them). ``floor_fwhm``: also score SD + G*(LD − SD) at that FWHM (mm) as the
-    reference row ``floor-<mm>``, shown beside every bias target, never judged
+    (:mod:`.targets`; ``"off"`` drops them). ``floor_fwhm``: also score the reference row ``floor-<mm>``
     (:mod:`m2diff_monai.inference.consistency_floor`). Raises :class:`InputError`
     (one line) on bad input; nothing is written then. Under ``keep_going`` failing subjects are listed in
     ``run.json['failed']`` instead.
@@ -183,11 +175,7 @@ def evaluate_cohort(
     clash = sorted({BASELINE_ROWS[b] for b in options.baselines} & set(pred_dirs))
     if clash:
         raise InputError(f"--pred method name {clash[0]!r} is the name of a --baselines row; rename the method")
-    from m2diff_monai.inference.consistency_floor import is_floor_row
-
-    floors = sorted(m for m in pred_dirs if is_floor_row(m)) if options.floor_fwhm is not None else []
-    if floors:
-        raise InputError(f"--pred method name {floors[0]!r} is the name of the --floor-fwhm row; rename the method")
+    reject_floor_names(list(pred_dirs), options.floor_fwhm)
     checkpoint_map = {m: Path(p) for m, p in parse_method_map(checkpoints, "--checkpoint").items()}
     timing_map = {m: Path(p) for m, p in parse_method_map(timings, "--timings").items()}
     for name, mapping in (("--checkpoint", checkpoint_map), ("--timings", timing_map)):
@@ -324,7 +312,8 @@ def _run(
             )
             data.volumes = baselines_mod.with_baselines(data.volumes, filtered, LD_METHOD)
             pictured = data.volumes  # the floor is scored, not pictured
-            data.volumes = {**data.volumes, **_floor_rows(data, options.floor_fwhm)}
+            floor = floor_rows(data.reference, pictured[LD_METHOD], data.spacing, options.floor_fwhm)
+            data.volumes = {**pictured, **floor}
             units[sid] = units_of(item, item_path(base, item.get("source_ld_pet")))
             t1, c1 = time.perf_counter(), time.process_time()
             try:
@@ -333,11 +322,8 @@ def _run(
                 raise InputError(f"cannot score this subject ({err})", subject=sid) from None
             t2, c2 = time.perf_counter(), time.process_time()
             if options.figures:
-                figures[sid] = (
-                    write_figure(replace(data, volumes=pictured), staging / "figures" / f"{sid}.png", units[sid])
-                    .relative_to(staging)
-                    .as_posix()
-                )
+                figure = write_figure(replace(data, volumes=pictured), staging / "figures" / f"{sid}.png", units[sid])
+                figures[sid] = figure.relative_to(staging).as_posix()
         except InputError as err:
             if not options.keep_going:
                 raise
@@ -429,7 +415,7 @@ def _run(
         "baselines": chosen.as_dict(),
         "lpips": lpips_status,
         "threads": configure_threads(),
-        "paper_protocol": _paper_protocol_record(options),
+        "paper_protocol": paper_protocol.run_record(options.paper_options(), PAPER_METRICS),
         "subjects": list(dict.fromkeys(per_subject["subject"])),
         "skipped": plan.skipped,
         "failed": plan.failed,
@@ -445,19 +431,6 @@ def _run(
     save_text(staging / "report.md", report_markdown(report, per_subject, ttests, staging))
     save_json(staging / "run.json", summary)
     return summary
-
-
-def _paper_protocol_record(options: EvaluationOptions) -> dict[str, Any]:
-    import torchmetrics
-
-    from m2diff_monai.evaluation.paper_protocol import describe
-
-    return {
-        "columns": list(PAPER_METRICS),
-        "description": describe(options=options.paper_options()),
-        "torchmetrics": torchmetrics.__version__,
-        **options.paper_options().__dict__,
-    }
 
 
 # ------------------------------------------------------------------------------------------- bundle entry

@@ -52,6 +52,18 @@ def floor_volume(sd: np.ndarray, ld: np.ndarray, fwhm_mm: float, spacing_mm: Seq
     return ld_consistency(sd, ld, consistency_sigma(fwhm_mm, spacing_mm))
 
 
+def floor_rows(reference: np.ndarray, ld: np.ndarray, spacing_mm: Sequence[float], fwhm_mm: float | None) -> dict:
+    """``{floor-<mm>: the floor}`` for ``m2diff-evaluate --floor-fwhm`` (its grid, its voxel size); ``{}`` without."""
+    return {} if fwhm_mm is None else {floor_row(fwhm_mm): floor_volume(reference, ld, fwhm_mm, spacing_mm)}
+
+
+def reject_floor_names(methods: Sequence[str], fwhm_mm: float | None) -> None:
+    """A ``--pred`` method may not take the floor row's name when ``--floor-fwhm`` adds that row."""
+    taken = sorted(m for m in methods if is_floor_row(m)) if fwhm_mm is not None else []
+    if taken:
+        raise InputError(f"--pred method name {taken[0]!r} is the name of the --floor-fwhm row; rename the method")
+
+
 def _load(path: Path | None, subject: str, what: str) -> nib.Nifti1Image:
     if path is None or not path.is_file():
         raise InputError(f"no {what} file: the floor needs both PETs of every subject", subject=subject, path=path)
