@@ -95,6 +95,13 @@ def allowed_threads() -> tuple[int, str]:
     return limit, "CPU affinity"
 
 
+def default_itk_threads() -> None:
+    """One ITK thread unless ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` is set (reproducible registration; ITK reads
+    the variable once, at its first use). Called by :func:`configure_threads` and by the one place that loads ANTs
+    (:func:`m2diff_monai.data.grid._ants`), so the Python API gets the same default as the CLIs."""
+    os.environ.setdefault(ITK_THREADS_VARIABLE, str(ITK_REPRODUCIBLE_THREADS))
+
+
 def configure_threads(threads: int | None = None, import_torch: bool = True) -> dict[str, int | str]:
     """Apply the allowed thread count (or an explicit ``threads``, e.g. a CLI's ``--threads``) to torch, and set
     ITK's/ANTs' thread variable to one thread when unset (``import_torch=False``: torch only if already imported).
@@ -110,7 +117,7 @@ def configure_threads(threads: int | None = None, import_torch: bool = True) -> 
         count, source = max(1, int(threads)), "--threads"
     else:
         count, source = allowed_threads()
-    os.environ.setdefault(ITK_THREADS_VARIABLE, str(ITK_REPRODUCIBLE_THREADS))  # read once, at ITK's first use
+    default_itk_threads()
     # Preprocessing does not otherwise need torch (seconds to import): size its pools only once something loaded it.
     torch = sys.modules.get("torch")
     if torch is None and import_torch:

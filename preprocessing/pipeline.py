@@ -102,7 +102,7 @@ def _existing_record(
 
 
 def _init_worker(threads: int, itk_threads: str) -> None:
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = itk_threads
+    os.environ[ITK_THREADS_VARIABLE] = itk_threads
     os.environ["OMP_NUM_THREADS"] = str(threads)
 
 

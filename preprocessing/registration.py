@@ -116,8 +116,8 @@ def register(
     deformable stage (the paper's choice), also driven by Mattes MI because T1 and PET contrasts differ.
     ``seed`` fixes ANTs' random metric sampling (:func:`ants_seed`). With one ITK thread the result is then
     identical bit for bit on every rerun; with more threads reruns differ
-    (demo-001 at 4 mm, rigid: up to 55 of a 950 maximum with 2 threads, 0 with 1). Our CLIs start ITK with one
-    thread unless ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` says otherwise (:mod:`m2diff_monai.runtime`).
+    (demo-001 at 4 mm, rigid: up to 55 of a 950 maximum with 2 threads, 0 with 1). ANTs is loaded with one ITK
+    thread unless ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` says otherwise (``runtime.default_itk_threads``).
     """
     ants = _ants()
     kind = normalize_transform_name(transform)

@@ -101,6 +101,19 @@ def test_itk_gets_one_thread_unless_the_user_chose(node, monkeypatch):
         torch.set_num_threads(before)
 
 
+def test_loading_ants_gives_itk_one_thread_without_any_cli(monkeypatch):
+    """The Python API (e.g. ``preprocessing.registration.register`` in a notebook) gets the CLIs' default: the one
+    function every ANTs call goes through sets it, and leaves a value the user chose alone."""
+    from m2diff_monai.data import grid
+
+    monkeypatch.delenv("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", raising=False)
+    grid._ants()
+    assert os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] == "1"
+    monkeypatch.setenv("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "3")
+    grid._ants()
+    assert os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] == "3"
+
+
 def test_configure_threads_applies_once_and_sets_itk(node, monkeypatch):
     before = torch.get_num_threads()
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

@@ -295,7 +295,11 @@ class SourceGrid:
 
 # ----------------------------------------------------------------------------------------------- ANTs ↔ nibabel
 def _ants():
-    """Import ANTs lazily: worker processes set their ITK thread count before the first import."""
+    """Import ANTs lazily, with ITK's default of one thread (:func:`m2diff_monai.runtime.default_itk_threads`)
+    unless a worker or the user set its count first: every ANTs call of the project comes through here."""
+    from m2diff_monai.runtime import default_itk_threads
+
+    default_itk_threads()
     import ants
 
     return ants

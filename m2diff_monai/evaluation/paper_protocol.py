@@ -351,6 +351,19 @@ def describe(ref: PaperReference | None = None, options: PaperOptions | None = N
     )
 
 
+def run_record(options: PaperOptions, columns: Sequence[str]) -> dict:
+    """What ``run.json`` records of the papers' protocol: its columns, the one-line description, torchmetrics'
+    version (its SSIM/PSNR compute the columns) and the options."""
+    import torchmetrics
+
+    return {
+        "columns": list(columns),
+        "description": describe(options=options),
+        "torchmetrics": torchmetrics.__version__,
+        **options.__dict__,
+    }
+
+
 __all__ = [
     "COLUMNS",
     "PaperOptions",
@@ -363,21 +376,9 @@ __all__ = [
     "pad_slice",
     "prepare_reference",
     "psnr_data_range",
+    "run_record",
     "scaled_min_size",
     "score_volume",
     "slice_scores",
     "ssim_padded",
 ]
-
-
-def run_record(options: PaperOptions, columns: Sequence[str]) -> dict:
-    """What ``run.json`` records of the papers' protocol: its columns, the one-line description, torchmetrics'
-    version (its SSIM/PSNR compute the columns) and the options."""
-    import torchmetrics
-
-    return {
-        "columns": list(columns),
-        "description": describe(options=options),
-        "torchmetrics": torchmetrics.__version__,
-        **options.__dict__,
-    }

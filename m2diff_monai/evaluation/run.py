@@ -47,7 +47,7 @@ from m2diff_monai.evaluation.tables import (
     write_csv,
 )
 from m2diff_monai.evaluation.volumes import load_subject
-from m2diff_monai.inference.consistency_floor import floor_rows, reject_floor_names
+from m2diff_monai.inference.consistency_floor import floor_volumes, reject_floor_names
 from m2diff_monai.io import safety
 from m2diff_monai.io.atomic import save_json, save_text, staged_folder
 from m2diff_monai.runtime import configure_threads
@@ -312,7 +312,7 @@ def _run(
             )
             data.volumes = baselines_mod.with_baselines(data.volumes, filtered, LD_METHOD)
             pictured = data.volumes  # the floor is scored, not pictured
-            floor = floor_rows(data.reference, pictured[LD_METHOD], data.spacing, options.floor_fwhm)
+            floor = floor_volumes(data.reference, pictured[LD_METHOD], data.spacing, options.floor_fwhm)
             data.volumes = {**pictured, **floor}
             units[sid] = units_of(item, item_path(base, item.get("source_ld_pet")))
             t1, c1 = time.perf_counter(), time.process_time()

@@ -52,7 +52,7 @@ def floor_volume(sd: np.ndarray, ld: np.ndarray, fwhm_mm: float, spacing_mm: Seq
     return ld_consistency(sd, ld, consistency_sigma(fwhm_mm, spacing_mm))
 
 
-def floor_rows(reference: np.ndarray, ld: np.ndarray, spacing_mm: Sequence[float], fwhm_mm: float | None) -> dict:
+def floor_volumes(reference: np.ndarray, ld: np.ndarray, spacing_mm: Sequence[float], fwhm_mm: float | None) -> dict:
     """``{floor-<mm>: the floor}`` for ``m2diff-evaluate --floor-fwhm`` (its grid, its voxel size); ``{}`` without."""
     return {} if fwhm_mm is None else {floor_row(fwhm_mm): floor_volume(reference, ld, fwhm_mm, spacing_mm)}
 
